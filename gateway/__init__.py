@@ -1,0 +1,1 @@
+"""decompute's hub: wire protocol and identities (shared by all sides), server, ledger."""

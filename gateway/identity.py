@@ -55,7 +55,7 @@ class Identity:
         if path.exists():
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
             if not isinstance(key, Ed25519PrivateKey):
-                raise ValueError(f"{path} is not an Ed25519 private key; move it away to start anew")
+                raise ValueError(f"{path} is not an Ed25519 key; move it away to make a new one")
             return cls(key)
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
         identity = cls.generate()
@@ -76,7 +76,7 @@ def auth_message(nonce: bytes, role: str) -> bytes:
 
 
 def verify(public_key: bytes, signature: bytes, data: bytes) -> bool:
-    """True when ``signature`` is ``public_key``'s signature of ``data``; never raises on bad input."""
+    """True when ``signature`` signs ``data`` under ``public_key``; never raises on bad input."""
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)
     except (InvalidSignature, ValueError):

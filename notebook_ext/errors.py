@@ -21,8 +21,9 @@ class UntrustedResultError(DecomputeError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(
-            f"result refers to {name!r}, which is not on the safe-result allow-list; nothing was "
-            f"unpickled. If you trust the providers, use trust=True or client.trust_types({name!r})."
+            f"result refers to {name!r}, which is not on the safe-result allow-list; nothing "
+            f"was unpickled. If you trust the providers, pass trust=True, or allow this one "
+            f"type with client.trust_types({name!r})."
         )
 
 

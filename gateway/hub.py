@@ -1,0 +1,293 @@
+"""The gateway's reactions: what happens when a client submits, a provider reports, a peer leaves.
+
+The hub is sans-I/O: it receives decoded messages and calls each peer's ``send(frame)``; the
+websocket shell in :mod:`gateway.server` moves the bytes. Payload buffers pass through as opaque
+memoryviews: the hub never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import replace
+
+from gateway import protocol as p
+from gateway.metrics import Counters
+from gateway.registry import ProviderConn, Registry
+from gateway.scheduler import Scheduler, no_match_message
+from gateway.sessions import ClientSession, Send
+from gateway.tasks import TERMINAL, Task, TaskState
+
+log = logging.getLogger(__name__)
+
+#: How long a task waits when no provider at all is online before it fails with no_match.
+NO_PROVIDER_WAIT = 60.0
+
+
+def failure(key: str, code: p.ErrorCode, message: str, type_: str = "") -> p.Result:
+    """A gateway-made error result; ``type_`` names the exception the client should raise."""
+    return p.Result(
+        key=key, status="error", code=code.value,
+        error=p.RemoteFailure(type=type_ or code.value, module="decompute", message=message),
+    )
+
+
+class Hub:
+    """Tasks, sessions and providers, and the rules that connect them."""
+
+    def __init__(self) -> None:
+        self.registry = Registry()
+        self.scheduler = Scheduler(self.registry)
+        self.sessions: dict[str, ClientSession] = {}
+        self.tasks: dict[str, Task] = {}
+        self.counters = Counters()
+
+    # ------------------------------------------------------------------ clients
+
+    def attach_client(self, account: str, session_id: str, send: Send) -> ClientSession:
+        """A client (re)connects; a known session gets what finished while it was away."""
+        session = self.sessions.get(session_id)
+        if session is None or session.account != account:
+            if session is not None:  # a forged or colliding session id: never hand it over
+                raise PermissionError("session belongs to another account")
+            session = self.sessions[session_id] = ClientSession(id=session_id, account=account)
+        flushed = session.attach(send)
+        if flushed:
+            log.info("session %s resumed: %d waiting frames delivered", session_id, flushed)
+        return session
+
+    def detach_client(self, session: ClientSession) -> None:
+        session.detach()
+
+    def submit(self, session: ClientSession, msg: p.Submit, buffers: Sequence[memoryview]) -> None:
+        """Accept a batch of tasks; refuse single tasks with an error result, never the batch."""
+        funcs = dict(zip(msg.funcs, buffers[: len(msg.funcs)], strict=True))
+        payloads = p.split_buffers([t.nb for t in msg.tasks], buffers[len(msg.funcs):])
+        refused: list[p.Result] = []
+        for spec, payload in zip(msg.tasks, payloads, strict=True):
+            task_id = f"{session.id}/{spec.key}"
+            why = self._refusal(spec, session, task_id, funcs)
+            if why is not None:
+                refused.append(why)
+                continue
+            task = Task(spec, session.account, session.id, funcs[spec.func], payload)
+            self.tasks[task_id] = task
+            session.tasks.add(task_id)
+            self.scheduler.enqueue(task)
+            self.counters.submitted += 1
+        if refused:
+            self.counters.refused.update(r.code for r in refused)
+            self._send_results(session, [(r, []) for r in refused])
+        self.dispatch()
+
+    def _refusal(self, spec: p.TaskSpec, session: ClientSession, task_id: str,
+                 funcs: dict[str, memoryview]) -> p.Result | None:
+        if spec.func not in funcs:
+            return failure(spec.key, p.ErrorCode.SCHEMA,
+                           f"task {spec.key} names function {spec.func} that the batch lacks")
+        if task_id in self.tasks:
+            return failure(spec.key, p.ErrorCode.SCHEMA, f"task key {spec.key!r} already in use")
+        why = no_match_message(spec, session.account, self.registry)
+        if why is not None:
+            return failure(spec.key, p.ErrorCode.NO_MATCH, why)
+        return None
+
+    def cancel(self, session: ClientSession, keys: Sequence[str]) -> None:
+        """Cancel pending tasks here; ask the provider to kill running ones."""
+        done: list[tuple[p.Result, list]] = []
+        by_provider: dict[str, list[str]] = defaultdict(list)
+        for key in keys:
+            task = self.tasks.get(f"{session.id}/{key}")
+            if task is None or task.state in TERMINAL:
+                continue
+            if task.state is TaskState.PENDING:
+                self.scheduler.discard(task)
+                self._end(task, TaskState.CANCELLED)
+            else:
+                task.cancelling = True
+                task.move(TaskState.CANCELLED)
+                self.counters.tasks[TaskState.CANCELLED.value] += 1
+                by_provider[task.provider].append(task.task_id)
+            done.append((p.Result(key=key, status="cancelled", code="cancelled"), []))
+        for provider_id, ids in by_provider.items():
+            conn = self.registry.get(provider_id)
+            if conn is not None:
+                conn.send(p.encode(p.Cancel(keys=ids)))
+        if done:
+            self._send_results(session, done)
+
+    def query(self, session: ClientSession, q: p.Query) -> p.Reply:
+        """Answer a client's question; unknown questions get an error reply, not a close."""
+        if q.what == "providers":
+            return p.Reply(id=q.id, data=[c.info() for c in self.registry])
+        if q.what == "resume":
+            keys = q.args.get("keys", [])
+            unknown = [k for k in keys if isinstance(k, str)
+                       and f"{session.id}/{k}" not in self.tasks]
+            return p.Reply(id=q.id, data={"unknown": unknown})
+        return p.Reply(id=q.id, error=f"unknown query {q.what!r}", code=p.ErrorCode.NOT_FOUND.value)
+
+    # ------------------------------------------------------------------ providers
+
+    def join_provider(self, conn: ProviderConn) -> None:
+        self.registry.add(conn)
+        log.info("provider %s joined: %d cpus, %s, sandbox %s", conn.id, conn.ad.cpus,
+                 conn.ad.runtime, conn.ad.sandbox)
+        self.dispatch()
+
+    def leave_provider(self, conn_id: str) -> None:
+        """A provider vanished: its tasks go back to the queue, or fail after ``retries``."""
+        conn = self.registry.remove(conn_id)
+        if conn is None:
+            return
+        log.warning("provider %s left with %d tasks", conn_id, len(conn.running))
+        for task_id in conn.running:
+            task = self.tasks.get(task_id)
+            if task is None:
+                continue
+            if task.cancelling or task.state in TERMINAL:
+                self._forget(task)
+                continue
+            task.attempts += 1
+            task.tried.add(conn_id)
+            if task.attempts > task.spec.retries:
+                msg = (f"provider {conn_id} was lost while running task {task.key}, "
+                       f"{task.attempts} times in all (retries={task.spec.retries})")
+                self._fail(task, p.ErrorCode.LOST, msg, "ProviderLost")
+            else:
+                task.move(TaskState.PENDING)
+                task.provider = None
+                self.scheduler.enqueue(task, front=True)
+                self._send_events(task, p.Event(key=task.key, kind="retrying", provider=conn_id))
+        self.dispatch()
+
+    def results(self, conn: ProviderConn, msg: p.Results, buffers: Sequence[memoryview]) -> None:
+        """A provider's outcomes: forward each to its session, grouped into one frame each."""
+        groups = p.split_buffers([r.nb for r in msg.results], buffers)
+        out: dict[str, list[tuple[p.Result, list[memoryview]]]] = defaultdict(list)
+        for result, bufs in zip(msg.results, groups, strict=True):
+            task = self.tasks.get(result.key)
+            if task is None or task.provider != conn.id:
+                log.info("dropping result for %s from %s: not its task", result.key, conn.id)
+                continue
+            conn.running.discard(task.task_id)
+            conn.served += 1
+            if task.cancelling:
+                self._forget(task)
+                continue
+            if result.usage:
+                task.usage = dict(result.usage)
+            self._end(task, TaskState(result.status))
+            out[task.session].append((replace(result, key=task.key, provider=conn.id), bufs))
+        for session_id, items in out.items():
+            session = self.sessions.get(session_id)
+            if session is not None:
+                self._send_results(session, items)
+        self.dispatch()
+
+    def events(self, conn: ProviderConn, msg: p.Events) -> None:
+        for event in msg.events:
+            task = self.tasks.get(event.key)
+            if task is None or task.provider != conn.id or task.state in TERMINAL:
+                continue
+            if event.kind == "running":
+                task.started = time.monotonic()
+            self._send_events(task, replace(event, key=task.key, provider=conn.id))
+
+    def heartbeat(self, conn: ProviderConn, msg: p.Heartbeat) -> None:
+        conn.load = dict(msg.load)
+        for task_id, usage in msg.usage.items():
+            task = self.tasks.get(task_id)
+            if task is None or task.provider != conn.id or task.state in TERMINAL:
+                continue
+            task.usage = dict(usage)
+            self._send_events(task, p.Event(key=task.key, kind="usage", usage=task.usage))
+
+    # ------------------------------------------------------------------ scheduling
+
+    def dispatch(self) -> None:
+        """Place what can be placed and send each provider one Assign frame."""
+        placed = self.scheduler.place()
+        if not placed:
+            return
+        by_provider: dict[str, tuple[ProviderConn, list[Task]]] = {}
+        for conn, task in placed:
+            task.move(TaskState.RUNNING)
+            task.provider = conn.id
+            by_provider.setdefault(conn.id, (conn, []))[1].append(task)
+        for conn, tasks in by_provider.values():
+            funcs: dict[str, memoryview] = {}
+            for task in tasks:
+                if task.spec.func not in funcs and conn.needs_func(task.spec.func):
+                    funcs[task.spec.func] = task.func_blob
+            specs = [
+                p.Assignment(key=t.task_id, func=t.spec.func, nb=t.spec.nb, account=t.account,
+                             resources=t.spec.resources, timeout=t.spec.timeout)
+                for t in tasks
+            ]
+            buffers = [*funcs.values(), *(b for t in tasks for b in t.payload)]
+            conn.send(p.encode(p.Assign(tasks=specs, funcs=list(funcs)), buffers))
+
+    def sweep(self, now: float | None = None) -> None:
+        """Periodic upkeep: give up abandoned sessions, fail tasks no provider can take."""
+        now = time.monotonic() if now is None else now
+        for session in list(self.sessions.values()):
+            if session.expired(now):
+                log.warning("session %s gone for good; cancelling its tasks", session.id)
+                self.cancel(session, [self.tasks[t].key for t in session.tasks if t in self.tasks])
+                del self.sessions[session.id]
+        for task in list(self.scheduler.pending):
+            if not len(self.registry):
+                if now - task.created > NO_PROVIDER_WAIT:
+                    self.scheduler.discard(task)
+                    self._fail(task, p.ErrorCode.NO_MATCH,
+                               f"no provider has been online for {NO_PROVIDER_WAIT:.0f} s; "
+                               f"start one with `decompute-provider`", "NoMatchingProvider")
+                continue
+            why = no_match_message(task.spec, task.account, self.registry)
+            if why is not None:
+                self.scheduler.discard(task)
+                self._fail(task, p.ErrorCode.NO_MATCH, why, "NoMatchingProvider")
+
+    # ------------------------------------------------------------------ helpers
+
+    def _fail(self, task: Task, code: p.ErrorCode, message: str, type_: str) -> None:
+        self._end(task, TaskState.ERROR)
+        session = self.sessions.get(task.session)
+        if session is not None:
+            self._send_results(session, [(failure(task.key, code, message, type_), [])])
+
+    def _end(self, task: Task, state: TaskState) -> None:
+        task.move(state)
+        self.counters.tasks[state.value] += 1
+        self._forget(task)
+
+    def _forget(self, task: Task) -> None:
+        self.tasks.pop(task.task_id, None)
+        session = self.sessions.get(task.session)
+        if session is not None:
+            session.tasks.discard(task.task_id)
+
+    def _send_results(self, session: ClientSession,
+                      items: list[tuple[p.Result, list[memoryview]]]) -> None:
+        frame = p.encode(p.Results(results=[r for r, _ in items]),
+                         [b for _, bufs in items for b in bufs])
+        if not session.send(frame):
+            log.error("session %s: outbox over its bound; giving the session up", session.id)
+            self.cancel(session, [self.tasks[t].key for t in session.tasks if t in self.tasks])
+
+    def _send_events(self, task: Task, event: p.Event) -> None:
+        session = self.sessions.get(task.session)
+        if session is not None and session.connected:
+            session.send(p.encode(p.Events(events=[event])))
+
+    def gauges(self) -> dict[str, float]:
+        running = sum(len(c.running) for c in self.registry)
+        return {
+            "providers_online": len(self.registry),
+            "clients_connected": sum(s.connected for s in self.sessions.values()),
+            "tasks_pending": len(self.scheduler.pending),
+            "tasks_running": running,
+        }

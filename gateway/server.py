@@ -1,0 +1,219 @@
+"""The gateway's asyncio shell: websockets in, decoded messages to the hub, frames out.
+
+Each connection must answer a fresh challenge before anything else is read. A frame that breaks
+the protocol closes *that* connection with a reason saying which rule; every other connection
+keeps being served. ``GET /health`` and ``GET /metrics`` answer on the same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+from http import HTTPStatus
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from gateway import protocol as p
+from gateway.hub import Hub
+from gateway.identity import Identity, auth_message, verify
+from gateway.metrics import render_prometheus
+from gateway.registry import ProviderConn
+from gateway.transport import PING_INTERVAL, PING_TIMEOUT, FrameWriter
+
+log = logging.getLogger(__name__)
+
+#: A peer must answer the challenge within this many seconds or be closed: bounds how long a
+#: silent socket can hold a connection slot.
+AUTH_TIMEOUT = 10.0
+#: Largest websocket message accepted (a task's arguments or a result travel in one message).
+#: websockets refuses anything larger with close code 1009 before buffering it.
+DEFAULT_MAX_MESSAGE = 512 * 1024 * 1024
+
+CLIENT_TYPES = frozenset({"submit", "cancel", "query"})
+PROVIDER_TYPES = frozenset({"results", "events", "heartbeat"})
+POLICY = 1008  # close code: policy violation (auth, schema, unknown type)
+
+
+class GatewayServer:
+    """Serves one hub on one host:port until :meth:`stop`."""
+
+    def __init__(self, hub: Hub, identity: Identity, host: str = "127.0.0.1", port: int = 8765,
+                 max_message: int = DEFAULT_MAX_MESSAGE) -> None:
+        self.hub = hub
+        self.identity = identity
+        self.host = host
+        self.port = port
+        self.max_message = max_message
+        self.started = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._server: Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        """Accept connections until stopped; then close every connection (1001) and return."""
+        async with serve(
+            self._handle, self.host, self.port, process_request=self._http,
+            compression=None, max_size=self.max_message, ping_interval=PING_INTERVAL,
+            ping_timeout=PING_TIMEOUT,
+        ) as server:
+            self._server = server
+            self.port = server.sockets[0].getsockname()[1] if self.port == 0 else self.port
+            log.info("gateway listening on %s (key %s)", self.url, self.identity.account[:16])
+            self.started.set()
+            async with asyncio.TaskGroup() as tg:
+                sweeper = tg.create_task(self._sweep_forever())
+                await self._stop.wait()
+                sweeper.cancel()
+            server.close(close_connections=True)
+            await server.wait_closed()
+        log.info("gateway stopped")
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.hub.sweep()
+
+    # ------------------------------------------------------------------ HTTP
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/health":
+            response = connection.respond(HTTPStatus.OK, json.dumps(self.health()) + "\n")
+            response.headers["Content-Type"] = "application/json"
+            return response
+        if path == "/metrics":
+            text = render_prometheus(self.hub.counters, self.hub.gauges())
+            response = connection.respond(HTTPStatus.OK, text)
+            response.headers["Content-Type"] = "text/plain; version=0.0.4"
+            return response
+        return None
+
+    def health(self) -> dict:
+        gauges = self.hub.gauges()
+        return {
+            "status": "ok", "protocol": p.VERSION, "gateway_key": self.identity.account,
+            "providers": int(gauges["providers_online"]),
+            "provider_names": [c.ad.name for c in self.hub.registry],
+            "clients": int(gauges["clients_connected"]),
+            "tasks": {"pending": int(gauges["tasks_pending"]),
+                      "running": int(gauges["tasks_running"])},
+            "pid": os.getpid(),
+        }
+
+    # ------------------------------------------------------------------ websockets
+
+    def _count_sent(self, nbytes: int) -> None:
+        self.hub.counters.bytes_out += nbytes
+        self.hub.counters.frames_out += 1
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        try:
+            hello = await self._authenticate(ws)
+            outbound = FrameWriter(ws, self._count_sent)
+            async with asyncio.TaskGroup() as tg:
+                writer = tg.create_task(outbound.run())
+                try:
+                    if hello.role == "client":
+                        await self._serve_client(ws, hello, outbound)
+                    else:
+                        await self._serve_provider(ws, hello, outbound)
+                finally:
+                    writer.cancel()
+        except p.ProtocolError as exc:
+            self.hub.counters.refused[exc.code.value] += 1
+            log.info("closing %s: %s", ws.remote_address, exc.reason)
+            await ws.close(POLICY, exc.reason)
+        except ConnectionClosed:
+            pass
+        except Exception:  # a bug must cost one connection, never the gateway
+            log.exception("internal error on connection %s", ws.remote_address)
+            await ws.close(1011, "internal: the gateway hit an error; see its log")
+
+    async def _authenticate(self, ws: ServerConnection) -> p.Hello:
+        nonce = secrets.token_bytes(32)
+        await ws.send(p.encode(p.Challenge(nonce=nonce, gateway=self.identity.public_bytes)))
+        try:
+            async with asyncio.timeout(AUTH_TIMEOUT):
+                data = await ws.recv()
+        except TimeoutError:
+            msg = f"no hello within {AUTH_TIMEOUT:.0f} s"
+            raise p.ProtocolError(p.ErrorCode.AUTH, msg) from None
+        if isinstance(data, str):
+            raise p.ProtocolError(p.ErrorCode.BAD_FRAME, "text frames are not accepted")
+        try:
+            msg, _ = p.decode(data, allowed=frozenset({"hello"}))
+        except p.ProtocolError as exc:
+            if exc.code is p.ErrorCode.UNKNOWN_TYPE:
+                raise p.ProtocolError(p.ErrorCode.AUTH, "authenticate first: answer the challenge "
+                                      "with a signed hello") from None
+            raise
+        assert isinstance(msg, p.Hello)
+        if not verify(msg.key, msg.signature, auth_message(nonce, msg.role)):
+            raise p.ProtocolError(p.ErrorCode.AUTH, "bad signature on the challenge")
+        if msg.role == "client" and not msg.session:
+            raise p.ProtocolError(p.ErrorCode.AUTH, "a client hello needs a session id")
+        if msg.role == "provider" and msg.ad is None:
+            raise p.ProtocolError(p.ErrorCode.AUTH, "a provider hello needs its advertisement")
+        self.hub.counters.connections[msg.role] += 1
+        return msg
+
+    async def _messages(self, ws: ServerConnection, allowed: frozenset[str]):
+        """Decoded messages from an authenticated peer; a bad frame raises ProtocolError."""
+        async for data in ws:
+            if isinstance(data, str):
+                raise p.ProtocolError(p.ErrorCode.BAD_FRAME, "text frames are not accepted")
+            self.hub.counters.bytes_in += len(data)
+            self.hub.counters.frames_in += 1
+            yield p.decode(data, allowed=allowed)
+
+    async def _serve_client(self, ws: ServerConnection, hello: p.Hello, out: FrameWriter) -> None:
+        account = hello.key.hex()
+        try:
+            session = self.hub.attach_client(account, hello.session, out.send)
+        except PermissionError as exc:
+            raise p.ProtocolError(p.ErrorCode.AUTH, str(exc)) from None
+        out.send(p.encode(p.Welcome(account=account, session=session.id,
+                                    gateway=self.identity.public_bytes)))
+        try:
+            async for msg, buffers in self._messages(ws, CLIENT_TYPES):
+                if isinstance(msg, p.Submit):
+                    self.hub.submit(session, msg, buffers)
+                elif isinstance(msg, p.Cancel):
+                    self.hub.cancel(session, msg.keys)
+                elif isinstance(msg, p.Query):
+                    out.send(p.encode(self.hub.query(session, msg)))
+        finally:
+            if session.send_fn == out.send:
+                self.hub.detach_client(session)
+                unsent = out.take_unsent()  # keep for the reconnect
+                session.outbox.extendleft(reversed(unsent))
+                session.outbox_bytes += sum(len(f) for f in unsent)
+
+    async def _serve_provider(self, ws: ServerConnection, hello: p.Hello, out: FrameWriter) -> None:
+        assert hello.ad is not None
+        conn = ProviderConn(id=f"{hello.ad.name}-{secrets.token_hex(3)}", account=hello.key.hex(),
+                            ad=hello.ad, send=out.send)
+        out.send(p.encode(p.Welcome(account=conn.account, session=conn.id,
+                                    gateway=self.identity.public_bytes)))
+        self.hub.join_provider(conn)
+        try:
+            async for msg, buffers in self._messages(ws, PROVIDER_TYPES):
+                if isinstance(msg, p.Results):
+                    self.hub.results(conn, msg, buffers)
+                elif isinstance(msg, p.Events):
+                    self.hub.events(conn, msg)
+                elif isinstance(msg, p.Heartbeat):
+                    self.hub.heartbeat(conn, msg)
+        finally:
+            self.hub.leave_provider(conn.id)

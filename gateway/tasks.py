@@ -1,0 +1,83 @@
+"""Task records and their lifecycle, spelled as one explicit transition table (as h11 does).
+
+A task is ``pending`` until matched, ``running`` once assigned to a provider, and ends
+``finished``, ``error`` or ``cancelled``. ``running -> pending`` is the retry after a provider is
+lost. Any other move raises :class:`TaskStateError`: a bug, never silently absorbed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from gateway.protocol import TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+class TaskState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    FINISHED = "finished"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.PENDING: frozenset({TaskState.RUNNING, TaskState.ERROR, TaskState.CANCELLED}),
+    TaskState.RUNNING: frozenset(
+        {TaskState.PENDING, TaskState.FINISHED, TaskState.ERROR, TaskState.CANCELLED}
+    ),
+    TaskState.FINISHED: frozenset(),
+    TaskState.ERROR: frozenset(),
+    TaskState.CANCELLED: frozenset(),
+}
+
+TERMINAL = frozenset({TaskState.FINISHED, TaskState.ERROR, TaskState.CANCELLED})
+
+
+class TaskStateError(RuntimeError):
+    """A transition the table does not allow."""
+
+
+@dataclass(slots=True, eq=False)
+class Task:
+    """One task on the gateway. ``payload`` holds opaque buffers; nothing here unpickles them."""
+
+    spec: TaskSpec
+    account: str
+    session: str
+    func_blob: memoryview
+    payload: list[memoryview]
+    state: TaskState = TaskState.PENDING
+    provider: str | None = None
+    attempts: int = 0
+    tried: set[str] = field(default_factory=set)
+    created: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    usage: dict[str, float] = field(default_factory=dict)
+    #: Set when the client cancelled while a provider still runs it: its final report is awaited
+    #: (for settlement) but never forwarded, and a provider loss does not retry it.
+    cancelling: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+    @property
+    def task_id(self) -> str:
+        """Globally unique id: the session scopes the client's key."""
+        return f"{self.session}/{self.spec.key}"
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(b.nbytes for b in self.payload)
+
+    def move(self, new: TaskState) -> None:
+        """Change state, checked against :data:`TRANSITIONS`."""
+        if new not in TRANSITIONS[self.state]:
+            raise TaskStateError(f"task {self.key}: {self.state.value} -> {new.value} not allowed")
+        log.debug("task %s: %s -> %s", self.key, self.state.value, new.value)
+        self.state = new

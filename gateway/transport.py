@@ -1,0 +1,69 @@
+"""What every side's websocket shell shares: an ordered frame writer and the auth handshake.
+
+The hub, provider and client react synchronously to decoded messages; :class:`FrameWriter`
+turns their ``send(frame)`` calls into awaited websocket writes (with TCP back-pressure) in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable
+
+from websockets.exceptions import ConnectionClosed
+
+from gateway import protocol as p
+from gateway.identity import Identity, auth_message
+
+#: Keepalive: a peer that answers no ping for this long is considered gone.
+PING_INTERVAL = 20.0
+PING_TIMEOUT = 20.0
+
+
+class FrameWriter:
+    """Frames waiting for one websocket, written in order by :meth:`run` until it closes."""
+
+    def __init__(self, ws, on_sent: Callable[[int], None] | None = None) -> None:
+        self.ws = ws
+        self.on_sent = on_sent
+        self.queue: deque[bytes] = deque()
+        self.wake = asyncio.Event()
+
+    def send(self, frame: bytes) -> None:
+        self.queue.append(frame)
+        self.wake.set()
+
+    async def run(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await self.wake.wait()
+                self.wake.clear()
+                while self.queue:
+                    frame = self.queue[0]
+                    await self.ws.send(frame)
+                    self.queue.popleft()
+                    if self.on_sent is not None:
+                        self.on_sent(len(frame))
+
+    def take_unsent(self) -> list[bytes]:
+        """Frames never written (the connection died first), for a retry elsewhere."""
+        frames = list(self.queue)
+        self.queue.clear()
+        return frames
+
+
+async def handshake(ws, identity: Identity, role: str, *, session: str = "", name: str = "",
+                    ad: p.ProviderAd | None = None, timeout: float = 30.0) -> p.Welcome:
+    """Answer the gateway's challenge; return its welcome. Raises ProtocolError if refused."""
+    async with asyncio.timeout(timeout):
+        challenge, _ = p.decode(await ws.recv(), allowed=frozenset({"challenge"}))
+        assert isinstance(challenge, p.Challenge)
+        hello = p.Hello(role=role, key=identity.public_bytes, session=session, name=name, ad=ad,
+                        signature=identity.sign(auth_message(challenge.nonce, role)))
+        await ws.send(p.encode(hello))
+        welcome, _ = p.decode(await ws.recv(), allowed=frozenset({"welcome"}))
+    assert isinstance(welcome, p.Welcome)
+    if welcome.gateway != challenge.gateway:
+        raise p.ProtocolError(p.ErrorCode.AUTH, "gateway key changed during the handshake")
+    return welcome

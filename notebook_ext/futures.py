@@ -1,0 +1,106 @@
+"""Futures for remote tasks: ``concurrent.futures.Future`` subclasses that are also awaitable.
+
+A result arrives as raw buffers and is decoded by the safe-result unpickler only when the user
+asks for it (``result()``), in the user's thread: the client's event loop never unpickles, and a
+result the allow-list refuses raises :class:`UntrustedResultError` at the point of use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import html
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from notebook_ext.client import Client
+
+
+@dataclass(slots=True)
+class RawResult:
+    """A finished task's result buffers, not yet unpickled."""
+
+    buffers: list[memoryview]
+
+
+class Future(cf.Future):
+    """A remote task's future.
+
+    ``status`` is one of pending, running, finished, error, cancelled. ``usage`` and ``cost``
+    update live while the task runs; ``receipt`` is the gateway's signed settlement record.
+    """
+
+    def __init__(self, client: Client, key: str, trust: bool = False) -> None:
+        super().__init__()
+        self.client = client
+        self.key = key
+        self.trust = trust
+        self.provider: str | None = None
+        self.usage: dict[str, float] = {}
+        self.cost: float = 0.0
+        self.receipt: dict | None = None
+        self.output: list[tuple[str, str]] = []
+        self._remote_status = "pending"
+        self._decoded: list[Any] = []
+        self._decode_lock = threading.Lock()
+
+    # --------------------------------------------------------------- state
+
+    @property
+    def status(self) -> str:
+        if self.cancelled():
+            return "cancelled"
+        if self.done():
+            return "error" if super().exception() is not None else "finished"
+        return self._remote_status
+
+    def cancel(self) -> bool:
+        """Cancel the task; if it runs, its remote process is killed."""
+        if self.done():
+            return False
+        self.client._cancel_keys([self.key])
+        return super().cancel()
+
+    def result(self, timeout: float | None = None) -> Any:
+        raw = super().result(timeout)
+        if not isinstance(raw, RawResult):
+            return raw
+        with self._decode_lock:
+            if not self._decoded:
+                self._decoded.append(self.client._decode(raw.buffers, self.trust))
+            return self._decoded[0]
+
+    def __await__(self):
+        yield from asyncio.wrap_future(self).__await__()
+        return self.result()
+
+    # --------------------------------------------------------------- display
+
+    def __repr__(self) -> str:
+        where = f" on {self.provider}" if self.provider else ""
+        return f"<decompute.Future {self.key} {self.status}{where}>"
+
+    def _repr_html_(self) -> str:
+        colour = {"finished": "green", "error": "red", "cancelled": "grey"}.get(self.status,
+                                                                                "orange")
+        cpu = self.usage.get("cpu_seconds", 0.0)
+        return (f"<b>Future</b> {html.escape(self.key)} <span style='color:{colour}'>"
+                f"{self.status}</span> provider={html.escape(str(self.provider))} "
+                f"cpu={cpu:.2f}s cost={self.cost:.6f}")
+
+
+def as_completed(futures: Iterable[cf.Future], timeout: float | None = None) -> Iterator[Future]:
+    """Yield futures as they complete, in completion order (as ``distributed.as_completed``)."""
+    return cf.as_completed(list(futures), timeout=timeout)  # type: ignore[return-value]
+
+
+def wait(futures: Iterable[cf.Future], timeout: float | None = None,
+         return_when: str = "ALL_COMPLETED") -> cf._base.DoneAndNotDoneFutures:
+    """``(done, not_done)`` sets once ``return_when`` holds or ``timeout`` passes."""
+    if return_when not in ("ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION"):
+        raise ValueError("return_when must be ALL_COMPLETED, FIRST_COMPLETED or FIRST_EXCEPTION")
+    return cf.wait(list(futures), timeout=timeout, return_when=return_when)
+

@@ -1,0 +1,229 @@
+"""A warm pool of sandboxed task processes, each bound to one client account at a time.
+
+Workers are started before work arrives, so a trivial task costs no process start. A worker that
+ran a task for account A only ever runs tasks of A again; a task of another account gets a fresh
+process, so no client can leave something behind for the next. A worker that was killed (cancel,
+timeout, a limit) is replaced at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from gateway.protocol import decode_frame, encode_frame
+from provider.metering import Meter
+from provider.sandbox import Isolation, Limits, SandboxSpec, cleanup, sandbox_spec
+from provider.worker import FUNCS_KEPT, LENGTH
+
+log = logging.getLogger(__name__)
+
+#: Seconds a new worker has to import its runtime and say it is ready.
+START_TIMEOUT = 60.0
+
+OnOutput = Callable[[str, str], None]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a task ended on a worker: ``finished`` with result buffers, or ``error``."""
+
+    status: str
+    buffers: list[memoryview] = field(default_factory=list)
+    error: dict | None = None
+    code: str | None = None
+    usage: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True, eq=False)
+class WorkerProc:
+    """One sandboxed worker process and its channel."""
+
+    proc: asyncio.subprocess.Process
+    sock: socket.socket
+    spec: SandboxSpec
+    ps: psutil.Process
+    account: str | None = None
+    busy: bool = False
+    meter: Meter | None = None
+    task_key: str | None = None
+    funcs_sent: OrderedDict[str, None] = field(default_factory=OrderedDict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def needs_func(self, func_hash: str) -> bool:
+        """True (and remembered) the first time; we remember half of what the worker keeps."""
+        if func_hash in self.funcs_sent:
+            return False
+        self.funcs_sent[func_hash] = None
+        if len(self.funcs_sent) > FUNCS_KEPT // 2:
+            self.funcs_sent.popitem(last=False)
+        return True
+
+
+async def _recv_exactly(sock: socket.socket, n: int) -> bytearray:
+    """``n`` bytes into one preallocated buffer: no re-buffering of large frames."""
+    loop = asyncio.get_running_loop()
+    buf = bytearray(n)
+    view, pos = memoryview(buf), 0
+    while pos < n:
+        got = await loop.sock_recv_into(sock, view[pos:])
+        if not got:
+            raise asyncio.IncompleteReadError(bytes(view[:pos]), n)
+        pos += got
+    return buf
+
+
+async def _read_frame(sock: socket.socket) -> tuple[dict, list[memoryview]]:
+    n = LENGTH.unpack(await _recv_exactly(sock, LENGTH.size))[0]
+    return decode_frame(await _recv_exactly(sock, n), max_header=2**31)
+
+
+def exit_description(code: int | None) -> str:
+    """Why a worker process ended, in words a user can act on."""
+    if code is None:
+        return "the task process ended"
+    if code < 0:
+        sig = signal.Signals(-code)
+        hint = {
+            signal.SIGXCPU: " (it reached its CPU-time limit)",
+            signal.SIGKILL: " (killed: a limit, or the provider's memory guard)",
+            signal.SIGXFSZ: " (it reached its file-size limit)",
+            signal.SIGSEGV: " (a crash in native code)",
+        }.get(sig, "")
+        return f"the task process was ended by {sig.name}{hint}"
+    return f"the task process exited with code {code}"
+
+
+class WorkerPool:
+    """``size`` warm workers; :meth:`acquire` one for an account, :meth:`release` it after."""
+
+    def __init__(self, size: int, limits: Limits, isolation: Isolation,
+                 hide_paths: Sequence[Path] = ()) -> None:
+        self.size = size
+        self.limits = limits
+        self.isolation = isolation
+        self.hide_paths = list(hide_paths)
+        self.workers: list[WorkerProc] = []
+        self._changed = asyncio.Condition()
+
+    async def start(self) -> None:
+        self.workers = list(await asyncio.gather(*(self._spawn() for _ in range(self.size))))
+
+    async def _spawn(self) -> WorkerProc:
+        parent, child = socket.socketpair()
+        program = [sys.executable, "-m", "provider.worker", str(child.fileno())]
+        spec = sandbox_spec(program, limits=self.limits, isolation=self.isolation,
+                            hide_paths=self.hide_paths)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *spec.argv, env=spec.env, cwd=spec.cwd, preexec_fn=spec.preexec_fn,
+                pass_fds=(child.fileno(),), start_new_session=True,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=None,
+            )
+        finally:
+            child.close()
+        parent.setblocking(False)
+        worker = WorkerProc(proc, parent, spec, psutil.Process(proc.pid))
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                header, _ = await _read_frame(parent)
+        except (TimeoutError, asyncio.IncompleteReadError) as exc:
+            await self._kill(worker)
+            raise RuntimeError(f"task process failed to start: {exit_description(proc.returncode)}"
+                               ) from exc
+        if header.get("t") != "ready":
+            raise RuntimeError(f"task process said {header.get('t')!r} instead of ready")
+        return worker
+
+    async def acquire(self, account: str) -> WorkerProc:
+        """An idle worker for ``account``: its own, else a fresh one, else a recycled one."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: any(not w.busy for w in self.workers))
+            idle = [w for w in self.workers if not w.busy]
+            worker = next((w for w in idle if w.account == account), None)
+            worker = worker or next((w for w in idle if w.account is None), None)
+            if worker is None:  # only other accounts' workers are idle: never share one
+                worker = idle[0]
+                worker.busy = True
+                worker = await self._replace(worker)
+            worker.busy = True
+            worker.account = account
+            return worker
+
+    async def release(self, worker: WorkerProc, *, broken: bool = False) -> None:
+        """Give a worker back; a broken one (killed, crashed) is replaced by a fresh one."""
+        if broken or worker.proc.returncode is not None:
+            worker = await self._replace(worker)
+        async with self._changed:
+            worker.busy = False
+            worker.meter = None
+            worker.task_key = None
+            self._changed.notify_all()
+
+    async def _replace(self, worker: WorkerProc) -> WorkerProc:
+        await self._kill(worker)
+        fresh = await self._spawn()
+        fresh.busy = worker.busy
+        self.workers[self.workers.index(worker)] = fresh
+        return fresh
+
+    async def run(self, worker: WorkerProc, key: str, func: str, func_blob: memoryview | None,
+                  payload: Sequence[memoryview], on_output: OnOutput,
+                  memory: int | None = None) -> Outcome:
+        """Run one task on ``worker``; cancellation of this coroutine is the caller's kill."""
+        has_func = func_blob is not None and worker.needs_func(func)
+        header = {"t": "run", "key": key, "func": func, "has_func": has_func, "memory": memory}
+        frame = encode_frame(header, [func_blob, *payload] if has_func else list(payload))
+        worker.meter = Meter(worker.ps)
+        worker.task_key = key
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(worker.sock, LENGTH.pack(len(frame)))
+            await loop.sock_sendall(worker.sock, frame)
+            while True:
+                reply, buffers = await _read_frame(worker.sock)
+                kind = reply.get("t")
+                if kind == "out":
+                    on_output(reply.get("stream", "stdout"), reply.get("text", ""))
+                elif kind == "done":
+                    return Outcome("finished", buffers, usage=worker.meter.sample())
+                elif kind == "fail":
+                    return Outcome("error", error=reply.get("error"), usage=worker.meter.sample())
+        except (asyncio.IncompleteReadError, ConnectionError):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await worker.proc.wait()
+            message = exit_description(worker.proc.returncode)
+            return Outcome("error", code="worker_died", usage=worker.meter.sample(), error={
+                "type": "WorkerDied", "module": "decompute", "message": message, "traceback": ""})
+
+    async def kill(self, worker: WorkerProc) -> None:
+        await self._kill(worker)
+
+    async def _kill(self, worker: WorkerProc) -> None:
+        """SIGKILL the worker's whole process group and remove its working directory."""
+        if worker.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(worker.proc.pid, signal.SIGKILL)
+            await worker.proc.wait()
+        worker.sock.close()
+        cleanup(worker.spec)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self._kill(w) for w in self.workers), return_exceptions=True)
+        self.workers = []

@@ -1,0 +1,190 @@
+"""The task process: runs client code inside the sandbox, one task at a time.
+
+Started by :mod:`provider.pool` (through :mod:`provider.sandbox`) with one end of a socket pair as
+its only channel: ``python -m provider.worker FD``. It is the only place a task payload is ever
+unpickled on a provider. It owns nothing else: it has no key, no network, no ledger.
+
+Channel frames are ``u64 length | protocol frame`` (see :func:`gateway.protocol.encode_frame`):
+provider -> worker ``run`` (buffers: function blob if new, then the argument payload) and
+``exit``; worker -> provider ``ready``, ``out`` (stdout/stderr text), ``done`` (buffers: the
+result) and ``fail`` (a structured error, never a pickle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from typing import Any
+
+from gateway.protocol import decode_frame, encode_frame
+
+LENGTH = struct.Struct("!Q")
+#: Deserialized functions kept per worker (FIFO). The provider remembers half as many as sent, so
+#: whatever it believes we hold, we hold.
+FUNCS_KEPT = 512
+#: Streamed output is sent at the latest this often while a task keeps printing.
+OUTPUT_FLUSH_SECONDS = 0.1
+
+
+class Channel:
+    """Blocking length-prefixed frames over the socket pair."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+
+    def send(self, header: dict, buffers: list | tuple = ()) -> None:
+        frame = encode_frame(header, buffers)
+        prefix = LENGTH.pack(len(frame))
+        with self.lock:
+            if len(frame) < 65536:  # one syscall for the common small frame
+                self.sock.sendall(prefix + frame)
+            else:  # no extra copy of a large result
+                self.sock.sendall(prefix)
+                self.sock.sendall(frame)
+
+    def recv(self) -> tuple[dict, list[memoryview]] | None:
+        head = self._exactly(LENGTH.size)
+        if head is None:
+            return None
+        body = self._exactly(LENGTH.unpack(head)[0])
+        if body is None:
+            return None
+        return decode_frame(body, max_header=2**31)
+
+    def _exactly(self, n: int) -> bytearray | None:
+        buf = bytearray(n)
+        view, pos = memoryview(buf), 0
+        while pos < n:
+            got = self.sock.recv_into(view[pos:])
+            if not got:
+                return None
+            pos += got
+        return buf
+
+
+class StreamToChannel(io.TextIOBase):
+    """sys.stdout/sys.stderr for the task: text goes to the provider in small batches."""
+
+    def __init__(self, channel: Channel, name: str) -> None:
+        self.channel = channel
+        self.name = name
+        self.parts: list[str] = []
+        self.last = time.monotonic()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        now = time.monotonic()
+        if "\n" in text or now - self.last > OUTPUT_FLUSH_SECONDS:
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self.parts:
+            text, self.parts = "".join(self.parts), []
+            self.channel.send({"t": "out", "stream": self.name, "text": text})
+        self.last = time.monotonic()
+
+
+def describe_error(exc: BaseException) -> dict:
+    """An exception as data: type, module, message and the traceback of the task's own frames."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next  # the task's frames are what the user needs, not ours
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    return {"type": type(exc).__qualname__, "module": type(exc).__module__,
+            "message": str(exc)[:100_000], "traceback": text[-100_000:]}
+
+
+def dumps_result(value: Any) -> list:
+    """Pickle protocol 5 with out-of-band buffers: arrays leave without a copy into the stream."""
+    import cloudpickle
+
+    buffers: list[pickle.PickleBuffer] = []
+    data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    return [data, *(b.raw() for b in buffers)]
+
+
+class Worker:
+    """The run loop: receive a task, run it, answer with its result or its error."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.funcs: OrderedDict[str, Any] = OrderedDict()
+
+    def serve(self) -> None:
+        self.channel.send({"t": "ready", "pid": os.getpid()})
+        while True:
+            frame = self.channel.recv()
+            if frame is None or frame[0].get("t") == "exit":
+                return
+            header, buffers = frame
+            self.run(header, buffers)
+
+    def run(self, header: dict, buffers: list[memoryview]) -> None:
+        import cloudpickle
+
+        key = header["key"]
+        out = StreamToChannel(self.channel, "stdout")
+        err = StreamToChannel(self.channel, "stderr")
+        sys.stdout, sys.stderr = out, err
+        try:
+            fn = self._function(header["func"], buffers[0] if header.get("has_func") else None)
+            payload = buffers[1:] if header.get("has_func") else buffers
+            args, kwargs = cloudpickle.loads(payload[0], buffers=payload[1:])
+            value = fn(*args, **kwargs)
+            del args, kwargs, payload, buffers
+            result = dumps_result(value)
+        except BaseException as exc:  # noqa: BLE001 - every task failure is reported, not raised
+            out.flush()
+            err.flush()
+            self.channel.send({"t": "fail", "key": key, "error": describe_error(exc)})
+        else:
+            out.flush()
+            err.flush()
+            self.channel.send({"t": "done", "key": key}, result)
+        finally:
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+
+    def _function(self, func_hash: str, blob: memoryview | None) -> Any:
+        import cloudpickle
+
+        fn = self.funcs.get(func_hash)
+        if fn is None:
+            if blob is None:
+                raise RuntimeError(f"function {func_hash} was not sent to this worker")
+            fn = cloudpickle.loads(blob)
+            self.funcs[func_hash] = fn
+            if len(self.funcs) > FUNCS_KEPT:
+                self.funcs.popitem(last=False)
+        return fn
+
+
+def preload() -> None:
+    """Import what most tasks need before the first task, so a warm worker answers at once."""
+    import cloudpickle  # noqa: F401
+
+    with contextlib.suppress(ImportError):
+        import numpy  # noqa: F401
+
+
+def main() -> None:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    preload()
+    Worker(Channel(sock)).serve()
+
+
+if __name__ == "__main__":
+    main()
