@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import replace
 
 from gateway import protocol as p
+from gateway.limits import Limits
 from gateway.metrics import Counters
 from gateway.registry import ProviderConn, Registry
 from gateway.scheduler import Scheduler, no_match_message
@@ -37,7 +38,10 @@ def failure(key: str, code: p.ErrorCode, message: str, type_: str = "") -> p.Res
 class Hub:
     """Tasks, sessions and providers, and the rules that connect them."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.open_tasks: Counter[str] = Counter()  # by account
+        self.queued_bytes: Counter[str] = Counter()  # by account: payloads held here
         self.registry = Registry()
         self.scheduler = Scheduler(self.registry)
         self.sessions: dict[str, ClientSession] = {}
@@ -74,6 +78,8 @@ class Hub:
                 continue
             task = Task(spec, session.account, session.id, funcs[spec.func], payload)
             self.tasks[task_id] = task
+            self.open_tasks[task.account] += 1
+            self.queued_bytes[task.account] += task.payload_bytes
             session.tasks.add(task_id)
             self.scheduler.enqueue(task)
             self.counters.submitted += 1
@@ -89,6 +95,14 @@ class Hub:
                            f"task {spec.key} names function {spec.func} that the batch lacks")
         if task_id in self.tasks:
             return failure(spec.key, p.ErrorCode.SCHEMA, f"task key {spec.key!r} already in use")
+        if self.open_tasks[session.account] >= self.limits.open_tasks:
+            return failure(spec.key, p.ErrorCode.LIMIT,
+                           f"this account already has {self.limits.open_tasks} open tasks, the "
+                           f"gateway's cap; wait for some to finish, then submit again")
+        if self.queued_bytes[session.account] >= self.limits.queued_bytes:
+            return failure(spec.key, p.ErrorCode.LIMIT,
+                           f"this account already has {self.limits.queued_bytes} bytes of "
+                           f"arguments waiting on the gateway, its cap; wait, then submit again")
         why = no_match_message(spec, session.account, self.registry)
         if why is not None:
             return failure(spec.key, p.ErrorCode.NO_MATCH, why)
@@ -265,7 +279,9 @@ class Hub:
         self._forget(task)
 
     def _forget(self, task: Task) -> None:
-        self.tasks.pop(task.task_id, None)
+        if self.tasks.pop(task.task_id, None) is not None:
+            self.open_tasks[task.account] -= 1
+            self.queued_bytes[task.account] -= task.payload_bytes
         session = self.sessions.get(task.session)
         if session is not None:
             session.tasks.discard(task.task_id)

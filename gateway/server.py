@@ -21,6 +21,7 @@ from websockets.http11 import Request, Response
 from gateway import protocol as p
 from gateway.hub import Hub
 from gateway.identity import Identity, auth_message, verify
+from gateway.limits import TokenBucket
 from gateway.metrics import render_prometheus
 from gateway.registry import ProviderConn
 from gateway.transport import PING_INTERVAL, PING_TIMEOUT, FrameWriter
@@ -120,7 +121,7 @@ class GatewayServer:
     async def _handle(self, ws: ServerConnection) -> None:
         try:
             hello = await self._authenticate(ws)
-            outbound = FrameWriter(ws, self._count_sent)
+            outbound = FrameWriter(ws, self._count_sent, self.hub.limits.writer_bytes)
             async with asyncio.TaskGroup() as tg:
                 writer = tg.create_task(outbound.run())
                 try:
@@ -168,9 +169,24 @@ class GatewayServer:
         self.hub.counters.connections[msg.role] += 1
         return msg
 
-    async def _messages(self, ws: ServerConnection, allowed: frozenset[str]):
-        """Decoded messages from an authenticated peer; a bad frame raises ProtocolError."""
+    async def _messages(self, ws: ServerConnection, allowed: frozenset[str], out: FrameWriter):
+        """Decoded messages from an authenticated peer; a bad frame raises ProtocolError.
+
+        Past the message-rate limit, reading slows down (and the peer is told once).
+        """
+        limits = self.hub.limits
+        bucket, warned = TokenBucket(limits.messages_per_second, limits.burst), False
         async for data in ws:
+            delay = bucket.take()
+            if delay > 0:
+                if not warned:
+                    warned = True
+                    self.hub.counters.refused[p.ErrorCode.RATE.value] += 1
+                    out.send(p.encode(p.Error(
+                        code=p.ErrorCode.RATE.value,
+                        message=f"over {limits.messages_per_second:g} messages/s: slowed down; "
+                                f"batch your work (map) to send fewer messages")))
+                await asyncio.sleep(delay)
             if isinstance(data, str):
                 raise p.ProtocolError(p.ErrorCode.BAD_FRAME, "text frames are not accepted")
             self.hub.counters.bytes_in += len(data)
@@ -186,7 +202,7 @@ class GatewayServer:
         out.send(p.encode(p.Welcome(account=account, session=session.id,
                                     gateway=self.identity.public_bytes)))
         try:
-            async for msg, buffers in self._messages(ws, CLIENT_TYPES):
+            async for msg, buffers in self._messages(ws, CLIENT_TYPES, out):
                 if isinstance(msg, p.Submit):
                     self.hub.submit(session, msg, buffers)
                 elif isinstance(msg, p.Cancel):
@@ -208,7 +224,7 @@ class GatewayServer:
                                     gateway=self.identity.public_bytes)))
         self.hub.join_provider(conn)
         try:
-            async for msg, buffers in self._messages(ws, PROVIDER_TYPES):
+            async for msg, buffers in self._messages(ws, PROVIDER_TYPES, out):
                 if isinstance(msg, p.Results):
                     self.hub.results(conn, msg, buffers)
                 elif isinstance(msg, p.Events):

@@ -24,15 +24,25 @@ PING_TIMEOUT = 20.0
 class FrameWriter:
     """Frames waiting for one websocket, written in order by :meth:`run` until it closes."""
 
-    def __init__(self, ws, on_sent: Callable[[int], None] | None = None) -> None:
+    def __init__(self, ws, on_sent: Callable[[int], None] | None = None,
+                 max_bytes: int | None = None) -> None:
         self.ws = ws
         self.on_sent = on_sent
+        self.max_bytes = max_bytes
+        self.queued = 0
         self.queue: deque[bytes] = deque()
         self.wake = asyncio.Event()
+        self.overflowed = False
 
     def send(self, frame: bytes) -> None:
+        """Queue a frame; past ``max_bytes`` waiting, the peer is not reading: close it."""
         self.queue.append(frame)
+        self.queued += len(frame)
         self.wake.set()
+        if self.max_bytes is not None and self.queued > self.max_bytes and not self.overflowed:
+            self.overflowed = True
+            asyncio.get_running_loop().create_task(
+                self.ws.close(1008, "limit: too much unread data; read faster or reconnect"))
 
     async def run(self) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -43,6 +53,7 @@ class FrameWriter:
                     frame = self.queue[0]
                     await self.ws.send(frame)
                     self.queue.popleft()
+                    self.queued -= len(frame)
                     if self.on_sent is not None:
                         self.on_sent(len(frame))
 
@@ -50,6 +61,7 @@ class FrameWriter:
         """Frames never written (the connection died first), for a retry elsewhere."""
         frames = list(self.queue)
         self.queue.clear()
+        self.queued = 0
         return frames
 
 

@@ -40,6 +40,8 @@ class Meter:
         self.cpu0 = self._safe(_cpu, 0.0)
         self.cpu = 0.0
         self.max_rss = 0
+        self.gib_seconds = 0.0
+        self._last = (self.wall0, 0)
 
     def _safe(self, fn, default):  # the process may die at any moment (cancel, limits)
         try:
@@ -54,6 +56,10 @@ class Meter:
             self.cpu = max(self.cpu, cpu - self.cpu0)
         rss = self._safe(_tree_rss if tree else _own_rss, 0)
         self.max_rss = max(self.max_rss, rss)
+        now = time.monotonic()
+        last_t, last_rss = self._last
+        self.gib_seconds += (now - last_t) * max(rss, last_rss) / 2**30  # upper step estimate
+        self._last = (now, rss)
         return self.usage()
 
     def usage(self) -> dict[str, float]:
@@ -61,5 +67,6 @@ class Meter:
             "cpu_seconds": round(self.cpu, 6),
             "wall_seconds": round(time.monotonic() - self.wall0, 6),
             "max_rss_bytes": float(self.max_rss),
+            "memory_gib_seconds": round(self.gib_seconds, 6),
             "gpu_seconds": 0.0,
         }
