@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gateway.billing import Billing
 from gateway.hub import Hub
 from gateway.identity import Identity, decompute_home
+from gateway.ledger import Ledger, to_micro, to_tokens
 from gateway.server import DEFAULT_MAX_MESSAGE, GatewayServer
 
 log = logging.getLogger("gateway")
@@ -32,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fee-percent", type=float, default=0.0, help="gateway's cut of each payment")
     ap.add_argument("--local-providers", type=int, default=0, metavar="N",
                     help="start N providers beside the gateway (the embedded laptop setup)")
+    ap.add_argument("--default-escrow", type=float, default=1.0,
+                    help="tokens held for a task that gives no budget= (nor max_price+timeout)")
     ap.add_argument("--max-message-mib", type=int, default=DEFAULT_MAX_MESSAGE // 2**20,
                     help="largest websocket message accepted, MiB")
     ap.add_argument("--log-level", default="INFO")
@@ -61,9 +65,30 @@ def stop_processes(procs: list[subprocess.Popen], timeout: float = 10.0) -> None
             proc.wait()
 
 
+def mint(argv: list[str]) -> None:
+    """``decompute-gateway mint ACCOUNT AMOUNT [--db FILE]``: an operator credits an account."""
+    ap = argparse.ArgumentParser(prog="decompute-gateway mint",
+                                 description="Credit ACCOUNT with AMOUNT new tokens.")
+    ap.add_argument("account", help="the account id (a public key in hex)")
+    ap.add_argument("amount", type=float, help="tokens to create")
+    ap.add_argument("--db", default="decompute.sqlite")
+    args = ap.parse_args(argv)
+    if args.amount <= 0:
+        ap.error("AMOUNT must be positive")
+    with Ledger(args.db) as ledger:
+        ledger.mint(args.account, to_micro(args.amount), reason="operator mint")
+        balance = to_tokens(ledger.balance(args.account))
+    print(f"minted {args.amount:g} tokens to {args.account}; balance now {balance:g}")
+
+
 async def run(args: argparse.Namespace) -> None:
     identity = Identity.load_or_create(decompute_home(), name="gateway_ed25519")
-    hub = Hub()
+    ledger = Ledger(args.db, faucet_micro=to_micro(args.faucet), fee_percent=args.fee_percent)
+    refunded = ledger.recover()
+    if refunded:
+        log.warning("refunded %d escrows of tasks lost in the last shutdown", len(refunded))
+    ledger.check()
+    hub = Hub(Billing(ledger, identity, default_escrow=args.default_escrow))
     server = GatewayServer(hub, identity, args.host, args.port, args.max_message_mib * 2**20)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -81,9 +106,14 @@ async def run(args: argparse.Namespace) -> None:
         await serving
     finally:
         stop_processes(procs)
+        ledger.close()
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["mint"]:
+        mint(argv[1:])
+        return
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.identity import Identity
-from gateway.ledger import Ledger, LedgerError, SettleResult, to_micro, to_tokens
+from gateway.ledger import Ledger, LedgerError, to_micro, to_tokens
 from gateway.protocol import TaskSpec
 from gateway.receipts import make_receipt
 
@@ -44,8 +44,13 @@ def result_hash(buffers: Sequence[memoryview]) -> str:
 class Charge:
     """One settlement's outcome for the hub: the running cost and whether the escrow is spent."""
 
-    cost: float
+    charged_micro: int
+    fee_micro: int
     spent: bool
+
+    @property
+    def cost(self) -> float:
+        return to_tokens(self.charged_micro)
 
 
 class Billing:
@@ -81,17 +86,15 @@ class Billing:
                 log.error("settlement of %s refused: %s", tid, res)
                 charges.append(None)
             else:
-                charges.append(Charge(to_tokens(res.charged_micro), res.capped))
+                charges.append(Charge(res.charged_micro, res.fee_micro, res.capped))
         return charges
 
-    def receipt(self, task_id: str, client: str, provider: str, usage: dict, prices: dict,
-                digest: str) -> dict:
-        res: SettleResult = self.ledger.settle_many([(task_id, provider, 0, True)])[0]
-        if isinstance(res, LedgerError):
-            raise res
+    def receipt(self, charge: Charge, task_id: str, client: str, provider: str, usage: dict,
+                prices: dict, digest: str) -> dict:
+        """The signed record of a final settlement."""
         return make_receipt(self.identity, task_id=task_id, client=client, provider=provider,
-                            usage=usage, prices=prices, amount_micro=res.charged_micro,
-                            fee_micro=res.fee_micro, result_hash=digest,
+                            usage=usage, prices=prices, amount_micro=charge.charged_micro,
+                            fee_micro=charge.fee_micro, result_hash=digest,
                             settled_at=time.time())
 
     def refund(self, task_ids: Sequence[str]) -> None:

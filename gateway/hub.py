@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from gateway import protocol as p
+from gateway.billing import Billing, result_hash
 from gateway.limits import Limits
 from gateway.metrics import Counters
 from gateway.registry import ProviderConn, Registry
@@ -38,7 +39,8 @@ def failure(key: str, code: p.ErrorCode, message: str, type_: str = "") -> p.Res
 class Hub:
     """Tasks, sessions and providers, and the rules that connect them."""
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self, billing: Billing, limits: Limits | None = None) -> None:
+        self.billing = billing
         self.limits = limits or Limits()
         self.open_tasks: Counter[str] = Counter()  # by account
         self.queued_bytes: Counter[str] = Counter()  # by account: payloads held here
@@ -57,6 +59,7 @@ class Hub:
             if session is not None:  # a forged or colliding session id: never hand it over
                 raise PermissionError("session belongs to another account")
             session = self.sessions[session_id] = ClientSession(id=session_id, account=account)
+            self.billing.ledger.ensure_account(account)  # the faucet, once per account
         flushed = session.attach(send)
         if flushed:
             log.info("session %s resumed: %d waiting frames delivered", session_id, flushed)
@@ -70,13 +73,20 @@ class Hub:
         funcs = dict(zip(msg.funcs, buffers[: len(msg.funcs)], strict=True))
         payloads = p.split_buffers([t.nb for t in msg.tasks], buffers[len(msg.funcs):])
         refused: list[p.Result] = []
+        accepted: list[Task] = []
         for spec, payload in zip(msg.tasks, payloads, strict=True):
             task_id = f"{session.id}/{spec.key}"
             why = self._refusal(spec, session, task_id, funcs)
             if why is not None:
                 refused.append(why)
+            else:
+                accepted.append(Task(spec, session.account, session.id, funcs[spec.func], payload))
+        holds = self.billing.hold([(t.task_id, t.account, t.spec) for t in accepted])
+        for task, why in zip(accepted, holds, strict=True):
+            if why is not None:
+                refused.append(failure(task.key, p.ErrorCode.FUNDS, why, "InsufficientFunds"))
                 continue
-            task = Task(spec, session.account, session.id, funcs[spec.func], payload)
+            task_id = task.task_id
             self.tasks[task_id] = task
             self.open_tasks[task.account] += 1
             self.queued_bytes[task.account] += task.payload_bytes
@@ -118,6 +128,7 @@ class Hub:
                 continue
             if task.state is TaskState.PENDING:
                 self.scheduler.discard(task)
+                self.billing.refund([task.task_id])
                 self._end(task, TaskState.CANCELLED)
             else:
                 task.cancelling = True
@@ -132,14 +143,18 @@ class Hub:
         if done:
             self._send_results(session, done)
 
-    def query(self, session: ClientSession, q: p.Query) -> p.Reply:
-        """Answer a client's question; unknown questions get an error reply, not a close."""
+    def query(self, account: str, session_id: str, q: p.Query) -> p.Reply:
+        """Answer a peer's question; unknown questions get an error reply, not a close."""
+        if q.what == "balance":
+            return p.Reply(id=q.id, data=self.billing.balance(account))
+        if q.what == "earnings":
+            return p.Reply(id=q.id, data=self.billing.earnings(account))
         if q.what == "providers":
             return p.Reply(id=q.id, data=[c.info() for c in self.registry])
         if q.what == "resume":
             keys = q.args.get("keys", [])
             unknown = [k for k in keys if isinstance(k, str)
-                       and f"{session.id}/{k}" not in self.tasks]
+                       and f"{session_id}/{k}" not in self.tasks]
             return p.Reply(id=q.id, data={"unknown": unknown})
         return p.Reply(id=q.id, error=f"unknown query {q.what!r}", code=p.ErrorCode.NOT_FOUND.value)
 
@@ -162,6 +177,7 @@ class Hub:
             if task is None:
                 continue
             if task.cancelling or task.state in TERMINAL:
+                self.billing.refund([task.task_id])  # paid up to its last reported usage
                 self._forget(task)
                 continue
             task.attempts += 1
@@ -178,9 +194,9 @@ class Hub:
         self.dispatch()
 
     def results(self, conn: ProviderConn, msg: p.Results, buffers: Sequence[memoryview]) -> None:
-        """A provider's outcomes: forward each to its session, grouped into one frame each."""
+        """A provider's outcomes: settle them, forward each to its session (a frame each)."""
         groups = p.split_buffers([r.nb for r in msg.results], buffers)
-        out: dict[str, list[tuple[p.Result, list[memoryview]]]] = defaultdict(list)
+        mine: list[tuple[Task, p.Result, list[memoryview]]] = []
         for result, bufs in zip(msg.results, groups, strict=True):
             task = self.tasks.get(result.key)
             if task is None or task.provider != conn.id:
@@ -188,13 +204,25 @@ class Hub:
                 continue
             conn.running.discard(task.task_id)
             conn.served += 1
-            if task.cancelling:
-                self._forget(task)
-                continue
             if result.usage:
                 task.usage = dict(result.usage)
+            mine.append((task, result, bufs))
+        charges = self.billing.settle([(t.task_id, conn.account, t.usage, conn.ad.prices, True)
+                                       for t, _, _ in mine])
+        out: dict[str, list[tuple[p.Result, list[memoryview]]]] = defaultdict(list)
+        for (task, result, bufs), charge in zip(mine, charges, strict=True):
+            if task.cancelling:  # the client already has its answer; this was the final bill
+                self._forget(task)
+                continue
+            receipt = None
+            if charge is not None:
+                digest = result_hash(bufs) if result.status == "finished" else ""
+                receipt = self.billing.receipt(charge, task.task_id, task.account, conn.account,
+                                               task.usage, conn.ad.prices, digest)
             self._end(task, TaskState(result.status))
-            out[task.session].append((replace(result, key=task.key, provider=conn.id), bufs))
+            out[task.session].append((replace(result, key=task.key, provider=conn.id,
+                                              cost=charge.cost if charge else 0.0,
+                                              receipt=receipt), bufs))
         for session_id, items in out.items():
             session = self.sessions.get(session_id)
             if session is not None:
@@ -211,13 +239,37 @@ class Hub:
             self._send_events(task, replace(event, key=task.key, provider=conn.id))
 
     def heartbeat(self, conn: ProviderConn, msg: p.Heartbeat) -> None:
+        """Cumulative usage of running tasks: settle it, show it, stop what is over budget."""
         conn.load = dict(msg.load)
+        live: list[Task] = []
         for task_id, usage in msg.usage.items():
             task = self.tasks.get(task_id)
             if task is None or task.provider != conn.id or task.state in TERMINAL:
                 continue
             task.usage = dict(usage)
-            self._send_events(task, p.Event(key=task.key, kind="usage", usage=task.usage))
+            live.append(task)
+        charges = self.billing.settle([(t.task_id, conn.account, t.usage, conn.ad.prices, False)
+                                       for t in live])
+        for task, charge in zip(live, charges, strict=True):
+            cost = charge.cost if charge else None
+            self._send_events(task, p.Event(key=task.key, kind="usage", usage=task.usage,
+                                            cost=cost))
+            if charge is not None and charge.spent:
+                self._stop_over_budget(task, conn, charge.cost)
+
+    def _stop_over_budget(self, task: Task, conn: ProviderConn, cost: float) -> None:
+        """The escrow is spent: kill the task, fail it; its final bill is capped at the escrow."""
+        task.cancelling = True
+        task.move(TaskState.ERROR)
+        self.counters.tasks[TaskState.ERROR.value] += 1
+        conn.send(p.encode(p.Cancel(keys=[task.task_id])))
+        what = (f"its budget of {task.spec.budget:g} tokens" if task.spec.budget is not None
+                else "its escrow (the gateway's default; pass budget= to allow more)")
+        message = f"task {task.key} was stopped after using {what}; charged {cost:g} tokens"
+        session = self.sessions.get(task.session)
+        if session is not None:
+            result = failure(task.key, p.ErrorCode.BUDGET, message, "BudgetExceeded")
+            self._send_results(session, [(replace(result, cost=cost, usage=task.usage), [])])
 
     # ------------------------------------------------------------------ scheduling
 
@@ -268,6 +320,7 @@ class Hub:
     # ------------------------------------------------------------------ helpers
 
     def _fail(self, task: Task, code: p.ErrorCode, message: str, type_: str) -> None:
+        self.billing.refund([task.task_id])
         self._end(task, TaskState.ERROR)
         session = self.sessions.get(task.session)
         if session is not None:

@@ -123,7 +123,7 @@ def escrow_transition(task_id: str, state: EscrowState, event: EscrowEvent) -> E
             " accepts repeats of what it already settled (new usage after final is not paid)"
         )
     if new is not state:
-        log.info("escrow %s: %s --%s--> %s", task_id, state, event, new)
+        log.debug("escrow %s: %s --%s--> %s", task_id, state, event, new)
     return new
 
 

@@ -36,7 +36,7 @@ AUTH_TIMEOUT = 10.0
 DEFAULT_MAX_MESSAGE = 512 * 1024 * 1024
 
 CLIENT_TYPES = frozenset({"submit", "cancel", "query"})
-PROVIDER_TYPES = frozenset({"results", "events", "heartbeat"})
+PROVIDER_TYPES = frozenset({"results", "events", "heartbeat", "query"})
 POLICY = 1008  # close code: policy violation (auth, schema, unknown type)
 
 
@@ -208,7 +208,7 @@ class GatewayServer:
                 elif isinstance(msg, p.Cancel):
                     self.hub.cancel(session, msg.keys)
                 elif isinstance(msg, p.Query):
-                    out.send(p.encode(self.hub.query(session, msg)))
+                    out.send(p.encode(self.hub.query(account, session.id, msg)))
         finally:
             if session.send_fn == out.send:
                 self.hub.detach_client(session)
@@ -222,6 +222,7 @@ class GatewayServer:
                             ad=hello.ad, send=out.send)
         out.send(p.encode(p.Welcome(account=conn.account, session=conn.id,
                                     gateway=self.identity.public_bytes)))
+        self.hub.billing.ledger.ensure_account(conn.account)
         self.hub.join_provider(conn)
         try:
             async for msg, buffers in self._messages(ws, PROVIDER_TYPES, out):
@@ -231,5 +232,7 @@ class GatewayServer:
                     self.hub.events(conn, msg)
                 elif isinstance(msg, p.Heartbeat):
                     self.hub.heartbeat(conn, msg)
+                elif isinstance(msg, p.Query):
+                    out.send(p.encode(self.hub.query(conn.account, conn.id, msg)))
         finally:
             self.hub.leave_provider(conn.id)

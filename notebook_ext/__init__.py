@@ -1,5 +1,6 @@
 """decompute's user side: ``Client`` and futures, Dask integration, magics, the widget panel."""
 
+from gateway.receipts import verify_receipt
 from notebook_ext.client import Client, ProviderInfo
 from notebook_ext.errors import (
     BudgetExceeded,
@@ -16,5 +17,5 @@ from notebook_ext.futures import Future, as_completed, wait
 __all__ = [
     "BudgetExceeded", "Client", "DecomputeError", "Future", "GatewayRefused",
     "InsufficientFunds", "NoMatchingProvider", "ProviderInfo", "ProviderLost", "RemoteError",
-    "UntrustedResultError", "as_completed", "wait",
+    "UntrustedResultError", "as_completed", "verify_receipt", "wait",
 ]

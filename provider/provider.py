@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import platform
@@ -34,8 +35,13 @@ from provider.sandbox import Limits, describe, probe_isolation
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
+ACCEPTED = frozenset({"assign", "cancel", "error", "reply"})
 #: Usage of running tasks is reported this often (the gateway settles on these totals).
 HEARTBEAT_SECONDS = 0.5
+#: Heartbeats between two status lines in the provider's log (the CLI's status line).
+STATUS_EVERY = 20
+#: Query id of the periodic "earnings" question (replies to it update ``Provider.earnings``).
+EARNINGS_QUERY = 1
 #: Function blobs kept (FIFO). The gateway remembers a quarter as many as sent to us.
 FUNC_BLOBS_KEPT = 2048
 #: Largest message we accept from the gateway (a task's arguments come in one message).
@@ -76,6 +82,7 @@ class Provider:
         self.id: str | None = None
         self.connected = threading.Event()
         self.served = 0
+        self._earnings = 0.0
         self._funcs: OrderedDict[str, bytes] = OrderedDict()
         self._running: dict[str, asyncio.Task] = {}
         self._cancelled: set[str] = set()
@@ -147,7 +154,7 @@ class Provider:
         with contextlib.suppress(ConnectionClosed):
             async for data in ws:
                 try:
-                    msg, buffers = p.decode(data, allowed=frozenset({"assign", "cancel", "error"}))
+                    msg, buffers = p.decode(data, allowed=ACCEPTED)
                 except p.ProtocolError as exc:  # a gateway we cannot understand: leave, retry
                     log.error("provider %s: bad frame from the gateway: %s", self.ad.name, exc)
                     await ws.close(1008, exc.reason)
@@ -156,8 +163,19 @@ class Provider:
                     self._accept(msg, buffers, tg)
                 elif isinstance(msg, p.Cancel):
                     self._cancel(msg.keys)
+                elif isinstance(msg, p.Reply):
+                    self._on_reply(msg)
                 elif isinstance(msg, p.Error):
                     log.warning("gateway says %s: %s", msg.code, msg.message)
+
+    def _on_reply(self, msg: p.Reply) -> None:
+        if msg.data is not None and msg.id == EARNINGS_QUERY:
+            self._earnings = float(msg.data)
+
+    @property
+    def earnings(self) -> float:
+        """Tokens this provider's account has earned (after the gateway's fee), as last heard."""
+        return self._earnings
 
     def _cancel(self, keys: Sequence[str]) -> None:
         for key in keys:
@@ -274,7 +292,7 @@ class Provider:
 
     async def _heartbeats(self) -> None:
         psutil.cpu_percent()  # prime: the first reading is meaningless
-        while True:
+        for beat in itertools.count():
             await asyncio.sleep(HEARTBEAT_SECONDS)
             assert self._pool is not None and self._writer is not None
             usage = {w.task_key: w.meter.sample(tree=True) for w in self._pool.workers
@@ -283,3 +301,8 @@ class Provider:
                     "memory_percent": psutil.virtual_memory().percent,
                     "running": float(len(self._running))}
             self._writer.send(p.encode(p.Heartbeat(load=load, usage=usage)))
+            if beat % 4 == 0:
+                self._writer.send(p.encode(p.Query(id=EARNINGS_QUERY, what="earnings")))
+            if beat % STATUS_EVERY == 0 and beat:
+                log.info("provider %s: %d tasks served, %d running, %.6f tokens earned",
+                         self.ad.name, self.served, len(self._running), self._earnings)
