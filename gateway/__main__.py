@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fee-percent", type=float, default=0.0, help="gateway's cut of each payment")
     ap.add_argument("--local-providers", type=int, default=0, metavar="N",
                     help="start N providers beside the gateway (the embedded laptop setup)")
+    ap.add_argument("--local-price-cpu", type=float, default=0.0,
+                    help="price (tokens per CPU-second) the local providers post")
     ap.add_argument("--default-escrow", type=float, default=1.0,
                     help="tokens held for a task that gives no budget= (nor max_price+timeout)")
     ap.add_argument("--max-message-mib", type=int, default=DEFAULT_MAX_MESSAGE // 2**20,
@@ -42,13 +44,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def start_local_providers(n: int, url: str, state_dir: Path) -> list[subprocess.Popen]:
+def start_local_providers(n: int, url: str, state_dir: Path,
+                          price_cpu: float = 0.0) -> list[subprocess.Popen]:
     """N provider processes, each with its own identity under ``state_dir``."""
     procs = []
     cpus = max(1, (os.cpu_count() or 1) // max(n, 1))
     for i in range(n):
         env = dict(os.environ, DECOMPUTE_HOME=str(state_dir / f"local-{i}"))
-        cmd = [sys.executable, "-m", "provider", url, "--name", f"local-{i}", "--cpus", str(cpus)]
+        cmd = [sys.executable, "-m", "provider", url, "--name", f"local-{i}", "--cpus", str(cpus),
+               "--price-cpu", str(price_cpu)]
         procs.append(subprocess.Popen(cmd, env=env))
     return procs
 
@@ -102,7 +106,8 @@ async def run(args: argparse.Namespace) -> None:
             serving.result()  # re-raise the bind error
         if args.local_providers:
             state = Path(args.db).resolve().parent / ".decompute-local"
-            procs = start_local_providers(args.local_providers, server.url, state)
+            procs = start_local_providers(args.local_providers, server.url, state,
+                                          args.local_price_cpu)
         await serving
     finally:
         stop_processes(procs)

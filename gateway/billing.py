@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from gateway.identity import Identity
 from gateway.ledger import Ledger, LedgerError, to_micro, to_tokens
-from gateway.protocol import TaskSpec
+from gateway.protocol import Result, TaskSpec
 from gateway.receipts import make_receipt
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,14 @@ def result_hash(buffers: Sequence[memoryview]) -> str:
         h.update(len(b).to_bytes(8, "big"))
         h.update(b)
     return h.hexdigest()
+
+
+def failure_hash(result: Result) -> str:
+    """A failed task's receipt names what it failed with, hashed like a result."""
+    err = result.error
+    text = f"{result.status}|{result.code}|{err.module}.{err.type}|{err.message}" if err else (
+        f"{result.status}|{result.code}")
+    return result_hash([memoryview(text.encode())])
 
 
 @dataclass(frozen=True, slots=True)

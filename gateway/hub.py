@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from gateway import protocol as p
-from gateway.billing import Billing, result_hash
+from gateway.billing import Billing, failure_hash, result_hash
 from gateway.limits import Limits
 from gateway.metrics import Counters
 from gateway.registry import ProviderConn, Registry
@@ -216,7 +216,7 @@ class Hub:
                 continue
             receipt = None
             if charge is not None:
-                digest = result_hash(bufs) if result.status == "finished" else ""
+                digest = result_hash(bufs) if result.status == "finished" else failure_hash(result)
                 receipt = self.billing.receipt(charge, task.task_id, task.account, conn.account,
                                                task.usage, conn.ad.prices, digest)
             self._end(task, TaskState(result.status))

@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 from http import HTTPStatus
+from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -121,25 +122,46 @@ class GatewayServer:
     async def _handle(self, ws: ServerConnection) -> None:
         try:
             hello = await self._authenticate(ws)
-            outbound = FrameWriter(ws, self._count_sent, self.hub.limits.writer_bytes)
-            async with asyncio.TaskGroup() as tg:
-                writer = tg.create_task(outbound.run())
-                try:
-                    if hello.role == "client":
-                        await self._serve_client(ws, hello, outbound)
-                    else:
-                        await self._serve_provider(ws, hello, outbound)
-                finally:
-                    writer.cancel()
         except p.ProtocolError as exc:
-            self.hub.counters.refused[exc.code.value] += 1
-            log.info("closing %s: %s", ws.remote_address, exc.reason)
-            await ws.close(POLICY, exc.reason)
+            await self._refuse(ws, exc)
+            return
+        except ConnectionClosed:
+            return
+        outbound = FrameWriter(ws, self._count_sent, self.hub.limits.writer_bytes)
+        async with asyncio.TaskGroup() as tg:
+            writer = tg.create_task(outbound.run())
+            try:
+                await self._serve_peer(ws, hello, outbound)
+            finally:
+                writer.cancel()
+
+    async def _serve_peer(self, ws: ServerConnection, hello: p.Hello, out: FrameWriter) -> None:
+        """Serve one authenticated peer; every way it can end is handled here, not raised."""
+        try:
+            if hello.role == "client":
+                await self._serve_client(ws, hello, out)
+            else:
+                await self._serve_provider(ws, hello, out)
+        except p.ProtocolError as exc:
+            await self._refuse(ws, exc)
         except ConnectionClosed:
             pass
         except Exception:  # a bug must cost one connection, never the gateway
             log.exception("internal error on connection %s", ws.remote_address)
             await ws.close(1011, "internal: the gateway hit an error; see its log")
+
+    async def _refuse(self, ws: ServerConnection, exc: p.ProtocolError) -> None:
+        self.hub.counters.refused[exc.code.value] += 1
+        log.info("closing %s: %s", ws.remote_address, exc.reason)
+        await ws.close(POLICY, exc.reason)
+
+    def _react(self, what: str, react: Any, *args: Any) -> None:
+        """Call the hub; a bug in handling one message is logged, and the connection lives on."""
+        try:
+            react(*args)
+        except Exception:
+            self.hub.counters.refused[p.ErrorCode.INTERNAL.value] += 1
+            log.exception("internal error handling %s", what)
 
     async def _authenticate(self, ws: ServerConnection) -> p.Hello:
         nonce = secrets.token_bytes(32)
@@ -204,9 +226,9 @@ class GatewayServer:
         try:
             async for msg, buffers in self._messages(ws, CLIENT_TYPES, out):
                 if isinstance(msg, p.Submit):
-                    self.hub.submit(session, msg, buffers)
+                    self._react("submit", self.hub.submit, session, msg, buffers)
                 elif isinstance(msg, p.Cancel):
-                    self.hub.cancel(session, msg.keys)
+                    self._react("cancel", self.hub.cancel, session, msg.keys)
                 elif isinstance(msg, p.Query):
                     out.send(p.encode(self.hub.query(account, session.id, msg)))
         finally:
@@ -227,11 +249,11 @@ class GatewayServer:
         try:
             async for msg, buffers in self._messages(ws, PROVIDER_TYPES, out):
                 if isinstance(msg, p.Results):
-                    self.hub.results(conn, msg, buffers)
+                    self._react("results", self.hub.results, conn, msg, buffers)
                 elif isinstance(msg, p.Events):
-                    self.hub.events(conn, msg)
+                    self._react("events", self.hub.events, conn, msg)
                 elif isinstance(msg, p.Heartbeat):
-                    self.hub.heartbeat(conn, msg)
+                    self._react("heartbeat", self.hub.heartbeat, conn, msg)
                 elif isinstance(msg, p.Query):
                     out.send(p.encode(self.hub.query(conn.account, conn.id, msg)))
         finally:
