@@ -208,7 +208,7 @@ class Record:
         unknown = data.keys() - cls.SCHEMA.keys()
         if unknown:
             raise ProtocolError(
-                ErrorCode.SCHEMA, f"{where or cls.__name__}: unknown field {sorted(unknown)[0]!r}"
+                ErrorCode.SCHEMA, f"{where or cls.__name__}: unknown field {next(iter(unknown))!r}"
             )
         kwargs = {}
         for name, required in _field_table(cls):
@@ -284,8 +284,10 @@ class Runtime(Record):
 class TaskSpec(Record):
     """One task as the client submits it. ``nb`` buffers of payload follow in the frame.
 
-    ``deps`` names keys whose results the task needs (Dask graphs); results then stay on the
-    provider that made them unless ``keep`` is false.
+    ``deps`` names keys (of this session) whose results the task takes as its first argument, a
+    ``{key: value}`` dict (Dask graphs). ``keep`` leaves the result on the provider that made it,
+    for dependents and later fetches; ``send`` says whether the result's bytes also come to the
+    client (a kept-only result arrives as metadata, ``stored=True``).
     """
 
     key: str
@@ -301,9 +303,10 @@ class TaskSpec(Record):
     redundancy: int = 1
     deps: list = field(default_factory=list)
     keep: bool = False
+    send: bool = True
     SCHEMA: ClassVar[dict[str, Check]] = {
         "key": string(), "func": string(128), "nb": integer(0, MAX_BUFFERS),
-        "runtime": record(Runtime), "resources": resource_map,
+        "runtime": record(Runtime), "resources": resource_map, "send": boolean,
         "providers": optional(list_of(string(), 256)), "timeout": optional(number(0, 1e7)),
         "retries": integer(0, 100), "budget": optional(number()), "max_price": optional(number()),
         "redundancy": integer(1, 16), "deps": list_of(string(), 100_000), "keep": boolean,
@@ -320,9 +323,13 @@ class Assignment(Record):
     account: str
     resources: dict = field(default_factory=dict)
     timeout: float | None = None
+    deps: list = field(default_factory=list)
+    keep: bool = False
+    send: bool = True
     SCHEMA: ClassVar[dict[str, Check]] = {
         "key": string(), "func": string(128), "nb": integer(0, MAX_BUFFERS), "account": string(),
         "resources": resource_map, "timeout": optional(number(0, 1e7)),
+        "deps": list_of(string(), 100_000), "keep": boolean, "send": boolean,
     }
 
 
@@ -353,7 +360,10 @@ class Result(Record):
     usage: dict = field(default_factory=dict)
     cost: float = 0.0
     receipt: dict | None = None
+    stored: bool = False
+    nbytes: int = 0
     SCHEMA: ClassVar[dict[str, Check]] = {
+        "stored": boolean, "nbytes": integer(0, 2**60),
         "key": string(), "status": one_of("finished", "error", "cancelled"),
         "nb": integer(0, MAX_BUFFERS), "error": optional(record(RemoteFailure)),
         "code": optional(string(64)), "provider": optional(string()),
@@ -548,10 +558,45 @@ class Error(Message):
     }
 
 
+@dataclass(frozen=True, slots=True)
+class Fetch(Message):
+    """Ask for kept results' bytes: client -> gateway (keys), gateway -> provider (task ids)."""
+
+    TYPE: ClassVar[str] = "fetch"
+    keys: list
+    SCHEMA: ClassVar[dict[str, Check]] = {"keys": list_of(string())}
+
+
+@dataclass(frozen=True, slots=True)
+class Data(Message):
+    """Kept results' bytes: provider -> gateway -> provider (a replica for a dependent task).
+
+    Buffers: ``nbs[i]`` of them per key, in order. ``missing`` names keys the sender lacks.
+    """
+
+    TYPE: ClassVar[str] = "data"
+    keys: list
+    nbs: list
+    missing: list = field(default_factory=list)
+    SCHEMA: ClassVar[dict[str, Check]] = {
+        "keys": list_of(string()), "nbs": list_of(integer(0, MAX_BUFFERS)),
+        "missing": list_of(string()),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Release(Message):
+    """Kept results nobody needs any more: client -> gateway (keys), gateway -> provider."""
+
+    TYPE: ClassVar[str] = "release"
+    keys: list
+    SCHEMA: ClassVar[dict[str, Check]] = {"keys": list_of(string())}
+
+
 MESSAGES: dict[str, type[Message]] = {
     m.TYPE: m
     for m in (Challenge, Hello, Welcome, Submit, Assign, Cancel, Results, Events, Heartbeat,
-              Query, Reply, Error)
+              Query, Reply, Error, Fetch, Data, Release)
 }
 
 
@@ -627,6 +672,10 @@ def _check_buffer_count(msg: Message, count: int) -> None:
         expected = len(msg.funcs) + sum(t.nb for t in msg.tasks)
     elif isinstance(msg, Results):
         expected = sum(r.nb for r in msg.results)
+    elif isinstance(msg, Data):
+        if len(msg.nbs) != len(msg.keys):
+            raise ProtocolError(ErrorCode.SCHEMA, "data: keys and nbs differ in length")
+        expected = sum(msg.nbs)
     else:
         expected = 0
     if expected != count:

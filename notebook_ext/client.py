@@ -16,8 +16,9 @@ import secrets
 import sys
 import threading
 import uuid
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway import protocol as p
@@ -25,7 +26,7 @@ from gateway.identity import Identity
 from gateway.units import parse_size
 from notebook_ext import errors, safe_pickle
 from notebook_ext.connection import GatewayLink
-from notebook_ext.futures import Future, RawResult
+from notebook_ext.futures import Future, RawResult, StoredResult
 from notebook_ext.serialize import (
     dumps_args,
     dumps_function,
@@ -41,6 +42,18 @@ DEFAULT_GATEWAY = "ws://127.0.0.1:8765"
 MAP_BATCH = 1000
 _RESERVED = ("key", "providers", "resources", "max_price", "budget", "redundancy", "timeout",
              "retries", "trust", "pure")
+
+
+@dataclass(frozen=True, slots=True)
+class GraphTask:
+    """One task of a graph: on a provider, ``fn(deps, *args, **kwargs)`` where ``deps`` maps
+    each key in ``deps`` to its result (results of this session's earlier tasks)."""
+
+    key: str
+    fn: Callable[..., Any]
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    deps: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +102,7 @@ class Client:
         self._trusted: set[str] = set()
         self._futures: dict[str, Future] = {}
         self._replies: dict[int, cf.Future] = {}
+        self._fetches: dict[str, cf.Future] = {}
         self._ids = itertools.count(1)
         self._closed = False
         self._loop = asyncio.new_event_loop()
@@ -172,6 +186,50 @@ class Client:
             futures += self._send_batch(specs, payloads, func_hash, blob, opts.get("trust"))
         return futures
 
+    def submit_graph(self, tasks: Sequence[GraphTask], send: Iterable[str] = (),
+                     **opts: Any) -> dict[str, Future]:
+        """Submit tasks that take each other's results, in dependency order.
+
+        Each result stays on the provider that computed it (intermediates move between providers
+        only when a dependent runs elsewhere); keys in ``send`` also come back to the client.
+        The returned futures resolve as tasks finish; ``result()`` of a key not sent fetches it.
+        A kept result is released on the providers once its future is garbage-collected and no
+        pending task needs it. ``opts`` are ``submit``'s reserved keywords.
+        """
+        send = set(send)
+        futures: dict[str, Future] = {}
+        for start in range(0, len(tasks), MAP_BATCH):
+            funcs: dict[int, tuple[str, bytes]] = {}
+            specs, payloads = [], []
+            for t in tasks[start:start + MAP_BATCH]:
+                if id(t.fn) not in funcs:
+                    funcs[id(t.fn)] = dumps_function(t.fn)
+                spec, payload = self._task(t.key, funcs[id(t.fn)][0],
+                                           dumps_args(t.args, t.kwargs), opts)
+                specs.append(replace(spec, deps=list(t.deps), keep=True, send=t.key in send))
+                payloads.append(payload)
+            blobs = dict(funcs.values())
+            batch = self._send_tasks(specs, payloads, blobs, opts.get("trust"))
+            futures.update((f.key, f) for f in batch)
+        for key, fut in futures.items():
+            weakref.finalize(fut, self._release_key, key)
+        return futures
+
+    def _release_key(self, key: str) -> None:
+        """A kept result's future was collected: the providers may free it (GC thread)."""
+        if not self._closed and self._loop.is_running():
+            frame = p.encode(p.Release(keys=[key]))
+            self._loop.call_soon_threadsafe(self._link.send, frame)
+
+    def _fetch(self, key: str, timeout: float | None) -> list[memoryview]:
+        """The bytes of a result kept on a provider."""
+        waiter = self._fetches.get(key)
+        if waiter is None or waiter.done() and waiter.exception() is not None:
+            waiter = self._fetches[key] = cf.Future()
+            frame = p.encode(p.Fetch(keys=[key]))
+            self._loop.call_soon_threadsafe(self._link.send, frame)
+        return waiter.result(timeout)
+
     def _task(self, key: str, func_hash: str, payload: list, opts: dict) -> tuple[p.TaskSpec, list]:
         resources = dict(opts.get("resources") or {})
         if "memory" in resources:
@@ -188,10 +246,14 @@ class Client:
 
     def _send_batch(self, specs: list[p.TaskSpec], payloads: list[list], func_hash: str,
                     blob: bytes, trust: bool | None) -> list[Future]:
+        return self._send_tasks(specs, payloads, {func_hash: blob}, trust)
+
+    def _send_tasks(self, specs: list[p.TaskSpec], payloads: list[list], funcs: dict[str, bytes],
+                    trust: bool | None) -> list[Future]:
         if self._closed:
             raise RuntimeError("this Client is closed; create a new one")
-        frame = p.encode(p.Submit(tasks=specs, funcs=[func_hash]),
-                         [blob, *(b for payload in payloads for b in payload)])
+        frame = p.encode(p.Submit(tasks=specs, funcs=list(funcs)),
+                         [*funcs.values(), *(b for payload in payloads for b in payload)])
         trust = self.trust if trust is None else trust
         futures = []
         for spec in specs:
@@ -215,6 +277,26 @@ class Client:
     def _cancel_keys(self, keys: list[str]) -> None:
         frame = p.encode(p.Cancel(keys=keys))
         self._loop.call_soon_threadsafe(self._link.send, frame)
+
+    # ------------------------------------------------------------------ dask
+
+    def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        """Dask's ``get`` scheduler interface: ``dask.compute(x, scheduler=client)``."""
+        from notebook_ext import dask_integration
+
+        return dask_integration.get(self, dsk, keys, **kwargs)
+
+    def compute(self, collections: Any, **kwargs: Any) -> Any:
+        """A future (or list of futures) for Dask collection(s), computed on the network."""
+        from notebook_ext import dask_integration
+
+        return dask_integration.compute(self, collections, **kwargs)
+
+    def persist(self, collections: Any, **kwargs: Any) -> Any:
+        """Collection(s) whose chunks are computed and kept on the providers."""
+        from notebook_ext import dask_integration
+
+        return dask_integration.persist(self, collections, **kwargs)
 
     # ------------------------------------------------------------------ asking
 
@@ -271,6 +353,14 @@ class Client:
             log.warning("gateway: %s: %s", msg.code, msg.message)
 
     def _on_result(self, result: p.Result, buffers: list[memoryview]) -> None:
+        waiter = self._fetches.get(result.key)
+        if waiter is not None and not waiter.done():  # the answer to a fetch
+            if result.status == "finished":
+                waiter.set_result(buffers)
+            else:
+                waiter.set_exception(rebuild_error(result.error, result.code))
+            if result.key not in self._futures:
+                return
         fut = self._futures.pop(result.key, None)
         if fut is None or fut.done():
             return
@@ -280,7 +370,11 @@ class Client:
         fut.receipt = result.receipt
         if result.status == "finished":
             fut._remote_status = "finished"
-            fut.set_result(RawResult(buffers))
+            fut.nbytes = result.nbytes
+            if result.stored and not result.nb:
+                fut.set_result(StoredResult(result.key, result.nbytes))
+            else:
+                fut.set_result(RawResult(buffers))
         elif result.status == "cancelled":
             cf.Future.cancel(fut)
         else:

@@ -26,6 +26,14 @@ class RawResult:
     buffers: list[memoryview]
 
 
+@dataclass(slots=True)
+class StoredResult:
+    """A finished task whose result stayed on its provider; ``result()`` fetches it."""
+
+    key: str
+    nbytes: int
+
+
 class Future(cf.Future):
     """A remote task's future.
 
@@ -43,6 +51,7 @@ class Future(cf.Future):
         self.cost: float = 0.0
         self.receipt: dict | None = None
         self.output: list[tuple[str, str]] = []
+        self.nbytes = 0
         self._remote_status = "pending"
         self._decoded: list[Any] = []
         self._decode_lock = threading.Lock()
@@ -64,13 +73,18 @@ class Future(cf.Future):
         self.client._cancel_keys([self.key])
         return super().cancel()
 
+    #: Lets Dask recognise a decompute future inside a graph (as it does distributed's).
+    __dask_future__ = True
+
     def result(self, timeout: float | None = None) -> Any:
         raw = super().result(timeout)
-        if not isinstance(raw, RawResult):
+        if not isinstance(raw, (RawResult, StoredResult)):
             return raw
         with self._decode_lock:
             if not self._decoded:
-                self._decoded.append(self.client._decode(raw.buffers, self.trust))
+                buffers = (raw.buffers if isinstance(raw, RawResult)
+                           else self.client._fetch(raw.key, timeout))
+                self._decoded.append(self.client._decode(buffers, self.trust))
             return self._decoded[0]
 
     def __await__(self):
