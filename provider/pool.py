@@ -184,11 +184,21 @@ class WorkerPool:
 
     async def run(self, worker: WorkerProc, key: str, func: str, func_blob: memoryview | None,
                   payload: Sequence[memoryview], on_output: OnOutput,
-                  memory: int | None = None) -> Outcome:
-        """Run one task on ``worker``; cancellation of this coroutine is the caller's kill."""
+                  memory: int | None = None,
+                  deps: Sequence[tuple[str, Sequence[bytes]]] | None = None) -> Outcome:
+        """Run one task on ``worker``; cancellation of this coroutine is the caller's kill.
+
+        ``deps`` (graph tasks) are ``(key, result buffers)`` pairs handed to the task.
+        """
         has_func = func_blob is not None and worker.needs_func(func)
-        header = {"t": "run", "key": key, "func": func, "has_func": has_func, "memory": memory}
-        frame = encode_frame(header, [func_blob, *payload] if has_func else list(payload))
+        header = {"t": "run", "key": key, "func": func, "has_func": has_func, "memory": memory,
+                  "nb": len(payload)}
+        parts = [func_blob, *payload] if has_func else list(payload)
+        if deps is not None:
+            header["deps"] = [k for k, _ in deps]
+            header["dep_nbs"] = [len(bufs) for _, bufs in deps]
+            parts += [b for _, bufs in deps for b in bufs]
+        frame = encode_frame(header, parts)
         worker.meter = Meter(worker.ps)
         worker.task_key = key
         loop = asyncio.get_running_loop()

@@ -108,6 +108,18 @@ def describe_error(exc: BaseException) -> dict:
             "message": str(exc)[:100_000], "traceback": text[-100_000:]}
 
 
+def load_deps(keys: list[str], nbs: list[int], buffers: list[memoryview]) -> dict[str, Any]:
+    """The values of a graph task's dependencies, keyed as the client named them."""
+    import cloudpickle
+
+    deps, pos = {}, 0
+    for key, n in zip(keys, nbs, strict=True):
+        bufs = buffers[pos:pos + n]
+        pos += n
+        deps[key.split("/", 1)[-1]] = cloudpickle.loads(bufs[0], buffers=bufs[1:])
+    return deps
+
+
 def dumps_result(value: Any) -> list:
     """Pickle protocol 5 with out-of-band buffers: arrays leave without a copy into the stream."""
     import cloudpickle
@@ -142,10 +154,14 @@ class Worker:
         sys.stdout, sys.stderr = out, err
         try:
             fn = self._function(header["func"], buffers[0] if header.get("has_func") else None)
-            payload = buffers[1:] if header.get("has_func") else buffers
+            rest = buffers[1:] if header.get("has_func") else buffers
+            nb = header.get("nb", len(rest))
+            payload, dep_buffers = rest[:nb], rest[nb:]
             args, kwargs = cloudpickle.loads(payload[0], buffers=payload[1:])
+            if "deps" in header:  # a graph task: its first argument maps dep keys to values
+                args = (load_deps(header["deps"], header["dep_nbs"], dep_buffers), *args)
             value = fn(*args, **kwargs)
-            del args, kwargs, payload, buffers
+            del args, kwargs, payload, buffers, rest, dep_buffers
             result = dumps_result(value)
         except BaseException as exc:  # noqa: BLE001 - every task failure is reported, not raised
             out.flush()

@@ -1,0 +1,285 @@
+"""decompute, rows 1-4, through the public API only (DESIGN.md "Public API").
+
+Starts ``python -m gateway --host 127.0.0.1 --port P --db TMP/bench.sqlite --faucet 1000000
+--local-providers 2`` with DECOMPUTE_HOME set to a temporary directory, waits (with a deadline)
+until ``GET /health`` shows 2 providers online, then measures with
+``notebook_ext.Client(f"ws://127.0.0.1:{P}")``. The gateway is stopped with SIGINT (SIGKILL after
+a deadline) and any process it left behind is reported and stopped.
+
+A row that cannot be measured (the code is missing, a call fails, ...) records its reason.
+
+Usage: python benchmarks/bench_decompute.py --out FILE [--quick]   (run.py does this)
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import (  # noqa: E402
+    NUMPY_BYTES,
+    ROOT,
+    ROWS,
+    SUM_CHUNKS,
+    SUM_SHAPE,
+    Recorder,
+    descendants,
+    free_port,
+    install_sigterm_handler,
+    log,
+    parse_args,
+    rate_row,
+    reap_descendants,
+    repeat,
+    seconds_row,
+    settings,
+    short_error,
+    stop_process,
+)
+
+SYSTEM = "decompute"
+PROVIDERS = 2
+READY_DEADLINE_S = 60.0
+TIMEOUT = 120.0
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def providers_online(health: Any) -> int | None:
+    """How many providers /health says are online; accepts a list or an int count."""
+    if not isinstance(health, dict):
+        return None
+    value = health.get("providers")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):  # e.g. {"online": 2, ...}
+        online = value.get("online")
+        return online if isinstance(online, int) else None
+    if isinstance(value, list):
+        return sum(1 for p in value if not isinstance(p, dict) or p.get("online", True))
+    return None
+
+
+def tail(path: Path, limit: int = 600) -> str:
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    return " ".join(text[-limit:].split())
+
+
+def wait_ready(proc: subprocess.Popen, port: int, log_path: Path) -> dict:
+    url = f"http://127.0.0.1:{port}/health"
+    deadline = time.monotonic() + READY_DEADLINE_S
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {proc.returncode}: {tail(log_path)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                health = json.loads(response.read())
+            online = providers_online(health)
+            if online is not None and online >= PROVIDERS:
+                return health
+            last = f"/health: {json.dumps(health)[:200]}"
+        except (OSError, ValueError, urllib.error.URLError) as exc:
+            last = short_error(exc, 200)
+        time.sleep(0.1)
+    raise TimeoutError(
+        f"{PROVIDERS} providers not online within {READY_DEADLINE_S:.0f}s "
+        f"({last}); gateway log: {tail(log_path, 300)}"
+    )
+
+
+def main() -> None:
+    args = parse_args(__doc__ or "")
+    install_sigterm_handler()
+    cfg = settings(args.quick)
+    rec = Recorder(SYSTEM, args.out, args.quick)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-decompute-"))
+    home = tmp / "home"
+    home.mkdir()
+    os.environ["DECOMPUTE_HOME"] = str(home)  # this process's client identity, too
+    sys.path.insert(0, str(ROOT))
+    env = {**os.environ, "DECOMPUTE_HOME": str(home)}
+    port = free_port()
+    log_path = tmp / "gateway.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--db",
+        str(tmp / "bench.sqlite"),
+        "--faucet",
+        "1000000",
+        "--local-providers",
+        str(PROVIDERS),
+    ]
+    rec.set("command", " ".join(cmd[1:]))
+    gateway = None
+    started: list = []
+    client = None
+    try:
+        try:
+            with log_path.open("wb") as log_file:
+                start = time.perf_counter()
+                gateway = subprocess.Popen(
+                    cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
+                )
+            health = wait_ready(gateway, port, log_path)
+            rec.set("startup_s", round(time.perf_counter() - start, 3))
+            rec.set("health", health)
+            started = descendants()
+            log(SYSTEM, f"gateway on port {port} ready in {time.perf_counter() - start:.1f}s")
+        except Exception as exc:
+            rec.fail_missing(ROWS, f"gateway not ready: {short_error(exc, 300)}")
+            return
+        try:
+            from notebook_ext import Client
+
+            client = Client(f"ws://127.0.0.1:{port}")
+        except Exception as exc:
+            rec.fail_missing(ROWS, f"Client() failed: {short_error(exc, 300)}")
+            return
+        import notebook_ext
+
+        rec.set("versions", {"decompute": getattr(notebook_ext, "__version__", None)})
+        measure(client, rec, cfg)
+    finally:
+        if client is not None:
+            try:
+                client.close()
+            except Exception as exc:
+                rec.note(f"client.close() failed: {short_error(exc)}")
+        if gateway is not None:
+            how = stop_process(gateway, grace=20, first=signal.SIGINT)
+            log(SYSTEM, f"gateway {how}")
+            if "killed" in how:
+                rec.note(f"gateway {how}")
+        strays = reap_descendants(extra=started)
+        if strays:
+            rec.note(f"processes still running after the gateway stopped: {strays}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        rec.finish()
+
+
+def wait_all(futures: list, timeout: float) -> None:
+    """Bound a gather: the futures are concurrent.futures.Future subclasses (DESIGN)."""
+    _done, not_done = concurrent.futures.wait(futures, timeout=timeout)
+    if not_done:
+        raise TimeoutError(f"{len(not_done)} of {len(futures)} tasks not done after {timeout}s")
+
+
+def measure(client, rec: Recorder, cfg: dict) -> None:  # type: ignore[no-untyped-def]
+    import dask.array as da
+    import numpy as np
+
+    budget = cfg["row_budget_s"]
+    counter = iter(range(10**9))
+
+    def one_trivial() -> float:
+        start = time.perf_counter()
+        client.submit(inc, next(counter)).result(timeout=TIMEOUT)
+        return time.perf_counter() - start
+
+    with rec.row("latency") as row:
+        samples = repeat(
+            one_trivial, cfg["latency_reps"], warmup=cfg["latency_warmup"], budget_s=budget
+        )
+        row.update(
+            seconds_row(
+                samples,
+                planned=cfg["latency_reps"],
+                scale=1e3,
+                unit="ms",
+                detail="client.submit(inc, i).result()",
+            )
+        )
+
+    def one_map(count: int) -> float:
+        start = time.perf_counter()
+        futures = client.map(inc, range(count))
+        wait_all(futures, TIMEOUT)
+        results = client.gather(futures)
+        elapsed = time.perf_counter() - start
+        if list(results) != [i + 1 for i in range(count)]:
+            raise RuntimeError("client.map results are wrong")
+        return elapsed
+
+    with rec.row("map") as row:
+        count = cfg["map_tasks"]
+        one_map(cfg["map_warmup_tasks"])
+        durations = repeat(lambda: one_map(count), cfg["map_reps"], budget_s=budget)
+        row.update(
+            rate_row(
+                durations,
+                count,
+                planned=cfg["map_reps"],
+                unit="tasks/s",
+                detail=f"client.gather(client.map(inc, range({count})))",
+            )
+        )
+
+    rng = np.random.default_rng()
+
+    def one_numpy() -> float:
+        arr = rng.random(NUMPY_BYTES // 8)  # fresh data every repetition
+        start = time.perf_counter()
+        total = client.submit(np.sum, arr).result(timeout=TIMEOUT)
+        elapsed = time.perf_counter() - start
+        if not np.isclose(total, arr.sum()):
+            raise RuntimeError(f"remote sum {total!r} != local sum {arr.sum()!r}")
+        return elapsed
+
+    with rec.row("numpy") as row:
+        samples = repeat(one_numpy, cfg["numpy_reps"], warmup=1, budget_s=budget)
+        row.update(
+            seconds_row(
+                samples,
+                planned=cfg["numpy_reps"],
+                detail="client.submit(np.sum, arr).result(), arr = fresh 100 MiB float64",
+            )
+        )
+
+    def one_sum() -> float:
+        x = da.random.random(SUM_SHAPE, chunks=SUM_CHUNKS)  # new seeds -> new keys every time
+        start = time.perf_counter()
+        x.sum().compute(scheduler=client)
+        return time.perf_counter() - start
+
+    with rec.row("dask_sum") as row:
+        samples = repeat(one_sum, cfg["sum_reps"], warmup=1, budget_s=budget)
+        row.update(
+            seconds_row(
+                samples,
+                planned=cfg["sum_reps"],
+                detail=f"da.random.random({SUM_SHAPE}, chunks={SUM_CHUNKS})"
+                ".sum().compute(scheduler=client), 2 local providers",
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
