@@ -15,9 +15,11 @@ from dataclasses import replace
 
 from gateway import protocol as p
 from gateway.billing import Billing, failure_hash, result_hash
+from gateway.graph import Graph
 from gateway.limits import Limits
 from gateway.metrics import Counters
 from gateway.registry import ProviderConn, Registry
+from gateway.relay import Relay
 from gateway.scheduler import Scheduler, no_match_message
 from gateway.sessions import ClientSession, Send
 from gateway.tasks import TERMINAL, Task, TaskState
@@ -45,8 +47,10 @@ class Hub:
         self.open_tasks: Counter[str] = Counter()  # by account
         self.queued_bytes: Counter[str] = Counter()  # by account: payloads held here
         self.registry = Registry()
-        self.scheduler = Scheduler(self.registry)
+        self.graph = Graph()
+        self.scheduler = Scheduler(self.registry, self.graph)
         self.sessions: dict[str, ClientSession] = {}
+        self.relay = Relay(self.registry, self.graph, self.sessions, self._recompute)
         self.tasks: dict[str, Task] = {}
         self.counters = Counters()
 
@@ -81,29 +85,40 @@ class Hub:
                 refused.append(why)
             else:
                 accepted.append(Task(spec, session.account, session.id, funcs[spec.func], payload))
-        holds = self.billing.hold([(t.task_id, t.account, t.spec) for t in accepted])
+        holds = self.billing.hold([(t.bill_id, t.account, t.spec) for t in accepted])
         for task, why in zip(accepted, holds, strict=True):
             if why is not None:
                 refused.append(failure(task.key, p.ErrorCode.FUNDS, why, "InsufficientFunds"))
                 continue
-            task_id = task.task_id
-            self.tasks[task_id] = task
-            self.open_tasks[task.account] += 1
-            self.queued_bytes[task.account] += task.payload_bytes
-            session.tasks.add(task_id)
-            self.scheduler.enqueue(task)
+            if task.spec.deps is not None:
+                unknown = self.graph.add(task)
+                if unknown is not None:
+                    self.billing.refund([task.bill_id])
+                    refused.append(failure(task.key, p.ErrorCode.NOT_FOUND, unknown, "KeyError"))
+                    continue
+            self._admit(task)
+            if task.spec.deps is None or self.graph.ready(task.task_id):
+                self.scheduler.enqueue(task)
             self.counters.submitted += 1
         if refused:
             self.counters.refused.update(r.code for r in refused)
             self._send_results(session, [(r, []) for r in refused])
         self.dispatch()
 
+    def _admit(self, task: Task) -> None:
+        self.tasks[task.task_id] = task
+        self.open_tasks[task.account] += 1
+        self.queued_bytes[task.account] += task.payload_bytes
+        session = self.sessions.get(task.session)
+        if session is not None:
+            session.tasks.add(task.task_id)
+
     def _refusal(self, spec: p.TaskSpec, session: ClientSession, task_id: str,
                  funcs: dict[str, memoryview]) -> p.Result | None:
         if spec.func not in funcs:
             return failure(spec.key, p.ErrorCode.SCHEMA,
                            f"task {spec.key} names function {spec.func} that the batch lacks")
-        if task_id in self.tasks:
+        if task_id in self.tasks or task_id in self.graph.nodes:
             return failure(spec.key, p.ErrorCode.SCHEMA, f"task key {spec.key!r} already in use")
         if self.open_tasks[session.account] >= self.limits.open_tasks:
             return failure(spec.key, p.ErrorCode.LIMIT,
@@ -128,7 +143,7 @@ class Hub:
                 continue
             if task.state is TaskState.PENDING:
                 self.scheduler.discard(task)
-                self.billing.refund([task.task_id])
+                self.billing.refund([task.bill_id])
                 self._end(task, TaskState.CANCELLED)
             else:
                 task.cancelling = True
@@ -177,7 +192,7 @@ class Hub:
             if task is None:
                 continue
             if task.cancelling or task.state in TERMINAL:
-                self.billing.refund([task.task_id])  # paid up to its last reported usage
+                self.billing.refund([task.bill_id])  # paid up to its last reported usage
                 self._forget(task)
                 continue
             task.attempts += 1
@@ -191,6 +206,8 @@ class Hub:
                 task.provider = None
                 self.scheduler.enqueue(task, front=True)
                 self._send_events(task, p.Event(key=task.key, kind="retrying", provider=conn_id))
+        for task in self.graph.provider_lost(conn_id):
+            self._recompute(task.task_id)
         self.dispatch()
 
     def results(self, conn: ProviderConn, msg: p.Results, buffers: Sequence[memoryview]) -> None:
@@ -206,8 +223,9 @@ class Hub:
             conn.served += 1
             if result.usage:
                 task.usage = dict(result.usage)
+                self.scheduler.observe(result.usage.get("wall_seconds", 0.0))
             mine.append((task, result, bufs))
-        charges = self.billing.settle([(t.task_id, conn.account, t.usage, conn.ad.prices, True)
+        charges = self.billing.settle([(t.bill_id, conn.account, t.usage, conn.ad.prices, True)
                                        for t, _, _ in mine])
         out: dict[str, list[tuple[p.Result, list[memoryview]]]] = defaultdict(list)
         for (task, result, bufs), charge in zip(mine, charges, strict=True):
@@ -217,9 +235,10 @@ class Hub:
             receipt = None
             if charge is not None:
                 digest = result_hash(bufs) if result.status == "finished" else failure_hash(result)
-                receipt = self.billing.receipt(charge, task.task_id, task.account, conn.account,
+                receipt = self.billing.receipt(charge, task.bill_id, task.account, conn.account,
                                                task.usage, conn.ad.prices, digest)
             self._end(task, TaskState(result.status))
+            self._graph_outcome(task, conn, result)
             out[task.session].append((replace(result, key=task.key, provider=conn.id,
                                               cost=charge.cost if charge else 0.0,
                                               receipt=receipt), bufs))
@@ -248,7 +267,7 @@ class Hub:
                 continue
             task.usage = dict(usage)
             live.append(task)
-        charges = self.billing.settle([(t.task_id, conn.account, t.usage, conn.ad.prices, False)
+        charges = self.billing.settle([(t.bill_id, conn.account, t.usage, conn.ad.prices, False)
                                        for t in live])
         for task, charge in zip(live, charges, strict=True):
             cost = charge.cost if charge else None
@@ -288,13 +307,86 @@ class Hub:
             for task in tasks:
                 if task.spec.func not in funcs and conn.needs_func(task.spec.func):
                     funcs[task.spec.func] = task.func_blob
-            specs = [
-                p.Assignment(key=t.task_id, func=t.spec.func, nb=t.spec.nb, account=t.account,
-                             resources=t.spec.resources, timeout=t.spec.timeout)
-                for t in tasks
-            ]
+            specs = [self._assignment(t, conn) for t in tasks]
             buffers = [*funcs.values(), *(b for t in tasks for b in t.payload)]
             conn.send(p.encode(p.Assign(tasks=specs, funcs=list(funcs)), buffers))
+
+    def _assignment(self, task: Task, conn: ProviderConn) -> p.Assignment:
+        deps = None
+        if task.spec.deps is not None:
+            deps = self.graph.nodes[task.task_id].deps
+            for key in self.graph.missing_on(task, conn.id):
+                self.relay.deliver(key, conn.id)
+        return p.Assignment(key=task.task_id, func=task.spec.func, nb=task.spec.nb,
+                            account=task.account, resources=task.spec.resources,
+                            timeout=task.spec.timeout, deps=deps, keep=task.spec.keep,
+                            send=task.spec.send)
+
+    # ------------------------------------------------------------------ graphs
+
+    def _graph_outcome(self, task: Task, conn: ProviderConn, result: p.Result) -> None:
+        """A graph task ended: wake its dependents, or fail them; free what is done with."""
+        if task.task_id not in self.graph.nodes:
+            return
+        freeable = self.graph.done_with_deps(task.task_id)
+        if result.status == "finished" and result.stored:
+            for ready in self.graph.finished(task.task_id, conn.id, result.nbytes):
+                self.scheduler.enqueue(ready, front=True)  # depth first, as Dask orders
+            if self.graph.deliveries.get(task.task_id) or self.graph.client_fetches.get(
+                    task.task_id):
+                self.relay.request(task.task_id)
+        else:
+            for dependent in self.graph.failed(task.task_id):
+                if dependent.state is TaskState.PENDING:
+                    self.scheduler.discard(dependent)
+                    self._fail_like(dependent, task, result)
+        self.relay.release(freeable)
+
+    def _fail_like(self, dependent: Task, failed: Task, result: p.Result) -> None:
+        """A dependent of a failed task fails with the same error (as Dask raises it)."""
+        self.billing.refund([dependent.bill_id])
+        self._end(dependent, TaskState.ERROR)
+        session = self.sessions.get(dependent.session)
+        if session is not None:
+            error = result.error or p.RemoteFailure(
+                type="RuntimeError", module="builtins", message=f"{failed.key} {result.status}")
+            self._send_results(session, [(p.Result(key=dependent.key, status="error",
+                                                   code=result.code, error=error), [])])
+
+    def fetch(self, session: ClientSession, keys: Sequence[str]) -> None:
+        """A client wants the bytes of kept results."""
+        unknown = self.relay.fetch_for_client(session, keys)
+        if unknown:
+            self._send_results(session, [(failure(
+                k, p.ErrorCode.NOT_FOUND, f"no kept result {k!r} in this session", "KeyError"), [])
+                for k in unknown])
+
+    def release(self, session: ClientSession, keys: Sequence[str]) -> None:
+        """The client holds no future for these keys any more."""
+        ids = [f"{session.id}/{k}" for k in keys]
+        self.relay.release([i for i in ids if self.graph.release(i)])
+
+    def data(self, conn: ProviderConn, msg: p.Data, buffers: Sequence[memoryview]) -> None:
+        self.relay.data(conn.id, msg, buffers)
+
+    def _recompute(self, task_id: str) -> None:
+        """A kept result is held nowhere any more but still needed: run its task again."""
+        node = self.graph.nodes.get(task_id)
+        if node is None or node.task.state is not TaskState.FINISHED:
+            return
+        task = node.task
+        task.move(TaskState.PENDING)
+        task.provider = None
+        task.reruns += 1
+        why = self.billing.hold([(task.bill_id, task.account, task.spec)])[0]
+        if why is not None:
+            self._fail(task, p.ErrorCode.FUNDS, f"recomputing lost {task.key}: {why}",
+                       "InsufficientFunds")
+            return
+        self._admit(task)
+        node.waiting = {d for d in node.deps if not self.graph.nodes[d].available}
+        if not node.waiting:
+            self.scheduler.enqueue(task, front=True)
 
     def sweep(self, now: float | None = None) -> None:
         """Periodic upkeep: give up abandoned sessions, fail tasks no provider can take."""
@@ -320,7 +412,7 @@ class Hub:
     # ------------------------------------------------------------------ helpers
 
     def _fail(self, task: Task, code: p.ErrorCode, message: str, type_: str) -> None:
-        self.billing.refund([task.task_id])
+        self.billing.refund([task.bill_id])
         self._end(task, TaskState.ERROR)
         session = self.sessions.get(task.session)
         if session is not None:

@@ -284,10 +284,11 @@ class Runtime(Record):
 class TaskSpec(Record):
     """One task as the client submits it. ``nb`` buffers of payload follow in the frame.
 
-    ``deps`` names keys (of this session) whose results the task takes as its first argument, a
-    ``{key: value}`` dict (Dask graphs). ``keep`` leaves the result on the provider that made it,
-    for dependents and later fetches; ``send`` says whether the result's bytes also come to the
-    client (a kept-only result arrives as metadata, ``stored=True``).
+    ``deps`` is None for a plain task. A graph task (Dask) has a list, maybe empty, of keys (of
+    this session) whose results it takes as its first argument, a ``{key: value}`` dict.
+    ``keep`` leaves the result on the provider that made it, for dependents and later fetches;
+    ``send`` says whether the result's bytes also come to the client (a kept-only result
+    arrives as metadata, ``stored=True``).
     """
 
     key: str
@@ -301,7 +302,7 @@ class TaskSpec(Record):
     budget: float | None = None
     max_price: float | None = None
     redundancy: int = 1
-    deps: list = field(default_factory=list)
+    deps: list | None = None
     keep: bool = False
     send: bool = True
     SCHEMA: ClassVar[dict[str, Check]] = {
@@ -309,7 +310,8 @@ class TaskSpec(Record):
         "runtime": record(Runtime), "resources": resource_map, "send": boolean,
         "providers": optional(list_of(string(), 256)), "timeout": optional(number(0, 1e7)),
         "retries": integer(0, 100), "budget": optional(number()), "max_price": optional(number()),
-        "redundancy": integer(1, 16), "deps": list_of(string(), 100_000), "keep": boolean,
+        "redundancy": integer(1, 16), "deps": optional(list_of(string(), 100_000)),
+        "keep": boolean,
     }
 
 
@@ -323,13 +325,13 @@ class Assignment(Record):
     account: str
     resources: dict = field(default_factory=dict)
     timeout: float | None = None
-    deps: list = field(default_factory=list)
+    deps: list | None = None
     keep: bool = False
     send: bool = True
     SCHEMA: ClassVar[dict[str, Check]] = {
         "key": string(), "func": string(128), "nb": integer(0, MAX_BUFFERS), "account": string(),
         "resources": resource_map, "timeout": optional(number(0, 1e7)),
-        "deps": list_of(string(), 100_000), "keep": boolean, "send": boolean,
+        "deps": optional(list_of(string(), 100_000)), "keep": boolean, "send": boolean,
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 
+from gateway.graph import Graph
 from gateway.protocol import TaskSpec
 from gateway.registry import ProviderConn, Registry
 from gateway.tasks import Task
@@ -51,12 +52,27 @@ def no_match_message(spec: TaskSpec, account: str, registry: Registry) -> str | 
     )
 
 
-class Scheduler:
-    """FIFO of pending tasks and the placement of each onto a provider with free room."""
+#: Bytes a second a transfer between providers is assumed to take through the gateway.
+TRANSFER_BYTES_PER_S = 300e6
+#: Pending tasks examined per placement round when the best providers are busy: bounds the cost
+#: of one round on a long queue (the rest are looked at in later rounds).
+SCAN_LIMIT = 2_000
 
-    def __init__(self, registry: Registry) -> None:
+
+class Scheduler:
+    """Pending tasks and their placement onto providers, weighing data locality against waiting.
+
+    As distributed's ``worker_objective``: a provider's cost for a task is the time to move the
+    task's inputs it lacks plus the expected wait for a free slot; the cheapest eligible provider
+    wins. If that provider is full, the task waits for it rather than moving data elsewhere.
+    """
+
+    def __init__(self, registry: Registry, graph: Graph) -> None:
         self.registry = registry
+        self.graph = graph
         self.pending: deque[Task] = deque()
+        #: Moving average of task run time, the unit of expected waiting.
+        self.avg_duration = 0.05
 
     def enqueue(self, task: Task, front: bool = False) -> None:
         (self.pending.appendleft if front else self.pending.append)(task)
@@ -65,38 +81,41 @@ class Scheduler:
         with contextlib.suppress(ValueError):
             self.pending.remove(task)
 
-    def place(self) -> list[tuple[ProviderConn, Task]]:
-        """Assign as many pending tasks as providers have room for, in arrival order.
+    def observe(self, seconds: float) -> None:
+        self.avg_duration = 0.9 * self.avg_duration + 0.1 * max(seconds, 1e-4)
 
-        A task nobody can take right now stays queued, but does not block the ones behind it.
-        """
-        providers = [p for p in self.registry if p.free > 0]
-        if not providers or not self.pending:
+    def place(self) -> list[tuple[ProviderConn, Task]]:
+        """Assign pending tasks to providers with room, in queue order; the rest keep waiting."""
+        providers = list(self.registry)
+        if not self.pending or not any(p.free > 0 for p in providers):
             return []
         placed: list[tuple[ProviderConn, Task]] = []
         waiting: deque[Task] = deque()
-        while self.pending and providers:
+        scanned = 0
+        while self.pending and scanned < SCAN_LIMIT and any(p.free > 0 for p in providers):
             task = self.pending.popleft()
             best = self._best(task, providers)
-            if best is None:
+            if best is None or best.free <= 0:
                 waiting.append(task)
+                scanned += 1
                 continue
             best.running.add(task.task_id)
             placed.append((best, task))
-            if best.free <= 0:
-                providers.remove(best)
         waiting.extend(self.pending)
         self.pending = waiting
         return placed
 
-    @staticmethod
-    def _best(task: Task, providers: list[ProviderConn]) -> ProviderConn | None:
-        """The eligible provider with the most free room; untried ones first after a loss."""
+    def _best(self, task: Task, providers: list[ProviderConn]) -> ProviderConn | None:
+        """The eligible provider with the lowest cost; untried ones first after a loss."""
         best, best_score = None, None
+        graph_task = task.spec.deps is not None
         for p in providers:
             if why_ineligible(task.spec, task.account, p) is not None:
                 continue
-            score = (p.id not in task.tried, p.free / p.capacity)
+            moved = self.graph.local_bytes(task, p.id)[1] if graph_task else 0
+            queued = max(0, len(p.running) - p.ad.slots + 1) / p.ad.slots
+            cost = moved / TRANSFER_BYTES_PER_S + queued * self.avg_duration
+            score = (p.id not in task.tried, -cost, p.free / p.capacity)
             if best_score is None or score > best_score:
                 best, best_score = p, score
         return best

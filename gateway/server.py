@@ -36,8 +36,8 @@ AUTH_TIMEOUT = 10.0
 #: websockets refuses anything larger with close code 1009 before buffering it.
 DEFAULT_MAX_MESSAGE = 512 * 1024 * 1024
 
-CLIENT_TYPES = frozenset({"submit", "cancel", "query"})
-PROVIDER_TYPES = frozenset({"results", "events", "heartbeat", "query"})
+CLIENT_TYPES = frozenset({"submit", "cancel", "query", "fetch", "release"})
+PROVIDER_TYPES = frozenset({"results", "events", "heartbeat", "query", "data"})
 POLICY = 1008  # close code: policy violation (auth, schema, unknown type)
 
 
@@ -229,6 +229,10 @@ class GatewayServer:
                     self._react("submit", self.hub.submit, session, msg, buffers)
                 elif isinstance(msg, p.Cancel):
                     self._react("cancel", self.hub.cancel, session, msg.keys)
+                elif isinstance(msg, p.Fetch):
+                    self._react("fetch", self.hub.fetch, session, msg.keys)
+                elif isinstance(msg, p.Release):
+                    self._react("release", self.hub.release, session, msg.keys)
                 elif isinstance(msg, p.Query):
                     out.send(p.encode(self.hub.query(account, session.id, msg)))
         finally:
@@ -252,6 +256,8 @@ class GatewayServer:
                     self._react("results", self.hub.results, conn, msg, buffers)
                 elif isinstance(msg, p.Events):
                     self._react("events", self.hub.events, conn, msg)
+                elif isinstance(msg, p.Data):
+                    self._react("data", self.hub.data, conn, msg, buffers)
                 elif isinstance(msg, p.Heartbeat):
                     self._react("heartbeat", self.hub.heartbeat, conn, msg)
                 elif isinstance(msg, p.Query):

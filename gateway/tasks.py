@@ -2,7 +2,8 @@
 
 A task is ``pending`` until matched, ``running`` once assigned to a provider, and ends
 ``finished``, ``error`` or ``cancelled``. ``running -> pending`` is the retry after a provider is
-lost. Any other move raises :class:`TaskStateError`: a bug, never silently absorbed.
+lost; ``finished -> pending`` is the recomputation of a kept graph result whose only holder was
+lost (lineage). Any other move raises :class:`TaskStateError`: a bug, never silently absorbed.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.RUNNING: frozenset(
         {TaskState.PENDING, TaskState.FINISHED, TaskState.ERROR, TaskState.CANCELLED}
     ),
-    TaskState.FINISHED: frozenset(),
+    TaskState.FINISHED: frozenset({TaskState.PENDING}),
     TaskState.ERROR: frozenset(),
     TaskState.CANCELLED: frozenset(),
 }
@@ -61,6 +62,8 @@ class Task:
     #: Set when the client cancelled while a provider still runs it: its final report is awaited
     #: (for settlement) but never forwarded, and a provider loss does not retry it.
     cancelling: bool = False
+    #: How many times a finished graph task was recomputed after its result was lost.
+    reruns: int = 0
 
     @property
     def key(self) -> str:
@@ -70,6 +73,11 @@ class Task:
     def task_id(self) -> str:
         """Globally unique id: the session scopes the client's key."""
         return f"{self.session}/{self.spec.key}"
+
+    @property
+    def bill_id(self) -> str:
+        """The escrow's id: each recomputation is billed on its own."""
+        return self.task_id if not self.reruns else f"{self.task_id}#rerun{self.reruns}"
 
     @property
     def payload_bytes(self) -> int:

@@ -31,11 +31,12 @@ from gateway.identity import Identity, decompute_home
 from gateway.transport import PING_INTERVAL, PING_TIMEOUT, FrameWriter, handshake
 from provider.pool import Outcome, WorkerPool
 from provider.sandbox import Limits, describe, probe_isolation
+from provider.store import ResultStore
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
-ACCEPTED = frozenset({"assign", "cancel", "error", "reply"})
+ACCEPTED = frozenset({"assign", "cancel", "error", "reply", "fetch", "data", "release"})
 #: Usage of running tasks is reported this often (the gateway settles on these totals).
 HEARTBEAT_SECONDS = 0.5
 #: Heartbeats between two status lines in the provider's log (the CLI's status line).
@@ -85,6 +86,7 @@ class Provider:
         self._earnings = 0.0
         self._funcs: OrderedDict[str, bytes] = OrderedDict()
         self._running: dict[str, asyncio.Task] = {}
+        self.store = ResultStore()
         self._cancelled: set[str] = set()
         self._pool: WorkerPool | None = None
         self._writer: FrameWriter | None = None
@@ -165,8 +167,26 @@ class Provider:
                     self._cancel(msg.keys)
                 elif isinstance(msg, p.Reply):
                     self._on_reply(msg)
+                elif isinstance(msg, p.Fetch):
+                    self._send_data(msg.keys)
+                elif isinstance(msg, p.Data):
+                    for key, bufs in zip(msg.keys, p.split_buffers(msg.nbs, buffers), strict=True):
+                        self.store.put(key, bufs)
+                elif isinstance(msg, p.Release):
+                    for key in msg.keys:
+                        self.store.release(key)
                 elif isinstance(msg, p.Error):
                     log.warning("gateway says %s: %s", msg.code, msg.message)
+
+    def _send_data(self, keys: Sequence[str]) -> None:
+        """Answer a fetch with the kept results we hold (and name the ones we do not)."""
+        found = [(k, self.store.get(k)) for k in keys]
+        have = [(k, bufs) for k, bufs in found if bufs is not None]
+        missing = [k for k, bufs in found if bufs is None]
+        if self._writer is not None:
+            self._writer.send(p.encode(
+                p.Data(keys=[k for k, _ in have], nbs=[len(b) for _, b in have], missing=missing),
+                [b for _, bufs in have for b in bufs]))
 
     def _on_reply(self, msg: p.Reply) -> None:
         if msg.data is not None and msg.id == EARNINGS_QUERY:
@@ -220,6 +240,9 @@ class Provider:
                                  f"function {a.func} was never sent to this provider", "internal"))
             self._running.pop(a.key, None)
             return
+        deps = None
+        if a.deps is not None:  # a graph task: wait (without a worker) for its inputs to arrive
+            deps = [(d, await self.store.wait(d)) for d in a.deps]
         worker = await self._pool.acquire(a.account)
         broken = False
         try:
@@ -230,7 +253,7 @@ class Provider:
                         worker, a.key, a.func, memoryview(blob), payload,
                         lambda stream, text: self._emit(
                             p.Event(key=a.key, kind="output", stream=stream, text=text)),
-                        memory=a.resources.get("memory"))
+                        memory=a.resources.get("memory"), deps=deps)
             except TimeoutError:
                 broken = True
                 usage = worker.meter.sample() if worker.meter else {}
@@ -240,7 +263,7 @@ class Provider:
                     "message": f"task {a.key.split('/')[-1]} exceeded its timeout of "
                                f"{a.timeout:g} s; its process was killed"})
             broken = broken or outcome.code == "worker_died"
-            self._finish(self._result(a.key, outcome), outcome.buffers)
+            self._finish(*self._result(a, outcome))
         except asyncio.CancelledError:
             broken = True
             usage = worker.meter.sample() if worker.meter else {}
@@ -254,11 +277,17 @@ class Provider:
             self.served += 1
             await self._pool.release(worker, broken=broken)
 
-    @staticmethod
-    def _result(key: str, outcome: Outcome) -> p.Result:
+    def _result(self, a: p.Assignment, outcome: Outcome) -> tuple[p.Result, list[memoryview]]:
+        """The report of a task; a kept result stays in the store and is sent only if asked."""
         error = p.RemoteFailure.from_wire(outcome.error) if outcome.error else None
-        return p.Result(key=key, status=outcome.status, nb=len(outcome.buffers), error=error,
-                        code=outcome.code, usage=outcome.usage)
+        buffers, stored, nbytes = outcome.buffers, False, 0
+        if a.keep and outcome.status == "finished":
+            self.store.put(a.key, buffers)
+            stored, nbytes = True, sum(b.nbytes for b in buffers)
+            buffers = buffers if a.send else []
+        return p.Result(key=a.key, status=outcome.status, nb=len(buffers), error=error,
+                        code=outcome.code, usage=outcome.usage, stored=stored,
+                        nbytes=nbytes), buffers
 
     # ------------------------------------------------------------------ reporting
 
