@@ -309,7 +309,7 @@ class Hub:
                     funcs[task.spec.func] = task.func_blob
             specs = [self._assignment(t, conn) for t in tasks]
             buffers = [*funcs.values(), *(b for t in tasks for b in t.payload)]
-            conn.send(p.encode(p.Assign(tasks=specs, funcs=list(funcs)), buffers))
+            conn.send(p.encode_parts(p.Assign(tasks=specs, funcs=list(funcs)), buffers))
 
     def _assignment(self, task: Task, conn: ProviderConn) -> p.Assignment:
         deps = None
@@ -433,8 +433,8 @@ class Hub:
 
     def _send_results(self, session: ClientSession,
                       items: list[tuple[p.Result, list[memoryview]]]) -> None:
-        frame = p.encode(p.Results(results=[r for r, _ in items]),
-                         [b for _, bufs in items for b in bufs])
+        frame = p.encode_parts(p.Results(results=[r for r, _ in items]),
+                               [b for _, bufs in items for b in bufs])
         if not session.send(frame):
             log.error("session %s: outbox over its bound; giving the session up", session.id)
             self.cancel(session, [self.tasks[t].key for t in session.tasks if t in self.tasks])

@@ -607,11 +607,33 @@ MESSAGES: dict[str, type[Message]] = {
 Buffer = bytes | bytearray | memoryview
 
 
-def encode_frame(header: dict, buffers: Sequence[Buffer] = ()) -> bytes:
-    """One frame as a single bytes object (buffers are copied once, into the frame)."""
+def frame_parts(header: dict, buffers: Sequence[Buffer] = ()) -> list[Buffer]:
+    """A frame as ``[prefix + header, *buffers]``: the buffers are not copied."""
     header = dict(header, b=[memoryview(b).nbytes for b in buffers])
     packed = msgpack.packb(header, use_bin_type=True)
-    return b"".join([_PREFIX.pack(MAGIC, VERSION, len(packed)), packed, *buffers])
+    return [_PREFIX.pack(MAGIC, VERSION, len(packed)) + packed, *buffers]
+
+
+def encode_frame(header: dict, buffers: Sequence[Buffer] = ()) -> bytes:
+    """One frame as a single bytes object (buffers are copied once, into the frame)."""
+    return b"".join(frame_parts(header, buffers))
+
+
+#: Below this size a frame is joined into one bytes object (cheaper than several writes).
+JOIN_BELOW = 256 * 1024
+
+Frame = bytes | list[Buffer]
+
+
+def encode_parts(msg: Message, buffers: Sequence[Buffer] = ()) -> Frame:
+    """Like :func:`encode`, but a large frame stays a list of parts (no copy of its buffers);
+    writers send the parts as websocket fragments."""
+    parts = frame_parts({"t": msg.TYPE, **msg.to_wire()}, buffers)
+    return b"".join(parts) if frame_size(parts) < JOIN_BELOW else parts
+
+
+def frame_size(frame: Frame) -> int:
+    return len(frame) if isinstance(frame, bytes) else sum(memoryview(b).nbytes for b in frame)
 
 
 def decode_frame(data: Buffer, max_header: int = MAX_HEADER_BYTES) -> tuple[dict, list[memoryview]]:

@@ -10,14 +10,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.protocol import ProviderAd
+from gateway.protocol import Frame, ProviderAd
 
 #: Function blobs the gateway remembers having sent to one provider. The provider keeps a FIFO
 #: twice this size of exactly the blobs we send, in the same order, so whatever is in this set is
 #: certainly still in the provider's cache and need not be resent.
 SENT_FUNCS_REMEMBERED = 512
 
-Send = Callable[[bytes], None]
+Send = Callable[[Frame], None]
 
 
 @dataclass(slots=True, eq=False)

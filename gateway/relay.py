@@ -69,7 +69,7 @@ class Relay:
                 dest = self.registry.get(dest_id)
                 if dest is None or dest_id == sender_id:
                     continue
-                dest.send(p.encode(p.Data(keys=[key], nbs=[len(bufs)]), bufs))
+                dest.send(p.encode_parts(p.Data(keys=[key], nbs=[len(bufs)]), bufs))
                 self.graph.bytes_moved += nbytes
                 if node is not None:
                     node.who_has.add(dest_id)
@@ -78,7 +78,7 @@ class Relay:
                 if session is not None:
                     result = p.Result(key=key.split("/", 1)[1], status="finished", nb=len(bufs),
                                       stored=True, nbytes=nbytes)
-                    session.send(p.encode(p.Results(results=[result]), bufs))
+                    session.send(p.encode_parts(p.Results(results=[result]), bufs))
         for key in msg.missing:  # the holder lost or freed it: try another, or recompute
             self.graph.fetching.pop(key, None)
             node = self.graph.nodes.get(key)

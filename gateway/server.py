@@ -240,7 +240,7 @@ class GatewayServer:
                 self.hub.detach_client(session)
                 unsent = out.take_unsent()  # keep for the reconnect
                 session.outbox.extendleft(reversed(unsent))
-                session.outbox_bytes += sum(len(f) for f in unsent)
+                session.outbox_bytes += sum(p.frame_size(f) for f in unsent)
 
     async def _serve_provider(self, ws: ServerConnection, hello: p.Hello, out: FrameWriter) -> None:
         assert hello.ad is not None

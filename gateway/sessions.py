@@ -13,12 +13,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gateway.protocol import Frame, frame_size
+
 #: Bytes of undelivered result frames kept for one disconnected session.
 MAX_OUTBOX_BYTES = 2 * 1024**3
 #: How long a disconnected session's tasks keep running and its results keep waiting.
 LINGER_SECONDS = 300.0
 
-Send = Callable[[bytes], None]
+Send = Callable[[Frame], None]
 
 
 @dataclass(slots=True, eq=False)
@@ -29,7 +31,7 @@ class ClientSession:
     account: str
     send_fn: Send | None = None
     tasks: set[str] = field(default_factory=set)
-    outbox: deque[bytes] = field(default_factory=deque)
+    outbox: deque[Frame] = field(default_factory=deque)
     outbox_bytes: int = 0
     away_since: float | None = None
 
@@ -37,13 +39,13 @@ class ClientSession:
     def connected(self) -> bool:
         return self.send_fn is not None
 
-    def send(self, frame: bytes) -> bool:
+    def send(self, frame: Frame) -> bool:
         """Deliver now, or keep for the reconnect; False once the outbox is over its bound."""
         if self.send_fn is not None:
             self.send_fn(frame)
             return True
         self.outbox.append(frame)
-        self.outbox_bytes += len(frame)
+        self.outbox_bytes += frame_size(frame)
         return self.outbox_bytes <= MAX_OUTBOX_BYTES
 
     def attach(self, send_fn: Send) -> int:

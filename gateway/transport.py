@@ -16,6 +16,9 @@ from websockets.exceptions import ConnectionClosed
 from gateway import protocol as p
 from gateway.identity import Identity, auth_message
 
+#: Frames larger than this are written as websocket fragments of this size (memoryview slices,
+#: no copy). websockets moves 1 MiB fragments about 3x faster than one 100 MiB frame.
+FRAGMENT_BYTES = 1024 * 1024
 #: Keepalive: a peer that answers no ping for this long is considered gone.
 PING_INTERVAL = 20.0
 PING_TIMEOUT = 20.0
@@ -30,14 +33,14 @@ class FrameWriter:
         self.on_sent = on_sent
         self.max_bytes = max_bytes
         self.queued = 0
-        self.queue: deque[bytes] = deque()
+        self.queue: deque[p.Frame] = deque()
         self.wake = asyncio.Event()
         self.overflowed = False
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: p.Frame) -> None:
         """Queue a frame; past ``max_bytes`` waiting, the peer is not reading: close it."""
         self.queue.append(frame)
-        self.queued += len(frame)
+        self.queued += p.frame_size(frame)
         self.wake.set()
         if self.max_bytes is not None and self.queued > self.max_bytes and not self.overflowed:
             self.overflowed = True
@@ -51,18 +54,29 @@ class FrameWriter:
                 self.wake.clear()
                 while self.queue:
                     frame = self.queue[0]
-                    await self.ws.send(frame)
+                    size = p.frame_size(frame)
+                    await self.ws.send(frame if size <= FRAGMENT_BYTES and isinstance(frame, bytes)
+                                       else fragments(frame))
                     self.queue.popleft()
-                    self.queued -= len(frame)
+                    self.queued -= size
                     if self.on_sent is not None:
-                        self.on_sent(len(frame))
+                        self.on_sent(size)
 
-    def take_unsent(self) -> list[bytes]:
+    def take_unsent(self) -> list[p.Frame]:
         """Frames never written (the connection died first), for a retry elsewhere."""
         frames = list(self.queue)
         self.queue.clear()
         self.queued = 0
         return frames
+
+
+def fragments(frame: p.Frame) -> list[memoryview]:
+    """The frame as websocket fragments of at most FRAGMENT_BYTES, as views (no copy)."""
+    out = []
+    for part in [frame] if isinstance(frame, bytes) else frame:
+        view = memoryview(part).cast("B")
+        out += [view[i:i + FRAGMENT_BYTES] for i in range(0, view.nbytes, FRAGMENT_BYTES)]
+    return [v for v in out if v.nbytes]
 
 
 async def handshake(ws, identity: Identity, role: str, *, session: str = "", name: str = "",

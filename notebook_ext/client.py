@@ -252,8 +252,8 @@ class Client:
                     trust: bool | None) -> list[Future]:
         if self._closed:
             raise RuntimeError("this Client is closed; create a new one")
-        frame = p.encode(p.Submit(tasks=specs, funcs=list(funcs)),
-                         [*funcs.values(), *(b for payload in payloads for b in payload)])
+        frame = p.encode_parts(p.Submit(tasks=specs, funcs=list(funcs)),
+                               [*funcs.values(), *(b for payload in payloads for b in payload)])
         trust = self.trust if trust is None else trust
         futures = []
         for spec in specs:

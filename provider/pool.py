@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from gateway.protocol import decode_frame, encode_frame
+from gateway.protocol import decode_frame, frame_parts, frame_size
 from provider.metering import Meter
 from provider.sandbox import Isolation, Limits, SandboxSpec, cleanup, sandbox_spec
 from provider.worker import FUNCS_KEPT, LENGTH
@@ -198,13 +198,14 @@ class WorkerPool:
             header["deps"] = [k for k, _ in deps]
             header["dep_nbs"] = [len(bufs) for _, bufs in deps]
             parts += [b for _, bufs in deps for b in bufs]
-        frame = encode_frame(header, parts)
+        frame = frame_parts(header, parts)
         worker.meter = Meter(worker.ps)
         worker.task_key = key
         loop = asyncio.get_running_loop()
         try:
-            await loop.sock_sendall(worker.sock, LENGTH.pack(len(frame)))
-            await loop.sock_sendall(worker.sock, frame)
+            await loop.sock_sendall(worker.sock, LENGTH.pack(frame_size(frame)))
+            for part in frame:  # no join: a large argument is not copied again
+                await loop.sock_sendall(worker.sock, part)
             while True:
                 reply, buffers = await _read_frame(worker.sock)
                 kind = reply.get("t")

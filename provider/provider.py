@@ -184,7 +184,7 @@ class Provider:
         have = [(k, bufs) for k, bufs in found if bufs is not None]
         missing = [k for k, bufs in found if bufs is None]
         if self._writer is not None:
-            self._writer.send(p.encode(
+            self._writer.send(p.encode_parts(
                 p.Data(keys=[k for k, _ in have], nbs=[len(b) for _, b in have], missing=missing),
                 [b for _, bufs in have for b in bufs]))
 
@@ -316,8 +316,8 @@ class Provider:
             self._events = []
         if self._results:
             results, self._results = self._results, []
-            self._writer.send(p.encode(p.Results(results=[r for r, _ in results]),
-                                       [b for _, bufs in results for b in bufs]))
+            self._writer.send(p.encode_parts(p.Results(results=[r for r, _ in results]),
+                                             [b for _, bufs in results for b in bufs]))
 
     async def _heartbeats(self) -> None:
         psutil.cpu_percent()  # prime: the first reading is meaningless

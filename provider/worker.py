@@ -25,7 +25,7 @@ import traceback
 from collections import OrderedDict
 from typing import Any
 
-from gateway.protocol import decode_frame, encode_frame
+from gateway.protocol import decode_frame, frame_parts
 
 LENGTH = struct.Struct("!Q")
 #: Deserialized functions kept per worker (FIFO). The provider remembers half as many as sent, so
@@ -43,14 +43,15 @@ class Channel:
         self.lock = threading.Lock()
 
     def send(self, header: dict, buffers: list | tuple = ()) -> None:
-        frame = encode_frame(header, buffers)
-        prefix = LENGTH.pack(len(frame))
+        parts = frame_parts(header, buffers)
+        size = sum(memoryview(b).nbytes for b in parts)
         with self.lock:
-            if len(frame) < 65536:  # one syscall for the common small frame
-                self.sock.sendall(prefix + frame)
-            else:  # no extra copy of a large result
-                self.sock.sendall(prefix)
-                self.sock.sendall(frame)
+            if size < 65536:  # one syscall for the common small frame
+                self.sock.sendall(LENGTH.pack(size) + b"".join(parts))
+            else:  # no copy of a large result
+                self.sock.sendall(LENGTH.pack(size))
+                for part in parts:
+                    self.sock.sendall(part)
 
     def recv(self) -> tuple[dict, list[memoryview]] | None:
         head = self._exactly(LENGTH.size)
