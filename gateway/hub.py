@@ -56,6 +56,11 @@ class Hub:
 
     # ------------------------------------------------------------------ clients
 
+    def may_attach(self, account: str, session_id: str) -> bool:
+        """A session id is only ever resumed by the account that opened it."""
+        session = self.sessions.get(session_id)
+        return session is None or session.account == account
+
     def attach_client(self, account: str, session_id: str, send: Send) -> ClientSession:
         """A client (re)connects; a known session gets what finished while it was away."""
         session = self.sessions.get(session_id)

@@ -41,6 +41,13 @@ PROVIDER_TYPES = frozenset({"results", "events", "heartbeat", "query", "data"})
 POLICY = 1008  # close code: policy violation (auth, schema, unknown type)
 
 
+def _respond(connection: ServerConnection, body: str, content_type: str) -> Response:
+    response = connection.respond(HTTPStatus.OK, body)
+    del response.headers["Content-Type"]  # respond() set text/plain; say what the body is
+    response.headers["Content-Type"] = content_type
+    return response
+
+
 class GatewayServer:
     """Serves one hub on one host:port until :meth:`stop`."""
 
@@ -91,14 +98,10 @@ class GatewayServer:
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/health":
-            response = connection.respond(HTTPStatus.OK, json.dumps(self.health()) + "\n")
-            response.headers["Content-Type"] = "application/json"
-            return response
+            return _respond(connection, json.dumps(self.health()) + "\n", "application/json")
         if path == "/metrics":
             text = render_prometheus(self.hub.counters, self.hub.gauges())
-            response = connection.respond(HTTPStatus.OK, text)
-            response.headers["Content-Type"] = "text/plain; version=0.0.4"
-            return response
+            return _respond(connection, text, "text/plain; version=0.0.4")
         return None
 
     def health(self) -> dict:
@@ -217,12 +220,12 @@ class GatewayServer:
 
     async def _serve_client(self, ws: ServerConnection, hello: p.Hello, out: FrameWriter) -> None:
         account = hello.key.hex()
-        try:
-            session = self.hub.attach_client(account, hello.session, out.send)
-        except PermissionError as exc:
-            raise p.ProtocolError(p.ErrorCode.AUTH, str(exc)) from None
-        out.send(p.encode(p.Welcome(account=account, session=session.id,
+        if not self.hub.may_attach(account, hello.session):
+            raise p.ProtocolError(p.ErrorCode.AUTH, "that session belongs to another account")
+        # the welcome goes first: attaching flushes results that waited for this session
+        out.send(p.encode(p.Welcome(account=account, session=hello.session,
                                     gateway=self.identity.public_bytes)))
+        session = self.hub.attach_client(account, hello.session, out.send)
         try:
             async for msg, buffers in self._messages(ws, CLIENT_TYPES, out):
                 if isinstance(msg, p.Submit):

@@ -135,9 +135,11 @@ class Client:
         if self._closed:
             return
         self._closed = True
-        pending = [k for k, f in self._futures.items() if not f.done()]
+        pending = [f for f in self._futures.values() if not f.done()]
         if pending:
-            self._cancel_keys(pending)
+            self._cancel_keys([f.key for f in pending])
+            for fut in pending:  # nobody will answer them now: never leave result() hanging
+                fut._cancel_locally()
         try:
             self._call(self._drain_and_close(), 10)
         finally:
@@ -376,7 +378,7 @@ class Client:
             else:
                 fut.set_result(RawResult(buffers))
         elif result.status == "cancelled":
-            cf.Future.cancel(fut)
+            fut._cancel_locally()
         else:
             fut._remote_status = "error"
             fut.set_exception(rebuild_error(result.error, result.code))

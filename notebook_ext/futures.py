@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import html
 import threading
 from collections.abc import Iterable, Iterator
@@ -71,7 +72,15 @@ class Future(cf.Future):
         if self.done():
             return False
         self.client._cancel_keys([self.key])
-        return super().cancel()
+        return self._cancel_locally()
+
+    def _cancel_locally(self) -> bool:
+        """Cancelled, and said so to ``wait``/``as_completed`` waiters (which ``cancel`` alone
+        does not do for a future that never ran locally)."""
+        if not super().cancel():
+            return False
+        self.set_running_or_notify_cancel()
+        return True
 
     #: Lets Dask recognise a decompute future inside a graph (as it does distributed's).
     __dask_future__ = True
@@ -88,7 +97,17 @@ class Future(cf.Future):
             return self._decoded[0]
 
     def __await__(self):
-        yield from asyncio.wrap_future(self).__await__()
+        # Wait for completion without copying the result into an asyncio future (that would
+        # decode it inside a loop callback, where a decode error is only logged); decode after.
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+
+        def wake(_: cf.Future) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by then
+                loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
+
+        self.add_done_callback(wake)
+        yield from waiter.__await__()
         return self.result()
 
     # --------------------------------------------------------------- display

@@ -119,6 +119,7 @@ class WorkerPool:
         self.hide_paths = list(hide_paths)
         self.workers: list[WorkerProc] = []
         self._changed = asyncio.Condition()
+        self._background: set[asyncio.Future] = set()
 
     async def start(self) -> None:
         self.workers = list(await asyncio.gather(*(self._spawn() for _ in range(self.size))))
@@ -160,10 +161,26 @@ class WorkerPool:
             if worker is None:  # only other accounts' workers are idle: never share one
                 worker = idle[0]
                 worker.busy = True
-                worker = await self._replace(worker)
+                replacing = asyncio.ensure_future(self._replace(worker))
+                try:
+                    worker = await asyncio.shield(replacing)
+                except asyncio.CancelledError:  # the fresh worker must not stay busy for good
+                    replacing.add_done_callback(self._free_when_ready)
+                    raise
             worker.busy = True
             worker.account = account
             return worker
+
+    def _free_when_ready(self, replacing: asyncio.Future) -> None:
+        if not replacing.cancelled() and replacing.exception() is None:
+            replacing.result().busy = False
+            task = asyncio.ensure_future(self._notify())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
 
     async def release(self, worker: WorkerProc, *, broken: bool = False) -> None:
         """Give a worker back; a broken one (killed, crashed) is replaced by a fresh one."""

@@ -233,19 +233,21 @@ class Provider:
             self._running[spec.key] = tg.create_task(self._execute(spec, payload))
 
     async def _execute(self, a: p.Assignment, payload: list[memoryview]) -> None:
+        """Run one assignment and report it. Cancellation at any point (waiting for inputs or
+        a worker, or running) is reported as ``cancelled`` when the gateway asked for it."""
         assert self._pool is not None
-        blob = self._funcs.get(a.func)
-        if blob is None:
-            self._finish(failure(a.key, "RuntimeError", "builtins",
-                                 f"function {a.func} was never sent to this provider", "internal"))
-            self._running.pop(a.key, None)
-            return
-        deps = None
-        if a.deps is not None:  # a graph task: wait (without a worker) for its inputs to arrive
-            deps = [(d, await self.store.wait(d)) for d in a.deps]
-        worker = await self._pool.acquire(a.account)
-        broken = False
+        worker, broken, usage = None, False, {}
         try:
+            blob = self._funcs.get(a.func)
+            if blob is None:
+                self._finish(failure(a.key, "RuntimeError", "builtins",
+                                     f"function {a.func} was never sent to this provider",
+                                     "internal"))
+                return
+            deps = None
+            if a.deps is not None:  # a graph task: wait (without a worker) for its inputs
+                deps = [(d, await self.store.wait(d)) for d in a.deps]
+            worker = await self._pool.acquire(a.account)
             self._emit(p.Event(key=a.key, kind="running"))
             try:
                 async with asyncio.timeout(a.timeout):
@@ -265,17 +267,19 @@ class Provider:
             broken = broken or outcome.code == "worker_died"
             self._finish(*self._result(a, outcome))
         except asyncio.CancelledError:
-            broken = True
-            usage = worker.meter.sample() if worker.meter else {}
-            await self._pool.kill(worker)
+            if worker is not None:
+                broken = True
+                usage = worker.meter.sample() if worker.meter else {}
+                await self._pool.kill(worker)
             if a.key not in self._cancelled:
                 raise  # we are shutting down, not cancelling one task
             self._finish(p.Result(key=a.key, status="cancelled", code="cancelled", usage=usage))
         finally:
             self._cancelled.discard(a.key)
             self._running.pop(a.key, None)
-            self.served += 1
-            await self._pool.release(worker, broken=broken)
+            if worker is not None:
+                self.served += 1
+                await self._pool.release(worker, broken=broken)
 
     def _result(self, a: p.Assignment, outcome: Outcome) -> tuple[p.Result, list[memoryview]]:
         """The report of a task; a kept result stays in the store and is sent only if asked."""

@@ -16,6 +16,7 @@ import contextlib
 import io
 import os
 import pickle
+import signal
 import socket
 import struct
 import sys
@@ -197,8 +198,22 @@ def preload() -> None:
         import numpy  # noqa: F401
 
 
+def watch_parent(interval: float = 0.25) -> None:
+    """End this process group if the provider dies: a task must never run on unsupervised
+    (no timeout, no cancel, no metering) after its provider is gone, even by SIGKILL."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
+    watch_parent()
     preload()
     Worker(Channel(sock)).serve()
 
