@@ -16,6 +16,7 @@ import contextlib
 import io
 import os
 import pickle
+import resource
 import signal
 import socket
 import struct
@@ -110,6 +111,31 @@ def describe_error(exc: BaseException) -> dict:
             "message": str(exc)[:100_000], "traceback": text[-100_000:]}
 
 
+def apply_memory_limit(task_bytes: int | None) -> int | None:
+    """Let the task allocate ``task_bytes`` beyond what this worker already maps (soft
+    RLIMIT_AS, under the provider's hard cap); None restores the cap. Returns the limit set."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if task_bytes is None:
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+        return None if hard == resource.RLIM_INFINITY else hard
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * resource.getpagesize()
+    limit = mapped + task_bytes
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    return task_bytes
+
+
+def memory_message(limit: int | None, original: str) -> str:
+    if limit is None:
+        return f"the task ran out of memory ({original or 'MemoryError'})"
+    return (f"the task ran out of memory: it may allocate {limit / 2**20:.0f} MiB "
+            f"(resources memory= or the provider's per-task cap); ask for more memory or use "
+            f"less ({original or 'MemoryError'})")
+
+
 def load_deps(keys: list[str], nbs: list[int], buffers: list[memoryview]) -> dict[str, Any]:
     """The values of a graph task's dependencies, keyed as the client named them."""
     import cloudpickle
@@ -151,6 +177,7 @@ class Worker:
         import cloudpickle
 
         key = header["key"]
+        limit = apply_memory_limit(header.get("memory"))
         out = StreamToChannel(self.channel, "stdout")
         err = StreamToChannel(self.channel, "stderr")
         sys.stdout, sys.stderr = out, err
@@ -168,13 +195,18 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - every task failure is reported, not raised
             out.flush()
             err.flush()
-            self.channel.send({"t": "fail", "key": key, "error": describe_error(exc)})
+            error = describe_error(exc)
+            if isinstance(exc, MemoryError):  # numpy's subclass too: the user sees MemoryError
+                error.update(type="MemoryError", module="builtins",
+                             message=memory_message(limit, error["message"]))
+            self.channel.send({"t": "fail", "key": key, "error": error})
         else:
             out.flush()
             err.flush()
             self.channel.send({"t": "done", "key": key}, result)
         finally:
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+            apply_memory_limit(None)
 
     def _function(self, func_hash: str, blob: memoryview | None) -> Any:
         import cloudpickle
