@@ -17,6 +17,9 @@ from gateway.protocol import Frame, ProviderAd
 #: certainly still in the provider's cache and need not be resent.
 SENT_FUNCS_REMEMBERED = 512
 
+#: Tasks queued on a provider beyond its slots, at least.
+PREFETCH_MIN = 8
+
 Send = Callable[[Frame], None]
 
 
@@ -36,9 +39,10 @@ class ProviderConn:
 
     @property
     def capacity(self) -> int:
-        """How many tasks it may hold: its slots plus a prefetch of as many again, so a
-        provider always has the next task at hand when one finishes (as Dask workers do)."""
-        return self.ad.slots * 2
+        """How many tasks it may hold: its slots plus a prefetch (as many again, at least
+        PREFETCH_MIN), so a provider has the next tasks at hand when one finishes and a map of
+        tiny tasks is not bound by the round trip to the gateway."""
+        return self.ad.slots + max(self.ad.slots, PREFETCH_MIN)
 
     @property
     def free(self) -> int:

@@ -90,19 +90,16 @@ class Scheduler:
         if not self.pending or not any(p.free > 0 for p in providers):
             return []
         placed: list[tuple[ProviderConn, Task]] = []
-        waiting: deque[Task] = deque()
-        scanned = 0
-        while self.pending and scanned < SCAN_LIMIT and any(p.free > 0 for p in providers):
+        skipped: list[Task] = []
+        while self.pending and len(skipped) < SCAN_LIMIT and any(p.free > 0 for p in providers):
             task = self.pending.popleft()
             best = self._best(task, providers)
             if best is None or best.free <= 0:
-                waiting.append(task)
-                scanned += 1
+                skipped.append(task)
                 continue
             best.running.add(task.task_id)
             placed.append((best, task))
-        waiting.extend(self.pending)
-        self.pending = waiting
+        self.pending.extendleft(reversed(skipped))  # they keep their place in the queue
         return placed
 
     def _best(self, task: Task, providers: list[ProviderConn]) -> ProviderConn | None:

@@ -39,6 +39,8 @@ DEFAULT_URL = "ws://127.0.0.1:8765"
 ACCEPTED = frozenset({"assign", "cancel", "error", "reply", "fetch", "data", "release"})
 #: Usage of running tasks is reported this often (the gateway settles on these totals).
 HEARTBEAT_SECONDS = 0.5
+#: A task still running after this long is reported as running (quicker ones just finish).
+RUNNING_EVENT_DELAY = 0.01
 #: Heartbeats between two status lines in the provider's log (the CLI's status line).
 STATUS_EVERY = 20
 #: Query id of the periodic "earnings" question (replies to it update ``Provider.earnings``).
@@ -248,7 +250,10 @@ class Provider:
             if a.deps is not None:  # a graph task: wait (without a worker) for its inputs
                 deps = [(d, await self.store.wait(d)) for d in a.deps]
             worker = await self._pool.acquire(a.account)
-            self._emit(p.Event(key=a.key, kind="running"))
+            # Tell the client it runs only if it still does shortly: a map of tiny tasks would
+            # otherwise send an extra message per task through the gateway.
+            started = asyncio.get_running_loop().call_later(
+                RUNNING_EVENT_DELAY, self._emit, p.Event(key=a.key, kind="running"))
             try:
                 async with asyncio.timeout(a.timeout):
                     outcome = await self._pool.run(
@@ -264,6 +269,7 @@ class Provider:
                     "type": "TimeoutError", "module": "builtins", "traceback": "",
                     "message": f"task {a.key.split('/')[-1]} exceeded its timeout of "
                                f"{a.timeout:g} s; its process was killed"})
+            started.cancel()
             broken = broken or outcome.code == "worker_died"
             self._finish(*self._result(a, outcome))
         except asyncio.CancelledError:
