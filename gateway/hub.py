@@ -20,9 +20,10 @@ from gateway.limits import Limits
 from gateway.metrics import Counters
 from gateway.registry import ProviderConn, Registry
 from gateway.relay import Relay
-from gateway.scheduler import Scheduler, no_match_message
+from gateway.scheduler import Scheduler, no_match_message, why_ineligible
 from gateway.sessions import ClientSession, Send
 from gateway.tasks import TERMINAL, Task, TaskState
+from gateway.verify import Ballot, Decision, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class Hub:
         self.scheduler = Scheduler(self.registry, self.graph)
         self.sessions: dict[str, ClientSession] = {}
         self.relay = Relay(self.registry, self.graph, self.sessions, self._recompute)
+        self.verifier = Verifier()
         self.tasks: dict[str, Task] = {}
         self.counters = Counters()
 
@@ -89,12 +91,22 @@ class Hub:
             if why is not None:
                 refused.append(why)
             else:
-                accepted.append(Task(spec, session.account, session.id, funcs[spec.func], payload))
+                accepted += self._replicas(Task(spec, session.account, session.id,
+                                                funcs[spec.func], payload))
         holds = self.billing.hold([(t.bill_id, t.account, t.spec) for t in accepted])
+        refunds = {t.task_id for t, why in zip(accepted, holds, strict=True) if why is not None}
         for task, why in zip(accepted, holds, strict=True):
+            if task.siblings and (refunds & {s.task_id for s in task.siblings} or why):
+                if why is None:  # a sibling replica could not be funded: none of them runs
+                    self.billing.refund([task.bill_id])
+                elif task.replica == 0:
+                    refused.append(failure(task.key, p.ErrorCode.FUNDS, why, "InsufficientFunds"))
+                continue
             if why is not None:
                 refused.append(failure(task.key, p.ErrorCode.FUNDS, why, "InsufficientFunds"))
                 continue
+            if task.siblings and task.replica == 0:
+                self.verifier.open([task, *task.siblings])
             if task.spec.deps is not None:
                 unknown = self.graph.add(task)
                 if unknown is not None:
@@ -109,6 +121,17 @@ class Hub:
             self.counters.refused.update(r.code for r in refused)
             self._send_results(session, [(r, []) for r in refused])
         self.dispatch()
+
+    def _replicas(self, task: Task) -> list[Task]:
+        """``redundancy=k``: k replicas of the task, each knowing its siblings."""
+        k = task.spec.redundancy
+        if k <= 1:
+            return [task]
+        replicas = [task] + [Task(task.spec, task.account, task.session, task.func_blob,
+                                  task.payload, replica=i) for i in range(1, k)]
+        for r in replicas:
+            r.siblings = [s for s in replicas if s is not r]
+        return replicas
 
     def _admit(self, task: Task) -> None:
         self.tasks[task.task_id] = task
@@ -136,16 +159,27 @@ class Hub:
         why = no_match_message(spec, session.account, self.registry)
         if why is not None:
             return failure(spec.key, p.ErrorCode.NO_MATCH, why)
+        if spec.redundancy > 1:
+            if spec.deps is not None:
+                return failure(spec.key, p.ErrorCode.SCHEMA,
+                               "redundancy > 1 is for plain tasks, not graph tasks")
+            fit = sum(why_ineligible(spec, session.account, c) is None for c in self.registry)
+            if fit < spec.redundancy:
+                return failure(spec.key, p.ErrorCode.NO_MATCH,
+                               f"redundancy={spec.redundancy} needs that many distinct "
+                               f"providers; {fit} online can run this task", "NoMatchingProvider")
         return None
 
     def cancel(self, session: ClientSession, keys: Sequence[str]) -> None:
         """Cancel pending tasks here; ask the provider to kill running ones."""
         done: list[tuple[p.Result, list]] = []
         by_provider: dict[str, list[str]] = defaultdict(list)
-        for key in keys:
-            task = self.tasks.get(f"{session.id}/{key}")
-            if task is None or task.state in TERMINAL:
+        first = [self.tasks.get(f"{session.id}/{key}") for key in keys]
+        for task in [t for f in first if f is not None for t in (f, *f.siblings)]:
+            key = task.key
+            if task.state in TERMINAL:
                 continue
+            self.verifier.of.pop(task.task_id, None)
             if task.state is TaskState.PENDING:
                 self.scheduler.discard(task)
                 self.billing.refund([task.bill_id])
@@ -155,7 +189,8 @@ class Hub:
                 task.move(TaskState.CANCELLED)
                 self.counters.tasks[TaskState.CANCELLED.value] += 1
                 by_provider[task.provider].append(task.task_id)
-            done.append((p.Result(key=key, status="cancelled", code="cancelled"), []))
+            if task.replica == 0:
+                done.append((p.Result(key=key, status="cancelled", code="cancelled"), []))
         for provider_id, ids in by_provider.items():
             conn = self.registry.get(provider_id)
             if conn is not None:
@@ -170,7 +205,9 @@ class Hub:
         if q.what == "earnings":
             return p.Reply(id=q.id, data=self.billing.earnings(account))
         if q.what == "providers":
-            return p.Reply(id=q.id, data=[c.info() for c in self.registry])
+            return p.Reply(id=q.id, data=[
+                dict(c.info(), reputation=self.verifier.reputation(c.account))
+                for c in self.registry])
         if q.what == "resume":
             keys = q.args.get("keys", [])
             unknown = [k for k in keys if isinstance(k, str)
@@ -205,7 +242,10 @@ class Hub:
             if task.attempts > task.spec.retries:
                 msg = (f"provider {conn_id} was lost while running task {task.key}, "
                        f"{task.attempts} times in all (retries={task.spec.retries})")
-                self._fail(task, p.ErrorCode.LOST, msg, "ProviderLost")
+                if task.task_id in self.verifier.of:
+                    self._replica_lost(task, msg)
+                else:
+                    self._fail(task, p.ErrorCode.LOST, msg, "ProviderLost")
             else:
                 task.move(TaskState.PENDING)
                 task.provider = None
@@ -229,6 +269,9 @@ class Hub:
             if result.usage:
                 task.usage = dict(result.usage)
                 self.scheduler.observe(result.usage.get("wall_seconds", 0.0))
+            if task.task_id in self.verifier.of and not task.cancelling:
+                self._vote(task, conn, result, bufs)
+                continue
             mine.append((task, result, bufs))
         charges = self.billing.settle([(t.bill_id, conn.account, t.usage, conn.ad.prices, True)
                                        for t, _, _ in mine])
@@ -326,6 +369,70 @@ class Hub:
                             account=task.account, resources=task.spec.resources,
                             timeout=task.spec.timeout, deps=deps, keep=task.spec.keep,
                             send=task.spec.send)
+
+    # ------------------------------------------------------------------ verification
+
+    def _vote(self, task: Task, conn: ProviderConn, result: p.Result,
+              bufs: list[memoryview]) -> None:
+        """A replica's outcome is a ballot; the vote decides what the client gets and who is
+        paid. Nothing reaches the client before a majority (or a trusted provider) agrees."""
+        digest = result_hash(bufs) if result.status == "finished" else failure_hash(result)
+        self._end(task, TaskState(result.status))
+        decision = self.verifier.cast(Ballot(task, conn.id, conn.account, digest, result, bufs))
+        self._apply(decision, task)
+
+    def _replica_lost(self, task: Task, message: str) -> None:
+        self.billing.refund([task.bill_id])
+        self._end(task, TaskState.ERROR)
+        decision = self.verifier.lost(task)
+        if decision.failed:
+            self._send_failure(task, p.ErrorCode.LOST, message, "ProviderLost")
+
+    def _apply(self, decision: Decision, task: Task) -> None:
+        for sibling in decision.cancel:  # accepted early: the other replicas are not needed
+            if sibling.state is TaskState.PENDING:
+                self.scheduler.discard(sibling)
+                self.billing.refund([sibling.bill_id])
+                self._end(sibling, TaskState.CANCELLED)
+            elif sibling.state is TaskState.RUNNING:
+                sibling.cancelling = True
+                sibling.move(TaskState.CANCELLED)
+                conn = self.registry.get(sibling.provider or "")
+                if conn is not None:
+                    conn.send(p.encode(p.Cancel(keys=[sibling.task_id])))
+        self.billing.refund([b.task.bill_id for b in decision.unpaid])  # out-voted: not paid
+        paid = decision.paid
+        charges = self.billing.settle([
+            (b.task.bill_id, b.provider_account, b.task.usage, self._prices(b.provider_id), True)
+            for b in paid])
+        if decision.failed:
+            digests = sorted({b.digest[:12] for b in decision.unpaid})
+            self._send_failure(task, p.ErrorCode.VERIFY,
+                               f"the {len(decision.unpaid)} replicas of {task.key} disagreed "
+                               f"(result hashes {', '.join(digests)}); no result is trusted",
+                               "VerificationFailed")
+        win = decision.accepted
+        if win is None:
+            return
+        charge = next((c for b, c in zip(paid, charges, strict=True) if b is win), None)
+        receipt = None if charge is None else self.billing.receipt(
+            charge, win.task.bill_id, win.task.account, win.provider_account, win.task.usage,
+            self._prices(win.provider_id), win.digest)
+        cost = sum(c.cost for c in charges if c is not None)
+        session = self.sessions.get(task.session)
+        if session is not None:
+            self._send_results(session, [(replace(
+                win.result, key=task.key, provider=win.provider_id, cost=cost,
+                receipt=receipt), win.buffers)])
+
+    def _prices(self, provider_id: str) -> dict:
+        conn = self.registry.get(provider_id)
+        return dict(conn.ad.prices) if conn is not None else {}
+
+    def _send_failure(self, task: Task, code: p.ErrorCode, message: str, type_: str) -> None:
+        session = self.sessions.get(task.session)
+        if session is not None:
+            self._send_results(session, [(failure(task.key, code, message, type_), [])])
 
     # ------------------------------------------------------------------ graphs
 

@@ -59,6 +59,7 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     NOT_FOUND = "not_found"
+    VERIFY = "verification_failed"
     INTERNAL = "internal"
 
 

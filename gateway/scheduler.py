@@ -99,6 +99,8 @@ class Scheduler:
                 continue
             best.running.add(task.task_id)
             placed.append((best, task))
+            for sibling in task.siblings:  # replicas must land on distinct providers
+                sibling.avoid.add(best.id)
         self.pending.extendleft(reversed(skipped))  # they keep their place in the queue
         return placed
 
@@ -107,7 +109,7 @@ class Scheduler:
         best, best_score = None, None
         graph_task = task.spec.deps is not None
         for p in providers:
-            if why_ineligible(task.spec, task.account, p) is not None:
+            if p.id in task.avoid or why_ineligible(task.spec, task.account, p) is not None:
                 continue
             moved = self.graph.local_bytes(task, p.id)[1] if graph_task else 0
             queued = max(0, len(p.running) - p.ad.slots + 1) / p.ad.slots

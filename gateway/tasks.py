@@ -64,6 +64,11 @@ class Task:
     cancelling: bool = False
     #: How many times a finished graph task was recomputed after its result was lost.
     reruns: int = 0
+    #: Replica number for ``redundancy > 1`` (0 is the first); siblings are the other replicas,
+    #: and ``avoid`` the providers already running one (replicas need distinct providers).
+    replica: int = 0
+    siblings: list[Task] = field(default_factory=list)
+    avoid: set[str] = field(default_factory=set)
 
     @property
     def key(self) -> str:
@@ -72,7 +77,8 @@ class Task:
     @property
     def task_id(self) -> str:
         """Globally unique id: the session scopes the client's key."""
-        return f"{self.session}/{self.spec.key}"
+        base = f"{self.session}/{self.spec.key}"
+        return f"{base}#{self.replica}" if self.replica else base
 
     @property
     def bill_id(self) -> str:

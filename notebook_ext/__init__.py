@@ -11,11 +11,13 @@ from notebook_ext.errors import (
     ProviderLost,
     RemoteError,
     UntrustedResultError,
+    VerificationFailed,
 )
 from notebook_ext.futures import Future, as_completed, wait
 
 __all__ = [
     "BudgetExceeded", "Client", "DecomputeError", "Future", "GatewayRefused",
     "InsufficientFunds", "NoMatchingProvider", "ProviderInfo", "ProviderLost", "RemoteError",
-    "UntrustedResultError", "as_completed", "verify_receipt", "wait",
+    "UntrustedResultError", "VerificationFailed", "as_completed", "verify_receipt", "wait",
 ]
+from notebook_ext.magics import Panel, load_ipython_extension, unload_ipython_extension  # noqa: E402,F401,I001

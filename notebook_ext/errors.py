@@ -60,5 +60,9 @@ class GatewayRefused(DecomputeError):
     """The gateway refused a request (a limit, a malformed request, or authentication)."""
 
 
+class VerificationFailed(DecomputeError):
+    """``redundancy=k`` replicas disagreed and no majority emerged: no result is trusted."""
+
+
 class CancelledByRemote(DecomputeError):
     """The provider or gateway cancelled the task."""

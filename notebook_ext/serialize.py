@@ -64,6 +64,7 @@ _BY_CODE: dict[str, type[Exception]] = {
     p.ErrorCode.LIMIT.value: errors.GatewayRefused,
     p.ErrorCode.RATE.value: errors.GatewayRefused,
     p.ErrorCode.AUTH.value: errors.GatewayRefused,
+    p.ErrorCode.VERIFY.value: errors.VerificationFailed,
 }
 
 

@@ -1,0 +1,155 @@
+"""Result verification by redundancy, and provider reputation.
+
+``redundancy=k`` runs a task as k replicas on k distinct providers. Their results are compared by
+the hash of their bytes (the gateway never unpickles them); once a majority agrees, that result
+goes to the client, the agreeing providers are paid and the out-voted ones are not, and lose
+reputation. Adaptive replication (as BOINC does it): a replica from a provider with a long run of
+valid results is accepted alone with probability ``1 - 1/run``, a spot check otherwise; one
+invalid result resets the run. Reputation is ``(valid + 1) / (valid + invalid + 2)``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from gateway.protocol import Result
+from gateway.tasks import Task
+
+#: Consecutive valid results after which a provider's lone result may be accepted.
+TRUSTED_RUN = 10
+
+
+@dataclass(slots=True)
+class Standing:
+    valid: int = 0
+    invalid: int = 0
+    run: int = 0  # consecutive valid
+
+    @property
+    def reputation(self) -> float:
+        return (self.valid + 1) / (self.valid + self.invalid + 2)
+
+
+@dataclass(slots=True, eq=False)
+class Ballot:
+    """One replica's outcome."""
+
+    task: Task
+    provider_id: str
+    provider_account: str
+    digest: str
+    result: Result
+    buffers: list[memoryview]
+
+
+@dataclass(slots=True, eq=False)
+class Vote:
+    """The replicas of one task and the outcomes seen so far."""
+
+    replicas: list[Task]
+    ballots: list[Ballot] = field(default_factory=list)
+    winner: str | None = None
+
+    @property
+    def majority(self) -> int:
+        return len(self.replicas) // 2 + 1
+
+
+@dataclass(slots=True)
+class Decision:
+    """What to do after a ballot: forward ``accepted`` (if newly decided), pay, refuse pay."""
+
+    accepted: Ballot | None = None
+    paid: list[Ballot] = field(default_factory=list)
+    unpaid: list[Ballot] = field(default_factory=list)
+    cancel: list[Task] = field(default_factory=list)
+    failed: bool = False
+
+
+class Verifier:
+    """Votes in progress, by the first replica's task id, and standings by provider account."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.votes: dict[str, Vote] = {}
+        self.of: dict[str, Vote] = {}  # replica task id -> its vote
+        self.standing: dict[str, Standing] = {}
+        self.rng = rng or random.Random()
+
+    def reputation(self, account: str) -> float:
+        return self.standing.get(account, Standing()).reputation
+
+    def open(self, replicas: list[Task]) -> None:
+        vote = Vote(replicas)
+        self.votes[replicas[0].task_id] = vote
+        for task in replicas:
+            self.of[task.task_id] = vote
+
+    def siblings(self, task: Task) -> list[Task]:
+        vote = self.of.get(task.task_id)
+        return [] if vote is None else [t for t in vote.replicas if t is not task]
+
+    def cast(self, ballot: Ballot) -> Decision:
+        """Record a replica's outcome and say what follows from it."""
+        vote = self.of.pop(ballot.task.task_id)
+        vote.ballots.append(ballot)
+        if vote.winner is not None:  # a straggler after the decision: paid only if it agrees
+            decision = Decision()
+            self._judge(vote, ballot, decision)
+            self._close_if_done(vote)
+            return decision
+        if self._accept_alone(vote, ballot):
+            decision = Decision(accepted=ballot, paid=[ballot], cancel=self._pending(vote))
+            vote.winner = ballot.digest
+            for task in decision.cancel:
+                self.of.pop(task.task_id, None)
+            self._close_if_done(vote)
+            return decision
+        counts = Counter(b.digest for b in vote.ballots)
+        digest, n = counts.most_common(1)[0]
+        if n >= vote.majority:
+            vote.winner = digest
+            decision = Decision(accepted=next(b for b in vote.ballots if b.digest == digest))
+            for b in vote.ballots:
+                self._judge(vote, b, decision)
+            self._close_if_done(vote)
+            return decision
+        if len(vote.ballots) == len(vote.replicas):  # everyone voted, no majority
+            self._close_if_done(vote)
+            return Decision(unpaid=list(vote.ballots), failed=True)
+        return Decision()
+
+    def lost(self, task: Task) -> Decision:
+        """A replica failed for good (provider lost past retries): it casts no ballot."""
+        vote = self.of.pop(task.task_id, None)
+        if vote is None:
+            return Decision()
+        vote.replicas = [t for t in vote.replicas if t is not task]
+        if not vote.replicas:
+            self._close_if_done(vote)
+            return Decision(failed=True)
+        return Decision()
+
+    def _accept_alone(self, vote: Vote, ballot: Ballot) -> bool:
+        run = self.standing.get(ballot.provider_account, Standing()).run
+        return run >= TRUSTED_RUN and self.rng.random() >= 1.0 / run
+
+    def _pending(self, vote: Vote) -> list[Task]:
+        voted = {b.task.task_id for b in vote.ballots}
+        return [t for t in vote.replicas if t.task_id not in voted]
+
+    def _judge(self, vote: Vote, ballot: Ballot, decision: Decision) -> None:
+        standing = self.standing.setdefault(ballot.provider_account, Standing())
+        if ballot.digest == vote.winner:
+            standing.valid += 1
+            standing.run += 1
+            decision.paid.append(ballot)
+        else:
+            standing.invalid += 1
+            standing.run = 0
+            decision.unpaid.append(ballot)
+
+    def _close_if_done(self, vote: Vote) -> None:
+        if not any(t.task_id in self.of for t in vote.replicas):
+            self.votes.pop(vote.replicas[0].task_id, None)
