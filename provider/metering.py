@@ -34,8 +34,9 @@ def _tree_rss(proc: psutil.Process) -> int:
 class Meter:
     """Cumulative usage of one task on one worker process."""
 
-    def __init__(self, proc: psutil.Process) -> None:
+    def __init__(self, proc: psutil.Process, gpus: float = 0.0) -> None:
         self.proc = proc
+        self.gpus = gpus  # GPUs allocated to the task: billed for its wall time, as clouds do
         self.wall0 = time.monotonic()
         self.cpu0 = self._safe(_cpu, 0.0)
         self.cpu = 0.0
@@ -68,5 +69,5 @@ class Meter:
             "wall_seconds": round(time.monotonic() - self.wall0, 6),
             "max_rss_bytes": float(self.max_rss),
             "memory_gib_seconds": round(self.gib_seconds, 6),
-            "gpu_seconds": 0.0,
+            "gpu_seconds": round(self.gpus * (time.monotonic() - self.wall0), 6),
         }

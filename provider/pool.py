@@ -202,7 +202,8 @@ class WorkerPool:
     async def run(self, worker: WorkerProc, key: str, func: str, func_blob: memoryview | None,
                   payload: Sequence[memoryview], on_output: OnOutput,
                   memory: int | None = None,
-                  deps: Sequence[tuple[str, Sequence[bytes]]] | None = None) -> Outcome:
+                  deps: Sequence[tuple[str, Sequence[bytes]]] | None = None,
+                  gpus: float = 0.0) -> Outcome:
         """Run one task on ``worker``; cancellation of this coroutine is the caller's kill.
 
         ``deps`` (graph tasks) are ``(key, result buffers)`` pairs handed to the task.
@@ -216,7 +217,7 @@ class WorkerPool:
             header["dep_nbs"] = [len(bufs) for _, bufs in deps]
             parts += [b for _, bufs in deps for b in bufs]
         frame = frame_parts(header, parts)
-        worker.meter = Meter(worker.ps)
+        worker.meter = Meter(worker.ps, gpus)
         worker.task_key = key
         loop = asyncio.get_running_loop()
         try:

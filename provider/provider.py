@@ -260,7 +260,8 @@ class Provider:
                         worker, a.key, a.func, memoryview(blob), payload,
                         lambda stream, text: self._emit(
                             p.Event(key=a.key, kind="output", stream=stream, text=text)),
-                        memory=a.resources.get("memory"), deps=deps)
+                        memory=a.resources.get("memory"), deps=deps,
+                        gpus=min(a.resources.get("gpus", 0), self.ad.gpus))
             except TimeoutError:
                 broken = True
                 usage = worker.meter.sample() if worker.meter else {}
