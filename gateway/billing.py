@@ -76,11 +76,11 @@ class Billing:
             return to_micro(spec.max_price * spec.resources.get("cpus", 1) * spec.timeout)
         return self.default_escrow_micro
 
-    def hold(self, items: Sequence[tuple[str, str, TaskSpec]]) -> list[str | None]:
-        """Escrow for each ``(task_id, account, spec)``: None, or why it was refused."""
-        errors = self.ledger.hold_many(
+    def hold(self, items: Sequence[tuple[str, str, TaskSpec]]) -> list[LedgerError | None]:
+        """Escrow for each ``(task_id, account, spec)``: None, or why it was refused
+        (:class:`InsufficientFunds` when the balance is short)."""
+        return self.ledger.hold_many(
             [(task_id, account, self.escrow_for(spec)) for task_id, account, spec in items])
-        return [None if e is None else str(e) for e in errors]
 
     def settle(self, items: Sequence[tuple[str, str, dict, dict, bool]]) -> list[Charge | None]:
         """Settle ``(task_id, provider_account, usage, prices, final)`` cumulatively, in one

@@ -16,6 +16,7 @@ from dataclasses import replace
 from gateway import protocol as p
 from gateway.billing import Billing, failure_hash, result_hash
 from gateway.graph import Graph
+from gateway.ledger import InsufficientFunds
 from gateway.limits import Limits
 from gateway.metrics import Counters
 from gateway.registry import ProviderConn, Registry
@@ -37,6 +38,13 @@ def failure(key: str, code: p.ErrorCode, message: str, type_: str = "") -> p.Res
         key=key, status="error", code=code.value,
         error=p.RemoteFailure(type=type_ or code.value, module="decompute", message=message),
     )
+
+
+def hold_refusal(key: str, why: Exception) -> p.Result:
+    """A refused escrow: short funds say so; anything else is the gateway's own problem."""
+    if isinstance(why, InsufficientFunds):
+        return failure(key, p.ErrorCode.FUNDS, str(why), "InsufficientFunds")
+    return failure(key, p.ErrorCode.INTERNAL, f"the ledger refused the escrow: {why}")
 
 
 class Hub:
@@ -85,9 +93,14 @@ class Hub:
         payloads = p.split_buffers([t.nb for t in msg.tasks], buffers[len(msg.funcs):])
         refused: list[p.Result] = []
         accepted: list[Task] = []
+        in_batch: set[str] = set()
         for spec, payload in zip(msg.tasks, payloads, strict=True):
             task_id = f"{session.id}/{spec.key}"
             why = self._refusal(spec, session, task_id, funcs)
+            if why is None and task_id in in_batch:
+                why = failure(spec.key, p.ErrorCode.SCHEMA,
+                              f"task key {spec.key!r} already in use (twice in one batch)")
+            in_batch.add(task_id)
             if why is not None:
                 refused.append(why)
             else:
@@ -100,10 +113,10 @@ class Hub:
                 if why is None:  # a sibling replica could not be funded: none of them runs
                     self.billing.refund([task.bill_id])
                 elif task.replica == 0:
-                    refused.append(failure(task.key, p.ErrorCode.FUNDS, why, "InsufficientFunds"))
+                    refused.append(hold_refusal(task.key, why))
                 continue
             if why is not None:
-                refused.append(failure(task.key, p.ErrorCode.FUNDS, why, "InsufficientFunds"))
+                refused.append(hold_refusal(task.key, why))
                 continue
             if task.siblings and task.replica == 0:
                 self.verifier.open([task, *task.siblings])
@@ -261,7 +274,8 @@ class Hub:
         mine: list[tuple[Task, p.Result, list[memoryview]]] = []
         for result, bufs in zip(msg.results, groups, strict=True):
             task = self.tasks.get(result.key)
-            if task is None or task.provider != conn.id:
+            if task is None or task.provider != conn.id or task.task_id not in conn.running:
+                # not its task, or a repeat (the first report counts)
                 log.info("dropping result for %s from %s: not its task", result.key, conn.id)
                 continue
             conn.running.discard(task.task_id)
@@ -492,8 +506,9 @@ class Hub:
         task.reruns += 1
         why = self.billing.hold([(task.bill_id, task.account, task.spec)])[0]
         if why is not None:
-            self._fail(task, p.ErrorCode.FUNDS, f"recomputing lost {task.key}: {why}",
-                       "InsufficientFunds")
+            refusal = hold_refusal(task.key, why)
+            self._fail(task, p.ErrorCode(refusal.code),
+                       f"recomputing lost {task.key}: {why}", refusal.error.type)
             return
         self._admit(task)
         node.waiting = {d for d in node.deps if not self.graph.nodes[d].available}

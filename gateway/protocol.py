@@ -458,8 +458,10 @@ class Welcome(Message):
     account: str
     session: str
     gateway: bytes
+    max_message: int = 0
     SCHEMA: ClassVar[dict[str, Check]] = {
         "account": string(), "session": string(64), "gateway": blob(32),
+        "max_message": integer(0, 2**62),
     }
 
 

@@ -224,7 +224,8 @@ class GatewayServer:
             raise p.ProtocolError(p.ErrorCode.AUTH, "that session belongs to another account")
         # the welcome goes first: attaching flushes results that waited for this session
         out.send(p.encode(p.Welcome(account=account, session=hello.session,
-                                    gateway=self.identity.public_bytes)))
+                                    gateway=self.identity.public_bytes,
+                                    max_message=self.max_message)))
         session = self.hub.attach_client(account, hello.session, out.send)
         try:
             async for msg, buffers in self._messages(ws, CLIENT_TYPES, out):
@@ -250,7 +251,8 @@ class GatewayServer:
         conn = ProviderConn(id=f"{hello.ad.name}-{secrets.token_hex(3)}", account=hello.key.hex(),
                             ad=hello.ad, send=out.send)
         out.send(p.encode(p.Welcome(account=conn.account, session=conn.id,
-                                    gateway=self.identity.public_bytes)))
+                                    gateway=self.identity.public_bytes,
+                                    max_message=self.max_message)))
         self.hub.billing.ledger.ensure_account(conn.account)
         self.hub.join_provider(conn)
         try:

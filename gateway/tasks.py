@@ -9,6 +9,7 @@ lost (lineage). Any other move raises :class:`TaskStateError`: a bug, never sile
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -67,6 +68,7 @@ class Task:
     #: Replica number for ``redundancy > 1`` (0 is the first); siblings are the other replicas,
     #: and ``avoid`` the providers already running one (replicas need distinct providers).
     replica: int = 0
+    nonce: str = field(default_factory=lambda: secrets.token_hex(6))
     siblings: list[Task] = field(default_factory=list)
     avoid: set[str] = field(default_factory=set)
 
@@ -82,8 +84,10 @@ class Task:
 
     @property
     def bill_id(self) -> str:
-        """The escrow's id: each recomputation is billed on its own."""
-        return self.task_id if not self.reruns else f"{self.task_id}#rerun{self.reruns}"
+        """The escrow's id: unique per submission (a key may be reused once its task is done)
+        and per recomputation, which is billed on its own."""
+        base = f"{self.task_id}~{self.nonce}"
+        return base if not self.reruns else f"{base}#rerun{self.reruns}"
 
     @property
     def payload_bytes(self) -> int:

@@ -121,6 +121,7 @@ class Client:
             ) from exc
         self.account: str = welcome.account
         self.gateway_key: str = welcome.gateway.hex()
+        self.max_message: int = welcome.max_message
 
     # ------------------------------------------------------------------ lifetime
 
@@ -256,6 +257,13 @@ class Client:
             raise RuntimeError("this Client is closed; create a new one")
         frame = p.encode_parts(p.Submit(tasks=specs, funcs=list(funcs)),
                                [*funcs.values(), *(b for payload in payloads for b in payload)])
+        size = p.frame_size(frame)
+        if self.max_message and size > self.max_message:
+            raise errors.GatewayRefused(
+                f"this submission is too large: {size:,} bytes, but the gateway at {self.address} "
+                f"accepts "
+                f"messages up to {self.max_message:,} bytes; pass smaller arguments (or split a "
+                f"map into smaller ones); nothing was sent")
         trust = self.trust if trust is None else trust
         futures = []
         for spec in specs:

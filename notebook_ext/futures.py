@@ -76,11 +76,14 @@ class Future(cf.Future):
 
     def _cancel_locally(self) -> bool:
         """Cancelled, and said so to ``wait``/``as_completed`` waiters (which ``cancel`` alone
-        does not do for a future that never ran locally)."""
-        if not super().cancel():
-            return False
-        self.set_running_or_notify_cancel()
-        return True
+        does not do for a future that never ran locally). Atomic and idempotent: the user's
+        ``cancel()`` and the gateway's "cancelled" answer may race from two threads."""
+        with self._condition:  # an RLock: the base methods below take it again
+            if not super().cancel():
+                return False
+            if self._state == cf._base.CANCELLED:
+                self.set_running_or_notify_cancel()
+            return True
 
     #: Lets Dask recognise a decompute future inside a graph (as it does distributed's).
     __dask_future__ = True

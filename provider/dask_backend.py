@@ -44,6 +44,10 @@ from provider.pool import Outcome
 log = logging.getLogger(__name__)
 
 OnOutput = Callable[[str, str], None]
+#: What the provider logs at start, so its operator knows what isolation is left.
+SANDBOX_NOTE = ("sandbox: weak; tasks run in the Dask cluster's worker processes with only the "
+                "cluster's own isolation: no network namespace, no per-task uid or rlimits, "
+                "shared across accounts, and cancel cannot stop a running task")
 #: Arguments larger than this are scattered to the cluster, not embedded in the task graph
 #: (distributed passes graph-embedded data through its scheduler).
 SCATTER_BYTES = 1 << 20
@@ -149,6 +153,7 @@ def dask_cluster_resources(address: str, timeout: float = 30.0) -> tuple[int, in
     """
     import distributed
 
+    # OSError when nothing answers at ``address`` within ``timeout``
     with distributed.Client(address, timeout=timeout) as client:
         cores, memory = _totals(client.scheduler_info(n_workers=-1)["workers"])
     if cores < 1:
@@ -209,10 +214,12 @@ class DaskBackend:
     async def run(self, worker: DaskSlot, key: str, func: str, func_blob: memoryview | None,
                   payload: Sequence[memoryview], on_output: OnOutput,
                   memory: int | None = None,
-                  deps: Sequence[tuple[str, Sequence[bytes]]] | None = None) -> Outcome:
+                  deps: Sequence[tuple[str, Sequence[bytes]]] | None = None,
+                  gpus: float = 0.0) -> Outcome:
         """Run one task on the cluster; cancelling this coroutine is the caller's kill.
 
-        ``memory`` is not enforced here: the cluster's worker memory limits apply.
+        ``memory`` and ``gpus`` are not enforced or metered here: the cluster's worker limits
+        apply, and GPU time is not measured (reported as 0).
         """
         import distributed
 

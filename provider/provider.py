@@ -180,6 +180,13 @@ class Provider:
                 elif isinstance(msg, p.Error):
                     log.warning("gateway says %s: %s", msg.code, msg.message)
 
+    def _output(self, key: str, started: asyncio.TimerHandle, stream: str, text: str) -> None:
+        """Streamed output; the task is announced as running first if it was not yet."""
+        if not started.cancelled() and started.when() > asyncio.get_running_loop().time():
+            started.cancel()
+            self._emit(p.Event(key=key, kind="running"))
+        self._emit(p.Event(key=key, kind="output", stream=stream, text=text))
+
     def _send_data(self, keys: Sequence[str]) -> None:
         """Answer a fetch with the kept results we hold (and name the ones we do not)."""
         found = [(k, self.store.get(k)) for k in keys]
@@ -258,8 +265,7 @@ class Provider:
                 async with asyncio.timeout(a.timeout):
                     outcome = await self._pool.run(
                         worker, a.key, a.func, memoryview(blob), payload,
-                        lambda stream, text: self._emit(
-                            p.Event(key=a.key, kind="output", stream=stream, text=text)),
+                        lambda stream, text: self._output(a.key, started, stream, text),
                         memory=a.resources.get("memory"), deps=deps,
                         gpus=min(a.resources.get("gpus", 0), self.ad.gpus))
             except TimeoutError:
