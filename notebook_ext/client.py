@@ -90,6 +90,10 @@ class Client:
     unpickles results without the allow-list (only if you trust every provider).
     """
 
+    #: Dask asks this of any scheduler object named "Client": this one blocks (its own loop
+    #: thread does the I/O), so it is synchronous from the caller's point of view.
+    asynchronous = False
+
     def __init__(self, address: str | None = None, *, trust: bool = False, timeout: float = 30.0,
                  name: str = "", home: str | os.PathLike | None = None,
                  stream_output: bool = True, reconnect_for: float = 60.0) -> None:
