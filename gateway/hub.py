@@ -399,8 +399,10 @@ class Hub:
         self.billing.refund([task.bill_id])
         self._end(task, TaskState.ERROR)
         decision = self.verifier.lost(task)
-        if decision.failed:
+        if decision.failed and not decision.unpaid:  # every replica was lost
             self._send_failure(task, p.ErrorCode.LOST, message, "ProviderLost")
+        else:
+            self._apply(decision, task)
 
     def _apply(self, decision: Decision, task: Task) -> None:
         for sibling in decision.cancel:  # accepted early: the other replicas are not needed

@@ -48,6 +48,7 @@ class Ballot:
 class Vote:
     """The replicas of one task and the outcomes seen so far."""
 
+    id: str
     replicas: list[Task]
     ballots: list[Ballot] = field(default_factory=list)
     winner: str | None = None
@@ -81,8 +82,8 @@ class Verifier:
         return self.standing.get(account, Standing()).reputation
 
     def open(self, replicas: list[Task]) -> None:
-        vote = Vote(replicas)
-        self.votes[replicas[0].task_id] = vote
+        vote = Vote(replicas[0].task_id, list(replicas))
+        self.votes[vote.id] = vote
         for task in replicas:
             self.of[task.task_id] = vote
 
@@ -106,6 +107,23 @@ class Verifier:
                 self.of.pop(task.task_id, None)
             self._close_if_done(vote)
             return decision
+        return self._tally(vote)
+
+    def lost(self, task: Task) -> Decision:
+        """A replica failed for good (provider lost past retries): it casts no ballot, and the
+        vote is decided among the replicas left."""
+        vote = self.of.pop(task.task_id, None)
+        if vote is None:
+            return Decision()
+        vote.replicas = [t for t in vote.replicas if t is not task]
+        if not vote.replicas:
+            self._close_if_done(vote)
+            return Decision(failed=True)
+        if vote.winner is not None or not vote.ballots:
+            return Decision()
+        return self._tally(vote)
+
+    def _tally(self, vote: Vote) -> Decision:
         counts = Counter(b.digest for b in vote.ballots)
         digest, n = counts.most_common(1)[0]
         if n >= vote.majority:
@@ -118,17 +136,6 @@ class Verifier:
         if len(vote.ballots) == len(vote.replicas):  # everyone voted, no majority
             self._close_if_done(vote)
             return Decision(unpaid=list(vote.ballots), failed=True)
-        return Decision()
-
-    def lost(self, task: Task) -> Decision:
-        """A replica failed for good (provider lost past retries): it casts no ballot."""
-        vote = self.of.pop(task.task_id, None)
-        if vote is None:
-            return Decision()
-        vote.replicas = [t for t in vote.replicas if t is not task]
-        if not vote.replicas:
-            self._close_if_done(vote)
-            return Decision(failed=True)
         return Decision()
 
     def _accept_alone(self, vote: Vote, ballot: Ballot) -> bool:
@@ -152,4 +159,4 @@ class Verifier:
 
     def _close_if_done(self, vote: Vote) -> None:
         if not any(t.task_id in self.of for t in vote.replicas):
-            self.votes.pop(vote.replicas[0].task_id, None)
+            self.votes.pop(vote.id, None)
