@@ -2,8 +2,10 @@
 
 Workers are started before work arrives, so a trivial task costs no process start. A worker that
 ran a task for account A only ever runs tasks of A again; a task of another account gets a fresh
-process, so no client can leave something behind for the next. A worker that was killed (cancel,
-timeout, a limit) is replaced at once.
+process, so no client can leave something behind for the next. To keep that cheap when accounts
+interleave, the pool holds a spare unbound worker beyond its ``size`` slots: when the spare is
+taken, the least recently used idle worker of another account is recycled into a new spare in
+the background. A worker that was killed (cancel, timeout, a limit) is replaced at once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +61,7 @@ class WorkerProc:
     busy: bool = False
     meter: Meter | None = None
     task_key: str | None = None
+    last_used: float = 0.0
     funcs_sent: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     @property
@@ -112,8 +116,10 @@ class WorkerPool:
     """``size`` warm workers; :meth:`acquire` one for an account, :meth:`release` it after."""
 
     def __init__(self, size: int, limits: Limits, isolation: Isolation,
-                 hide_paths: Sequence[Path] = ()) -> None:
+                 hide_paths: Sequence[Path] = (), spares: int = 1) -> None:
         self.size = size
+        self.spares = spares
+        self._slots = asyncio.Semaphore(size)  # tasks running at once; workers = size + spares
         self.limits = limits
         self.isolation = isolation
         self.hide_paths = list(hide_paths)
@@ -122,7 +128,8 @@ class WorkerPool:
         self._background: set[asyncio.Future] = set()
 
     async def start(self) -> None:
-        self.workers = list(await asyncio.gather(*(self._spawn() for _ in range(self.size))))
+        count = self.size + self.spares
+        self.workers = list(await asyncio.gather(*(self._spawn() for _ in range(count))))
 
     async def _spawn(self) -> WorkerProc:
         parent, child = socket.socketpair()
@@ -152,7 +159,20 @@ class WorkerPool:
         return worker
 
     async def acquire(self, account: str) -> WorkerProc:
-        """An idle worker for ``account``: its own, else a fresh one, else a recycled one."""
+        """An idle worker for ``account``: its own, else a fresh one, else a recycled one.
+
+        Waits for a free slot first; :meth:`release` gives the slot back.
+        """
+        await self._slots.acquire()
+        try:
+            worker = await self._take(account)
+        except BaseException:
+            self._slots.release()
+            raise
+        self._refill_spare()
+        return worker
+
+    async def _take(self, account: str) -> WorkerProc:
         async with self._changed:
             await self._changed.wait_for(lambda: any(not w.busy for w in self.workers))
             idle = [w for w in self.workers if not w.busy]
@@ -171,6 +191,34 @@ class WorkerPool:
             worker.account = account
             return worker
 
+    def _refill_spare(self) -> None:
+        """No unbound idle worker left: recycle the least recently used idle one, off the
+        critical path, so the next account's task finds a fresh process waiting."""
+        if any(not w.busy and w.account is None for w in self.workers):
+            return
+        idle = sorted((w for w in self.workers if not w.busy), key=lambda w: w.last_used)
+        if not idle:
+            return
+        victim = idle[0]
+        victim.busy = True  # out of service while it is recycled
+        task = asyncio.ensure_future(self._recycle(victim))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _recycle(self, victim: WorkerProc) -> None:
+        try:
+            fresh = await self._spawn()
+        except Exception:
+            log.exception("could not start a spare task process")
+            fresh = None
+        await self._kill(victim)
+        async with self._changed:
+            if fresh is not None and victim in self.workers:
+                self.workers[self.workers.index(victim)] = fresh
+            elif victim in self.workers:
+                self.workers.remove(victim)
+            self._changed.notify_all()
+
     def _free_when_ready(self, replacing: asyncio.Future) -> None:
         if not replacing.cancelled() and replacing.exception() is None:
             replacing.result().busy = False
@@ -183,14 +231,18 @@ class WorkerPool:
             self._changed.notify_all()
 
     async def release(self, worker: WorkerProc, *, broken: bool = False) -> None:
-        """Give a worker back; a broken one (killed, crashed) is replaced by a fresh one."""
-        if broken or worker.proc.returncode is not None:
-            worker = await self._replace(worker)
-        async with self._changed:
-            worker.busy = False
-            worker.meter = None
-            worker.task_key = None
-            self._changed.notify_all()
+        """Give a worker (and its slot) back; a broken one (killed, crashed) is replaced."""
+        try:
+            if broken or worker.proc.returncode is not None:
+                worker = await self._replace(worker)
+            async with self._changed:
+                worker.busy = False
+                worker.meter = None
+                worker.task_key = None
+                worker.last_used = time.monotonic()
+                self._changed.notify_all()
+        finally:
+            self._slots.release()
 
     async def _replace(self, worker: WorkerProc) -> WorkerProc:
         await self._kill(worker)
@@ -254,5 +306,8 @@ class WorkerPool:
         cleanup(worker.spec)
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.gather(*(self._kill(w) for w in self.workers), return_exceptions=True)
         self.workers = []

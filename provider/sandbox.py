@@ -62,7 +62,8 @@ _COPIED_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # OpenBLAS misdetects s
 _HIDE_SCRIPT = (
     'm=$1; shift; while [ "$1" != "--" ]; do if [ -d "$1" ]; then '
     '"$m" -t tmpfs -o size=4k,mode=0,nosuid,nodev,noexec hidden "$1" || exit 125; '
-    'else "$m" --bind /dev/null "$1" || exit 125; fi; shift; done; shift; exec "$@"'
+    'else "$m" --bind /dev/null "$1" || exit 125; fi; shift; done; shift; '
+    'unset PWD OLDPWD; exec "$@"'
 )
 _PROBE_CHECK = """import os, sys, provider
 if sys.argv[2] and os.path.exists(sys.argv[1]):
