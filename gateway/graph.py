@@ -2,10 +2,11 @@
 
 A graph task runs once its dependencies are available somewhere; its result stays on the
 provider that made it (``who_has``). When a dependent is placed elsewhere, the result is
-*delivered* there (fetched from a holder, relayed as opaque bytes). A result is freed once the
-client released it and no pending task needs it. When a provider is lost, results held nowhere
-else but still needed are recomputed from their lineage (the task records are kept for that).
-The hub sends the messages; this module only keeps the books.
+*delivered* there (fetched from a holder, relayed as opaque bytes). A result's *data* is freed
+once the client released it and no pending task needs it; its *record* stays as long as a
+dependent's record does, because that is the lineage: when a provider is lost, results held
+nowhere else but still needed are recomputed, together with whatever inputs they need that are
+gone too. The hub sends the messages; this module only keeps the books.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class Node:
     task: Task
     deps: list[str]
     waiting: set[str] = field(default_factory=set)
-    dependents: set[str] = field(default_factory=set)
+    dependents: set[str] = field(default_factory=set)  # still to run: need the data
+    users: set[str] = field(default_factory=set)  # dependents with a record: need the lineage
     who_has: set[str] = field(default_factory=set)
     nbytes: int = 0
     released: bool = False
@@ -60,6 +62,7 @@ class Graph:
         node = Node(task, deps, waiting={d for d in deps if not self.nodes[d].available})
         for d in deps:
             self.nodes[d].dependents.add(task.task_id)
+            self.nodes[d].users.add(task.task_id)
         self.nodes[task.task_id] = node
         return None
 
@@ -119,13 +122,30 @@ class Graph:
         return not self._still_needed(node)
 
     def free(self, task_id: str) -> set[str]:
-        """Forget a kept result; returns the providers that hold it."""
-        node = self.nodes.pop(task_id, None)
+        """Free a kept result's data; returns the providers that held it. The record goes too
+        unless a dependent's record still needs it as lineage."""
+        node = self.nodes.get(task_id)
         if node is None:
             return set()
+        holders, node.who_has = node.who_has, set()
         self.deliveries.pop(task_id, None)
         self.fetching.pop(task_id, None)
-        return node.who_has
+        self._collect(task_id)
+        return holders
+
+    def _collect(self, task_id: str) -> None:
+        """Drop records nobody needs: released, data gone, and no dependent record left."""
+        stack = [task_id]
+        while stack:
+            node = self.nodes.get(stack.pop())
+            if node is None or not node.released or node.users or node.who_has:
+                continue
+            del self.nodes[node.task.task_id]
+            for d in node.deps:
+                dep = self.nodes.get(d)
+                if dep is not None:
+                    dep.users.discard(node.task.task_id)
+                    stack.append(d)
 
     def _still_needed(self, node: Node) -> bool:
         return any(self.nodes.get(d) is not None
@@ -154,7 +174,7 @@ class Graph:
 
     def provider_lost(self, provider_id: str) -> list[Task]:
         """Forget what a lost provider held; return finished tasks that must run again."""
-        rerun = []
+        lost = []
         for task_id, node in self.nodes.items():
             if provider_id not in node.who_has:
                 continue
@@ -163,16 +183,33 @@ class Graph:
                 del self.fetching[task_id]
             needed = not node.released or self._still_needed(node)
             if not node.who_has and node.task.state is TaskState.FINISHED and needed:
-                rerun.append(node.task)
-        for task in rerun:  # their dependents wait for them again
-            for dep_id in self.nodes[task.task_id].dependents:
-                dependent = self.nodes.get(dep_id)
-                if dependent is not None and dependent.task.state is TaskState.PENDING:
-                    dependent.waiting.add(task.task_id)
-        for task in rerun:
-            node = self.nodes[task.task_id]
-            node.waiting = {d for d in node.deps if not self.nodes[d].available}
+                lost.append(task_id)
+        rerun = self.rerun_closure(lost)
         if rerun:
-            log.warning("provider %s lost %d kept results; recomputing from lineage",
+            log.warning("provider %s lost kept results; recomputing %d tasks from lineage",
                         provider_id, len(rerun))
         return rerun
+
+    def rerun_closure(self, task_ids: list[str]) -> list[Task]:
+        """The finished tasks to run again for ``task_ids``' results to exist: them, and every
+        input of theirs whose data is gone (freed or lost), recursively. Waiting sets are set
+        for them and for their pending dependents."""
+        rerun: dict[str, Node] = {}
+        stack = list(task_ids)
+        while stack:
+            node = self.nodes.get(stack.pop())
+            if node is None or node.task.task_id in rerun:
+                continue
+            if node.task.state is not TaskState.FINISHED or node.who_has:
+                continue
+            rerun[node.task.task_id] = node
+            stack.extend(node.deps)
+        for task_id, node in rerun.items():
+            node.waiting = {d for d in node.deps if not self.nodes[d].available or d in rerun}
+            for dep_id in node.dependents:
+                dependent = self.nodes.get(dep_id)
+                if dependent is not None and dependent.task.state is TaskState.PENDING:
+                    dependent.waiting.add(task_id)
+            for d in node.deps:  # its inputs are needed again, by it
+                self.nodes[d].dependents.add(task_id)
+        return [n.task for n in rerun.values()]

@@ -264,8 +264,7 @@ class Hub:
                 task.provider = None
                 self.scheduler.enqueue(task, front=True)
                 self._send_events(task, p.Event(key=task.key, kind="retrying", provider=conn_id))
-        for task in self.graph.provider_lost(conn_id):
-            self._recompute(task.task_id)
+        self._rerun(self.graph.provider_lost(conn_id))
         self.dispatch()
 
     def results(self, conn: ProviderConn, msg: p.Results, buffers: Sequence[memoryview]) -> None:
@@ -498,24 +497,25 @@ class Hub:
         self.relay.data(conn.id, msg, buffers)
 
     def _recompute(self, task_id: str) -> None:
-        """A kept result is held nowhere any more but still needed: run its task again."""
-        node = self.graph.nodes.get(task_id)
-        if node is None or node.task.state is not TaskState.FINISHED:
-            return
-        task = node.task
-        task.move(TaskState.PENDING)
-        task.provider = None
-        task.reruns += 1
-        why = self.billing.hold([(task.bill_id, task.account, task.spec)])[0]
-        if why is not None:
-            refusal = hold_refusal(task.key, why)
-            self._fail(task, p.ErrorCode(refusal.code),
-                       f"recomputing lost {task.key}: {why}", refusal.error.type)
-            return
-        self._admit(task)
-        node.waiting = {d for d in node.deps if not self.graph.nodes[d].available}
-        if not node.waiting:
-            self.scheduler.enqueue(task, front=True)
+        """A kept result is held nowhere any more but still needed: run its lineage again."""
+        self._rerun(self.graph.rerun_closure([task_id]))
+        self.dispatch()
+
+    def _rerun(self, tasks: list[Task]) -> None:
+        """Finished graph tasks whose results are gone run again (each billed anew)."""
+        for task in tasks:
+            task.move(TaskState.PENDING)
+            task.provider = None
+            task.reruns += 1
+            why = self.billing.hold([(task.bill_id, task.account, task.spec)])[0]
+            if why is not None:
+                refusal = hold_refusal(task.key, why)
+                self._fail(task, p.ErrorCode(refusal.code),
+                           f"recomputing lost {task.key}: {why}", refusal.error.type)
+                continue
+            self._admit(task)
+            if not self.graph.nodes[task.task_id].waiting:
+                self.scheduler.enqueue(task, front=True)
 
     def sweep(self, now: float | None = None) -> None:
         """Periodic upkeep: give up abandoned sessions, fail tasks no provider can take."""
@@ -580,4 +580,7 @@ class Hub:
             "clients_connected": sum(s.connected for s in self.sessions.values()),
             "tasks_pending": len(self.scheduler.pending),
             "tasks_running": running,
+            "graph_results_kept": len(self.graph.nodes),
+            "graph_bytes_produced": self.graph.bytes_produced,
+            "graph_bytes_moved": self.graph.bytes_moved,
         }

@@ -13,7 +13,7 @@ from collections import deque
 from gateway.graph import Graph
 from gateway.protocol import TaskSpec
 from gateway.registry import ProviderConn, Registry
-from gateway.tasks import Task
+from gateway.tasks import Task, TaskState
 
 
 def why_ineligible(spec: TaskSpec, account: str, provider: ProviderConn) -> str | None:
@@ -71,15 +71,21 @@ class Scheduler:
         self.registry = registry
         self.graph = graph
         self.pending: deque[Task] = deque()
+        self._queued: set[str] = set()  # task ids in ``pending``: a task is queued once
         #: Moving average of task run time, the unit of expected waiting.
         self.avg_duration = 0.05
 
     def enqueue(self, task: Task, front: bool = False) -> None:
+        if task.task_id in self._queued:
+            return
+        self._queued.add(task.task_id)
         (self.pending.appendleft if front else self.pending.append)(task)
 
     def discard(self, task: Task) -> None:
-        with contextlib.suppress(ValueError):
-            self.pending.remove(task)
+        if task.task_id in self._queued:
+            self._queued.discard(task.task_id)
+            with contextlib.suppress(ValueError):
+                self.pending.remove(task)
 
     def observe(self, seconds: float) -> None:
         self.avg_duration = 0.9 * self.avg_duration + 0.1 * max(seconds, 1e-4)
@@ -93,6 +99,10 @@ class Scheduler:
         skipped: list[Task] = []
         while self.pending and len(skipped) < SCAN_LIMIT and any(p.free > 0 for p in providers):
             task = self.pending.popleft()
+            self._queued.discard(task.task_id)
+            if task.state is not TaskState.PENDING or (
+                    task.spec.deps is not None and not self.graph.ready(task.task_id)):
+                continue  # ended meanwhile, or waits for inputs (requeued once they exist)
             best = self._best(task, providers)
             if best is None or best.free <= 0:
                 skipped.append(task)
@@ -102,6 +112,7 @@ class Scheduler:
             for sibling in task.siblings:  # replicas must land on distinct providers
                 sibling.avoid.add(best.id)
         self.pending.extendleft(reversed(skipped))  # they keep their place in the queue
+        self._queued.update(t.task_id for t in skipped)
         return placed
 
     def _best(self, task: Task, providers: list[ProviderConn]) -> ProviderConn | None:
