@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("url", nargs="?", default=os.environ.get("DECOMPUTE_GATEWAY", DEFAULT_URL),
                     help="gateway address (default: $DECOMPUTE_GATEWAY or %(default)s)")
     ap.add_argument("--name", help="a name shown to clients (default: host-pid)")
-    ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="task slots (default: all)")
+    ap.add_argument("--cpus", type=int, help="task slots (default: all; with --dask-scheduler, "
+                    "the cluster's threads)")
     ap.add_argument("--memory", type=size_arg, help="memory offered, e.g. 4GiB (default: all)")
     ap.add_argument("--gpus", default="0", help="GPUs offered, or 'auto' to detect")
     ap.add_argument("--price-cpu", type=float, default=0.0, help="tokens per CPU-second")
@@ -73,12 +74,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cpus, memory = args.cpus or os.cpu_count(), args.memory
     if args.dask_scheduler:
-        sys.exit("decompute-provider: --dask-scheduler is not available in this build yet")
+        from provider.dask_backend import dask_cluster_resources
+
+        try:
+            cores, cluster_memory = dask_cluster_resources(args.dask_scheduler)
+        except (OSError, RuntimeError) as exc:
+            sys.exit(f"decompute-provider: cannot use the Dask cluster at {args.dask_scheduler}: "
+                     f"{exc}")
+        cpus, memory = args.cpus or cores, args.memory or cluster_memory
     provider = Provider(
-        args.url, name=args.name, cpus=args.cpus, memory=args.memory,
+        args.url, name=args.name, cpus=cpus, memory=memory,
         gpus=detect_gpus(args.gpus), price_cpu=args.price_cpu, price_memory=args.price_memory,
-        price_gpu=args.price_gpu, allow=args.allow,
+        price_gpu=args.price_gpu, allow=args.allow, dask_scheduler=args.dask_scheduler,
     )
     asyncio.run(run(provider))
 

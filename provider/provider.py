@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from gateway import protocol as p
 from gateway.identity import Identity, decompute_home
 from gateway.transport import PING_INTERVAL, PING_TIMEOUT, FrameWriter, handshake
+from provider.dask_backend import SANDBOX_NOTE, DaskBackend
 from provider.pool import Outcome, WorkerPool
 from provider.sandbox import Limits, describe, probe_isolation
 from provider.store import ResultStore
@@ -68,18 +69,21 @@ class Provider:
                  cpus: int | None = None, memory: int | None = None, gpus: int = 0,
                  price_cpu: float = 0.0, price_memory: float = 0.0, price_gpu: float = 0.0,
                  allow: Sequence[str] = (), home: str | os.PathLike | None = None,
-                 reconnect: bool = True) -> None:
+                 reconnect: bool = True, dask_scheduler: str | None = None) -> None:
         self.url = url or os.environ.get("DECOMPUTE_GATEWAY") or DEFAULT_URL
         self.home = decompute_home() if home is None else home
         self.identity = Identity.load_or_create(self.home)
         self.cpus = cpus or os.cpu_count() or 1
         self.memory = memory or psutil.virtual_memory().total
         self.isolation = probe_isolation()
+        #: Front this Dask cluster (``provider.dask_backend``) instead of local task processes.
+        self.dask_scheduler = dask_scheduler
         self.ad = p.ProviderAd(
             name=name or f"{socket.gethostname()}-{os.getpid()}", cpus=self.cpus,
             memory=self.memory, gpus=gpus, runtime=local_runtime(),
             prices={"cpu": price_cpu, "memory": price_memory, "gpu": price_gpu},
-            sandbox=self.isolation.strength, allow=list(allow), slots=self.cpus,
+            sandbox="weak" if dask_scheduler else self.isolation.strength,
+            allow=list(allow), slots=self.cpus,
         )
         self.reconnect = reconnect
         self.id: str | None = None
@@ -90,7 +94,7 @@ class Provider:
         self._running: dict[str, asyncio.Task] = {}
         self.store = ResultStore()
         self._cancelled: set[str] = set()
-        self._pool: WorkerPool | None = None
+        self._pool: WorkerPool | DaskBackend | None = None
         self._writer: FrameWriter | None = None
         self._results: list[tuple[p.Result, list[memoryview]]] = []
         self._events: list[p.Event] = []
@@ -105,10 +109,14 @@ class Provider:
         """Run until :meth:`stop`: keep a connection to the gateway, reconnecting with backoff."""
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        log.info("provider %s: %s", self.ad.name, describe(self.isolation))
-        per_worker = self.memory // self.cpus
-        self._pool = WorkerPool(self.cpus, Limits(memory_bytes=per_worker),
-                                self.isolation, hide_paths=[self.home])
+        if self.dask_scheduler:
+            log.warning("provider %s: %s", self.ad.name, SANDBOX_NOTE)
+            self._pool = DaskBackend(self.dask_scheduler, slots=self.cpus)
+        else:
+            log.info("provider %s: %s", self.ad.name, describe(self.isolation))
+            per_worker = self.memory // self.cpus
+            self._pool = WorkerPool(self.cpus, Limits(memory_bytes=per_worker),
+                                    self.isolation, hide_paths=[self.home])
         await self._pool.start()
         try:
             delay = 0.2
