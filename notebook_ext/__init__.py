@@ -14,10 +14,12 @@ from notebook_ext.errors import (
     VerificationFailed,
 )
 from notebook_ext.futures import Future, as_completed, wait
+from notebook_ext.progress import progress
 
 __all__ = [
     "BudgetExceeded", "Client", "DecomputeError", "Future", "GatewayRefused",
     "InsufficientFunds", "NoMatchingProvider", "ProviderInfo", "ProviderLost", "RemoteError",
-    "UntrustedResultError", "VerificationFailed", "as_completed", "verify_receipt", "wait",
+    "UntrustedResultError", "VerificationFailed", "as_completed", "progress", "verify_receipt",
+    "wait",
 ]
 from notebook_ext.magics import Panel, load_ipython_extension, unload_ipython_extension  # noqa: E402,F401,I001

@@ -105,6 +105,7 @@ class Client:
         self.default_providers: list[str] | None = None
         self._trusted: set[str] = set()
         self._futures: dict[str, Future] = {}
+        self._submit_listeners: list[Callable[[list[Future]], None]] = []
         self._replies: dict[int, cf.Future] = {}
         self._fetches: dict[str, cf.Future] = {}
         self._ids = itertools.count(1)
@@ -276,7 +277,27 @@ class Client:
             fut = self._futures[spec.key] = Future(self, spec.key, trust)
             futures.append(fut)
         self._loop.call_soon_threadsafe(self._link.send, frame)
+        for listener in self._submit_listeners:
+            listener(futures)
         return futures
+
+    def on_submit(self, listener: Callable[[list[Future]], None]) -> None:
+        """Call ``listener(futures)`` with each batch of new futures (the panel tracks tasks so)."""
+        self._submit_listeners.append(listener)
+
+    @property
+    def connected(self) -> bool:
+        """True while the websocket to the gateway is up (False while it reconnects)."""
+        return not self._closed and self._link.connected
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def trusted_types(self) -> frozenset[str]:
+        """Qualified names added with :meth:`trust_types`."""
+        return frozenset(self._trusted)
 
     def gather(self, futures: Sequence[Future] | Future) -> Any:
         """The results, in order; raises the first error (as ``distributed`` does)."""

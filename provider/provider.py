@@ -89,6 +89,7 @@ class Provider:
         self.id: str | None = None
         self.connected = threading.Event()
         self.served = 0
+        self.cpu_seconds = 0.0  # CPU its tasks used, as metered
         self._earnings = 0.0
         self._funcs: OrderedDict[str, bytes] = OrderedDict()
         self._running: dict[str, asyncio.Task] = {}
@@ -317,6 +318,7 @@ class Provider:
     # ------------------------------------------------------------------ reporting
 
     def _finish(self, result: p.Result, buffers: Sequence[memoryview] = ()) -> None:
+        self.cpu_seconds += result.usage.get("cpu_seconds", 0.0)
         self._results.append((result, list(buffers)))
         self._schedule_flush()
 

@@ -75,10 +75,14 @@ def _db(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(path, timeout=30.0, isolation_level=None)
 
 
+# Escrows are keyed per submission: "<session>/<key>~<nonce>", so a key can be reused.
+OF_TASK = "(task_id = ? OR substr(task_id, 1, length(?) + 1) = ? || '~')"
+
+
 def escrow(path: Path, task_id: str) -> dict[str, Any] | None:
     with contextlib.closing(_db(path)) as db:
         row = db.execute("SELECT task_id, client, held, charged, fee, refunded, state"
-                         " FROM escrows WHERE task_id = ?", (task_id,)).fetchone()
+                         f" FROM escrows WHERE {OF_TASK}", (task_id,) * 3).fetchone()
     cols = ("task_id", "client", "held", "charged", "fee", "refunded", "state")
     return dict(zip(cols, row, strict=True)) if row else None
 
@@ -88,7 +92,7 @@ def moved(path: Path, task_id: str) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     with contextlib.closing(_db(path)) as db:
         for reason, amount in db.execute("SELECT reason, amount FROM transfers"
-                                         " WHERE task_id = ? ORDER BY id", (task_id,)):
+                                         f" WHERE {OF_TASK} ORDER BY id", (task_id,) * 3):
             out.setdefault(reason, []).append(amount)
     return out
 
@@ -241,13 +245,13 @@ def test_cpu_task_costs_its_metered_cpu_seconds_and_moves_exact_amounts(
         expected = cpu * PRICE_CPU
         print(f"\nmeasured cpu_seconds={cpu:.6f} cost={fut.cost:.6f} "
               f"cpu*price={expected:.6f} ratio={fut.cost / expected:.6f}")
-        assert 2.0 <= cpu < 2.5, fut.usage
+        assert 1.95 <= cpu < 2.5, fut.usage  # clock ticks are 10 ms
         assert abs(fut.cost - expected) <= 0.10 * expected
         assert abs(fut.cost - 2.0 * PRICE_CPU) <= 0.10 * 2.0 * PRICE_CPU
 
         receipt = fut.receipt
         assert receipt is not None and verify_receipt(receipt, client.gateway_key)
-        assert receipt["task_id"] == task_id(client, fut)
+        assert receipt["task_id"].split("~")[0] == task_id(client, fut)
         assert receipt["client"] == client.account and receipt["provider"] == provider.account
         assert receipt["prices"] == {"cpu": PRICE_CPU, "memory": 0.0, "gpu": 0.0}
         row = escrow(db, receipt["task_id"])
@@ -290,8 +294,8 @@ def test_budget_stops_the_task_and_charges_at_most_the_budget(priced: Gateway,
         row = wait_for(lambda: (e := escrow(db, tid)) and e["state"] != "held" and e, 30,
                        message="final settlement of the stopped task")
         with contextlib.closing(_db(db)) as con:
-            reported = con.execute("SELECT SUM(reported) FROM escrow_usage WHERE task_id = ?",
-                                   (tid,)).fetchone()[0]
+            reported = con.execute(f"SELECT SUM(reported) FROM escrow_usage WHERE {OF_TASK}",
+                                   (tid,) * 3).fetchone()[0]
         print(f"\nbudget stop after {elapsed:.2f} s wall; charged {row['charged']} micro of "
               f"{row['held']}; last reported usage worth {reported} micro "
               f"({reported / 1e6 / PRICE_CPU:.2f} CPU-s)")

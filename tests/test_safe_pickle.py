@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import builtins
 import collections
+import contextlib
+import copyreg
 import datetime as dt
 import functools
 import io
@@ -44,8 +46,24 @@ PARIS = ZoneInfo("Europe/Paris")
 def _dumps(obj: Any) -> tuple[bytes, list[bytes]]:
     """Pickle as a provider does; buffers leave as bytes, as they would off the wire."""
     buffers: list[pickle.PickleBuffer] = []
-    data = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    with _stock_reducers():
+        data = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
     return data, [bytes(b.raw()) for b in buffers]
+
+
+@contextlib.contextmanager
+def _stock_reducers() -> Any:
+    """Importing ``distributed`` (other tests in this process do) registers tblib's exception
+    reducers process-wide in copyreg; a provider's task process pickles with the stock ones."""
+    saved = dict(copyreg.dispatch_table)
+    for cls, reducer in saved.items():
+        if getattr(reducer, "__module__", "").startswith("tblib"):
+            del copyreg.dispatch_table[cls]
+    try:
+        yield
+    finally:
+        copyreg.dispatch_table.clear()
+        copyreg.dispatch_table.update(saved)
 
 
 class _Recorder(pickle.Unpickler):

@@ -1,0 +1,155 @@
+"""``%%decompute`` in a real kernel against a real gateway and providers (issue 5, items 1-4).
+
+Each cell is executed by jupyter_client exactly as JupyterLab sends it; what the tests read is
+what a user sees: the cell's stream output, its ``Out[...]``, its error, and the namespace after.
+"""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+from kernel_fixtures import Kernel, Network, wait_for
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory):
+    network = Network(tmp_path_factory.mktemp("magics-net"), providers=2).start()
+    yield network
+    network.stop()
+
+
+@pytest.fixture(scope="module")
+def kernel(net: Network, tmp_path_factory: pytest.TempPathFactory):
+    workdir = tmp_path_factory.mktemp("magics-kernel")
+    k = Kernel(net.kernel_env(workdir / "home"), workdir)
+    k.run("import json, os")
+    yield k
+    k.shutdown()
+
+
+def submitted(kernel: Kernel) -> int:
+    return kernel.json("import notebook_ext.magics as _m\n"
+                       "print(_m.get_client()._decompute_tracker.submitted)")
+
+
+def test_cell_reads_names_prints_assigns_and_displays(kernel: Kernel, net: Network) -> None:
+    kernel.run("x = 3\ndata = [1, 2, 3]")
+    ex = kernel.run("%%decompute\nimport os\nprint('sum is', sum(data) + x)\n"
+                    "y = [v * x for v in data]\npid = os.getpid()\n{'y': y, 'pid': pid}")
+    assert "sum is 9" in ex.stream()
+    assert ex.result is not None and "'y': [3, 6, 9]" in ex.result  # shown as Out[...]
+    got = kernel.json("print(json.dumps({'y': y, 'pid': pid, 'kernel': os.getpid()}))")
+    assert got["y"] == [3, 6, 9]
+    assert got["pid"] != got["kernel"]
+    ancestors = {p.pid for p in psutil.Process(got["pid"]).parents()}
+    assert ancestors & {p.pid for p in net.providers}, "the cell did not run in a provider"
+
+
+def test_remote_error_shows_traceback_and_kernel_stays_usable(kernel: Kernel) -> None:
+    ex = kernel.execute("%%decompute\ndef f(v):\n    return 1 / v\nf(0)")
+    assert ex.status == "error"
+    assert ex.error["ename"] == "ZeroDivisionError"
+    tb = "\n".join(ex.error["traceback"])
+    assert "Cell In[" in tb and "return 1 / v" in tb and "f(0)" in tb
+    assert "run_cell" not in tb  # the runner's own frames are not the user's business
+    assert kernel.run("1 + 1").result == "2"
+    assert kernel.run("%%decompute\n40 + 2").result == "42"
+
+
+def test_interrupt_cancels_the_remote_run(kernel: Kernel) -> None:
+    seen: dict[str, int] = {}
+
+    def on_message(msg: dict) -> None:
+        text = msg["content"].get("text", "") if msg["msg_type"] == "stream" else ""
+        if "pid=" in text and "pid" not in seen:
+            seen["pid"] = int(text.split("pid=")[1].split()[0])
+            kernel.km.interrupt_kernel()
+
+    ex = kernel.execute("%%decompute\nimport os, time\nprint(f'pid={os.getpid()}')\n"
+                        "time.sleep(60)", timeout=30, on_message=on_message)
+    assert "pid" in seen, ex.messages
+    assert ex.status == "error" and ex.error["ename"] == "KeyboardInterrupt"
+    assert "cancelled the remote run" in ex.stream("stderr")
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(seen["pid"]).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(gone, 15, "the provider's task process to end")
+    assert kernel.run("%%decompute\n'still works'").result == "'still works'"
+
+
+def test_async_returns_at_once_then_names_appear(kernel: Kernel) -> None:
+    started = time.monotonic()
+    ex = kernel.run("%%decompute --async -o fut\nimport time\ntime.sleep(2)\nz = 42\nz * 2")
+    assert time.monotonic() - started < 1.5
+    assert ex.result is None
+    assert any("decompute cell-In" in d["data"]["text/plain"] for d in ex.displays())
+    assert kernel.json("print(json.dumps('z' in dir()))") is False
+    got = kernel.json("print(json.dumps([fut.result(timeout=30), z, fut.status]))")
+    assert got == [84, 42, "finished"]
+
+
+def test_push_and_pull_override_the_analysis(kernel: Kernel) -> None:
+    kernel.run("a = 5\nb = 7")
+    kernel.run("%%decompute --push a --pull c\nc = a * 2\nd = 1")
+    assert kernel.json("print(json.dumps([c, 'd' in dir()]))") == [10, False]
+    ex = kernel.execute("%%decompute --push a\nz2 = a + b")  # b not sent: a NameError remotely
+    assert ex.error["ename"] == "NameError" and "'b'" in ex.error["evalue"]
+
+
+def test_unpicklable_name_is_named_before_anything_is_sent(kernel: Kernel) -> None:
+    kernel.run("import threading\nlock = threading.Lock()")
+    before = submitted(kernel)
+    ex = kernel.execute("%%decompute\nwith lock:\n    pass")
+    assert ex.status == "error" and ex.error["ename"] == "UsageError"
+    assert "'lock'" in ex.error["evalue"] and "cannot be pickled" in ex.error["evalue"]
+    assert submitted(kernel) == before
+
+
+def test_safe_decoding_by_default_and_trust_opts_in(kernel: Kernel) -> None:
+    kernel.run("%%decompute\nimport numpy as np\nimport pandas as pd\narr = np.arange(5.0)\n"
+               "frame = pd.DataFrame({'a': arr})\nwhen = pd.Timestamp('2024-01-02')")
+    got = kernel.json("print(json.dumps([type(arr).__name__, arr.flags.writeable, "
+                      "list(frame.shape), str(when.date()), np.__name__]))")
+    assert got == ["ndarray", True, [5, 1], "2024-01-02", "numpy"]
+    cell = ("class Point:\n    def __init__(self, x):\n        self.x = x\n"
+            "p = Point(3)\nq = p.x + 1")
+    ex = kernel.run("%%decompute\n" + cell)
+    assert "p (refers to" in ex.stream("stderr") and "--trust" in ex.stream("stderr")
+    assert kernel.json("print(json.dumps([q, 'p' in dir()]))") == [4, False]
+    kernel.run("%%decompute --trust\n" + cell)
+    assert kernel.json("print(json.dumps(p.x))") == 3
+
+
+def test_flags_map_onto_submit_and_help_is_complete(kernel: Kernel, net: Network) -> None:
+    ex = kernel.run("%%decompute?")
+    page = ex.reply["content"]["payload"][0]["data"]["text/plain"]
+    for flag in ("--provider", "--cpus", "--memory", "--gpus", "--max-price", "--budget",
+                 "--redundancy", "--timeout", "--async", "--push", "--pull", "--trust"):
+        assert flag in page
+    page = kernel.run("%decompute?").reply["content"]["payload"][0]["data"]["text/plain"]
+    for sub in ("connect", "providers", "balance", "panel", "provide [--cpus", "stop-providing"):
+        assert sub in page
+    ex = kernel.execute("%%decompute --provider p1 --timeout 1\nimport time\ntime.sleep(30)")
+    assert ex.error["ename"] == "TimeoutError"
+    where = kernel.json("import notebook_ext.magics as _m\n"
+                        "print(json.dumps(_m._magics.last_future.provider))")
+    assert where.startswith("p1-")
+    ex = kernel.execute("%%decompute --provider nobody\n1")
+    assert ex.error["ename"] == "UsageError" and "'nobody'" in ex.error["evalue"]
+    ex = kernel.execute("%%decompute --cpus 64\n1", timeout=30)
+    assert ex.error["ename"] == "NoMatchingProvider"
+
+
+def test_invalid_cells_are_refused_before_anything_is_sent(kernel: Kernel) -> None:
+    before = submitted(kernel)
+    ex = kernel.execute("%%decompute\nx = (")
+    assert ex.error["ename"] == "UsageError" and "not valid Python" in ex.error["evalue"]
+    ex = kernel.execute("%%decompute\n!ls")
+    assert ex.error["ename"] == "UsageError" and "only work in the kernel" in ex.error["evalue"]
+    assert submitted(kernel) == before
