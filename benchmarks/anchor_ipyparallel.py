@@ -19,17 +19,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import (  # noqa: E402
-    NUMPY_BYTES,
     Recorder,
+    begin,
     descendants,
-    install_sigterm_handler,
+    latency_row,
     log,
+    map_row,
+    note_strays,
+    numpy_row,
     parse_args,
-    rate_row,
-    reap_descendants,
-    repeat,
-    seconds_row,
-    settings,
     short_error,
 )
 
@@ -43,10 +41,7 @@ def inc(x: int) -> int:
 
 
 def main() -> None:
-    args = parse_args(__doc__ or "")
-    install_sigterm_handler()
-    cfg = settings(args.quick)
-    rec = Recorder(SYSTEM, args.out, args.quick)
+    cfg, rec = begin(SYSTEM, parse_args(__doc__ or ""))
     rec.unavailable("dask_sum", "not measured: ipyparallel has no Dask-collection scheduler here")
 
     ipython_dir = tempfile.mkdtemp(prefix="bench-ipython-")
@@ -77,9 +72,7 @@ def main() -> None:
                 log(SYSTEM, "cluster stopped")
             except Exception as exc:
                 rec.note(f"stop_cluster_sync failed: {short_error(exc)}")
-        strays = reap_descendants(extra=started)
-        if strays:
-            rec.note(f"stray processes had to be stopped: {strays}")
+        note_strays(rec, started)
         shutil.rmtree(ipython_dir, ignore_errors=True)
         rec.finish()
 
@@ -87,7 +80,6 @@ def main() -> None:
 def measure(rc, rec: Recorder, cfg: dict) -> None:  # type: ignore[no-untyped-def]
     import numpy as np
 
-    budget = cfg["row_budget_s"]
     view = rc.load_balanced_view()
     counter = iter(range(10**9))
 
@@ -96,19 +88,7 @@ def measure(rc, rec: Recorder, cfg: dict) -> None:  # type: ignore[no-untyped-de
         view.apply_async(inc, next(counter)).get(timeout=TIMEOUT)
         return time.perf_counter() - start
 
-    with rec.row("latency") as row:
-        samples = repeat(
-            one_trivial, cfg["latency_reps"], warmup=cfg["latency_warmup"], budget_s=budget
-        )
-        row.update(
-            seconds_row(
-                samples,
-                planned=cfg["latency_reps"],
-                scale=1e3,
-                unit="ms",
-                detail="view.apply_async(inc, i).get(), load-balanced view",
-            )
-        )
+    latency_row(rec, cfg, one_trivial, "view.apply_async(inc, i).get(), load-balanced view")
     rc.purge_everything()
 
     def one_map(count: int) -> float:
@@ -120,40 +100,23 @@ def measure(rc, rec: Recorder, cfg: dict) -> None:  # type: ignore[no-untyped-de
         rc.purge_everything()  # keep the hub and client caches from growing between reps
         return elapsed
 
-    with rec.row("map") as row:
-        count = cfg["map_tasks"]
-        one_map(cfg["map_warmup_tasks"])
-        durations = repeat(lambda: one_map(count), cfg["map_reps"], budget_s=budget)
-        row.update(
-            rate_row(
-                durations,
-                count,
-                planned=cfg["map_reps"],
-                unit="tasks/s",
-                detail=f"view.map_async(inc, range({count})).get() "
-                "(chunksize=1: one task per item)",
-            )
-        )
+    map_row(
+        rec,
+        cfg,
+        one_map,
+        lambda count: f"view.map_async(inc, range({count})).get() (chunksize=1: one task per item)",
+    )
 
-    rng = np.random.default_rng()
-
-    def one_numpy() -> float:
-        arr = rng.random(NUMPY_BYTES // 8)  # fresh data every repetition
+    def one_numpy(arr: np.ndarray) -> float:
         start = time.perf_counter()
         view.apply_async(np.sum, arr).get(timeout=TIMEOUT)
         elapsed = time.perf_counter() - start
         rc.purge_everything()  # the hub's DictDB keeps request buffers otherwise
         return elapsed
 
-    with rec.row("numpy") as row:
-        samples = repeat(one_numpy, cfg["numpy_reps"], warmup=1, budget_s=budget)
-        row.update(
-            seconds_row(
-                samples,
-                planned=cfg["numpy_reps"],
-                detail="view.apply_async(np.sum, arr).get(), arr = fresh 100 MiB float64",
-            )
-        )
+    numpy_row(
+        rec, cfg, one_numpy, "view.apply_async(np.sum, arr).get(), arr = fresh 100 MiB float64"
+    )
 
 
 if __name__ == "__main__":

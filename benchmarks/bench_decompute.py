@@ -30,22 +30,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import (  # noqa: E402
-    NUMPY_BYTES,
     ROOT,
     ROWS,
     SUM_CHUNKS,
     SUM_SHAPE,
-    Recorder,
+    begin,
+    dask_sum_row,
     descendants,
     free_port,
-    install_sigterm_handler,
     log,
+    measure_futures,
+    note_strays,
     parse_args,
-    rate_row,
-    reap_descendants,
-    repeat,
-    seconds_row,
-    settings,
     short_error,
     stop_process,
 )
@@ -109,10 +105,7 @@ def wait_ready(proc: subprocess.Popen, port: int, log_path: Path) -> dict:
 
 
 def main() -> None:
-    args = parse_args(__doc__ or "")
-    install_sigterm_handler()
-    cfg = settings(args.quick)
-    rec = Recorder(SYSTEM, args.out, args.quick)
+    cfg, rec = begin(SYSTEM, parse_args(__doc__ or ""))
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-decompute-"))
     home = tmp / "home"
@@ -166,7 +159,23 @@ def main() -> None:
         import notebook_ext
 
         rec.set("versions", {"decompute": getattr(notebook_ext, "__version__", None)})
-        measure(client, rec, cfg)
+        measure_futures(
+            client,
+            rec,
+            cfg,
+            inc,
+            timeout=TIMEOUT,
+            wait=lambda futures: wait_all(futures, TIMEOUT),
+            check=True,
+        )
+        dask_sum_row(
+            rec,
+            cfg,
+            "dask_sum",
+            f"da.random.random({SUM_SHAPE}, chunks={SUM_CHUNKS})"
+            ".sum().compute(scheduler=client), 2 local providers",
+            scheduler=client,
+        )
     finally:
         if client is not None:
             try:
@@ -178,9 +187,7 @@ def main() -> None:
             log(SYSTEM, f"gateway {how}")
             if "killed" in how:
                 rec.note(f"gateway {how}")
-        strays = reap_descendants(extra=started)
-        if strays:
-            rec.note(f"processes still running after the gateway stopped: {strays}")
+        note_strays(rec, started, "processes still running after the gateway stopped")
         shutil.rmtree(tmp, ignore_errors=True)
         rec.finish()
 
@@ -190,95 +197,6 @@ def wait_all(futures: list, timeout: float) -> None:
     _done, not_done = concurrent.futures.wait(futures, timeout=timeout)
     if not_done:
         raise TimeoutError(f"{len(not_done)} of {len(futures)} tasks not done after {timeout}s")
-
-
-def measure(client, rec: Recorder, cfg: dict) -> None:  # type: ignore[no-untyped-def]
-    import dask.array as da
-    import numpy as np
-
-    budget = cfg["row_budget_s"]
-    counter = iter(range(10**9))
-
-    def one_trivial() -> float:
-        start = time.perf_counter()
-        client.submit(inc, next(counter)).result(timeout=TIMEOUT)
-        return time.perf_counter() - start
-
-    with rec.row("latency") as row:
-        samples = repeat(
-            one_trivial, cfg["latency_reps"], warmup=cfg["latency_warmup"], budget_s=budget
-        )
-        row.update(
-            seconds_row(
-                samples,
-                planned=cfg["latency_reps"],
-                scale=1e3,
-                unit="ms",
-                detail="client.submit(inc, i).result()",
-            )
-        )
-
-    def one_map(count: int) -> float:
-        start = time.perf_counter()
-        futures = client.map(inc, range(count))
-        wait_all(futures, TIMEOUT)
-        results = client.gather(futures)
-        elapsed = time.perf_counter() - start
-        if list(results) != [i + 1 for i in range(count)]:
-            raise RuntimeError("client.map results are wrong")
-        return elapsed
-
-    with rec.row("map") as row:
-        count = cfg["map_tasks"]
-        one_map(cfg["map_warmup_tasks"])
-        durations = repeat(lambda: one_map(count), cfg["map_reps"], budget_s=budget)
-        row.update(
-            rate_row(
-                durations,
-                count,
-                planned=cfg["map_reps"],
-                unit="tasks/s",
-                detail=f"client.gather(client.map(inc, range({count})))",
-            )
-        )
-
-    rng = np.random.default_rng()
-
-    def one_numpy() -> float:
-        arr = rng.random(NUMPY_BYTES // 8)  # fresh data every repetition
-        start = time.perf_counter()
-        total = client.submit(np.sum, arr).result(timeout=TIMEOUT)
-        elapsed = time.perf_counter() - start
-        if not np.isclose(total, arr.sum()):
-            raise RuntimeError(f"remote sum {total!r} != local sum {arr.sum()!r}")
-        return elapsed
-
-    with rec.row("numpy") as row:
-        samples = repeat(one_numpy, cfg["numpy_reps"], warmup=1, budget_s=budget)
-        row.update(
-            seconds_row(
-                samples,
-                planned=cfg["numpy_reps"],
-                detail="client.submit(np.sum, arr).result(), arr = fresh 100 MiB float64",
-            )
-        )
-
-    def one_sum() -> float:
-        x = da.random.random(SUM_SHAPE, chunks=SUM_CHUNKS)  # new seeds -> new keys every time
-        start = time.perf_counter()
-        x.sum().compute(scheduler=client)
-        return time.perf_counter() - start
-
-    with rec.row("dask_sum") as row:
-        samples = repeat(one_sum, cfg["sum_reps"], warmup=1, budget_s=budget)
-        row.update(
-            seconds_row(
-                samples,
-                planned=cfg["sum_reps"],
-                detail=f"da.random.random({SUM_SHAPE}, chunks={SUM_CHUNKS})"
-                ".sum().compute(scheduler=client), 2 local providers",
-            )
-        )
 
 
 if __name__ == "__main__":

@@ -4,12 +4,19 @@ Every system script (``floor.py``, ``anchor_dask.py``, ``anchor_ipyparallel.py``
 ``bench_decompute.py``) is run by ``run.py`` as its own subprocess, writes its results to a JSON
 file after every row (so a timeout still leaves the rows measured so far) and never asserts
 anything about speed: a row that cannot be measured records its reason instead.
+
+Rows 1-3 are recorded the same way for every task system (``latency_row``, ``map_row``,
+``numpy_row``); ``measure_futures`` measures them for clients with the futures API
+(submit/map/gather/result: Dask distributed, decompute), and ``dask_sum_row`` measures row 4.
+The task function itself (``inc``) stays in each system script: defined in ``__main__`` it
+travels to the workers by value, which cannot import this module.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -78,6 +85,12 @@ def install_sigterm_handler() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _handler)
+
+
+def begin(system: str, args: argparse.Namespace) -> tuple[dict[str, Any], Recorder]:
+    """Start a system script: SIGTERM handling, the repetition counts, an empty results file."""
+    install_sigterm_handler()
+    return settings(args.quick), Recorder(system, args.out, args.quick)
 
 
 def free_port() -> int:
@@ -275,6 +288,17 @@ def reap_descendants(
     return described
 
 
+def note_strays(
+    rec: Recorder,
+    extra: list[Any] | tuple[Any, ...] = (),
+    what: str = "stray processes had to be stopped",
+) -> None:
+    """``reap_descendants(extra)``, noting in the results any process that had not ended."""
+    strays = reap_descendants(extra=extra)
+    if strays:
+        rec.note(f"{what}: {strays}")
+
+
 def stop_process(proc: Any, grace: float = 10.0, first: int = signal.SIGTERM) -> str:
     """Send ``first`` to a Popen, wait ``grace`` seconds, then SIGKILL. Returns how it ended."""
     if proc.poll() is not None:
@@ -288,3 +312,133 @@ def stop_process(proc: Any, grace: float = 10.0, first: int = signal.SIGTERM) ->
         proc.kill()
         proc.wait(timeout=grace)
         return f"killed after {grace:.0f}s ({signal.Signals(first).name} was not enough)"
+
+
+# ------------------------------------------------------------------------------- rows 1-4
+def latency_row(rec: Recorder, cfg: dict[str, Any], once: Callable[[], float], detail: str) -> None:
+    """Row 1: ``once`` runs (and times) one trivial task to its result."""
+    with rec.row("latency") as row:
+        samples = repeat(
+            once, cfg["latency_reps"], warmup=cfg["latency_warmup"], budget_s=cfg["row_budget_s"]
+        )
+        row.update(
+            seconds_row(samples, planned=cfg["latency_reps"], scale=1e3, unit="ms", detail=detail)
+        )
+
+
+def map_row(
+    rec: Recorder, cfg: dict[str, Any], once: Callable[[int], float], detail: Callable[[int], str]
+) -> None:
+    """Row 2: ``once(count)`` runs (and times) ``count`` tiny tasks; ``detail(count)`` says how."""
+    with rec.row("map") as row:
+        count = cfg["map_tasks"]
+        once(cfg["map_warmup_tasks"])
+        durations = repeat(lambda: once(count), cfg["map_reps"], budget_s=cfg["row_budget_s"])
+        row.update(
+            rate_row(
+                durations, count, planned=cfg["map_reps"], unit="tasks/s", detail=detail(count)
+            )
+        )
+
+
+def numpy_row(
+    rec: Recorder, cfg: dict[str, Any], once: Callable[[Any], float], detail: str
+) -> None:
+    """Row 3: ``once(arr)`` times a remote ``np.sum`` of ``arr``, fresh 100 MiB data each time."""
+    import numpy as np
+
+    rng = np.random.default_rng()
+    with rec.row("numpy") as row:
+        samples = repeat(
+            lambda: once(rng.random(NUMPY_BYTES // 8)),
+            cfg["numpy_reps"],
+            warmup=1,
+            budget_s=cfg["row_budget_s"],
+        )
+        row.update(seconds_row(samples, planned=cfg["numpy_reps"], detail=detail))
+
+
+def measure_futures(
+    client: Any,
+    rec: Recorder,
+    cfg: dict[str, Any],
+    inc: Callable[[int], int],
+    *,
+    submit_kwargs: dict[str, Any] | None = None,
+    timeout: float = 120.0,
+    latency_timeout: float | None = None,
+    wait: Callable[[list[Any]], object] | None = None,
+    check: bool = False,
+) -> None:
+    """Rows 1-3 for a client with the futures API: ``submit``/``map``/``gather``/``result``.
+
+    ``submit_kwargs`` go to every ``submit`` and ``map`` (and into the row details);
+    ``timeout`` bounds each ``result`` (``latency_timeout``, if given, row 1's); ``wait``, if
+    given, is called on the map's futures before ``gather`` (to bound that wait). With ``check``
+    the map's and the sum's values are verified, otherwise only the number of map results.
+    Checks happen after the clock stops.
+    """
+    import numpy as np
+
+    kwargs = submit_kwargs or {}
+    if latency_timeout is None:
+        latency_timeout = timeout
+    shown = "".join(f", {key}={value!r}" for key, value in kwargs.items())
+    counter = itertools.count()
+
+    def one_trivial() -> float:
+        start = time.perf_counter()
+        client.submit(inc, next(counter), **kwargs).result(timeout=latency_timeout)
+        return time.perf_counter() - start
+
+    latency_row(rec, cfg, one_trivial, f"client.submit(inc, i{shown}).result()")
+
+    def one_map(count: int) -> float:
+        start = time.perf_counter()
+        futures = client.map(inc, range(count), **kwargs)
+        if wait is not None:
+            wait(futures)
+        results = client.gather(futures)
+        elapsed = time.perf_counter() - start
+        if check:
+            if list(results) != [i + 1 for i in range(count)]:
+                raise RuntimeError("client.map results are wrong")
+        elif len(results) != count:
+            raise RuntimeError(f"gathered {len(results)} results of {count}")
+        return elapsed
+
+    map_row(
+        rec, cfg, one_map, lambda count: f"client.gather(client.map(inc, range({count}){shown}))"
+    )
+
+    def one_numpy(arr: Any) -> float:
+        start = time.perf_counter()
+        total = client.submit(np.sum, arr, **kwargs).result(timeout=timeout)
+        elapsed = time.perf_counter() - start
+        if check and not np.isclose(total, arr.sum()):
+            raise RuntimeError(f"remote sum {total!r} != local sum {arr.sum()!r}")
+        return elapsed
+
+    numpy_row(
+        rec,
+        cfg,
+        one_numpy,
+        f"client.submit(np.sum, arr{shown}).result(), arr = fresh 100 MiB float64",
+    )
+
+
+def dask_sum_row(
+    rec: Recorder, cfg: dict[str, Any], key: str, detail: str, **compute_kwargs: Any
+) -> None:
+    """Row 4 (or its floor): ``da.random.random(SUM_SHAPE, chunks=SUM_CHUNKS).sum().compute()``."""
+    import dask.array as da
+
+    def once() -> float:
+        x = da.random.random(SUM_SHAPE, chunks=SUM_CHUNKS)  # new seeds -> new keys every time
+        start = time.perf_counter()
+        x.sum().compute(**compute_kwargs)
+        return time.perf_counter() - start
+
+    with rec.row(key) as row:
+        samples = repeat(once, cfg["sum_reps"], warmup=1, budget_s=cfg["row_budget_s"])
+        row.update(seconds_row(samples, planned=cfg["sum_reps"], detail=detail))

@@ -35,13 +35,12 @@ from benchlib import (  # noqa: E402
     MIB,
     NUMPY_BYTES,
     Recorder,
-    install_sigterm_handler,
+    begin,
     log,
     median,
+    note_strays,
     rate_row,
-    reap_descendants,
     seconds_row,
-    settings,
     stop_process,
 )
 
@@ -248,9 +247,7 @@ def main() -> None:
 
     if args.out is None:
         parser.error("--out is required for the client role")
-    install_sigterm_handler()
-    cfg = settings(args.quick)
-    rec = Recorder(SYSTEM, args.out, args.quick)
+    cfg, rec = begin(SYSTEM, args)
     import websockets
 
     rec.set("versions", {"websockets": websockets.__version__})
@@ -289,9 +286,7 @@ def main() -> None:
             log(SYSTEM, f"pid {proc.pid}: {how}")
         if relay_stdout := (procs[0].stdout if procs else None):
             relay_stdout.close()
-        strays = reap_descendants()
-        if strays:
-            rec.note(f"stray processes had to be stopped: {strays}")
+        note_strays(rec)
         rec.finish()
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: real gateways and providers as processes on loopback, and a way to wait.
+"""Shared fixtures: real gateways and providers as processes on loopback (plain helpers, such as
+``wait_for``, are in ``helpers.py``).
 
 Nothing here mocks our own components. A gateway is ``python -m gateway`` on a free port with its
 own ``DECOMPUTE_HOME``; a provider is ``python -m provider``. Every process started here is stopped
@@ -13,26 +14,22 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal
 
 import cloudpickle
 import psutil
 import pytest
+from helpers import free_port, gone, http_get, spawn, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 # Task functions defined here (``hold``) are shipped by value: task processes cannot import us.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-T = TypeVar("T")
 
 #: Every process a fixture started or saw as a descendant of one: checked dead at session end.
 _SEEN: list[psutil.Process] = []
@@ -40,43 +37,7 @@ _SEEN: list[psutil.Process] = []
 _GATES: list[Path] = []
 
 
-# --------------------------------------------------------------------------- waiting
-
-
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
-             message: str = "condition") -> T:
-    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{message} did not hold within {timeout} s")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
-    """``(status, body)`` of a plain GET; an HTTP error status is returned, not raised."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
-
-
-def gone(proc: psutil.Process) -> bool:
-    """True once ``proc`` has exited (a zombie waiting for its parent counts as exited)."""
-    try:
-        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+# --------------------------------------------------------------------------- processes
 
 
 def descendants(pid: int) -> list[psutil.Process]:
@@ -236,9 +197,7 @@ def start_gateway(tmp: Path, *, local_providers: int = 0, extra: tuple[str, ...]
         cmd = [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(port),
                "--db", str(tmp / "ledger.sqlite"), "--faucet", "1000",
                "--local-providers", str(local_providers), *extra]
-        env = dict(os.environ, DECOMPUTE_HOME=str(tmp / "gateway-home"), PYTHONUNBUFFERED="1")
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = spawn(cmd, tmp / "gateway-home", log, REPO)
         _SEEN.append(psutil.Process(proc.pid))
         gw = Gateway(proc, port, tmp / "gateway-home", log)
         try:
@@ -281,10 +240,8 @@ def start_provider(gateway: Gateway, tmp: Path, name: str, cpus: int = 1) -> Pro
     home = tmp / f"provider-{name}"
     home.mkdir(parents=True, exist_ok=True)
     log = tmp / f"provider-{name}.log"
-    env = dict(os.environ, DECOMPUTE_HOME=str(home), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "provider", gateway.url, "--name", name, "--cpus", str(cpus)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc = spawn(cmd, home, log, REPO)
     _SEEN.append(psutil.Process(proc.pid))
     return ProviderProcess(proc, name, log)
 
@@ -306,12 +263,22 @@ def no_stray_processes() -> Iterator[None]:
     assert not alive, f"processes left running: {[(p.pid, _cmdline(p)) for p in alive]}"
 
 
-@pytest.fixture(scope="session")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """One gateway with two local providers, shared by the tests that do not kill anything."""
-    gw = start_gateway(tmp_path_factory.mktemp("gateway"), local_providers=2)
-    yield gw
-    gw.stop()
+def gateway_fixture(name: str, local_providers: int,
+                    scope: Literal["session", "module"] = "module") -> Any:
+    """A fixture: a gateway with ``local_providers`` local providers (``start_gateway`` in a tmp
+    dir named ``name``), stopped when ``scope`` ends. Assign it to the fixture's name."""
+
+    @pytest.fixture(scope=scope)
+    def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+        gw = start_gateway(tmp_path_factory.mktemp(name), local_providers=local_providers)
+        yield gw
+        gw.stop()
+
+    return fixture
+
+
+#: One gateway with two local providers, shared by the tests that do not kill anything.
+gateway = gateway_fixture("gateway", local_providers=2, scope="session")
 
 
 @pytest.fixture(scope="session")

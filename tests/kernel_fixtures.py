@@ -7,41 +7,27 @@ test's tmp dir, and every wait is on a condition with a deadline, never a fixed 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import helpers
+import pytest
+from helpers import free_port, home_env, http_get, spawn
 from jupyter_client.manager import KernelManager
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(step)
+#: ``helpers.wait_for`` polling every 0.05 s: these conditions mostly cost a request or a cell.
+wait_for = functools.partial(helpers.wait_for, interval=0.05)
 
 
 class Network:
@@ -60,10 +46,7 @@ class Network:
 
     def _spawn(self, cmd: list[str], home: Path, log: str) -> subprocess.Popen:
         home.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, DECOMPUTE_HOME=str(home), PYTHONUNBUFFERED="1")
-        with open(self.tmp / log, "wb") as out:
-            proc = subprocess.Popen(cmd, env=env, cwd=self.tmp, stdout=out,
-                                    stderr=subprocess.STDOUT)
+        proc = spawn(cmd, home, self.tmp / log, self.tmp)
         self.procs.append(proc)
         return proc
 
@@ -84,13 +67,13 @@ class Network:
 
     def health(self) -> dict | None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                return json.loads(r.read())
+            status, body = http_get(self.port, "/health", timeout=2)
         except OSError:
             for proc in self.procs[:1]:
                 if proc.poll() is not None:
                     raise RuntimeError("the gateway exited; see gateway.log") from None
             return None
+        return json.loads(body) if status == 200 else None
 
     def wait_providers(self, n: int, timeout: float = 30.0) -> dict:
         return wait_for(lambda: (h := self.health()) and h["providers"] == n and h,
@@ -110,8 +93,20 @@ class Network:
     def kernel_env(self, home: Path) -> dict[str, str]:
         """The environment a kernel needs to use its own identity against this network."""
         home.mkdir(parents=True, exist_ok=True)
-        return dict(os.environ, DECOMPUTE_HOME=str(home), DECOMPUTE_GATEWAY=self.url,
-                    PYTHONUNBUFFERED="1")
+        return home_env(home, DECOMPUTE_GATEWAY=self.url)
+
+
+def network_fixture(name: str, providers: int = 2) -> Any:
+    """A module-scoped fixture: a started :class:`Network` with ``providers`` providers in a tmp
+    dir named ``{name}-net``, stopped after the module. Assign it to ``net``."""
+
+    @pytest.fixture(scope="module")
+    def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Network]:
+        network = Network(tmp_path_factory.mktemp(f"{name}-net"), providers=providers).start()
+        yield network
+        network.stop()
+
+    return net
 
 
 @dataclass
@@ -195,3 +190,19 @@ class Kernel:
     def shutdown(self) -> None:
         self.kc.stop_channels()
         self.km.shutdown_kernel(now=False)
+
+
+def kernel_fixture(name: str, setup: Callable[[Kernel], object]) -> Any:
+    """A module-scoped fixture: a :class:`Kernel` on the module's ``net`` with its own identity
+    (tmp dir ``{name}-kernel``), prepared by ``setup(kernel)``, shut down after the module.
+    Assign it to ``kernel``."""
+
+    @pytest.fixture(scope="module")
+    def kernel(net: Network, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
+        workdir = tmp_path_factory.mktemp(f"{name}-kernel")
+        k = Kernel(net.kernel_env(workdir / "home"), workdir)
+        setup(k)
+        yield k
+        k.shutdown()
+
+    return kernel

@@ -9,24 +9,11 @@ from __future__ import annotations
 import time
 
 import psutil
-import pytest
-from kernel_fixtures import Kernel, Network, wait_for
+from helpers import gone
+from kernel_fixtures import Kernel, Network, kernel_fixture, network_fixture, wait_for
 
-
-@pytest.fixture(scope="module")
-def net(tmp_path_factory: pytest.TempPathFactory):
-    network = Network(tmp_path_factory.mktemp("magics-net"), providers=2).start()
-    yield network
-    network.stop()
-
-
-@pytest.fixture(scope="module")
-def kernel(net: Network, tmp_path_factory: pytest.TempPathFactory):
-    workdir = tmp_path_factory.mktemp("magics-kernel")
-    k = Kernel(net.kernel_env(workdir / "home"), workdir)
-    k.run("import json, os")
-    yield k
-    k.shutdown()
+net = network_fixture("magics")
+kernel = kernel_fixture("magics", lambda k: k.run("import json, os"))
 
 
 def submitted(kernel: Kernel) -> int:
@@ -72,14 +59,7 @@ def test_interrupt_cancels_the_remote_run(kernel: Kernel) -> None:
     assert "pid" in seen, ex.messages
     assert ex.status == "error" and ex.error["ename"] == "KeyboardInterrupt"
     assert "cancelled the remote run" in ex.stream("stderr")
-
-    def gone() -> bool:
-        try:
-            return psutil.Process(seen["pid"]).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    wait_for(gone, 15, "the provider's task process to end")
+    wait_for(lambda: gone(seen["pid"]), 15, "the provider's task process to end")
     assert kernel.run("%%decompute\n'still works'").result == "'still works'"
 
 

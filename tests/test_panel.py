@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from kernel_fixtures import Kernel, Network, wait_for
+from kernel_fixtures import Kernel, Network, kernel_fixture, network_fixture, wait_for
 
 # Reads the panel's widget tree in the kernel: every checkbox, plus the panel's own summary.
 READ = """
@@ -23,23 +23,16 @@ print(json.dumps({"boxes": {c.description: c.value for c in _boxes}, **panel.sta
 """
 
 
-@pytest.fixture(scope="module")
-def net(tmp_path_factory: pytest.TempPathFactory):
-    network = Network(tmp_path_factory.mktemp("panel-net"), providers=2).start()
-    yield network
-    network.stop()
-
-
-@pytest.fixture(scope="module")
-def kernel(net: Network, tmp_path_factory: pytest.TempPathFactory):
-    workdir = tmp_path_factory.mktemp("panel-kernel")
-    k = Kernel(net.kernel_env(workdir / "home"), workdir)
+def open_panel(k: Kernel) -> None:
+    """``%decompute panel`` in the kernel; the panel is then ``panel`` there."""
     k.run("import json\nimport notebook_ext.magics as _m")
     ex = k.run("%decompute panel")
     assert "right sidebar" in ex.stream()  # sidecar is installed in the dev extras
     k.run("panel = _m._magics.panel")
-    yield k
-    k.shutdown()
+
+
+net = network_fixture("panel")
+kernel = kernel_fixture("panel", open_panel)
 
 
 def read(kernel: Kernel) -> dict:
@@ -82,7 +75,7 @@ def test_balance_and_cost_fields_change_after_a_task(kernel: Kernel) -> None:
         row = next((t for t in state["tasks"] if t["key"] == key), None)
         return row if row and row["status"] == "finished" and row["cpu_seconds"] > 0 else None
 
-    row = wait_for(task_row, 15, "the panel to show the finished task", step=0.2)
+    row = wait_for(task_row, 15, "the panel to show the finished task", interval=0.2)
     assert row["provider"]
     after = read(kernel)
     assert int(after["totals"]["tasks"]) > int(before["totals"]["tasks"])
@@ -90,9 +83,9 @@ def test_balance_and_cost_fields_change_after_a_task(kernel: Kernel) -> None:
         pytest.skip("this gateway keeps no ledger yet: the balance shows '—'; "
                     "cost and balance cannot move")
     wait_for(lambda: read(kernel)["balance"] != before["balance"], 15,
-             "the panel's balance to change", step=0.2)
+             "the panel's balance to change", interval=0.2)
     spent = wait_for(lambda: float(read(kernel)["totals"]["tokens"]), 15,
-                     "tokens spent to be non-zero", step=0.2)
+                     "tokens spent to be non-zero", interval=0.2)
     assert spent > float(before["totals"]["tokens"])
     assert float(read(kernel)["balance"].split()[0]) < float(before["balance"].split()[0])
 

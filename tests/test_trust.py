@@ -16,7 +16,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
-from conftest import Gateway, start_gateway, start_provider
+from conftest import Gateway, gateway_fixture, start_provider
 
 from gateway import protocol as p
 from gateway.identity import KEY_FILE
@@ -111,11 +111,7 @@ def environ_files_holding(secret: str) -> list[str]:
 # --------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    gw = start_gateway(tmp_path_factory.mktemp("trust"), local_providers=1)
-    yield gw
-    gw.stop()
+net = gateway_fixture("trust", local_providers=1)
 
 
 @pytest.fixture(scope="module")
