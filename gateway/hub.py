@@ -286,6 +286,10 @@ class Hub:
                 self._vote(task, conn, result, bufs)
                 continue
             mine.append((task, result, bufs))
+        for task, _, _ in mine:
+            if task.billed:  # stopped over budget: settled and answered already
+                self._forget(task)
+        mine = [m for m in mine if not m[0].billed]
         charges = self.billing.settle([(t.bill_id, conn.account, t.usage, conn.ad.prices, True)
                                        for t, _, _ in mine])
         out: dict[str, list[tuple[p.Result, list[memoryview]]]] = defaultdict(list)
@@ -338,18 +342,28 @@ class Hub:
                 self._stop_over_budget(task, conn, charge.cost)
 
     def _stop_over_budget(self, task: Task, conn: ProviderConn, cost: float) -> None:
-        """The escrow is spent: kill the task, fail it; its final bill is capped at the escrow."""
+        """The escrow is spent: kill the task and fail it, settled for good at the escrow (work
+        past it is not paid), with the receipt of that settlement."""
         task.cancelling = True
         task.move(TaskState.ERROR)
         self.counters.tasks[TaskState.ERROR.value] += 1
         conn.send(p.encode(p.Cancel(keys=[task.task_id])))
+        charge = self.billing.settle([(task.bill_id, conn.account, task.usage, conn.ad.prices,
+                                       True)])[0]
+        task.billed = True
+        receipt = None
+        if charge is not None:
+            cost = charge.cost
+            receipt = self.billing.receipt(charge, task.bill_id, task.account, conn.account,
+                                           task.usage, conn.ad.prices, "budget-exceeded")
         what = (f"its budget of {task.spec.budget:g} tokens" if task.spec.budget is not None
                 else "its escrow (the gateway's default; pass budget= to allow more)")
         message = f"task {task.key} was stopped after using {what}; charged {cost:g} tokens"
         session = self.sessions.get(task.session)
         if session is not None:
             result = failure(task.key, p.ErrorCode.BUDGET, message, "BudgetExceeded")
-            self._send_results(session, [(replace(result, cost=cost, usage=task.usage), [])])
+            self._send_results(session, [(replace(result, cost=cost, usage=task.usage,
+                                                  receipt=receipt), [])])
 
     # ------------------------------------------------------------------ scheduling
 

@@ -63,6 +63,8 @@ class Task:
     #: Set when the client cancelled while a provider still runs it: its final report is awaited
     #: (for settlement) but never forwarded, and a provider loss does not retry it.
     cancelling: bool = False
+    #: The escrow was settled for good already (a budget stop): later reports bill nothing.
+    billed: bool = False
     #: How many times a finished graph task was recomputed after its result was lost.
     reruns: int = 0
     #: Replica number for ``redundancy > 1`` (0 is the first); siblings are the other replicas,

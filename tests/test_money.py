@@ -306,6 +306,9 @@ def test_budget_stops_the_task_and_charges_at_most_the_budget(priced: Gateway,
         assert row["state"] == "settled" and row["refunded"] == row["held"] - row["charged"]
         assert fut.cost <= 0.2
         assert to_micro(before) - to_micro(client.balance()) == row["charged"]
+        # the stop is a settlement too: it comes with its signed receipt
+        assert fut.receipt is not None and verify_receipt(fut.receipt, client.gateway_key)
+        assert fut.receipt["amount_micro"] == row["charged"]
 
 
 # --------------------------------------------------------------------------- 4. no funds
