@@ -29,6 +29,7 @@ from IPython.display import display
 from notebook_ext import kernel_provider
 from notebook_ext.display import format_bytes, format_prices, format_runtime, task_html
 from notebook_ext.errors import DecomputeError
+from notebook_ext.progress import ProgressState
 
 if TYPE_CHECKING:
     from notebook_ext.client import Client, ProviderInfo
@@ -147,6 +148,25 @@ class ProviderRow:
                 "cpu_percent": self.cpu.value, "memory_percent": self.memory.value}
 
 
+#: Multi-task submissions whose progress the panel shows (the latest ones).
+PROGRESS_KEPT = 4
+
+
+def progress_html(groups: list[Any]) -> str:
+    """One bar per task group (key prefix): done of total, errors in red."""
+    rows = []
+    for g in groups[-12:]:
+        width = int(100 * g.done / g.total) if g.total else 100
+        colour = "#c0392b" if g.errors else "#2e86c1"
+        rows.append(
+            f"<div style='display:flex;gap:6px;align-items:center'>"
+            f"<span style='width:130px;overflow:hidden'>{html.escape(g.name)}</span>"
+            f"<span style='width:120px;background:#eee;height:9px'><span style='display:block;"
+            f"width:{width}%;height:9px;background:{colour}'></span></span>"
+            f"<span>{g.done}/{g.total}{f' ({g.errors} failed)' if g.errors else ''}</span></div>")
+    return "<b>progress</b>" + "".join(rows) if rows else ""
+
+
 class Panel(widgets.VBox):
     """``Panel(client)``: the live decompute panel; ``panel.show()`` puts it on screen."""
 
@@ -166,6 +186,9 @@ class Panel(widgets.VBox):
             grid_gap="2px 12px", overflow="auto"))  # scrolls sideways in a narrow sidebar
         self.task_table = widgets.HTML()
         self.task_rows: list[dict[str, Any]] = []
+        self.progress_html = widgets.HTML()  # per-prefix bars of maps and Dask graphs
+        self.progress: deque[ProgressState] = deque(maxlen=PROGRESS_KEPT)
+        client.on_submit(self._track_progress)
         self.task_count = widgets.Label("0")
         self.spent = widgets.Label("0")
         self.providing = widgets.HTML(layout=widgets.Layout(display="none"))
@@ -189,7 +212,8 @@ class Panel(widgets.VBox):
                               layout=widgets.Layout(grid_gap="8px"))
         super().__init__(children=[
             header, widgets.HTML("<b>providers</b> (checked = where your tasks run)"),
-            self.provider_grid, widgets.HTML("<b>tasks</b>"), self.task_table, totals,
+            self.provider_grid, widgets.HTML("<b>tasks</b>"), self.task_table,
+            self.progress_html, totals,
             self.providing, self.close_button,
         ])
         self.refresh()
@@ -328,7 +352,17 @@ class Panel(widgets.VBox):
         """Ids of the checked providers."""
         return [pid for pid, row in self.provider_rows.items() if row.check.value]
 
+    def _track_progress(self, futures: list[Future]) -> None:
+        """A batch of several tasks (a map, a Dask graph) gets progress bars by key prefix."""
+        if len(futures) > 1:
+            self.progress.append(ProgressState(list(futures)))
+
+    def _refresh_progress(self) -> None:
+        groups = [g for state in self.progress for g in state.groups.values()]
+        self.progress_html.value = progress_html(groups)
+
     def _refresh_tasks(self) -> None:
+        self._refresh_progress()
         running, recent = self.tracker.snapshot()
         rows = []
         for record in [*running, *recent]:
@@ -363,6 +397,8 @@ class Panel(widgets.VBox):
             "account": self.account.tooltip, "balance": self.balance.value,
             "providers": [row.state() for row in self.provider_rows.values()],
             "selected": self.selected, "tasks": list(self.task_rows),
+            "progress": [{"group": g.name, "done": g.done, "total": g.total, "errors": g.errors}
+                         for state in self.progress for g in state.groups.values()],
             "totals": {"tasks": self.task_count.value, "tokens": self.spent.value},
             "providing": kp.stats() if kp is not None else None,
             "providing_shown": self.providing.layout.display != "none",

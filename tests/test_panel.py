@@ -90,6 +90,22 @@ def test_balance_and_cost_fields_change_after_a_task(kernel: Kernel) -> None:
     assert float(read(kernel)["balance"].split()[0]) < float(before["balance"].split()[0])
 
 
+def test_a_dask_graph_shows_its_progress_by_task_group(kernel: Kernel) -> None:
+    kernel.run("import dask\n"
+               "_parts = [dask.delayed(abs)(-i) for i in range(6)]\n"
+               "_total = dask.delayed(sum)(_parts)\n"
+               "_answer = _total.compute(scheduler=_m.get_client())")
+    assert kernel.json("print(json.dumps(_answer))") == 15
+
+    def groups() -> dict | None:
+        found = {g["group"]: g for g in read(kernel)["progress"]}
+        done = found.get("abs") and found["abs"]["done"] == found["abs"]["total"] == 6
+        return found if done and found.get("sum", {}).get("done") == 1 else None
+
+    found = wait_for(groups, 15, "the panel to show the graph's progress", interval=0.2)
+    assert found["abs"]["errors"] == 0
+
+
 def test_closing_stops_updates(kernel: Kernel) -> None:
     got = kernel.json("panel.close()\n"
                       "print(json.dumps([panel.updating, panel._thread.is_alive()]))")
