@@ -8,7 +8,7 @@ connection or role can never be replayed for another.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -29,16 +29,16 @@ class Identity:
     """A key pair; ``account`` is the hex of the 32-byte public key."""
 
     private_key: Ed25519PrivateKey
+    #: Derived once: every receipt the gateway signs names it.
+    public_bytes: bytes = field(init=False, repr=False)
+    account: str = field(init=False, repr=False)
 
-    @property
-    def public_bytes(self) -> bytes:
-        return self.private_key.public_key().public_bytes(
+    def __post_init__(self) -> None:
+        raw = self.private_key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
-
-    @property
-    def account(self) -> str:
-        return self.public_bytes.hex()
+        object.__setattr__(self, "public_bytes", raw)
+        object.__setattr__(self, "account", raw.hex())
 
     def sign(self, data: bytes) -> bytes:
         return self.private_key.sign(data)
