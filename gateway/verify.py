@@ -100,7 +100,7 @@ class Verifier:
             self._judge(vote, ballot, decision)
             self._close_if_done(vote)
             return decision
-        if self._accept_alone(vote, ballot):
+        if self._accept_alone(ballot):
             decision = Decision(accepted=ballot, paid=[ballot], cancel=self._pending(vote))
             vote.winner = ballot.digest
             for task in decision.cancel:
@@ -138,7 +138,7 @@ class Verifier:
             return Decision(unpaid=list(vote.ballots), failed=True)
         return Decision()
 
-    def _accept_alone(self, vote: Vote, ballot: Ballot) -> bool:
+    def _accept_alone(self, ballot: Ballot) -> bool:
         run = self.standing.get(ballot.provider_account, Standing()).run
         return run >= TRUSTED_RUN and self.rng.random() >= 1.0 / run
 
