@@ -22,7 +22,7 @@ from gateway.metrics import Counters
 from gateway.registry import ProviderConn, Registry
 from gateway.relay import Relay
 from gateway.scheduler import Scheduler, no_match_message, why_ineligible
-from gateway.sessions import ClientSession, Send
+from gateway.sessions import ClientSession
 from gateway.tasks import TERMINAL, Task, TaskState
 from gateway.verify import Ballot, Decision, Verifier
 
@@ -71,7 +71,7 @@ class Hub:
         session = self.sessions.get(session_id)
         return session is None or session.account == account
 
-    def attach_client(self, account: str, session_id: str, send: Send) -> ClientSession:
+    def attach_client(self, account: str, session_id: str, send: p.Send) -> ClientSession:
         """A client (re)connects; a known session gets what finished while it was away."""
         session = self.sessions.get(session_id)
         if session is None or session.account != account:

@@ -17,7 +17,7 @@ Every header field is checked against a schema before a message object is built;
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -430,6 +430,8 @@ def encode_frame(header: dict, buffers: Sequence[Buffer] = ()) -> bytes:
 JOIN_BELOW = 256 * 1024
 
 Frame = bytes | list[Buffer]
+#: Queue a frame for one peer (the hub and its records never touch a socket).
+Send = Callable[[Frame], None]
 
 
 def encode_parts(msg: Message, buffers: Sequence[Buffer] = ()) -> Frame:

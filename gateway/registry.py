@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.protocol import Frame, ProviderAd
+from gateway.protocol import ProviderAd, Send
 
 #: Function blobs the gateway remembers having sent to one provider. The provider keeps a FIFO
 #: twice this size of exactly the blobs we send, in the same order, so whatever is in this set is
@@ -19,8 +18,6 @@ SENT_FUNCS_REMEMBERED = 512
 
 #: Tasks queued on a provider beyond its slots, at least.
 PREFETCH_MIN = 8
-
-Send = Callable[[Frame], None]
 
 
 @dataclass(slots=True, eq=False)

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.protocol import Frame, frame_size
+from gateway.protocol import Frame, Send, frame_size
 
 #: Bytes of undelivered result frames kept for one disconnected session.
 MAX_OUTBOX_BYTES = 2 * 1024**3
 #: How long a disconnected session's tasks keep running and its results keep waiting.
 LINGER_SECONDS = 300.0
-
-Send = Callable[[Frame], None]
 
 
 @dataclass(slots=True, eq=False)
