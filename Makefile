@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test bench lint clean chromium
+.PHONY: demo test bench lint clean chromium lab
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ chromium:
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q tests
+
+# JupyterLab from this .venv, on notebooks/: where your own notebooks start. LAB_ARGS passes flags.
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
