@@ -59,6 +59,14 @@ class Task:
     tried: set[str] = field(default_factory=set)
     created: float = field(default_factory=time.monotonic)
     started: float | None = None
+    #: When the current assignment was sent (monotonic): the start of the gateway's own clock for
+    #: ``timeout`` and of the lease; None while pending.
+    assigned_at: float | None = None
+    #: The assignment's lease runs until then (monotonic); each heartbeat that mentions the task
+    #: renews it. Past it, the gateway takes the task back.
+    lease_until: float = 0.0
+    #: Counts assignments, so a deadline set for an earlier one is recognised as stale.
+    assignment: int = 0
     usage: dict[str, float] = field(default_factory=dict)
     #: Set when the client cancelled while a provider still runs it: its final report is awaited
     #: (for settlement) but never forwarded, and a provider loss does not retry it.
