@@ -37,7 +37,8 @@ AUTH_TIMEOUT = 10.0
 DEFAULT_MAX_MESSAGE = 512 * 1024 * 1024
 
 CLIENT_TYPES = frozenset({"submit", "cancel", "query", "fetch", "release"})
-PROVIDER_TYPES = frozenset({"results", "events", "heartbeat", "query", "data"})
+#: A provider may answer a frame it could not read with an ``error`` (it stays connected).
+PROVIDER_TYPES = frozenset({"results", "events", "heartbeat", "query", "data", "error"})
 POLICY = 1008  # close code: policy violation (auth, schema, unknown type)
 
 
@@ -267,5 +268,8 @@ class GatewayServer:
                     self._react("heartbeat", self.hub.heartbeat, conn, msg)
                 elif isinstance(msg, p.Query):
                     out.send(p.encode(self.hub.query(conn.account, conn.id, msg)))
+                elif isinstance(msg, p.Error):
+                    log.warning("provider %s could not read a message: %s: %s", conn.id,
+                                msg.code, msg.message[:500])
         finally:
             self.hub.leave_provider(conn.id)
