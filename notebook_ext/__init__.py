@@ -1,7 +1,14 @@
-"""decompute's user side: ``Client`` and futures, Dask integration, magics, the widget panel."""
+"""decompute's user side: ``Client`` and futures, Dask integration, magics, the widget panel.
+
+Importing this package stays cheap and side-effect free: IPython, ipywidgets and dask load only
+when something needs them (``%load_ext notebook_ext``, the panel, ``progress``, a Dask graph), and
+no Dask configuration is changed by the import.
+"""
+
+from typing import Any
 
 from gateway.receipts import verify_receipt
-from notebook_ext.client import Client, ProviderInfo
+from notebook_ext.client import Balance, Client, ProviderInfo
 from notebook_ext.errors import (
     BudgetExceeded,
     DecomputeError,
@@ -14,12 +21,39 @@ from notebook_ext.errors import (
     VerificationFailed,
 )
 from notebook_ext.futures import Future, as_completed, wait
-from notebook_ext.progress import progress
 
 __all__ = [
-    "BudgetExceeded", "Client", "DecomputeError", "Future", "GatewayRefused",
+    "Balance", "BudgetExceeded", "Client", "DecomputeError", "Future", "GatewayRefused",
     "InsufficientFunds", "NoMatchingProvider", "ProviderInfo", "ProviderLost", "RemoteError",
     "UntrustedResultError", "VerificationFailed", "as_completed", "progress", "verify_receipt",
     "wait",
 ]
-from notebook_ext.magics import Panel, load_ipython_extension, unload_ipython_extension  # noqa: E402,F401,I001
+
+
+def progress(*args: Any, **kwargs: Any) -> Any:
+    """Live per-task-group progress bars; see :func:`notebook_ext.progress.progress`."""
+    from notebook_ext.progress import progress as _progress
+
+    return _progress(*args, **kwargs)
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext notebook_ext``: IPython is imported here, never by ``import notebook_ext``."""
+    from notebook_ext import magics
+
+    magics.load_ipython_extension(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    from notebook_ext import magics
+
+    magics.unload_ipython_extension(ipython)
+
+
+def __getattr__(name: str) -> Any:
+    # ``from notebook_ext import Panel`` still works, importing ipywidgets only when asked.
+    if name == "Panel":
+        from notebook_ext.panel import Panel
+
+        return Panel
+    raise AttributeError(f"module 'notebook_ext' has no attribute {name!r}")

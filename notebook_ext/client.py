@@ -8,7 +8,10 @@ calling thread pickles arguments and decodes results, so neither blocks the othe
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures as cf
+import contextlib
+import importlib.util
 import itertools
 import logging
 import os
@@ -27,6 +30,7 @@ from gateway.units import parse_size
 from notebook_ext import errors, safe_pickle
 from notebook_ext.connection import GatewayLink
 from notebook_ext.futures import Future, RawResult, StoredResult
+from notebook_ext.pending import TaskBook
 from notebook_ext.serialize import (
     dumps_args,
     dumps_function,
@@ -40,8 +44,36 @@ log = logging.getLogger(__name__)
 DEFAULT_GATEWAY = "ws://127.0.0.1:8765"
 #: Tasks per Submit frame in ``map``: bounds one frame's header to a few hundred KiB.
 MAP_BATCH = 1000
-_RESERVED = ("key", "providers", "resources", "max_price", "budget", "redundancy", "timeout",
-             "retries", "trust", "pure")
+#: Seconds ``balance()``, ``providers()`` and other questions wait for the gateway's answer.
+QUERY_TIMEOUT = 30.0
+
+
+class Balance(float):
+    """An account's balance in tokens: the value is what is *available* to spend; ``held`` is
+    what open tasks hold in escrow right now (it comes back, less what they cost)."""
+
+    available: float
+    held: float
+
+    def __new__(cls, available: float, held: float = 0.0) -> Balance:
+        self = super().__new__(cls, available)
+        self.available = float(available)
+        self.held = float(held)
+        return self
+
+    @classmethod
+    def from_reply(cls, data: Any) -> Balance:
+        """The gateway's answer: ``{"available": t, "held": t}`` (or a plain number, from a
+        gateway that predates escrow reporting)."""
+        if isinstance(data, dict):
+            return cls(float(data.get("available", 0.0)), float(data.get("held", 0.0)))
+        return cls(float(data))
+
+    def __repr__(self) -> str:
+        return f"Balance({self.available:.6g} available, {self.held:.6g} held)"
+
+    def __reduce__(self) -> tuple:
+        return (Balance, (self.available, self.held))
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +119,22 @@ class Client:
     """A connection to a decompute gateway, as this machine's identity.
 
     ``address`` defaults to ``$DECOMPUTE_GATEWAY``, else ``ws://127.0.0.1:8765``. ``trust=True``
-    unpickles results without the allow-list (only if you trust every provider).
+    unpickles results without the allow-list (only if you trust every provider). ``timeout`` is
+    the seconds the first connection may take; ``home`` the identity folder (default
+    ``$DECOMPUTE_HOME``, else ``~/.decompute``).
+
+    Outages: the client reconnects with backoff for as long as it is open (``status`` says
+    reconnecting, then lost after 60 s) and logs one warning per outage. While the gateway is
+    unreachable ``submit``/``map`` raise ``ConnectionError`` at once, unless
+    ``queue_while_disconnected=True``: then tasks wait and are sent on reconnect. Tasks in flight
+    keep waiting; when the gateway is back (even restarted on the same database) the ones it no
+    longer knows are submitted again under the same session and keys, and paid once.
+    ``reconnect_for`` (seconds, default None: never) fails the futures still waiting with
+    ``ConnectionError`` after that long without a gateway; the client keeps reconnecting anyway.
+
+    Endings: ``close()`` (or leaving ``with Client() as c:``, or the end of the script) cancels
+    every task still running for this client; a future nobody holds any more is cancelled on
+    the providers, as in Dask.
     """
 
     #: Dask asks this of any scheduler object named "Client": this one blocks (its own loop
@@ -96,29 +143,34 @@ class Client:
 
     def __init__(self, address: str | None = None, *, trust: bool = False, timeout: float = 30.0,
                  name: str = "", home: str | os.PathLike | None = None,
-                 stream_output: bool = True, reconnect_for: float = 60.0) -> None:
+                 stream_output: bool = True, reconnect_for: float | None = None,
+                 queue_while_disconnected: bool = False) -> None:
         self.address = address or os.environ.get("DECOMPUTE_GATEWAY") or DEFAULT_GATEWAY
         self.trust = trust
         self.stream_output = stream_output
+        self.reconnect_for = reconnect_for
+        self.queue_while_disconnected = queue_while_disconnected
         self.identity = Identity.load_or_create(home)
         self.session = secrets.token_hex(8)
         self.default_providers: list[str] | None = None
         self._trusted: set[str] = set()
-        self._futures: dict[str, Future] = {}
+        self._book = TaskBook(self._abandoned)
         self._submit_listeners: list[Callable[[list[Future]], None]] = []
-        self._replies: dict[int, cf.Future] = {}
-        self._fetches: dict[str, cf.Future] = {}
         self._ids = itertools.count(1)
         self._closed = False
+        self._close_lock = threading.Lock()
+        self._give_up: asyncio.TimerHandle | None = None
+        self._warned = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="decompute-client")
         self._thread.start()
         self._link = GatewayLink(self.address, self.identity, self.session, self._on_message,
-                                 self._on_resumed, self._on_lost, name, reconnect_for)
+                                 self._on_resumed, self._on_down, name)
         try:
             welcome = self._call(self._link.open(timeout), timeout + 5)
         except Exception as exc:
+            self._closed = True
             self._stop_loop()
             raise ConnectionError(
                 f"could not connect to the decompute gateway at {self.address}: {exc!r}. Is one "
@@ -127,6 +179,8 @@ class Client:
         self.account: str = welcome.account
         self.gateway_key: str = welcome.gateway.hex()
         self.max_message: int = welcome.max_message
+        self._shuffle_default = _prefer_task_shuffle()
+        _OPEN.add(self)
 
     # ------------------------------------------------------------------ lifetime
 
@@ -136,62 +190,141 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
-        """Cancel what is still running for this client and close the connection."""
-        if self._closed:
-            return
-        self._closed = True
-        pending = [f for f in self._futures.values() if not f.done()]
-        if pending:
-            self._cancel_keys([f.key for f in pending])
-            for fut in pending:  # nobody will answer them now: never leave result() hanging
-                fut._cancel_locally()
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel what is still running for this client and close the connection.
+
+        Safe at any moment and from any thread, any number of times; futures still waiting are
+        cancelled (their ``result()`` raises ``CancelledError``), and the client's event loop is
+        closed.
+        """
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        _OPEN.discard(self)
+        pending = self._book.take_all()
         try:
-            self._call(self._drain_and_close(), 10)
+            if pending:
+                self._send_soon(p.encode(p.Cancel(keys=[f.key for f in pending])), closing=True)
+            self._call(self._drain_and_close(), timeout)
+        except (TimeoutError, cf.TimeoutError, RuntimeError) as exc:
+            log.warning("closing the connection to %s did not finish cleanly: %r",
+                        self.address, exc)
         finally:
             self._stop_loop()
+            for fut in pending:  # nobody will answer them now: never leave result() hanging
+                fut._cancel_locally()
+            self._book.fail_waiters(ConnectionError("this Client was closed"))
+            _restore_shuffle(self._shuffle_default)
 
     async def _drain_and_close(self) -> None:
+        if self._give_up is not None:
+            self._give_up.cancel()
         await asyncio.sleep(0)  # let queued frames (the cancel) reach the writer
         await self._link.close()
 
     def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        with contextlib.suppress(RuntimeError):  # already closed
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5)
+            if not self._thread.is_alive():
+                self._loop.close()
 
     def __repr__(self) -> str:
-        return f"<decompute.Client {self.address} account={self.account[:12]}>"
+        account = getattr(self, "account", "")[:12]
+        return f"<decompute.Client {self.address} account={account} {self.status}>"
+
+    @property
+    def status(self) -> str:
+        """``connecting``, ``connected``, ``reconnecting`` (gateway unreachable, retrying),
+        ``lost`` (unreachable for more than 60 s, still retrying with backoff) or ``closed``."""
+        if self._closed:
+            return "closed"
+        return self._link.status(self._loop.time())
+
+    @property
+    def connected(self) -> bool:
+        """True while the websocket to the gateway is up (False while it reconnects)."""
+        return not self._closed and self._link.connected
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     # ------------------------------------------------------------------ submitting
 
-    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> Future:
+    def submit(self, fn: Callable[..., Any], /, *args: Any, key: str | None = None,
+               providers: Sequence[str] | None = None, resources: dict | None = None,
+               max_price: float | None = None, budget: float | None = None,
+               redundancy: int = 1, timeout: float | None = None, retries: int = 2,
+               trust: bool | None = None, pure: bool | None = None, **kwargs: Any) -> Future:
         """Run ``fn(*args, **kwargs)`` on a provider; returns a :class:`Future` at once.
 
-        Reserved keywords (as in Dask): ``key``, ``providers``, ``resources``, ``max_price``,
-        ``budget``, ``redundancy``, ``timeout``, ``retries``, ``trust``.
-        """
-        opts = {k: kwargs.pop(k) for k in _RESERVED if k in kwargs}
-        func_hash, blob = dumps_function(fn)
-        key = opts.pop("key", None) or f"{_name(fn)}-{uuid.uuid4().hex}"
-        spec, payload = self._task(key, func_hash, dumps_args(args, kwargs), opts)
-        return self._send_batch([spec], [payload], func_hash, blob, opts.get("trust"))[0]
+        Reserved keywords (as in Dask; every other keyword goes to ``fn``):
 
-    def map(self, fn: Any, *iterables: Iterable, **kwargs: Any) -> list[Future]:
-        """``submit(fn, *items)`` for each item of ``zip(*iterables)``; batched on the wire."""
-        opts = {k: kwargs.pop(k) for k in _RESERVED if k in kwargs}
-        keys = opts.pop("key", None)
+        - ``key``: the task's name (default ``"<fn name>-<uuid>"``); unique among running tasks.
+        - ``providers``: only these providers (provider ids, account ids or names); default
+          ``client.default_providers`` (the panel's choice), else any.
+        - ``resources``: ``{"cpus": 1, "memory": "2GiB", "gpus": 0}`` (memory as bytes or a
+          size string); default 1 CPU, the provider's memory share, no GPU.
+        - ``max_price``: highest price accepted, tokens per CPU-second (default: any price).
+        - ``budget``: the most this task may cost, tokens; it is held in escrow while it runs and
+          the task stops with ``BudgetExceeded`` when it is used up (default: ``max_price`` x
+          cpus x ``timeout``, else the gateway's default escrow).
+        - ``redundancy``: replicas on distinct providers, majority result wins (default 1).
+        - ``timeout``: seconds of run time before the task fails with ``TimeoutError``
+          (default None: no limit).
+        - ``retries``: times the task is re-run after its provider vanished (default 2).
+        - ``trust``: decode this result without the allow-list (default: the client's
+          ``trust``, False).
+        - ``pure``: accepted for Dask compatibility; ignored.
+
+        Raises ``ConnectionError`` while the gateway is unreachable (unless the client was made
+        with ``queue_while_disconnected=True``), ``GatewayRefused`` for a submission larger than
+        the gateway accepts, and ``InsufficientFunds`` at once when ``budget`` x ``redundancy``
+        exceeds the available balance; any other shortfall is known only to the gateway and
+        raises ``InsufficientFunds`` from ``result()``.
+        """
+        opts = _opts(providers, resources, max_price, budget, redundancy, timeout, retries)
+        self._check_ready()
+        self._check_funds(opts, 1)
         func_hash, blob = dumps_function(fn)
-        prefix = f"{_name(fn)}-{uuid.uuid4().hex[:12]}"
-        futures: list[Future] = []
+        key = key or f"{_name(fn)}-{uuid.uuid4().hex}"
+        spec, payload = self._task(key, func_hash, dumps_args(args, kwargs), opts)
+        return self._send_batch([spec], [payload], func_hash, blob, trust)[0]
+
+    def map(self, fn: Callable[..., Any], /, *iterables: Iterable, key: str | Sequence[str]
+            | None = None, providers: Sequence[str] | None = None,
+            resources: dict | None = None, max_price: float | None = None,
+            budget: float | None = None, redundancy: int = 1, timeout: float | None = None,
+            retries: int = 2, trust: bool | None = None, pure: bool | None = None,
+            **kwargs: Any) -> list[Future]:
+        """``submit(fn, *items, **kwargs)`` for each item of ``zip(*iterables)``, in order.
+
+        Batched on the wire (one frame per 1,000 tasks). ``key`` is a list of keys (one per
+        task) or a prefix (keys become ``"<prefix>-<i>"``; default ``"<fn name>-<random>"``).
+        Every other reserved keyword is :meth:`submit`'s, with the same units and defaults
+        (``budget`` is per task). Raises as :meth:`submit` does, before anything is sent;
+        ``InsufficientFunds`` at once when ``budget`` x ``redundancy`` x tasks exceeds the
+        available balance.
+        """
+        opts = _opts(providers, resources, max_price, budget, redundancy, timeout, retries)
+        self._check_ready()
         items = list(zip(*iterables, strict=False))
+        self._check_funds(opts, len(items))
+        func_hash, blob = dumps_function(fn)
+        prefix = key if isinstance(key, str) else f"{_name(fn)}-{uuid.uuid4().hex[:12]}"
+        keys = key if key is not None and not isinstance(key, str) else None
+        futures: list[Future] = []
         for start in range(0, len(items), MAP_BATCH):
             specs, payloads = [], []
             for i, item in enumerate(items[start:start + MAP_BATCH], start):
-                key = keys[i] if keys is not None else f"{prefix}-{i}"
-                spec, payload = self._task(key, func_hash, dumps_args(item, kwargs), opts)
+                task_key = keys[i] if keys is not None else f"{prefix}-{i}"
+                spec, payload = self._task(task_key, func_hash, dumps_args(item, kwargs), opts)
                 specs.append(spec)
                 payloads.append(payload)
-            futures += self._send_batch(specs, payloads, func_hash, blob, opts.get("trust"))
+            futures += self._send_batch(specs, payloads, func_hash, blob, trust)
         return futures
 
     def submit_graph(self, tasks: Sequence[GraphTask], send: Iterable[str] = (),
@@ -204,7 +337,9 @@ class Client:
         A kept result is released on the providers once its future is garbage-collected and no
         pending task needs it. ``opts`` are ``submit``'s reserved keywords.
         """
+        self._check_ready()
         send = set(send)
+        trust = opts.pop("trust", None)
         futures: dict[str, Future] = {}
         for start in range(0, len(tasks), MAP_BATCH):
             funcs: dict[int, tuple[str, bytes]] = {}
@@ -217,7 +352,7 @@ class Client:
                 specs.append(replace(spec, deps=list(t.deps), keep=True, send=t.key in send))
                 payloads.append(payload)
             blobs = dict(funcs.values())
-            batch = self._send_tasks(specs, payloads, blobs, opts.get("trust"))
+            batch = self._send_tasks(specs, payloads, blobs, trust)
             futures.update((f.key, f) for f in batch)
         for key, fut in futures.items():
             weakref.finalize(fut, self._release_key, key)
@@ -225,17 +360,26 @@ class Client:
 
     def _release_key(self, key: str) -> None:
         """A kept result's future was collected: the providers may free it (GC thread)."""
-        if not self._closed and self._loop.is_running():
-            frame = p.encode(p.Release(keys=[key]))
+        self._send_soon(p.encode(p.Release(keys=[key])))
+
+    def _abandoned(self, key: str, keep: bool) -> None:
+        """A task's future was collected before it ended: nobody can want its result."""
+        if not keep:  # graph tasks are released by their finalizer, once no dependent needs them
+            self._cancel_keys([key])
+
+    def _send_soon(self, frame: bytes, *, closing: bool = False) -> None:
+        """Queue a frame for the loop thread; a no-op once the client is closed (except the
+        last frames ``close`` sends)."""
+        if self._closed and not closing:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             self._loop.call_soon_threadsafe(self._link.send, frame)
 
     def _fetch(self, key: str, timeout: float | None) -> list[memoryview]:
         """The bytes of a result kept on a provider."""
-        waiter = self._fetches.get(key)
-        if waiter is None or waiter.done() and waiter.exception() is not None:
-            waiter = self._fetches[key] = cf.Future()
-            frame = p.encode(p.Fetch(keys=[key]))
-            self._loop.call_soon_threadsafe(self._link.send, frame)
+        waiter, ask = self._book.fetch_waiter(key)
+        if ask:
+            self._send_soon(p.encode(p.Fetch(keys=[key])))
         return waiter.result(timeout)
 
     def _task(self, key: str, func_hash: str, payload: list, opts: dict) -> tuple[p.TaskSpec, list]:
@@ -252,6 +396,31 @@ class Client:
         )
         return spec, payload
 
+    def _check_ready(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Client is closed; create a new one")
+        if not self._link.connected and not self.queue_while_disconnected:
+            raise ConnectionError(
+                f"the decompute gateway at {self.address} is unreachable (status "
+                f"{self.status}); the client keeps reconnecting. Submit again once "
+                f"client.status is 'connected', or create the client with "
+                f"queue_while_disconnected=True to queue tasks until then")
+
+    def _check_funds(self, opts: dict, n: int) -> None:
+        """Refuse at once what the balance cannot cover when the cost bound is known."""
+        budget = opts.get("budget")
+        if budget is None or n == 0 or not self._link.connected:
+            return
+        need = float(budget) * n * max(1, int(opts.get("redundancy") or 1))
+        balance = self.balance()
+        if need > balance.available:
+            raise errors.InsufficientFunds(
+                f"{n} task(s) with budget={budget:g} (x redundancy) need {need:g} tokens in "
+                f"escrow, but account {self.account} has {balance.available:g} available "
+                f"({balance.held:g} held by running tasks); nothing was sent. Lower budget=, "
+                f"wait for running tasks to finish, or top up with `decompute-gateway mint "
+                f"{self.account} AMOUNT --db FILE`")
+
     def _send_batch(self, specs: list[p.TaskSpec], payloads: list[list], func_hash: str,
                     blob: bytes, trust: bool | None) -> list[Future]:
         return self._send_tasks(specs, payloads, {func_hash: blob}, trust)
@@ -260,6 +429,17 @@ class Client:
                     trust: bool | None) -> list[Future]:
         if self._closed:
             raise RuntimeError("this Client is closed; create a new one")
+        frame = self._submit_frame(specs, payloads, funcs)
+        trust = self.trust if trust is None else trust
+        futures = [Future(self, spec.key, trust) for spec in specs]
+        self._book.add(futures, specs, payloads, funcs)
+        self._send_soon(frame)
+        for listener in self._submit_listeners:
+            listener(futures)
+        return futures
+
+    def _submit_frame(self, specs: list[p.TaskSpec], payloads: list[list],
+                      funcs: dict[str, bytes]) -> bytes:
         frame = p.encode_parts(p.Submit(tasks=specs, funcs=list(funcs)),
                                [*funcs.values(), *(b for payload in payloads for b in payload)])
         size = p.frame_size(frame)
@@ -269,30 +449,11 @@ class Client:
                 f"accepts "
                 f"messages up to {self.max_message:,} bytes; pass smaller arguments (or split a "
                 f"map into smaller ones); nothing was sent")
-        trust = self.trust if trust is None else trust
-        futures = []
-        for spec in specs:
-            if spec.key in self._futures and not self._futures[spec.key].done():
-                raise ValueError(f"key {spec.key!r} is already in use by a running task")
-            fut = self._futures[spec.key] = Future(self, spec.key, trust)
-            futures.append(fut)
-        self._loop.call_soon_threadsafe(self._link.send, frame)
-        for listener in self._submit_listeners:
-            listener(futures)
-        return futures
+        return frame
 
     def on_submit(self, listener: Callable[[list[Future]], None]) -> None:
         """Call ``listener(futures)`` with each batch of new futures (the panel tracks tasks so)."""
         self._submit_listeners.append(listener)
-
-    @property
-    def connected(self) -> bool:
-        """True while the websocket to the gateway is up (False while it reconnects)."""
-        return not self._closed and self._link.connected
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     @property
     def trusted_types(self) -> frozenset[str]:
@@ -300,18 +461,31 @@ class Client:
         return frozenset(self._trusted)
 
     def gather(self, futures: Sequence[Future] | Future) -> Any:
-        """The results, in order; raises the first error (as ``distributed`` does)."""
+        """The results, in order; raises the first error (as ``distributed`` does).
+
+        Ctrl-C while waiting cancels every task of ``futures`` not finished yet and raises a
+        plain ``KeyboardInterrupt``.
+        """
         if isinstance(futures, cf.Future):
             return futures.result()
-        return [f.result() for f in futures]
+        futures = list(futures)
+        try:
+            return [f.result() for f in futures]
+        except KeyboardInterrupt:
+            self.cancel(futures)
+            raise KeyboardInterrupt("interrupted while gathering results; the remote tasks "
+                                    "not finished yet were cancelled") from None
 
     def cancel(self, futures: Iterable[Future]) -> None:
-        for f in futures:
-            f.cancel()
+        """Cancel these tasks (one message); running ones have their remote process killed."""
+        waiting = [f for f in futures if isinstance(f, Future) and not f.done()]
+        if waiting:
+            self._cancel_keys([f.key for f in waiting])
+        for f in waiting:
+            f._cancel_locally()
 
     def _cancel_keys(self, keys: list[str]) -> None:
-        frame = p.encode(p.Cancel(keys=keys))
-        self._loop.call_soon_threadsafe(self._link.send, frame)
+        self._send_soon(p.encode(p.Cancel(keys=keys)))
 
     # ------------------------------------------------------------------ dask
 
@@ -339,25 +513,41 @@ class Client:
         """The providers online now."""
         return [ProviderInfo.from_dict(d) for d in self._request("providers")]
 
-    def balance(self) -> float:
-        """This account's balance in tokens."""
-        return float(self._request("balance"))
+    def balance(self) -> Balance:
+        """This account's tokens: a float of what is available, with ``.available`` and
+        ``.held`` (escrow held by this account's open tasks)."""
+        return Balance.from_reply(self._request("balance"))
 
     def trust_types(self, *types: type | str) -> None:
-        """Allow results that contain these exact types (besides the safe allow-list)."""
-        for t in types:
-            self._trusted.add(t if isinstance(t, str) else safe_pickle.qualified_name(t))
+        """Allow results that contain these exact types (besides the safe allow-list).
 
-    def _request(self, what: str, args: dict | None = None, timeout: float = 30.0) -> Any:
+        Works for classes defined in a script or notebook (``__main__``) too: such a result
+        arrives as a reference to the class by name, and this client resolves that name to the
+        very class you passed.
+        """
+        for t in types:
+            name = t if isinstance(t, str) else safe_pickle.qualified_name(t)
+            self._trusted.add(name)
+
+    def _request(self, what: str, args: dict | None = None,
+                 timeout: float = QUERY_TIMEOUT) -> Any:
+        if self._closed:
+            raise RuntimeError("this Client is closed; create a new one")
+        if not self._link.connected:
+            raise ConnectionError(
+                f"cannot ask the gateway at {self.address} for {what}: it is unreachable "
+                f"(status {self.status}); the client keeps reconnecting, try again later")
         req_id = next(self._ids)
-        reply: cf.Future = cf.Future()
-        self._replies[req_id] = reply
-        frame = p.encode(p.Query(id=req_id, what=what, args=args or {}))
-        self._loop.call_soon_threadsafe(self._link.send, frame)
+        reply = self._book.expect_reply(req_id)
+        self._send_soon(p.encode(p.Query(id=req_id, what=what, args=args or {})))
         try:
             msg: p.Reply = reply.result(timeout)
+        except cf.TimeoutError:
+            raise ConnectionError(
+                f"the gateway at {self.address} did not answer {what!r} within {timeout:g} s "
+                f"(status {self.status}); it may be overloaded or restarting, try again") from None
         finally:
-            self._replies.pop(req_id, None)
+            self._book.drop_reply(req_id)
         if msg.error:
             raise errors.GatewayRefused(msg.error)
         return msg.data
@@ -381,88 +571,164 @@ class Client:
             for event in msg.events:
                 self._on_event(event)
         elif isinstance(msg, p.Reply):
-            reply = self._replies.get(msg.id)
+            reply = self._book.reply(msg.id)
             if reply is not None and not reply.done():
                 reply.set_result(msg)
         elif isinstance(msg, p.Error):
             log.warning("gateway: %s: %s", msg.code, msg.message)
 
     def _on_result(self, result: p.Result, buffers: list[memoryview]) -> None:
-        waiter = self._fetches.get(result.key)
-        if waiter is not None and not waiter.done():  # the answer to a fetch
+        waiter = self._book.fetched(result.key)
+        if waiter is not None:  # the answer to a fetch
             if result.status == "finished":
                 waiter.set_result(buffers)
             else:
                 waiter.set_exception(rebuild_error(result.error, result.code))
-            if result.key not in self._futures:
-                return
-        fut = self._futures.pop(result.key, None)
+        fut = self._book.take(result.key)
         if fut is None or fut.done():
             return
-        fut.provider = result.provider or fut.provider
-        fut.usage = dict(result.usage) or fut.usage
-        fut.cost = result.cost
-        fut.receipt = result.receipt
+        fut._settled(result.provider, result.usage, result.cost, result.receipt)
         if result.status == "finished":
-            fut._remote_status = "finished"
-            fut.nbytes = result.nbytes
-            if result.stored and not result.nb:
-                fut.set_result(StoredResult(result.key, result.nbytes))
-            else:
-                fut.set_result(RawResult(buffers))
+            value = (StoredResult(result.key, result.nbytes) if result.stored and not result.nb
+                     else RawResult(buffers))
+            fut._finish(value, result.nbytes)
         elif result.status == "cancelled":
             fut._cancel_locally()
         else:
-            fut._remote_status = "error"
-            fut.set_exception(rebuild_error(result.error, result.code))
+            fut._fail(rebuild_error(result.error, result.code))
 
     def _on_event(self, event: p.Event) -> None:
-        fut = self._futures.get(event.key)
+        fut = self._book.get(event.key)
         if fut is None:
             return
         if event.kind == "running":
-            fut._remote_status = "running"
-            fut.provider = event.provider
+            fut._started(event.provider)
         elif event.kind == "retrying":
-            fut._remote_status = "pending"
-            fut.provider = None
+            fut._requeued()
         elif event.kind == "usage":
-            fut.usage = dict(event.usage or {})
-            if event.cost is not None:
-                fut.cost = event.cost
+            fut._metered(event.usage, event.cost)
         elif event.kind == "output" and event.text:
-            fut.output.append((event.stream or "stdout", event.text))
+            fut._printed(event.stream or "stdout", event.text)
             if self.stream_output:
                 stream = sys.stderr if event.stream == "stderr" else sys.stdout
                 stream.write(event.text)
 
+    def _on_down(self, error: BaseException | None) -> None:
+        """The gateway is unreachable (loop thread): say so once, arm ``reconnect_for``."""
+        if not self._warned:
+            self._warned = True
+            log.warning("lost the decompute gateway at %s; reconnecting with backoff for as long "
+                        "as this client is open (client.status). submit() raises "
+                        "ConnectionError until it is back%s", self.address,
+                        "" if not self.queue_while_disconnected else " (queued: sent then)")
+        if self.reconnect_for is not None and self._give_up is None:
+            self._give_up = self._loop.call_later(self.reconnect_for, self._fail_waiting)
+
+    def _fail_waiting(self) -> None:
+        """``reconnect_for`` ran out: the futures still waiting fail (the link keeps trying)."""
+        error = self._link.last_error
+        for fut in self._book.take_all():
+            fut._fail(ConnectionError(
+                f"no connection to the gateway at {self.address} for {self.reconnect_for:g} s "
+                f"(reconnect_for): {error!r}; submit the task again once it is back"))
+
     def _on_resumed(self) -> None:
-        """After a reconnect: fail the tasks the gateway no longer knows (it restarted)."""
-        keys = [k for k, f in self._futures.items() if not f.done()]
+        """After a reconnect (loop thread): ask which tasks the gateway no longer knows (it
+        restarted, or a submission was lost on the way) and submit those again, same keys."""
+        if self._give_up is not None:
+            self._give_up.cancel()
+            self._give_up = None
+        if self._warned:
+            log.warning("reconnected to the decompute gateway at %s", self.address)
+            self._warned = False
+        keys = self._book.keys()
         if not keys:
             return
         req_id = next(self._ids)
-        reply: cf.Future = cf.Future()
-        self._replies[req_id] = reply
-
-        def check(done: cf.Future) -> None:
-            self._replies.pop(req_id, None)
-            for key in done.result().data.get("unknown", []):
-                fut = self._futures.pop(key, None)
-                if fut is not None and not fut.done():
-                    fut.set_exception(errors.ProviderLost(
-                        f"the gateway lost task {key} (it restarted); submit it again"))
-
-        reply.add_done_callback(check)  # set on this loop thread, so it runs here too
+        reply = self._book.expect_reply(req_id)
+        reply.add_done_callback(self._resubmit_unknown)  # set on this loop thread: runs here
         self._link.send(p.encode(p.Query(id=req_id, what="resume", args={"keys": keys})))
 
-    def _on_lost(self, error: BaseException) -> None:
-        for key, fut in list(self._futures.items()):
-            if not fut.done():
-                fut.set_exception(ConnectionError(
-                    f"lost the connection to {self.address} and could not reconnect: {error!r}"))
-            self._futures.pop(key, None)
+    def _resubmit_unknown(self, done: cf.Future) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        unknown = done.result().data.get("unknown", [])
+        again, lost = self._book.resubmission(unknown)
+        for key in lost:
+            fut = self._book.take(key)
+            if fut is not None:
+                fut._fail(errors.ProviderLost(
+                    f"the gateway lost graph task {key} (it restarted) together with the inputs "
+                    f"it needed; compute the graph again"))
+        for start in range(0, len(again.specs), MAP_BATCH):
+            specs = again.specs[start:start + MAP_BATCH]
+            used = {spec.func for spec in specs}
+            funcs = {h: b for h, b in again.funcs.items() if h in used}
+            frame = self._submit_frame(specs, again.payloads[start:start + MAP_BATCH], funcs)
+            self._link.send(frame)
+        if again.specs:
+            log.warning("submitted %d unfinished task(s) again after the gateway came back",
+                        len(again.specs))
+
+
+def _opts(providers: Sequence[str] | None, resources: dict | None, max_price: float | None,
+          budget: float | None, redundancy: int, timeout: float | None, retries: int) -> dict:
+    """The reserved keywords as ``_task`` reads them (an absent ``providers`` means the
+    client's default)."""
+    opts: dict[str, Any] = {"resources": resources, "max_price": max_price, "budget": budget,
+                            "redundancy": redundancy, "timeout": timeout, "retries": retries}
+    if providers is not None:
+        opts["providers"] = providers
+    return opts
 
 
 def _name(fn: Any) -> str:
     return getattr(fn, "__name__", type(fn).__name__).replace("<", "").replace(">", "")
+
+
+# --------------------------------------------------------------------------- process-wide
+
+#: Open clients, closed at interpreter exit so a script that ends cancels its tasks.
+_OPEN: weakref.WeakSet[Client] = weakref.WeakSet()
+_SHUFFLE_KEY = "dataframe.shuffle.method"
+#: The ``dask.config.set`` that made task shuffles the default, and how many open clients use it.
+_shuffle_setting: list[Any] = []
+_shuffle_users = 0
+_shuffle_lock = threading.Lock()
+
+
+@atexit.register
+def _close_open_clients() -> None:
+    for client in list(_OPEN):
+        with contextlib.suppress(Exception):
+            client.close(timeout=3.0)
+
+
+def _prefer_task_shuffle() -> bool:
+    """While a client is open, Dask shuffles through tasks unless the user chose a method, as
+    with ``distributed.Client``: a disk shuffle cannot span providers, and Dask picks the method
+    when a collection is optimized, before any scheduler sees it. Never at import; undone when
+    the last client closes. Returns whether this client counts as a user of that default."""
+    global _shuffle_users
+    if importlib.util.find_spec("dask") is None:
+        return False
+    import dask.config
+
+    with _shuffle_lock:
+        if _shuffle_users == 0:
+            if dask.config.get(_SHUFFLE_KEY, None) is not None:
+                return False
+            _shuffle_setting.append(dask.config.set({_SHUFFLE_KEY: "tasks"}))
+        _shuffle_users += 1
+        return True
+
+
+def _restore_shuffle(counted: bool) -> None:
+    """The last open client closed: Dask's shuffle setting is what it was before."""
+    global _shuffle_users
+    if not counted:
+        return
+    with _shuffle_lock:
+        _shuffle_users -= 1
+        if _shuffle_users == 0 and _shuffle_setting:
+            _shuffle_setting.pop().__exit__(None, None, None)

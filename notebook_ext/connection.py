@@ -1,10 +1,12 @@
-"""The client's link to the gateway: one websocket, kept alive across short outages.
+"""The client's link to the gateway: one websocket, kept alive for as long as the client is open.
 
 It runs on the client's own event-loop thread, so a ``Client`` behaves the same in a script, a
 kernel, or inside someone else's ``async`` code. When the socket drops it reconnects with the
-same identity and session id (the gateway then delivers what finished meanwhile); frames that
-could not be written wait and go out after the reconnect. Only after ``reconnect_for`` seconds
-without a gateway does it give up and report the loss.
+same identity and session id, with backoff (0.1 s doubling to ``MAX_BACKOFF``), and never gives
+up while open; the gateway then delivers what finished meanwhile. Frames that could not be
+written wait and go out after the reconnect. ``status`` says where it stands:
+connecting, connected, reconnecting, lost (away for more than ``LOST_AFTER`` seconds, still
+retrying) or closed.
 """
 
 from __future__ import annotations
@@ -29,24 +31,31 @@ MAX_MESSAGE = 1024 * 1024 * 1024
 ACCEPTED = frozenset({"results", "events", "reply", "error"})
 
 OnMessage = Callable[[p.Message, list[memoryview]], None]
+#: Longest wait between two reconnect attempts: a restarted gateway is found within it.
+MAX_BACKOFF = 5.0
+#: Seconds without a gateway after which the status says "lost" instead of "reconnecting".
+LOST_AFTER = 60.0
 
 
 class GatewayLink:
     """A resilient connection; ``on_message`` is called on the loop thread for each message."""
 
     def __init__(self, url: str, identity: Identity, session: str, on_message: OnMessage,
-                 on_resumed: Callable[[], None], on_lost: Callable[[BaseException], None],
-                 name: str = "", reconnect_for: float = 60.0) -> None:
+                 on_resumed: Callable[[], None], on_down: Callable[[BaseException | None], None],
+                 name: str = "") -> None:
         self.url = url
         self.identity = identity
         self.session = session
         self.name = name
         self.on_message = on_message
         self.on_resumed = on_resumed
-        self.on_lost = on_lost
-        self.reconnect_for = reconnect_for
+        self.on_down = on_down
         self.welcome: p.Welcome | None = None
         self.connected = False
+        self.closed = False
+        #: loop time since which the gateway is unreachable (None while connected)
+        self.down_since: float | None = None
+        self.last_error: BaseException | None = None
         self._writer: FrameWriter | None = None
         self._waiting: list[bytes] = []
         self._runner: asyncio.Task | None = None
@@ -65,7 +74,18 @@ class GatewayLink:
         else:
             self._waiting.append(frame)
 
+    def status(self, now: float) -> str:
+        """connecting, connected, reconnecting, lost or closed (``now``: loop time)."""
+        if self.closed:
+            return "closed"
+        if self.connected:
+            return "connected"
+        if self.down_since is None:
+            return "connecting"
+        return "lost" if now - self.down_since > LOST_AFTER else "reconnecting"
+
     async def close(self) -> None:
+        self.closed = True
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -85,26 +105,29 @@ class GatewayLink:
         return ws
 
     async def _run(self, ws: ClientConnection) -> None:
-        """Serve the connection; on loss, reconnect until ``reconnect_for`` runs out."""
+        """Serve the connection; on loss, reconnect with backoff until closed."""
+        loop = asyncio.get_running_loop()
         while True:
             await self._serve(ws)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.reconnect_for
-            delay, error = 0.1, None
-            while loop.time() < deadline:
-                await asyncio.sleep(delay)
-                try:
-                    ws = await self._connect(timeout=10.0)
-                    break
-                except (OSError, InvalidHandshake, TimeoutError, ConnectionClosed,
-                        p.ProtocolError) as exc:
-                    error = exc
-                    delay = min(delay * 2, 2.0)
-            else:
-                self.on_lost(error or ConnectionError("gateway unreachable"))
-                return
-            log.info("reconnected to %s", self.url)
+            self.down_since = loop.time()
+            self.on_down(None)
+            ws = await self._reconnect()
+            log.info("reconnected to %s after %.1f s", self.url, loop.time() - self.down_since)
+            self.down_since = None
+            self.last_error = None
             self.on_resumed()
+
+    async def _reconnect(self) -> ClientConnection:
+        delay = 0.1
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                return await self._connect(timeout=10.0)
+            except (OSError, InvalidHandshake, TimeoutError, ConnectionClosed,
+                    p.ProtocolError) as exc:
+                self.last_error = exc
+                self.on_down(exc)
+                delay = min(delay * 2, MAX_BACKOFF)
 
     async def _serve(self, ws: ClientConnection) -> None:
         writer = FrameWriter(ws)

@@ -55,36 +55,40 @@ _SEP = "#"
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
+_TOKENIZER: list[bool] = []
+
+
 def _register_tokenizer() -> None:
     """A persisted collection's name is a token of its graph, which holds our futures: a
-    future's token is its key (as ``distributed.Future``'s), deterministic and cheap."""
+    future's token is its key (as ``distributed.Future``'s), deterministic and cheap. Done at
+    the first lowering, not at import: importing decompute leaves Dask as it was."""
+    if _TOKENIZER:
+        return
     from dask.tokenize import normalize_token
 
     from notebook_ext.futures import Future
 
     normalize_token.register(Future)(lambda fut: ("decompute.Future", fut.key))
+    _TOKENIZER.append(True)
 
-
-_register_tokenizer()
 
 #: Task groups of Dask's disk shuffle (partd): its tasks share one local directory, which
 #: cannot span providers (nor even two sandboxed task processes).
 DISK_SHUFFLE_GROUPS = frozenset({"zpartd", "partd"})
 
 
-def _prefer_task_shuffle() -> None:
-    """Dask shuffles through local disk unless a distributed Client is the default; on decompute
-    that cannot work, so unless the user chose a method, shuffles are tasks (correct anywhere).
-    Done at import, because dask picks the method when a collection is built or optimized,
-    before a scheduler ever sees the graph."""
+def task_shuffles() -> Any:
+    """A ``dask.config.set`` context in which shuffles are tasks unless the user chose a
+    method: a disk shuffle cannot span providers. Used around the optimizations decompute runs
+    itself (``client.compute``/``persist``); an open ``Client`` also makes it Dask's default
+    while it lives (see ``notebook_ext.client``), for ``compute(scheduler=client)``."""
+    import contextlib
+
     import dask
 
-    if dask.config.get("dataframe.shuffle.method", None) is None:
-        dask.config.set({"dataframe.shuffle.method": "tasks"})
-        log.debug("dataframe.shuffle.method set to 'tasks' for decompute")
-
-
-_prefer_task_shuffle()
+    if dask.config.get("dataframe.shuffle.method", None) is not None:
+        return contextlib.nullcontext()
+    return dask.config.set({"dataframe.shuffle.method": "tasks"})
 
 
 def run_task(deps: Mapping[str, Any], node: Any, names: Sequence[tuple[Key, str]]) -> Any:
@@ -186,6 +190,7 @@ def lower(dsk: Any, keys: Sequence[Key], known: Mapping[str, Future] | None = No
     from dask._task_spec import Alias
     from dask.order import order
 
+    _register_tokenizer()
     graph, held = task_graph(dsk)
     known = {**(known or {}), **held}
     token = token or secrets.token_hex(4)
@@ -321,8 +326,9 @@ def _expression(collections: Sequence[Any], optimize_graph: bool, finalize: bool
     from dask._expr import FinalizeCompute
     from dask.base import collections_to_expr
 
-    expr = collections_to_expr(list(collections), optimize_graph)
-    return (FinalizeCompute(expr) if finalize else expr).optimize()
+    with task_shuffles():
+        expr = collections_to_expr(list(collections), optimize_graph)
+        return (FinalizeCompute(expr) if finalize else expr).optimize()
 
 
 def compute(client: Client, collections: Any, *, sync: bool = False, optimize_graph: bool = True,

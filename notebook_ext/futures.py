@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
+import datetime
 import html
 import threading
 from collections.abc import Iterable, Iterator
@@ -33,6 +34,37 @@ class StoredResult:
 
     key: str
     nbytes: int
+
+
+class Receipt(dict):
+    """A signed settlement receipt: the gateway's raw dict, unchanged, so
+    ``verify_receipt(fut.receipt, client.gateway_key)`` checks it as signed; it only *shows*
+    itself readably (tokens instead of micro-tokens, ISO times instead of epoch seconds)."""
+
+    def readable(self) -> dict[str, Any]:
+        """The receipt as a person reads it: tokens, UTC ISO-8601 time, short ids."""
+        settled = self.get("settled_at")
+        when = (datetime.datetime.fromtimestamp(settled, datetime.UTC).isoformat(timespec="seconds")
+                if isinstance(settled, (int, float)) else settled)
+        return {
+            "task": self.get("task_id"),
+            "charged_tokens": self.get("amount_micro", 0) / 1e6,
+            "fee_tokens": self.get("fee_micro", 0) / 1e6,
+            "provider": str(self.get("provider", ""))[:16],
+            "usage": dict(self.get("usage") or {}),
+            "prices": dict(self.get("prices") or {}),
+            "settled_at": when,
+            "gateway": str(self.get("gateway", ""))[:16],
+        }
+
+    def __repr__(self) -> str:
+        r = self.readable()
+        return (f"Receipt(task {r['task']}: {r['charged_tokens']:.6g} tokens charged "
+                f"(fee {r['fee_tokens']:.6g}) by provider {r['provider']} at {r['settled_at']}; "
+                f"signed by gateway {r['gateway']}; verify_receipt(receipt, key) checks it)")
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(repr(self))
 
 
 class Future(cf.Future):
@@ -85,11 +117,75 @@ class Future(cf.Future):
                 self.set_running_or_notify_cancel()
             return True
 
+    # The methods below are how the client's loop thread changes a future: the future owns its
+    # fields, and each change happens under its own lock so readers never see half of one.
+
+    def _started(self, provider: str | None) -> None:
+        with self._condition:
+            if not self.done():
+                self._remote_status = "running"
+                self.provider = provider or self.provider
+
+    def _requeued(self) -> None:
+        with self._condition:
+            if not self.done():
+                self._remote_status = "pending"
+                self.provider = None
+
+    def _metered(self, usage: dict | None, cost: float | None) -> None:
+        with self._condition:
+            self.usage = dict(usage or {})
+            if cost is not None:
+                self.cost = cost
+
+    def _printed(self, stream: str, text: str) -> None:
+        with self._condition:
+            self.output = [*self.output, (stream, text)]  # readers may iterate the old list
+
+    def _settled(self, provider: str | None, usage: dict | None, cost: float,
+                 receipt: dict | None) -> None:
+        """The gateway's final word on where it ran and what it cost (any outcome)."""
+        with self._condition:
+            self.provider = provider or self.provider
+            self.usage = dict(usage or {}) or self.usage
+            self.cost = cost
+            self.receipt = Receipt(receipt) if receipt else None
+
+    def _finish(self, value: Any, nbytes: int = 0) -> bool:
+        with self._condition:
+            if self.done():
+                return False
+            self._remote_status = "finished"
+            self.nbytes = nbytes
+            self.set_result(value)
+            return True
+
+    def _fail(self, exc: BaseException) -> bool:
+        with self._condition:
+            if self.done():
+                return False
+            self._remote_status = "error"
+            self.set_exception(exc)
+            return True
+
     #: Lets Dask recognise a decompute future inside a graph (as it does distributed's).
     __dask_future__ = True
 
     def result(self, timeout: float | None = None) -> Any:
-        raw = super().result(timeout)
+        """The task's value (decoded through the safe-result allow-list on first call).
+
+        Ctrl-C while waiting cancels the remote task and raises a plain ``KeyboardInterrupt``.
+        """
+        try:
+            raw = super().result(timeout)
+        except KeyboardInterrupt:
+            self.cancel()
+            raise KeyboardInterrupt(f"interrupted while waiting for {self.key}; the remote "
+                                    f"task was cancelled") from None
+        except cf.TimeoutError:
+            raise TimeoutError(f"task {self.key} did not finish within {timeout} s (status "
+                               f"{self.status}, gateway {self.client.status}); it keeps "
+                               f"running: call result() again or cancel() it") from None
         if not isinstance(raw, (RawResult, StoredResult)):
             return raw
         with self._decode_lock:
@@ -125,7 +221,7 @@ class Future(cf.Future):
         cpu = self.usage.get("cpu_seconds", 0.0)
         return (f"<b>Future</b> {html.escape(self.key)} <span style='color:{colour}'>"
                 f"{self.status}</span> provider={html.escape(str(self.provider))} "
-                f"cpu={cpu:.2f}s cost={self.cost:.6f}")
+                f"cpu={cpu:.2f}s cost={self.cost:.3g} tokens")
 
 
 def as_completed(futures: Iterable[cf.Future], timeout: float | None = None) -> Iterator[Future]:

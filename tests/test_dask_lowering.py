@@ -226,7 +226,7 @@ def test_a_disk_shuffle_is_refused_with_the_fix(client):
     bag = db.from_sequence(range(20), npartitions=4).groupby(lambda v: v % 2, shuffle="disk")
     with pytest.raises(ValueError, match="shuffle.method': 'tasks'"):
         bag.compute(scheduler=client)
-    left, right = frames()  # importing decompute's Dask support made task shuffles the default
+    left, right = frames()  # an open Client made task shuffles the default (not the import)
     assert dask.config.get("dataframe.shuffle.method") == "tasks"
     merged = left.merge(right, on="k", npartitions=3)
     same(merged.compute(scheduler=client), merged.compute(scheduler="sync"))
