@@ -101,7 +101,7 @@ class CellRun:
     @classmethod
     def prepare(cls, shell: Any, client: Any, cell: str, args: Any) -> CellRun:
         """Analyse, pack and submit; every user error is raised before anything is sent."""
-        count = shell.execution_count
+        count = cell_number(shell)
         source = python_source(shell, cell, count)
         analysis = analyze(source)
         try:
@@ -131,8 +131,14 @@ class CellRun:
     # ------------------------------------------------------------------ waiting
 
     def wait(self) -> Any:
-        """Block this cell until the run ends, streaming output; Ctrl-C cancels it remotely."""
-        fut, shown, handle, last = self.future, 0, None, 0.0
+        """Block this cell until the run ends, streaming output; Ctrl-C cancels it remotely.
+
+        The status line's place is reserved first (an empty display), so it stays at the top of
+        the cell's output however much the run prints; it fills in after ``PROGRESS_AFTER``.
+        """
+        fut, shown, status_shown = self.future, 0, False
+        handle = display({"text/plain": "", "text/html": ""}, raw=True, display_id=True)
+        last = 0.0
         try:
             while True:
                 done = fut.done()
@@ -143,22 +149,20 @@ class CellRun:
                     break
                 now = time.monotonic()
                 if now - self.started > PROGRESS_AFTER and now - last > STATUS_SECONDS:
-                    bundle = status_bundle(fut, now - self.started, [])
-                    if handle is None:
-                        handle = display(bundle, raw=True, display_id=True)
-                    else:
-                        handle.update(bundle, raw=True)
-                    last = now
+                    handle.update(status_bundle(fut, now - self.started, []), raw=True)
+                    status_shown, last = True, now
                 cf.wait([fut], timeout=0.05)
         except KeyboardInterrupt:
             fut.cancel()
+            handle.update(status_bundle(fut, time.monotonic() - self.started, [],
+                                        "interrupted: the remote run was cancelled"), raw=True)
             print(f"decompute: interrupted; cancelled the remote run {fut.key}", file=sys.stderr)
             raise with_rendering(KeyboardInterrupt(f"cancelled the remote run {fut.key}"),
                                  []) from None
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
-        if handle is not None:
+        if status_shown:
             handle.update(status_bundle(fut, time.monotonic() - self.started, []), raw=True)
         return self.finish()
 
@@ -258,6 +262,15 @@ class _RemoteRepr:
 
     def __repr__(self) -> str:
         return self.text
+
+
+def cell_number(shell: Any) -> int:
+    """The running cell's ``In[n]``: IPython 9 counts the cell before running it (so
+    ``execution_count`` is already n + 1), IPython 8 after; the running cell's own result
+    record knows for sure."""
+    running = getattr(getattr(shell, "displayhook", None), "exec_result", None)
+    count = getattr(running, "execution_count", None)
+    return int(count) if count is not None else int(shell.execution_count)
 
 
 def python_source(shell: Any, cell: str, count: int) -> str:

@@ -7,6 +7,9 @@ everywhere. Pure formatting: nothing here talks to the network or touches widget
 from __future__ import annotations
 
 import html
+import json
+import math
+import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,8 +31,105 @@ def format_prices(prices: dict) -> str:
     return ", ".join(parts) or "free"
 
 
+def format_tokens(amount: float | None) -> str:
+    """Tokens to three significant digits (``0.0123``, ``12.5``, ``988``), never six decimals:
+    the ledger counts micro-tokens, but a reader compares magnitudes. Thousands keep every
+    integer digit (``12,346``) so a balance never looks rounded away."""
+    if amount is None:
+        return "—"
+    value = float(amount)
+    if value == 0:
+        return "0"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    decimals = max(0, 2 - math.floor(math.log10(abs(value))))
+    text = f"{value:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def format_price(prices: dict) -> str:
+    """The CPU price in a few characters for a narrow row (``0.5/cpu·s``); ``free`` if none."""
+    if not any(prices.values()):
+        return "free"
+    cpu = prices.get("cpu", 0.0)
+    if cpu:
+        return f"{format_tokens(cpu)}/cpu·s"
+    unit, value = next((k, v) for k, v in sorted(prices.items()) if v)
+    return f"{format_tokens(value)}/{unit}·s"
+
+
+_CELL_KEY = re.compile(r"^cell-In(\d+)-[0-9a-f]+$")
+_TOKEN_WORD = re.compile(r"^[a-f]{8}$")
+
+
+def key_split(key: Any) -> str:
+    """Dask's ``key_split`` without importing Dask: the group a key belongs to
+    (``('sum-aggregate-8f3a…', 0)`` -> ``sum-aggregate``, ``inc-<uuid>`` -> ``inc``)."""
+    if isinstance(key, (list, tuple)):
+        key = key[0] if key else ""
+    if isinstance(key, bytes):
+        key = key.decode(errors="replace")
+    text = str(key)
+    if not text:
+        return "task"
+    words = text.split("-")
+    if words[0][:1].isalpha():
+        result = words[0]
+    else:
+        result = words[0].split(",")[0].strip("_'()\"[]") or "task"
+    for word in words[1:]:
+        if word.isalpha() and not _TOKEN_WORD.match(word):
+            result += "-" + word
+        else:
+            break
+    if len(result) == 32 and re.fullmatch(r"[a-f0-9]{32}", result):
+        return "data"
+    if result.startswith("<"):
+        result = result.strip("<>").split()[0].split(".")[-1]
+    return result
+
+
+def task_group(key: str) -> str:
+    """What a person calls the task with wire key ``key``: ``In[18]`` for a ``%%decompute``
+    cell, the Dask key's prefix for a graph task (its wire key is the key's JSON, ``#`` and a
+    token), the function's name for ``submit``/``map``."""
+    cell = _CELL_KEY.match(key)
+    if cell:
+        return f"In[{cell.group(1)}]"
+    text, sep, _token = key.rpartition("#")
+    if sep and text.startswith("~"):  # a long Dask key, named by a hash: "~prefix~digest"
+        return text[1:].split("~", 1)[0] or "task"
+    if sep and text[:1] in "[\"":
+        try:
+            return key_split(json.loads(text))
+        except ValueError:
+            pass
+    return key_split(key)
+
+
 def format_runtime(runtime: dict) -> str:
     return f"py{runtime.get('python', '?')} cp{runtime.get('cloudpickle', '?')}"
+
+
+def load_fractions(load: dict, cpus: int, memory: int) -> tuple[float, float]:
+    """(CPU, memory) busy fractions, 0..1, of the provider's *own* task processes:
+    ``{"cpu": cores busy, "memory_bytes": ...}``; older gateways sent host-wide percentages."""
+    if "cpu" in load:
+        cpu = float(load.get("cpu") or 0.0) / max(cpus, 1)
+    else:
+        cpu = float(load.get("cpu_percent") or 0.0) / 100
+    if "memory_bytes" in load:
+        mem = float(load.get("memory_bytes") or 0.0) / max(memory, 1)
+    else:
+        mem = float(load.get("memory_percent") or 0.0) / 100
+    return min(max(cpu, 0.0), 1.0), min(max(mem, 0.0), 1.0)
+
+
+def format_load(load: dict, cpus: int) -> str:
+    """``0.4/2 cpu busy`` from the provider's own task processes (older gateways: a percent)."""
+    if "cpu" in load:
+        return f"{float(load.get('cpu') or 0.0):.1f}/{cpus} cpu busy"
+    return f"{float(load.get('cpu_percent') or 0.0):.0f}% cpu"
 
 
 class ProviderTable(list):
@@ -41,7 +141,7 @@ class ProviderTable(list):
     def _rows(self) -> list[tuple[str, ...]]:
         return [(p.name, p.id, str(p.cpus), format_bytes(p.memory), str(p.gpus),
                  format_prices(p.prices), format_runtime(p.runtime), p.sandbox,
-                 f"{p.reputation:.2f}", f"{p.load.get('cpu_percent', 0.0):.0f}% cpu")
+                 f"{p.reputation:.2f}", format_load(p.load, p.cpus))
                 for p in self]
 
     def __repr__(self) -> str:
@@ -71,7 +171,7 @@ def status_bundle(fut: Future, elapsed: float | None, output: list[str],
         parts.append(f"{elapsed:.1f} s")
     parts += [f"CPU {usage.get('cpu_seconds', 0.0):.2f} s",
               f"mem {format_bytes(usage.get('max_rss_bytes', 0.0))}",
-              f"cost {fut.cost or 0.0:.6f}"]
+              f"cost {format_tokens(fut.cost or 0.0)}"]
     text = f"decompute {fut.key}: " + " · ".join(parts) + (f" · {note}" if note else "")
     colour = _COLOURS.get(fut.status, "orange")
     body = (f"<span style='color:{colour}'>●</span> <code>{html.escape(fut.key)}</code> "
@@ -94,5 +194,5 @@ def task_html(rows: list[dict[str, Any]]) -> str:
             f"<tr><td>{html.escape(r['key'][:40])}</td>"
             f"<td style='color:{colour}'>{r['status']}</td>"
             f"<td>{html.escape(r['provider'])}</td><td>{r['elapsed']:.1f} s</td>"
-            f"<td>{r['cpu_seconds']:.2f}</td><td>{r['cost']:.6f}</td></tr>")
+            f"<td>{r['cpu_seconds']:.2f}</td><td>{format_tokens(r['cost'])}</td></tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"

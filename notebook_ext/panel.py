@@ -1,35 +1,39 @@
-"""The decompute widget panel: providers to pick, tasks running, tokens spent and earned.
+"""The decompute widget panel: connection, balance, providers to pick, task groups to watch.
 
-This module owns what the notebook *shows* of a :class:`~notebook_ext.client.Client`. The panel
-is an ipywidgets ``VBox``; ``show()`` opens it in JupyterLab's right sidebar through ``sidecar``
-when that is installed, else inline. A background thread refreshes it about twice a second; it
-only ever asks the client (whose own thread does the I/O) and sets widget values, so the kernel
-is never blocked, and :meth:`Panel.close` stops it before the widgets go away.
+This module owns what the notebook *shows* of a :class:`~notebook_ext.client.Client` live. The
+panel is an ipywidgets ``VBox`` laid out for JupyterLab's ~300 px right sidebar (one line per
+provider, two per task group, details on hover) and still good wide; its HTML comes from
+:mod:`notebook_ext.panel_view`. ``show()`` opens it in the sidebar through ``sidecar`` when that is
+installed, else inline. A background thread refreshes it about twice a second; it only asks the
+client (whose own thread does the I/O) and sets widget values, so the kernel is never blocked,
+and :meth:`Panel.close` stops it before the widgets go away. While the gateway is unreachable it
+asks nothing, greys out what it last knew and disables its controls.
 
 Checking providers sets ``client.default_providers``: the next ``submit``, ``map`` and
-``%%decompute`` without ``providers=`` run only there. It must never decode a task's result: it
-reads futures' live ``status``, ``usage`` and ``cost`` only.
+``%%decompute`` without ``providers=`` run only there. A group's cancel button cancels that
+group's unfinished tasks. It must never decode a task's result: it reads futures' live
+``status``, ``usage`` and ``cost`` only, and holds finished futures only weakly (a future nobody
+else holds is released, as Dask's are).
 """
 
 from __future__ import annotations
 
 import contextvars
-import html
 import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 from IPython.display import display
 
-from notebook_ext import kernel_provider
-from notebook_ext.display import format_bytes, format_prices, format_runtime, task_html
+from notebook_ext import kernel_provider, panel_view
+from notebook_ext.display import task_group
 from notebook_ext.errors import DecomputeError
-from notebook_ext.progress import ProgressState
 
 if TYPE_CHECKING:
     from notebook_ext.client import Client, ProviderInfo
@@ -39,42 +43,99 @@ log = logging.getLogger(__name__)
 
 #: Seconds between refreshes: fast enough to look live, slow enough to cost nothing.
 REFRESH_SECONDS = 0.5
-#: Finished tasks listed under the running ones.
-RECENT_SHOWN = 8
-COLUMNS = ("provider", "CPUs", "memory", "GPUs", "prices", "runtime", "sandbox", "reputation",
-           "CPU %", "memory %")
-NO_VALUE = "—"
+#: Task groups listed: every active one first, then the most recent finished ones, up to this.
+GROUPS_SHOWN = 8
+#: Groups remembered for the session's totals (older finished ones fold into the totals).
+GROUPS_KEPT = 200
+#: Load samples kept per provider for its sparkline.
+HISTORY = 20
+#: A finished task's cost may still be settled a moment later (a cancel's final charge): its
+#: future is re-read this many seconds before its cost is folded into the group's total.
+SETTLE_SECONDS = 15.0
+#: Recent tasks kept (weakly) for ``state()["tasks"]``.
+RECENT_TASKS = 50
+#: Errors a refresh may raise while the gateway is unreachable or has no ledger.
+UNAVAILABLE = (DecomputeError, TimeoutError, ConnectionError, RuntimeError)
 
 
 @dataclass(slots=True)
-class TaskRecord:
-    future: Future
-    submitted: float
+class TaskGroup:
+    """One key prefix's tasks (``square``, ``sum-aggregate``, ``In[18]``): counts and cost.
+
+    Unfinished futures are held weakly (the client holds them while they run); a finished one
+    leaves only its counts and cost behind.
+    """
+
+    name: str
+    started: float
+    total: int = 0
+    finished: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    settled_cost: float = 0.0
+    cpu_seconds: float = 0.0
     ended: float | None = None
+    providers: dict[str, None] = field(default_factory=dict)
+    live: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+    settling: deque = field(default_factory=deque)  # (ended at, weakref, cost then)
 
     @property
-    def elapsed(self) -> float:
-        return (self.ended or time.monotonic()) - self.submitted
+    def done(self) -> int:
+        return self.finished + self.failed + self.cancelled
+
+    def unfinished(self) -> list[Future]:
+        return [f for f in list(self.live) if not f.done()]
+
+    def fold_settled(self, now: float) -> None:
+        """Move costs of tasks finished long enough ago into ``settled_cost``."""
+        while self.settling and now - self.settling[0][0] > SETTLE_SECONDS:
+            _, ref, cost = self.settling.popleft()
+            fut = ref()
+            self.settled_cost += fut.cost if fut is not None else cost
+
+    def cost(self) -> float:
+        settling = sum((ref() or _Gone(cost)).cost for _, ref, cost in list(self.settling))
+        return self.settled_cost + settling + sum(f.cost or 0.0 for f in self.unfinished())
+
+    def view(self, now: float) -> panel_view.GroupView:
+        live = self.unfinished()
+        running = sum(1 for f in live if f.status == "running")
+        for f in live:
+            if f.provider:
+                self.providers.setdefault(f.provider)
+        cpu = self.cpu_seconds + sum(float(f.usage.get("cpu_seconds", 0.0)) for f in live)
+        return panel_view.GroupView(
+            self.name, self.total, self.finished, self.failed, self.cancelled, running,
+            self.cost(), cpu, (self.ended or now) - self.started, tuple(self.providers))
+
+
+@dataclass(frozen=True, slots=True)
+class _Gone:
+    """Stands in for a collected future whose cost was read when it finished."""
+
+    cost: float
 
 
 class TaskTracker:
-    """Every future one client creates, with submit and end times: the panel's task memory.
+    """Every future one client creates, by task group: the panel's task memory.
 
     The client keeps only unfinished futures, so a task that starts and ends between two refreshes
-    would never be seen; the tracker wraps the client's batch sender (on the instance) to see each
-    future as it is made. One tracker per client, shared by all its panels and the magics.
+    would never be seen; the tracker registers with ``client.on_submit`` to see each batch as it
+    is made and counts endings in done callbacks (which run on the client's thread, hence the
+    lock). One tracker per client, shared by all its panels and the magics.
     """
-
-    KEEP = 500
 
     def __init__(self, client: Client) -> None:
         self._lock = threading.Lock()
-        self.records: deque[TaskRecord] = deque()
+        self._client = client
+        self.groups: dict[str, TaskGroup] = {}
         self.submitted = 0
         self._evicted_cost = 0.0
-        self._client = client
-        self._known: set[int] = set()  # id() of the futures in ``records``
-        client.on_submit(self._add)
+        self.recent: deque[weakref.ref] = deque(maxlen=RECENT_TASKS)
+        client.on_submit(self.add)
+        # tasks submitted before the panel was opened
+        self.add([f for f in list(getattr(client, "_futures", {}).copy().values())
+                  if not f.done()])
 
     @classmethod
     def attach(cls, client: Client) -> TaskTracker:
@@ -84,87 +145,171 @@ class TaskTracker:
             client._decompute_tracker = tracker  # type: ignore[attr-defined]
         return tracker
 
-    def _add(self, futures: list[Future]) -> None:
+    def add(self, futures: list[Future]) -> None:
         now = time.monotonic()
+        added = []
         with self._lock:
             for fut in futures:
-                if id(fut) in self._known:
+                name = task_group(fut.key)
+                group = self.groups.pop(name, None) or TaskGroup(name, now)
+                self.groups[name] = group  # most recently used last
+                if fut in group.live:
                     continue
-                self._known.add(id(fut))
-                record = TaskRecord(fut, now)
-                self.records.append(record)
+                if group.ended is not None:  # a new batch of an old name starts a new run
+                    group.started, group.ended = now, None
+                group.total += 1
+                group.live.add(fut)
                 self.submitted += 1
-                fut.add_done_callback(lambda _f, r=record: setattr(r, "ended", time.monotonic()))
-            while len(self.records) > self.KEEP and self.records[0].future.done():
-                old = self.records.popleft().future
-                self._known.discard(id(old))
-                self._evicted_cost += old.cost
+                self.recent.append(weakref.ref(fut))
+                added.append((fut, group))
+            self._evict()
+        for fut, group in added:  # outside the lock: a done future calls back at once
+            fut.add_done_callback(lambda f, g=group: self._ended(g, f))
 
-    def snapshot(self) -> tuple[list[TaskRecord], list[TaskRecord]]:
-        """(running, the most recent finished), newest first."""
-        # anything submitted past the hook; dict.copy() is atomic, iterating a live dict is not
-        self._add(list(getattr(self._client, "_futures", {}).copy().values()))
+    def _ended(self, group: TaskGroup, fut: Future) -> None:
         with self._lock:
-            records = list(self.records)
-        running = [r for r in reversed(records) if not r.future.done()]
-        done = [r for r in reversed(records) if r.future.done()][:RECENT_SHOWN]
-        return running, done
+            if fut.cancelled():
+                group.cancelled += 1
+            elif fut.exception() is not None:
+                group.failed += 1
+            else:
+                group.finished += 1
+            group.cpu_seconds += float(fut.usage.get("cpu_seconds", 0.0))
+            if fut.provider:
+                group.providers.setdefault(fut.provider)
+            group.settling.append((time.monotonic(), weakref.ref(fut), fut.cost or 0.0))
+            group.live.discard(fut)
+            if group.done >= group.total:
+                group.ended = time.monotonic()
+
+    def _evict(self) -> None:
+        while len(self.groups) > GROUPS_KEPT:
+            name = next((n for n, g in self.groups.items() if g.done >= g.total), None)
+            if name is None:
+                return
+            old = self.groups.pop(name)
+            self._evicted_cost += old.cost()
+
+    def views(self) -> list[panel_view.GroupView]:
+        """Every group, active ones first, each part newest first."""
+        now = time.monotonic()
+        with self._lock:
+            groups = list(self.groups.values())
+            for g in groups:
+                g.fold_settled(now)
+            views = [g.view(now) for g in reversed(groups)]
+        return [v for v in views if v.active] + [v for v in views if not v.active]
+
+    def group(self, name: str) -> TaskGroup | None:
+        with self._lock:
+            return self.groups.get(name)
 
     def tokens_spent(self) -> float:
         with self._lock:
-            return self._evicted_cost + sum(r.future.cost or 0.0 for r in self.records)
+            return self._evicted_cost + sum(g.cost() for g in self.groups.values())
+
+    def recent_tasks(self) -> list[dict[str, Any]]:
+        """The latest tasks still referenced anywhere, newest first (plain data)."""
+        rows = []
+        for ref in reversed(list(self.recent)):
+            fut = ref()
+            if fut is None:
+                continue
+            rows.append({"key": fut.key, "group": task_group(fut.key), "status": fut.status,
+                         "provider": fut.provider or "",
+                         "cpu_seconds": round(float(fut.usage.get("cpu_seconds", 0.0)), 3),
+                         "cost": float(fut.cost or 0.0)})
+        return rows
+
+
+def client_status(client: Client) -> str:
+    """``client.status`` (connecting, connected, reconnecting, lost, closed); derived from
+    ``connected``/``closed`` for a client that predates it."""
+    status = getattr(client, "status", None)
+    if isinstance(status, str):
+        return status
+    if client.closed:
+        return "closed"
+    return "connected" if client.connected else "reconnecting"
+
+
+def provider_view(info: ProviderInfo) -> panel_view.ProviderView:
+    """A provider's row data; its load is its own task processes' (older gateways: a share of
+    the host, scaled to its CPUs and memory)."""
+    load = info.load or {}
+    if "cpu" in load:
+        cpu = float(load.get("cpu") or 0.0)
+    else:
+        cpu = float(load.get("cpu_percent") or 0.0) / 100 * info.cpus
+    if "memory_bytes" in load:
+        mem = float(load.get("memory_bytes") or 0.0)
+    else:
+        mem = float(load.get("memory_percent") or 0.0) / 100 * info.memory
+    running = int(load.get("running", info.running) or 0)
+    return panel_view.ProviderView(
+        info.id, info.name, info.cpus, info.memory, info.gpus, dict(info.prices),
+        dict(info.runtime), info.sandbox, info.reputation, running, cpu, mem, info.account)
 
 
 class ProviderRow:
-    """One provider's widgets: a checkbox with its name, its offer, live CPU and memory bars."""
+    """One provider: a checkbox (send my tasks here) and one line of HTML."""
 
     def __init__(self, info: ProviderInfo, checked: bool, on_toggle: Any) -> None:
         self.id = info.id
-        self.check = widgets.Checkbox(value=checked, description=info.name, indent=False,
-                                      layout=widgets.Layout(width="auto"))
+        self.name = info.name
+        self.check = widgets.Checkbox(value=checked, indent=False,
+                                      layout=widgets.Layout(width="18px", flex="0 0 18px"))
+        self.check.tooltip = f"send my next tasks to {info.name} (and the other checked ones)"
         self.check.observe(on_toggle, names="value")
-        self.cells = {k: widgets.Label() for k in COLUMNS[1:8]}
-        self.cpu = widgets.FloatProgress(min=0, max=100, layout=widgets.Layout(width="90px"))
-        self.memory = widgets.FloatProgress(min=0, max=100, layout=widgets.Layout(width="90px"))
+        self.html = widgets.HTML(layout=widgets.Layout(flex="1 1 auto", min_width="0"))
+        self.history: deque[float] = deque(maxlen=HISTORY)
+        self.view: panel_view.ProviderView | None = None
+        self.box = widgets.HBox([self.check, self.html],
+                                layout=widgets.Layout(width="100%", align_items="center"))
         self.update(info)
 
     def update(self, info: ProviderInfo) -> None:
-        values = (str(info.cpus), format_bytes(info.memory), str(info.gpus),
-                  format_prices(info.prices), format_runtime(info.runtime), info.sandbox,
-                  f"{info.reputation:.2f}")
-        for cell, value in zip(self.cells.values(), values, strict=True):
-            cell.value = value
-        self.cpu.value = float(info.load.get("cpu_percent", 0.0))
-        self.memory.value = float(info.load.get("memory_percent", 0.0))
-        self.check.tooltip = f"{info.id} · {info.running} running · account {info.account[:12]}"
+        self.view = provider_view(info)
+        self.name = info.name
+        self.history.append(min(self.view.cpu_busy / max(info.cpus, 1), 1.0))
+        self.html.value = panel_view.provider_html(self.view, self.history)
 
-    @property
-    def children(self) -> list[widgets.Widget]:
-        return [self.check, *self.cells.values(), self.cpu, self.memory]
+    def close(self) -> None:
+        self.box.close()
+        self.check.close()
+        self.html.close()
 
     def state(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.check.description, "checked": self.check.value,
-                **{k: c.value for k, c in self.cells.items()},
-                "cpu_percent": self.cpu.value, "memory_percent": self.memory.value}
+        v = self.view
+        assert v is not None
+        return {"id": self.id, "name": v.name, "checked": self.check.value, "cpus": v.cpus,
+                "memory": v.memory, "prices": v.prices, "sandbox": v.sandbox,
+                "reputation": v.reputation, "cpu_busy": v.cpu_busy,
+                "memory_used": v.memory_used, "running": v.running,
+                "load_history": list(self.history)}
 
 
-#: Multi-task submissions whose progress the panel shows (the latest ones).
-PROGRESS_KEPT = 4
+class GroupRow:
+    """One task group: its HTML and a cancel button for its unfinished tasks."""
 
+    def __init__(self, name: str, on_cancel: Any) -> None:
+        self.name = name
+        self.html = widgets.HTML(layout=widgets.Layout(flex="1 1 auto", min_width="0"))
+        self.cancel = widgets.Button(description="cancel", layout=widgets.Layout(
+            width="auto", flex="0 0 auto"))
+        self.cancel.tooltip = f"cancel the unfinished tasks of {name}"
+        self.cancel.on_click(lambda _b: on_cancel(self.name))
+        self.box = widgets.HBox([self.html, self.cancel],
+                                layout=widgets.Layout(width="100%", align_items="center"))
 
-def progress_html(groups: list[Any]) -> str:
-    """One bar per task group (key prefix): done of total, errors in red."""
-    rows = []
-    for g in groups[-12:]:
-        width = int(100 * g.done / g.total) if g.total else 100
-        colour = "#c0392b" if g.errors else "#2e86c1"
-        rows.append(
-            f"<div style='display:flex;gap:6px;align-items:center'>"
-            f"<span style='width:130px;overflow:hidden'>{html.escape(g.name)}</span>"
-            f"<span style='width:120px;background:#eee;height:9px'><span style='display:block;"
-            f"width:{width}%;height:9px;background:{colour}'></span></span>"
-            f"<span>{g.done}/{g.total}{f' ({g.errors} failed)' if g.errors else ''}</span></div>")
-    return "<b>progress</b>" + "".join(rows) if rows else ""
+    def update(self, view: panel_view.GroupView, online: bool) -> None:
+        self.html.value = panel_view.group_html(view)
+        self.cancel.disabled = not (online and view.active)
+        self.cancel.layout.visibility = "visible" if view.active else "hidden"
+
+    def close(self) -> None:
+        for w in (self.box, self.html, self.cancel):
+            w.close()
 
 
 class Panel(widgets.VBox):
@@ -175,24 +320,21 @@ class Panel(widgets.VBox):
         self.client = client
         self.interval = interval
         self.tracker = TaskTracker.attach(client)
-        self.gateway = widgets.Label(client.address)
-        self.connection = widgets.Label()
-        self.account = widgets.Label(f"{client.account[:8]}…{client.account[-4:]}")
-        self.account.tooltip = client.account  # the sidebar is narrow: full id on hover
-        self.balance = widgets.Label(NO_VALUE)
+        self.status = "connecting"
+        self.available: float | None = None
+        self.held: float | None = None
+        self.header = widgets.HTML()
         self.provider_rows: dict[str, ProviderRow] = {}
-        self.provider_grid = widgets.GridBox(layout=widgets.Layout(
-            grid_template_columns=f"minmax(120px, auto) repeat({len(COLUMNS) - 3}, auto) 90px 90px",
-            grid_gap="2px 12px", overflow="auto"))  # scrolls sideways in a narrow sidebar
-        self.task_table = widgets.HTML()
-        self.task_rows: list[dict[str, Any]] = []
-        self.progress_html = widgets.HTML()  # per-prefix bars of maps and Dask graphs
-        self.progress: deque[ProgressState] = deque(maxlen=PROGRESS_KEPT)
-        client.on_submit(self._track_progress)
-        self.task_count = widgets.Label("0")
-        self.spent = widgets.Label("0")
+        self.providers_box = widgets.VBox(layout=widgets.Layout(width="100%"))
+        self.providers_box.add_class("dc-dim")
+        self.group_rows: dict[str, GroupRow] = {}
+        self.groups_box = widgets.VBox(layout=widgets.Layout(width="100%"))
+        self.groups_box.add_class("dc-dim")
+        self.group_views: list[panel_view.GroupView] = []
+        self.no_tasks = widgets.HTML("<div class='dc-empty'>no tasks yet</div>")
+        self.footer = widgets.HTML()
         self.providing = widgets.HTML(layout=widgets.Layout(display="none"))
-        self.close_button = widgets.Button(description="close panel", icon="times",
+        self.close_button = widgets.Button(description="close panel",
                                            layout=widgets.Layout(width="auto"))
         self.close_button.on_click(lambda _b: self.close())
         # Checkbox writes made by refresh() must not count as clicks; clicks arrive on the
@@ -203,27 +345,23 @@ class Panel(widgets.VBox):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sidecar: Any = None
-        header = widgets.HBox([widgets.HTML("<b>decompute</b>"), self.gateway, self.connection,
-                               widgets.HTML("account"), self.account,
-                               widgets.HTML("balance"), self.balance],
-                              layout=widgets.Layout(flex_flow="row wrap", grid_gap="8px"))
-        totals = widgets.HBox([widgets.HTML("<b>session</b> tasks"), self.task_count,
-                               widgets.HTML("tokens spent"), self.spent],
-                              layout=widgets.Layout(grid_gap="8px"))
         super().__init__(children=[
-            header, widgets.HTML("<b>providers</b> (checked = where your tasks run)"),
-            self.provider_grid, widgets.HTML("<b>tasks</b>"), self.task_table,
-            self.progress_html, totals,
-            self.providing, self.close_button,
-        ])
+            widgets.HTML(panel_view.CSS, layout=widgets.Layout(display="none")),
+            self.header,
+            widgets.HTML("<div class='dc-section' title='checked = where your next tasks run "
+                         "(none checked: anywhere)'>providers</div>"),
+            self.providers_box,
+            widgets.HTML("<div class='dc-section'>tasks</div>"),
+            self.groups_box, self.footer, self.providing, self.close_button,
+        ], layout=widgets.Layout(width="100%"))
+        self.add_class("dc-panel")
         self.refresh()
         if autostart:
             self.start()
 
     def __repr__(self) -> str:  # the text/plain fallback where widgets cannot render
-        return (f"<decompute Panel {self.gateway.value} {self.connection.value}: "
-                f"{len(self.provider_rows)} providers, {self.task_count.value} tasks, "
-                f"balance {self.balance.value}>")
+        return (f"<decompute Panel {self.client.address} {self.status}: "
+                f"{len(self.provider_rows)} providers, {self.tracker.submitted} tasks>")
 
     # ------------------------------------------------------------------ lifetime
 
@@ -256,9 +394,8 @@ class Panel(widgets.VBox):
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        for row in self.provider_rows.values():
-            for child in row.children:
-                child.close()
+        for row in [*self.provider_rows.values(), *self.group_rows.values()]:
+            row.close()
         if self._sidecar is not None:
             self._sidecar.close()
             self._sidecar = None
@@ -290,25 +427,34 @@ class Panel(widgets.VBox):
         """One update of every field from the client (called by the thread; safe to call)."""
         if self._stop.is_set():
             return
-        closed, online = self.client.closed, self.client.connected
-        self.connection.value = "closed" if closed else ("● connected" if online
-                                                          else "○ reconnecting")
+        self.status = client_status(self.client)
+        online = self.status == "connected"
         if online:
             self._refresh_providers()
-            self.balance.value = self._balance()
-        self._refresh_tasks()
+            self._refresh_balance()
+        for row in self.provider_rows.values():
+            row.check.disabled = not online
+        (self.remove_class if online else self.add_class)("dc-off")
+        self.header.value = panel_view.header_html(
+            self.status, self.client.address, getattr(self.client, "account", ""),
+            self.available, self.held,
+            "" if online else "showing what was last known; retrying in the background")
+        self._refresh_groups(online)
         self._refresh_providing()
 
-    def _balance(self) -> str:
+    def _refresh_balance(self) -> None:
         try:
-            return f"{self.client.balance():.6f} tokens"
-        except (DecomputeError, TimeoutError, ConnectionError, RuntimeError):
-            return NO_VALUE  # no ledger on this gateway yet, or it is unreachable
+            balance = self.client.balance()
+        except UNAVAILABLE:
+            return  # no ledger on this gateway, or it went away: keep what was last known
+        self.available = float(getattr(balance, "available", balance))
+        held = getattr(balance, "held", None)
+        self.held = None if held is None else float(held)
 
     def _refresh_providers(self) -> None:
         try:
             infos = self.client.providers()
-        except (DecomputeError, TimeoutError, ConnectionError, RuntimeError) as exc:
+        except UNAVAILABLE as exc:
             log.debug("panel: providers unavailable: %s", exc)
             return
         with self._lock:
@@ -317,8 +463,7 @@ class Panel(widgets.VBox):
             seen = {info.id for info in infos}
             changed = seen != set(self.provider_rows)
             for gone in set(self.provider_rows) - seen:
-                for child in self.provider_rows.pop(gone).children:
-                    child.close()
+                self.provider_rows.pop(gone).close()
             self._local.syncing = True
             try:
                 for info in infos:
@@ -326,16 +471,16 @@ class Panel(widgets.VBox):
                     if row is None:
                         row = self.provider_rows[info.id] = ProviderRow(
                             info, info.id in chosen, self._toggled)
-                    row.update(info)
+                    else:
+                        row.update(info)
                     if external:
                         row.check.value = info.id in chosen
             finally:
                 self._local.syncing = False
             self._applied = chosen
         if changed:
-            head = [widgets.HTML(f"<b>{html.escape(c)}</b>") for c in COLUMNS]
-            self.provider_grid.children = [*head, *(w for r in self.provider_rows.values()
-                                                    for w in r.children)]
+            self.providers_box.children = [r.box for r in self.provider_rows.values()] or [
+                widgets.HTML("<div class='dc-empty'>no providers online</div>")]
             if chosen - seen:  # a pinned provider left: stop sending tasks to a ghost
                 self._toggled(None)
 
@@ -352,29 +497,32 @@ class Panel(widgets.VBox):
         """Ids of the checked providers."""
         return [pid for pid, row in self.provider_rows.items() if row.check.value]
 
-    def _track_progress(self, futures: list[Future]) -> None:
-        """A batch of several tasks (a map, a Dask graph) gets progress bars by key prefix."""
-        if len(futures) > 1:
-            self.progress.append(ProgressState(list(futures)))
+    def cancel_group(self, name: str) -> int:
+        """Cancel the unfinished tasks of group ``name`` (the cancel button); returns how many."""
+        group = self.tracker.group(name)
+        futures = group.unfinished() if group is not None else []
+        if futures:
+            self.client.cancel(futures)
+        log.info("panel: cancelled %d tasks of %s", len(futures), name)
+        return len(futures)
 
-    def _refresh_progress(self) -> None:
-        groups = [g for state in self.progress for g in state.groups.values()]
-        self.progress_html.value = progress_html(groups)
-
-    def _refresh_tasks(self) -> None:
-        self._refresh_progress()
-        running, recent = self.tracker.snapshot()
-        rows = []
-        for record in [*running, *recent]:
-            fut = record.future
-            rows.append({"key": fut.key, "status": fut.status, "provider": fut.provider or "",
-                         "elapsed": round(record.elapsed, 1),
-                         "cpu_seconds": round(float(fut.usage.get("cpu_seconds", 0.0)), 3),
-                         "cost": float(fut.cost or 0.0)})
-        self.task_rows = rows
-        self.task_table.value = task_html(rows)
-        self.task_count.value = str(self.tracker.submitted)
-        self.spent.value = f"{self.tracker.tokens_spent():.6f}"
+    def _refresh_groups(self, online: bool) -> None:
+        views = self.tracker.views()
+        self.group_views = views
+        shown = views[:max(GROUPS_SHOWN, sum(v.active for v in views))]
+        for view in shown:
+            row = self.group_rows.get(view.name)
+            if row is None:
+                row = self.group_rows[view.name] = GroupRow(view.name, self.cancel_group)
+            row.update(view, online)
+        names = [v.name for v in shown]
+        for gone in set(self.group_rows) - set(names):
+            self.group_rows.pop(gone).close()
+        children = [self.group_rows[n].box for n in names] or [self.no_tasks]
+        if list(self.groups_box.children) != children:
+            self.groups_box.children = children
+        self.footer.value = panel_view.footer_html(
+            self.tracker.submitted, self.tracker.tokens_spent(), len(views) - len(shown))
 
     def _refresh_providing(self) -> None:
         kp = kernel_provider.current()
@@ -382,25 +530,25 @@ class Panel(widgets.VBox):
             self.providing.layout.display = "none"
             self.providing.value = ""
             return
-        s = kp.stats()
-        self.providing.value = (
-            f"<b>providing</b> as {html.escape(s['name'])} ({html.escape(str(s['id']))}): "
-            f"{s['served']} tasks served · {s['cpu_seconds']:.2f} CPU-s used · "
-            f"{s['earnings']:.6f} tokens earned")
+        self.providing.value = panel_view.providing_html(kp.stats())
         self.providing.layout.display = ""
 
     def state(self) -> dict[str, Any]:
-        """What the widgets show now, as plain data (for tests, and for scripts to read)."""
+        """What the panel shows now, as plain data (for tests, and for scripts to read)."""
         kp = kernel_provider.current()
         return {
-            "gateway": self.gateway.value, "connection": self.connection.value,
-            "account": self.account.tooltip, "balance": self.balance.value,
+            "gateway": self.client.address, "status": self.status,
+            "account": getattr(self.client, "account", ""),
+            "balance": {"available": self.available, "held": self.held},
             "providers": [row.state() for row in self.provider_rows.values()],
-            "selected": self.selected, "tasks": list(self.task_rows),
-            "progress": [{"group": g.name, "done": g.done, "total": g.total, "errors": g.errors}
-                         for state in self.progress for g in state.groups.values()],
-            "totals": {"tasks": self.task_count.value, "tokens": self.spent.value},
+            "selected": self.selected,
+            "groups": [{"group": v.name, "done": v.done, "total": v.total, "errors": v.failed,
+                        "cancelled": v.cancelled, "running": v.running, "cost": v.cost,
+                        "status": v.status} for v in self.group_views],
+            "tasks": self.tracker.recent_tasks(),
+            "totals": {"tasks": self.tracker.submitted, "tokens": self.tracker.tokens_spent()},
             "providing": kp.stats() if kp is not None else None,
             "providing_shown": self.providing.layout.display != "none",
             "updating": self.updating,
+            "greyed": "dc-off" in self._dom_classes,
         }

@@ -1,15 +1,21 @@
 """``progress(...)``: live per-task-group progress of futures, like ``distributed.progress``.
 
 Futures are grouped by their key's prefix (Dask's ``key_split``: ``("sum-abc", 0, 1)`` -> ``sum``,
-``inc-<uuid>`` -> ``inc``). In a notebook it shows one ipywidgets bar per group and returns at
-once (the bars keep updating); on a terminal it draws one text line with the overall bar and each
-group's count, and returns when every future is done. Counting happens in the futures' done
-callbacks, so drawing never polls the futures themselves and never touches the network.
+``inc-<uuid>`` -> ``inc``, a ``%%decompute`` cell -> ``In[18]``). In a notebook it shows one
+ipywidgets bar per group, once, and returns at once (the bars keep updating); on a terminal it
+draws one text line with the overall bar and each group's count, and returns when every future is
+done. Counting happens in the futures' done callbacks, so drawing never polls the futures
+themselves and never touches the network.
+
+A collection that is not computed yet holds no futures to watch; ``progress`` persists it on the
+client first (as ``client.persist``) so the bars follow the real computation. Importing this
+module imports neither Dask nor ipywidgets.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import html
 import sys
 import threading
 import time
@@ -17,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from notebook_ext.dask_integration import wire_key_name
+from notebook_ext.display import task_group
 from notebook_ext.futures import Future
 
 #: Seconds between redraws: often enough to look live, rare enough to cost nothing.
@@ -69,12 +75,12 @@ class ProgressState:
         self._lock = threading.Lock()
         self._left = len(futures)
         for fut in futures:
-            name = wire_key_name(getattr(fut, "key", "") or type(fut).__name__)
+            name = task_group(getattr(fut, "key", "") or type(fut).__name__)
             self.groups.setdefault(name, Group(name)).total += 1
         if not futures:
             self.finished.set()
         for fut in futures:  # after counting: a done future calls back at once
-            name = wire_key_name(getattr(fut, "key", "") or type(fut).__name__)
+            name = task_group(getattr(fut, "key", "") or type(fut).__name__)
             fut.add_done_callback(self._callback(name))
 
     def _callback(self, name: str) -> Callable[[cf.Future], None]:
@@ -116,14 +122,23 @@ def text_line(state: ProgressState, width: int = BAR_WIDTH) -> str:
     return " | ".join(parts)
 
 
+def summary(state: ProgressState) -> str:
+    """``8/8 done, 1 failed, in 0.4 s``: what a finished (or running) progress object reads as."""
+    failed = sum(g.errors for g in state.groups.values())
+    return (f"{state.done}/{state.total} done" + (f", {failed} failed" if failed else "")
+            + f", in {state.elapsed():.1f} s")
+
+
 class TextProgress:
     """One self-overwriting line on a terminal; blocks until everything is done."""
 
     def __init__(self, state: ProgressState, file: TextIO | None = None) -> None:
         self.state = state
         self.file = file or sys.stdout
+        #: Collections ``progress`` persisted because they were not computed yet.
+        self.persisted: list[Any] = []
 
-    def run(self, timeout: float | None = None) -> None:
+    def run(self, timeout: float | None = None) -> TextProgress:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.state.finished.is_set():
             self._draw()
@@ -134,15 +149,21 @@ class TextProgress:
         self._draw()
         self.file.write("\n")
         self.file.flush()
+        return self
 
     def _draw(self) -> None:
         self.file.write("\r" + text_line(self.state))
         self.file.flush()
 
+    def __repr__(self) -> str:
+        return f"<decompute progress: {summary(self.state)}>"
+
 
 class WidgetProgress:
     """ipywidgets bars, one per group, updated by a background thread until everything is done.
 
+    It is displayed once: :func:`progress` shows it, and when it is also a cell's last value
+    ``_ipython_display_`` draws nothing more (IPython would otherwise show the bars twice).
     The thread is a daemon bound to this object's lifetime: it ends when the futures do.
     """
 
@@ -150,16 +171,20 @@ class WidgetProgress:
         import ipywidgets as w
 
         self.state = state
+        self.persisted: list[Any] = []
+        self.shown = False
         self.bars: dict[str, Any] = {}
         self.labels: dict[str, Any] = {}
         rows = []
         for g in state.groups.values():
             self.bars[g.name] = w.IntProgress(value=0, min=0, max=max(g.total, 1),
-                                              layout=w.Layout(width="60%"))
-            self.labels[g.name] = w.HTML()
-            rows.append(w.HBox([w.HTML(f"<code>{g.name}</code>",
-                                       layout=w.Layout(width="20%")),
-                                self.bars[g.name], self.labels[g.name]]))
+                                              layout=w.Layout(flex="1 1 auto", width="auto",
+                                                              min_width="60px"))
+            self.labels[g.name] = w.HTML(layout=w.Layout(flex="0 0 auto"))
+            name = w.HTML(f"<code title='{html.escape(g.name)}'>{html.escape(g.name)}</code>",
+                          layout=w.Layout(flex="0 1 30%", overflow="hidden"))
+            rows.append(w.HBox([name, self.bars[g.name], self.labels[g.name]],
+                               layout=w.Layout(width="100%")))
         self.elapsed = w.HTML()
         self.widget = w.VBox([*rows, self.elapsed])
         self._thread = threading.Thread(target=self._update_until_done, daemon=True,
@@ -182,11 +207,26 @@ class WidgetProgress:
             bar = self.bars[g.name]
             bar.value = g.done
             bar.bar_style = "danger" if g.errors else ("success" if g.done == g.total else "")
-            self.labels[g.name].value = f"{g.done} / {g.total}"
-        self.elapsed.value = f"<small>{self.state.elapsed():.1f} s</small>"
+            failed = f", {g.errors} failed" if g.errors else ""
+            self.labels[g.name].value = f"{g.done} / {g.total}{failed}"
+        total = "" if self.state.groups else "nothing to wait for · "
+        self.elapsed.value = f"<small>{total}{self.state.elapsed():.1f} s</small>"
 
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
+    def show(self) -> WidgetProgress:
+        """Display the bars (once: a second call, or IPython showing the cell's value, is a
+        no-op)."""
+        if not self.shown:
+            from IPython.display import display
+
+            self.shown = True
+            display(self.widget)
+        return self
+
+    def _ipython_display_(self) -> None:
+        self.show()
+
+    def __repr__(self) -> str:
+        return f"<decompute progress: {summary(self.state)}>"
 
 
 def in_notebook() -> bool:
@@ -201,23 +241,59 @@ def in_notebook() -> bool:
     return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
-def progress(*objs: Any, notebook: bool | None = None, timeout: float | None = None,
-             file: TextIO | None = None) -> WidgetProgress | None:
-    """Show progress of futures, lists of them, or persisted collections.
+def current_client() -> Any:
+    """The client a bare ``progress(collection)`` computes on: Dask's configured scheduler if it
+    is one, else the kernel's ``%decompute`` client. None if there is neither."""
+    dask = sys.modules.get("dask")
+    if dask is not None:
+        scheduler = dask.config.get("scheduler", None)
+        if hasattr(scheduler, "persist") and not getattr(scheduler, "closed", True):
+            return scheduler
+    magics = sys.modules.get("notebook_ext.magics")
+    holder = getattr(magics, "_magics", None) if magics is not None else None
+    client = getattr(holder, "client", None)
+    if client is not None and not client.closed:
+        return client
+    return None
 
-    In a notebook (``notebook=None`` detects it) it displays per-group bars and returns the
-    :class:`WidgetProgress` at once; elsewhere it draws a text line on ``file`` (stdout) and
-    returns once all are done (``TimeoutError`` after ``timeout`` seconds).
+
+def _persist(todo: list[Any], client: Any) -> list[Any]:
+    """Persist the collections in ``todo`` (not computed yet) on ``client``; returns them
+    persisted, in order."""
+    if not todo:
+        return []
+    client = client or current_client()
+    if client is None:
+        raise ValueError(
+            "progress() was given a collection that is not computed yet and knows no client to "
+            "compute it on: pass client=..., or persist it first: x = client.persist(x); "
+            "progress(x)")
+    persisted = client.persist(todo)
+    return list(persisted) if isinstance(persisted, (list, tuple)) else [persisted]
+
+
+def progress(*objs: Any, notebook: bool | None = None, timeout: float | None = None,
+             file: TextIO | None = None, client: Any = None) -> WidgetProgress | TextProgress:
+    """Show progress of futures, lists of them, or Dask collections.
+
+    A collection not computed yet is persisted first on ``client`` (default: Dask's configured
+    scheduler, else the kernel's ``%decompute`` client); the persisted collections are the
+    returned object's ``persisted`` list, in the order given. In a notebook (``notebook=None``
+    detects it) it displays per-group bars once and returns the :class:`WidgetProgress` at
+    once; elsewhere it draws a text line on ``file`` (stdout) and returns the
+    :class:`TextProgress` once all are done (``TimeoutError`` after ``timeout`` seconds).
     """
-    futures = futures_of(list(objs))
-    state = ProgressState(futures)
+    uncomputed = [o for o in objs if hasattr(o, "__dask_graph__") and not futures_of(o)]
+    persisted = _persist(uncomputed, client)
+    watched = [o for o in objs if all(o is not u for u in uncomputed)] + persisted
+    state = ProgressState(futures_of(watched))
     if notebook is None:
         notebook = in_notebook()
+    shown: WidgetProgress | TextProgress
     if notebook:
-        from IPython.display import display
-
         shown = WidgetProgress(state).start()
-        display(shown.widget)
-        return shown
-    TextProgress(state, file).run(timeout)
-    return None
+        shown.persisted = persisted
+        return shown.show()
+    shown = TextProgress(state, file)
+    shown.persisted = persisted
+    return shown.run(timeout)
