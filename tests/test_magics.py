@@ -59,8 +59,22 @@ def test_interrupt_cancels_the_remote_run(kernel: Kernel) -> None:
     assert "pid" in seen, ex.messages
     assert ex.status == "error" and ex.error["ename"] == "KeyboardInterrupt"
     assert "cancelled the remote run" in ex.stream("stderr")
+    status = [d["data"]["text/plain"] for d in ex.displays()][-1]
+    assert "interrupted" in status and "cancelled" in status and "running" not in status
     wait_for(lambda: gone(seen["pid"]), 15, "the provider's task process to end")
     assert kernel.run("%%decompute\n'still works'").result == "'still works'"
+
+
+def test_the_status_line_stays_at_the_top_of_the_output(kernel: Kernel) -> None:
+    ex = kernel.run("%%decompute\nimport time\nprint('first', flush=True)\ntime.sleep(2.6)\n"
+                    "print('last')")
+    outputs = [m for m in ex.messages if m["msg_type"] in ("stream", "display_data")]
+    assert outputs[0]["msg_type"] == "display_data", [m["msg_type"] for m in outputs]
+    handle = outputs[0]["content"]["transient"]["display_id"]
+    updates = [m["content"] for m in ex.messages if m["msg_type"] == "update_display_data"]
+    assert updates and all(u["transient"]["display_id"] == handle for u in updates)
+    assert "finished" in updates[-1]["data"]["text/plain"]
+    assert "first" in ex.stream() and "last" in ex.stream()
 
 
 def test_async_returns_at_once_then_names_appear(kernel: Kernel) -> None:
