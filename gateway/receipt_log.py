@@ -1,0 +1,670 @@
+"""The receipt log: every final settlement as a leaf of an append-only RFC 6962 Merkle log.
+
+Owns: the canonical bytes of a settlement leaf, signed tree heads, log receipts (leaf, index,
+inclusion proof, signed head) and their offline verification, the log's SQLite tables, and the
+read-only HTTP answers for ``/log/head``, ``/log/inclusion``, ``/log/consistency`` and
+``/log/entries``. :mod:`gateway.merkle` does the hashing and the proofs.
+
+Must never: sign a tree head over leaves that are not committed, sign a head that is not
+consistent with the last head it signed (even if the tables were edited under it), keep the log in
+Python state between calls (the database is the only truth, as in :mod:`gateway.ledger`), or
+raise from :func:`verify_log_receipt` (malformed means invalid).
+
+**Leaf entry encoding.** A leaf's entry is ``JSON(settlement)`` as ASCII bytes, with
+``json.dumps(..., sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)``:
+keys sorted at every level, no whitespace, non-ASCII escaped, ints as ints, floats as their
+shortest round-trip repr. :func:`decode_entry` accepts only that one spelling. The settlement::
+
+    {"v": 1, "task_id": str, "client": account, "function_hash": str, "input_hash": str,
+     "providers": [{"account": account, "result_hash": str,  # this provider's ballot
+                    "usage": {str: number}, "prices": {str: number},  # capped usage, its prices
+                    "paid_micro": int}, ...],  # what this provider received (0 if out-voted)
+     "outcome": str,  # the result hash the vote accepted (or the failure's hash)
+     "amount_micro": int, "fee_micro": int,  # charged to the client; kept by the gateway
+     "time_ms": int}  # settlement time, Unix milliseconds
+
+with ``amount_micro == fee_micro + sum(paid_micro)``: the money in a leaf adds up on its own.
+
+**Signed tree head.** ``{"size": int, "root": hex, "time": int, "signature": hex}``, ``time`` in
+Unix milliseconds. The Ed25519 signature covers ``b"decompute-tree-head-v1\\x00" ||
+size (8 bytes, big-endian) || time (8 bytes, big-endian) || root (32 bytes)``: the prefix is domain
+separation, so no head signature passes for a receipt or an authentication answer.
+
+**Receipt.** ``{"entry": str (the entry's ASCII text), "index": int, "proof": [hex, ...],
+"head": signed tree head}``: JSON- and msgpack-safe, checkable offline with the gateway's key.
+
+The SQLite interface is narrow (:class:`ReceiptLog`; :func:`append_leaves` inside a caller's
+transaction) so a PostgreSQL module can replace it method for method.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from gateway import merkle
+from gateway.identity import Identity, verify
+
+log = logging.getLogger(__name__)
+
+ENTRY_VERSION = 1
+HEAD_CONTEXT = b"decompute-tree-head-v1\x00"
+#: One leaf's entry: a settlement with a few providers is well under 4 KiB; the cap keeps a bug
+#: from writing megabytes per task into a table every auditor downloads.
+MAX_ENTRY_BYTES = 64 * 1024
+#: ``/log/entries`` answers at most this many leaves per request (at most ~64 MiB, usually
+#: ~1 MiB); a client pages through the rest, as with CT's get-entries.
+MAX_ENTRIES_PER_READ = 1000
+
+
+class ReceiptLogError(Exception):
+    """Base of every error this module raises on purpose."""
+
+
+class EntryError(ReceiptLogError, ValueError):
+    """A settlement entry that is malformed, does not add up, or is not in canonical form."""
+
+
+class ReceiptInvalid(ReceiptLogError):
+    """A receipt that does not verify; ``index`` names its leaf (None if it has none)."""
+
+    def __init__(self, index: object, reason: str) -> None:
+        self.index = index if isinstance(index, int) and not isinstance(index, bool) else None
+        super().__init__(f"receipt for leaf {self.index}: {reason}")
+
+
+class ForkDetected(ReceiptLogError):
+    """Two signed heads of one gateway that cannot both be true: it rewrote or forked its log."""
+
+
+class LogCorrupted(ReceiptLogError):
+    """The stored log does not match itself; the message names the leaf, node or head."""
+
+
+class LogRequestError(ReceiptLogError):
+    """A ``/log/...`` request that cannot be answered; ``status`` is its HTTP status."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+# -- leaf entries ------------------------------------------------------------------------------
+
+def _canonical(value: Mapping[str, Any]) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
+def settlement_entry(*, task_id: str, client: str, function_hash: str, input_hash: str,
+                     providers: Sequence[Mapping[str, Any]], outcome: str, amount_micro: int,
+                     fee_micro: int, time_ms: int) -> bytes:
+    """The canonical bytes of one final settlement (see the module docstring).
+
+    ``providers`` holds one mapping per provider that ran the task: ``account``,
+    ``result_hash``, ``usage``, ``prices``, ``paid_micro``. Raises :class:`EntryError` naming
+    the field when the settlement could never verify or does not add up.
+    """
+    entry = {
+        "v": ENTRY_VERSION, "task_id": task_id, "client": client,
+        "function_hash": function_hash, "input_hash": input_hash,
+        "providers": [{
+            "account": p.get("account"), "result_hash": p.get("result_hash"),
+            "usage": _plain_map(p.get("usage"), "usage"),
+            "prices": _plain_map(p.get("prices"), "prices"),
+            "paid_micro": p.get("paid_micro"),
+        } for p in providers],
+        "outcome": outcome, "amount_micro": amount_micro, "fee_micro": fee_micro,
+        "time_ms": time_ms,
+    }
+    problem = _entry_problem(entry)
+    if problem:
+        raise EntryError(f"cannot log the settlement of task {task_id!r}: {problem}")
+    data = _canonical(entry)
+    if len(data) > MAX_ENTRY_BYTES:
+        raise EntryError(f"settlement of task {task_id!r} is {len(data)} bytes, over the"
+                         f" {MAX_ENTRY_BYTES}-byte cap of a leaf; shorten its usage or prices")
+    return data
+
+
+def decode_entry(data: bytes | str) -> dict[str, Any]:
+    """The settlement in ``data``; :class:`EntryError` unless it is well-formed and canonical."""
+    raw = data.encode("ascii", "replace") if isinstance(data, str) else bytes(data)
+    try:
+        entry = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EntryError(f"entry is not JSON: {exc}") from None
+    problem = _entry_problem(entry) if isinstance(entry, dict) else "entry is not a JSON object"
+    if problem:
+        raise EntryError(problem)
+    if _canonical(entry) != raw:
+        raise EntryError("entry is not in canonical form (sorted keys, no spaces, ASCII)")
+    return entry
+
+
+_ENTRY_KEYS = frozenset({"v", "task_id", "client", "function_hash", "input_hash", "providers",
+                         "outcome", "amount_micro", "fee_micro", "time_ms"})
+_PROVIDER_KEYS = frozenset({"account", "result_hash", "usage", "prices", "paid_micro"})
+
+
+def _entry_problem(entry: Mapping[str, Any]) -> str | None:
+    """What makes ``entry`` malformed, or None."""
+    if set(entry) != _ENTRY_KEYS:
+        return f"entry fields must be exactly {sorted(_ENTRY_KEYS)}"
+    if entry["v"] != ENTRY_VERSION or not _is_int(entry["v"]):
+        return f"v must be {ENTRY_VERSION}"
+    for name in ("task_id", "client", "function_hash", "input_hash", "outcome"):
+        if not isinstance(entry[name], str) or not entry[name]:
+            return f"{name} must be a non-empty str"
+    for name in ("amount_micro", "fee_micro", "time_ms"):
+        if not _is_int(entry[name]) or entry[name] < 0:
+            return f"{name} must be an int >= 0"
+    providers = entry["providers"]
+    if not isinstance(providers, list) or not providers:
+        return "providers must be a non-empty list"
+    for i, p in enumerate(providers):
+        problem = _provider_problem(p)
+        if problem:
+            return f"providers[{i}]: {problem}"
+    paid = sum(p["paid_micro"] for p in providers)
+    if entry["amount_micro"] != entry["fee_micro"] + paid:
+        return (f"amount_micro {entry['amount_micro']} != fee_micro {entry['fee_micro']}"
+                f" + paid to providers {paid}")
+    return None
+
+
+def _provider_problem(p: object) -> str | None:
+    if not isinstance(p, dict) or set(p) != _PROVIDER_KEYS:
+        return f"fields must be exactly {sorted(_PROVIDER_KEYS)}"
+    for name in ("account", "result_hash"):
+        if not isinstance(p[name], str) or not p[name]:
+            return f"{name} must be a non-empty str"
+    for name in ("usage", "prices"):
+        if not isinstance(p[name], dict) or not all(
+                isinstance(k, str) and _is_number(v) for k, v in p[name].items()):
+            return f"{name} must map str to finite numbers"
+    if not _is_int(p["paid_micro"]) or p["paid_micro"] < 0:
+        return "paid_micro must be an int >= 0"
+    return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _plain_map(value: object, name: str) -> dict[str, int | float]:
+    """Numbers (numpy scalars included) as plain ints or floats, so they encode one way."""
+    if not isinstance(value, Mapping) or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value.values()):
+        raise EntryError(f"{name} must be a mapping of str to numbers, not {value!r:.80}")
+    return {str(k): int(v) if isinstance(v, numbers.Integral) else float(v)
+            for k, v in value.items()}
+
+
+# -- signed tree heads --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class TreeHead:
+    """The gateway's signed word that its log had ``size`` leaves with ``root`` at ``time_ms``."""
+
+    size: int
+    root: bytes
+    time_ms: int
+    signature: bytes
+
+    def message(self) -> bytes:
+        return head_message(self.size, self.root, self.time_ms)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": self.size, "root": self.root.hex(), "time": self.time_ms,
+                "signature": self.signature.hex()}
+
+    @classmethod
+    def from_json(cls, value: object) -> TreeHead:
+        """Parse a head; :class:`ReceiptLogError` on any malformed field (the signature is
+        checked by :func:`check_head`, not here)."""
+        if not isinstance(value, Mapping) or set(value) != {"size", "root", "time", "signature"}:
+            raise ReceiptLogError("a tree head is exactly {size, root, time, signature}")
+        size, time_ms = value["size"], value["time"]
+        if not _is_int(size) or size < 0 or not _is_int(time_ms) or time_ms < 0:
+            raise ReceiptLogError("a tree head's size and time are ints >= 0")
+        return cls(size, _unhex(value["root"], "root", 32), time_ms,
+                   _unhex(value["signature"], "signature", 64))
+
+    def __str__(self) -> str:
+        return f"head (size {self.size}, root {self.root.hex()[:16]}…, time {self.time_ms})"
+
+
+def head_message(size: int, root: bytes, time_ms: int) -> bytes:
+    """The exact bytes a tree head signature covers (see the module docstring)."""
+    return HEAD_CONTEXT + size.to_bytes(8, "big") + time_ms.to_bytes(8, "big") + root
+
+
+def sign_tree_head(identity: Identity, size: int, root: bytes, time_ms: int) -> TreeHead:
+    return TreeHead(size, root, time_ms, identity.sign(head_message(size, root, time_ms)))
+
+
+def check_head(head: TreeHead, gateway_key: bytes) -> None:
+    """Raise :class:`ReceiptLogError` unless ``head`` is signed by ``gateway_key``."""
+    if not verify(gateway_key, head.signature, head.message()):
+        raise ReceiptLogError(f"{head} is not signed by gateway key {gateway_key.hex()[:16]}…")
+
+
+def check_head_consistency(old: TreeHead, new: TreeHead, proof: Sequence[bytes],
+                           gateway_key: bytes) -> None:
+    """Both heads signed by ``gateway_key`` and ``new`` extends ``old`` (``proof`` from
+    ``/log/consistency?first=old.size&second=new.size``); else :class:`ForkDetected` naming both.
+
+    A client runs this on every newer head against the newest it has seen.
+    """
+    check_head(old, gateway_key)
+    check_head(new, gateway_key)
+    if new.size < old.size:
+        raise ForkDetected(f"gateway log went back: {new} is smaller than the {old} it signed"
+                           " before; keep both heads as evidence and stop trusting this gateway")
+    try:
+        merkle.verify_consistency(old.size, new.size, old.root, new.root, list(proof))
+    except merkle.ProofError as exc:
+        raise ForkDetected(f"gateway log fork: {new} does not extend {old} ({exc}); keep both"
+                           " heads as evidence and stop trusting this gateway") from None
+
+
+# -- receipts -----------------------------------------------------------------------------------
+
+def make_log_receipt(entry: bytes, index: int, proof: Sequence[bytes],
+                     head: TreeHead) -> dict[str, Any]:
+    return {"entry": entry.decode("ascii"), "index": index, "proof": [p.hex() for p in proof],
+            "head": head.to_json()}
+
+
+def check_log_receipt(receipt: object, gateway_key: str | bytes) -> dict[str, Any]:
+    """Check a receipt offline: its entry is a canonical settlement, its head is signed by
+    ``gateway_key`` (hex or 32 raw bytes), and the entry is leaf ``index`` of that head's tree.
+
+    Returns the decoded settlement; raises :class:`ReceiptInvalid` naming the leaf and the check
+    that failed.
+    """
+    index = receipt.get("index") if isinstance(receipt, Mapping) else None
+    if not isinstance(receipt, Mapping) or set(receipt) != {"entry", "index", "proof", "head"}:
+        raise ReceiptInvalid(index, "a receipt is exactly {entry, index, proof, head}")
+    if not _is_int(index) or index < 0:
+        raise ReceiptInvalid(index, "index must be an int >= 0")
+    try:
+        key = bytes.fromhex(gateway_key) if isinstance(gateway_key, str) else bytes(gateway_key)
+        entry_text, proof = receipt["entry"], receipt["proof"]
+        if not isinstance(entry_text, str) or not isinstance(proof, list):
+            raise ReceiptLogError("entry must be a str and proof a list of hex hashes")
+        settlement = decode_entry(entry_text)
+        head = TreeHead.from_json(receipt["head"])
+        check_head(head, key)
+        hashes = [_unhex(p, f"proof[{i}]", 32) for i, p in enumerate(proof)]
+        merkle.verify_inclusion(merkle.hash_leaf(entry_text.encode("ascii")), index, head.size,
+                                hashes, head.root)
+    except (ReceiptLogError, merkle.MerkleError, ValueError, TypeError) as exc:
+        raise ReceiptInvalid(index, str(exc)) from None
+    return settlement
+
+
+def verify_log_receipt(receipt: object, gateway_key: str | bytes) -> bool:
+    """True only for a receipt that :func:`check_log_receipt` accepts; never raises."""
+    try:
+        check_log_receipt(receipt, gateway_key)
+    except Exception:  # a verifier's promise: malformed input is invalid, never an exception
+        return False
+    return True
+
+
+def _unhex(value: object, name: str, length: int) -> bytes:
+    if not isinstance(value, str):
+        raise ReceiptLogError(f"{name} must be a hex str")
+    raw = bytes.fromhex(value)
+    if len(raw) != length or raw.hex() != value:  # one spelling: lowercase hex, no spaces
+        raise ReceiptLogError(f"{name} must be {length} bytes as lowercase hex")
+    return raw
+
+
+# -- the log in SQLite --------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS log_leaves (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS log_nodes (  -- every complete subtree: (level, idx) as in gateway.merkle
+    level INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
+    PRIMARY KEY (level, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS log_heads (
+    size INTEGER PRIMARY KEY, root BLOB NOT NULL, time_ms INTEGER NOT NULL,
+    signature BLOB NOT NULL);
+"""
+
+
+def create_tables(db: sqlite3.Connection) -> None:
+    """Create the log's tables in ``db`` (idempotent): beside the ledger's, in its file."""
+    db.executescript(_SCHEMA)
+
+
+def _size(db: sqlite3.Connection) -> int:
+    return db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM log_leaves").fetchone()[0]
+
+
+def _reader(db: sqlite3.Connection) -> merkle.NodeReader:
+    def read(level: int, index: int) -> bytes:
+        row = db.execute("SELECT hash FROM log_nodes WHERE level = ? AND idx = ?",
+                         (level, index)).fetchone()
+        if row is None:
+            raise LogCorrupted(f"the log has no node ({level}, {index}): its tables were edited"
+                               " or truncated; run ReceiptLog.check() to find the damage")
+        return bytes(row[0])
+    return read
+
+
+def append_leaves(db: sqlite3.Connection, entries: Sequence[bytes]) -> int:
+    """Append ``entries`` as the next leaves, inside the caller's open write transaction (so a
+    settlement and its leaf commit together); returns the first new leaf's index.
+
+    O(log n) reads plus amortised O(1) writes per leaf.
+    """
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, bytes) or not entry or len(entry) > MAX_ENTRY_BYTES:
+            raise EntryError(f"entries[{i}] must be 1 to {MAX_ENTRY_BYTES} bytes"
+                             " (from settlement_entry)")
+    first = _size(db)
+    border = merkle.CompactRange.load(_reader(db), first)
+    nodes = [node for entry in entries for node in border.append(merkle.hash_leaf(entry))]
+    db.executemany("INSERT INTO log_leaves (idx, entry) VALUES (?, ?)",
+                   [(first + i, entry) for i, entry in enumerate(entries)])
+    db.executemany("INSERT INTO log_nodes (level, idx, hash) VALUES (?, ?, ?)", nodes)
+    return first
+
+
+def _row_head(row: tuple | None) -> TreeHead | None:
+    return None if row is None else TreeHead(row[0], bytes(row[1]), row[2], bytes(row[3]))
+
+
+def _latest_head(db: sqlite3.Connection) -> TreeHead | None:
+    return _row_head(db.execute("SELECT size, root, time_ms, signature FROM log_heads"
+                                " ORDER BY size DESC LIMIT 1").fetchone())
+
+
+class ReceiptLog:
+    """The log on one SQLite file; thread-safe: one connection, one lock, one tx per call.
+
+    Durability as in :mod:`gateway.ledger` (WAL, ``synchronous=NORMAL``): a committed batch
+    survives a SIGKILL of the gateway, an uncommitted one vanishes whole. Readers in other
+    processes (or another ``ReceiptLog`` on the same file) see committed batches only.
+    """
+
+    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL") -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                             check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        create_tables(db)
+        self._db: sqlite3.Connection | None = db
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def __enter__(self) -> ReceiptLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """One transaction: a write takes the lock up front (BEGIN IMMEDIATE); a read sees one
+        consistent snapshot, so a proof never mixes two sizes."""
+        with self._lock:
+            db = self._db
+            if db is None:
+                raise ReceiptLogError(f"receipt log {self.path} is closed")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:  # including a failed COMMIT: never leave a transaction open
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def append(self, entries: Sequence[bytes]) -> int:
+        """Append a batch in one transaction; returns the index of its first leaf."""
+        with self._tx(write=True) as db:
+            first = append_leaves(db, list(entries))
+        log.debug("receipt log: appended leaves [%d, %d)", first, first + len(entries))
+        return first
+
+    def sign_head(self, identity: Identity, *, now_ms: int | None = None) -> TreeHead:
+        """Sign and store a head over every committed leaf (the latest head again if no leaf
+        came since). Refuses, with :class:`LogCorrupted`, to sign a head that does not extend
+        the last one: the gateway never forks its own log, even over edited tables."""
+        with self._tx(write=True) as db:
+            size, last = _size(db), _latest_head(db)
+            if last is not None and last.size == size:
+                return last
+            read = _reader(db)
+            root = merkle.root(read, size)
+            if last is not None:
+                self._check_extends(read, last, size, root)
+            wall = int(time.time() * 1000) if now_ms is None else now_ms
+            head = sign_tree_head(identity, size, root, max(wall, last.time_ms if last else 0))
+            db.execute("INSERT INTO log_heads (size, root, time_ms, signature) VALUES (?, ?, ?, ?)",
+                       (head.size, head.root, head.time_ms, head.signature))
+        log.debug("receipt log: signed %s", head)
+        return head
+
+    @staticmethod
+    def _check_extends(read: merkle.NodeReader, last: TreeHead, size: int, root: bytes) -> None:
+        try:
+            if size < last.size:
+                raise merkle.ProofError(f"the log has {size} leaves, fewer than signed")
+            merkle.verify_consistency(last.size, size, last.root, root,
+                                      merkle.consistency_proof(read, last.size, size))
+        except merkle.MerkleError as exc:
+            raise LogCorrupted(f"refusing to sign: the stored log does not extend the last"
+                               f" signed {last} ({exc}); run ReceiptLog.check() to find the"
+                               " damage") from None
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def size(self) -> int:
+        """How many leaves are committed (signed or not yet)."""
+        with self._tx() as db:
+            return _size(db)
+
+    def root(self, size: int | None = None) -> bytes:
+        with self._tx() as db:
+            return merkle.root(_reader(db), self._bounded(db, size))
+
+    def head(self) -> TreeHead | None:
+        """The latest signed tree head, or None before the first :meth:`sign_head`."""
+        with self._tx() as db:
+            return _latest_head(db)
+
+    def heads(self) -> list[TreeHead]:
+        """Every signed head, smallest first (the gateway's whole signed history)."""
+        with self._tx() as db:
+            rows = db.execute("SELECT size, root, time_ms, signature FROM log_heads"
+                              " ORDER BY size").fetchall()
+        return [_row_head(row) for row in rows]  # type: ignore[misc]
+
+    def inclusion(self, index: int, size: int) -> list[bytes]:
+        """The inclusion proof of leaf ``index`` in the tree of ``size`` leaves."""
+        with self._tx() as db:
+            return merkle.inclusion_proof(_reader(db), index, self._bounded(db, size))
+
+    def consistency(self, first: int, second: int) -> list[bytes]:
+        """The proof that the tree of ``first`` leaves is a prefix of that of ``second``."""
+        with self._tx() as db:
+            return merkle.consistency_proof(_reader(db), first, self._bounded(db, second))
+
+    def entries(self, start: int, end: int) -> list[bytes]:
+        """Leaves ``[start, end)`` (at most :data:`MAX_ENTRIES_PER_READ`, clipped to the log)."""
+        with self._tx() as db:
+            n = _size(db)
+            if not (_is_int(start) and _is_int(end) and 0 <= start <= end and start <= n):
+                raise merkle.MerkleError(f"leaf range [{start!r}, {end!r}) is not within the"
+                                         f" log's {n} leaves")
+            end = min(end, n, start + MAX_ENTRIES_PER_READ)
+            rows = db.execute("SELECT idx, entry FROM log_leaves WHERE idx >= ? AND idx < ?"
+                              " ORDER BY idx", (start, end)).fetchall()
+        if [idx for idx, _ in rows] != list(range(start, end)):
+            missing = sorted(set(range(start, end)) - {idx for idx, _ in rows})
+            raise LogCorrupted(f"leaf {missing[0]} is missing from the log's table")
+        return [bytes(entry) for _, entry in rows]
+
+    def receipts(self, start: int, end: int, head: TreeHead | None = None) -> list[dict]:
+        """Receipts of leaves ``[start, end)`` under ``head`` (default: the latest), in one
+        snapshot: what billing hands out after a batch's :meth:`sign_head`."""
+        with self._tx() as db:
+            head = head or _latest_head(db)
+            if head is None or end > head.size:
+                raise ReceiptLogError(f"leaves up to {end} are not covered by a signed head yet"
+                                      f" ({head or 'none signed'}); call sign_head first")
+            read = _reader(db)
+            rows = db.execute("SELECT idx, entry FROM log_leaves WHERE idx >= ? AND idx < ?"
+                              " ORDER BY idx", (start, end)).fetchall()
+            return [make_log_receipt(bytes(entry), idx,
+                                     merkle.inclusion_proof(read, idx, head.size), head)
+                    for idx, entry in rows]
+
+    def receipt(self, index: int, head: TreeHead | None = None) -> dict:
+        """The receipt of leaf ``index`` under ``head`` (default: the latest signed head)."""
+        found = self.receipts(index, index + 1, head)
+        if not found:
+            raise LogCorrupted(f"leaf {index} is missing from the log's table")
+        return found[0]
+
+    @staticmethod
+    def _bounded(db: sqlite3.Connection, size: int | None) -> int:
+        n = _size(db)
+        if size is None:
+            return n
+        if not _is_int(size) or not 0 <= size <= n:
+            raise merkle.MerkleError(f"size {size!r} is not within the log's 0..{n} leaves")
+        return size
+
+    # -- auditing --------------------------------------------------------------------------------
+
+    def check(self, gateway_key: bytes) -> None:
+        """Re-derive the whole log from its entries and compare with every stored node and
+        signed head: :class:`LogCorrupted` names the first leaf, node or head that differs.
+
+        O(n): for audits and tests, never on the hot path.
+        """
+        with self._tx() as db:
+            stored = {(level, idx): bytes(h) for level, idx, h in
+                      db.execute("SELECT level, idx, hash FROM log_nodes")}
+            heads = {size: _row_head((size, root, t, sig)) for size, root, t, sig in
+                     db.execute("SELECT size, root, time_ms, signature FROM log_heads")}
+            rebuilt = merkle.CompactRange()
+            roots = {0: rebuilt.root()}
+            for idx, entry in db.execute("SELECT idx, entry FROM log_leaves ORDER BY idx"):
+                if idx != rebuilt.size:
+                    raise LogCorrupted(f"leaf {rebuilt.size} is missing from the log's table")
+                for level, node_idx, h in rebuilt.append(merkle.hash_leaf(bytes(entry))):
+                    if stored.get((level, node_idx)) != h:
+                        raise LogCorrupted(_node_mismatch(level, node_idx))
+                if rebuilt.size in heads:
+                    roots[rebuilt.size] = rebuilt.root()
+        for size, head in sorted(heads.items()):
+            assert head is not None
+            check_head(head, gateway_key)
+            if roots.get(size) != head.root:
+                raise LogCorrupted(f"signed {head} does not match the log's leaves"
+                                   f" ({rebuilt.size} stored): the log was rewritten")
+
+
+def _node_mismatch(level: int, index: int) -> str:
+    if level == 0:
+        return f"leaf {index}: its entry does not match the hash the log committed to"
+    return (f"leaves [{index << level}, {(index + 1) << level}): their entries do not match the"
+            f" node ({level}, {index}) the log committed to")
+
+
+# -- HTTP: read-only answers for anyone ----------------------------------------------------------
+
+def _int_param(query: Mapping[str, str], name: str) -> int:
+    value = query.get(name)
+    if value is None or not value.isdigit() or len(value) > 18:
+        raise LogRequestError(f"query parameter {name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def handle_head(log_: ReceiptLog, query: Mapping[str, str]) -> dict[str, Any]:
+    """``GET /log/head``: the latest signed tree head."""
+    head = log_.head()
+    if head is None:
+        raise LogRequestError("this gateway has signed no tree head yet: no task has settled",
+                              status=404)
+    return head.to_json()
+
+
+def handle_inclusion(log_: ReceiptLog, query: Mapping[str, str]) -> dict[str, Any]:
+    """``GET /log/inclusion?index=I&size=N``: leaf I's inclusion proof in the tree of N."""
+    index, size = _int_param(query, "index"), _int_param(query, "size")
+    return {"index": index, "size": size, "proof": [p.hex() for p in log_.inclusion(index, size)]}
+
+
+def handle_consistency(log_: ReceiptLog, query: Mapping[str, str]) -> dict[str, Any]:
+    """``GET /log/consistency?first=M&second=N``: the tree of M is a prefix of the tree of N."""
+    first, second = _int_param(query, "first"), _int_param(query, "second")
+    return {"first": first, "second": second,
+            "proof": [p.hex() for p in log_.consistency(first, second)]}
+
+
+def handle_entries(log_: ReceiptLog, query: Mapping[str, str]) -> dict[str, Any]:
+    """``GET /log/entries?start=A&end=B``: leaves [A, B) (end exclusive), at most
+    :data:`MAX_ENTRIES_PER_READ`; ``end`` in the answer says where this page stopped."""
+    start, end = _int_param(query, "start"), _int_param(query, "end")
+    entries = log_.entries(start, end)
+    return {"start": start, "end": start + len(entries),
+            "entries": [e.decode("ascii") for e in entries]}
+
+
+LOG_ROUTES: dict[str, Callable[[ReceiptLog, Mapping[str, str]], dict[str, Any]]] = {
+    "/log/head": handle_head,
+    "/log/inclusion": handle_inclusion,
+    "/log/consistency": handle_consistency,
+    "/log/entries": handle_entries,
+}
+
+
+def log_http(log_: ReceiptLog, target: str) -> tuple[int, dict[str, Any]] | None:
+    """Answer a request target (``path?query``) under ``/log/``: ``(status, JSON-able body)``,
+    or None when the path is not the log's. Errors come back as ``{"error": message}``."""
+    path, _, qs = target.partition("?")
+    handler = LOG_ROUTES.get(path)
+    if handler is None:
+        return None
+    query = {k: v[-1] for k, v in parse_qs(qs, keep_blank_values=True).items()}
+    try:
+        return 200, handler(log_, query)
+    except LogRequestError as exc:
+        return exc.status, {"error": str(exc)}
+    except merkle.MerkleError as exc:
+        return 400, {"error": str(exc)}
