@@ -74,8 +74,12 @@ def _fold(hashes: Sequence[bytes]) -> bytes:
 def range_root(read: NodeReader, start: int, end: int) -> bytes:
     """The root of leaves ``[start, end)``, with ``start`` a multiple of a power of two that is at
     least ``end - start`` (true of every range RFC 6962's recursion visits): O(log n) reads."""
-    if end <= start:
+    n = end - start
+    if n <= 0:
         raise MerkleError(f"empty or reversed leaf range [{start}, {end})")
+    if n & (n - 1) == 0:  # one complete subtree: the common case in every proof
+        level = n.bit_length() - 1
+        return read(level, start >> level)
     hashes = []
     for level in reversed(range((end - start).bit_length())):
         if (end - start) >> level & 1:
