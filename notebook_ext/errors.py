@@ -11,20 +11,51 @@ class DecomputeError(Exception):
     """Base class of every error decompute raises on the client."""
 
 
+#: Globals that build classes, functions or code, or reach any attribute: trusting one would
+#: admit arbitrary code, so no message ever suggests it.
+_NEVER_TRUST_PREFIXES = ("cloudpickle.", "types.", "builtins.type", "builtins.getattr",
+                         "builtins.eval", "builtins.exec", "builtins.compile",
+                         "builtins.__import__", "builtins.setattr", "builtins.object",
+                         "copyreg.", "functools.", "operator.", "importlib.", "pickle.",
+                         "os.", "posix.", "nt.", "subprocess.", "sys.", "runpy.", "code.")
+
+
+def _never_trust(name: str) -> bool:
+    return name.startswith(_NEVER_TRUST_PREFIXES)
+
+
 class UntrustedResultError(DecomputeError):
     """A result names a global outside the allow-list; nothing of it was run.
 
     Pass ``trust=True`` to the call (or ``Client(trust=True)``) if you trust every provider that
-    may run it, or allow one type with ``client.trust_types(SomeClass)``.
+    may run it, or allow one class of yours with ``client.trust_types(SomeClass)``.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, by_value: bool = False) -> None:
         self.name = name
+        short = name.rsplit(".", 1)[-1]
+        if _never_trust(name):
+            advice = (
+                "That global builds arbitrary classes or code, so it is never safe to allow. "
+                "If the task returns an instance of a class you defined, call "
+                "client.trust_types(YourClass) with that very class (defined in your notebook, "
+                "script or an importable module, and used by the task); otherwise return plain "
+                "data (numbers, str, lists, dicts, numpy arrays, pandas objects), or pass "
+                "trust=True only if you trust every provider that may run the task.")
+        elif by_value:
+            advice = (
+                f"It is a class shipped by value (defined in a notebook or script). If it is "
+                f"your class {short} and the task used it, allow it with "
+                f"client.trust_types({short}) (pass the class object; a class the provider made "
+                f"up is never accepted), or pass trust=True if you trust every provider.")
+        else:
+            advice = (
+                f"If you trust the providers, pass trust=True, or allow this one type with "
+                f"client.trust_types({short}) (the class itself) or "
+                f"client.trust_types({name!r}).")
         super().__init__(
             f"result refers to {name!r}, which is not on the safe-result allow-list; nothing "
-            f"was unpickled. If you trust the providers, pass trust=True, or allow this one "
-            f"type with client.trust_types({name!r})."
-        )
+            f"was unpickled. {advice}")
 
 
 class RemoteError(DecomputeError):

@@ -22,6 +22,17 @@ which call ``cls.__new__`` on a class ``find_class`` already admitted, so no glo
 ``__init__`` of classes that were themselves admitted, which REDUCE on those classes can do anyway.
 It would be safe, but protocol 5 never needs it, so it stays out.
 
+Your own classes: a class defined in a notebook or script (``__main__``) cannot be imported by
+name, so cloudpickle ships it *by value*: the result's pickle rebuilds the class from its parts
+(``_make_skeleton_class``, then ``_class_setstate`` with its methods as code objects). No such
+constructor is ever resolved. The stand-in for ``_make_skeleton_class`` only *looks up* the
+class cloudpickle tracks under the pickle's id, i.e. the very class object this client pickled
+and sent with the task, and admits it only if the user trusted it by name (``trust_types``);
+everything the pickle names while describing that class (its type, bases and state) is read as
+inert placeholders that resolve, import and call nothing, and the state is dropped: the user's
+class is never changed. A class the provider made up has an id this process never issued and
+is refused, named, before anything of it is built.
+
 What the allow-list does not buy: it stops a result from running code, not every allowed type from
 accepting inconsistent state. Where the pickle goes through a function we can wrap, the result is
 validated (pyarrow arrays, MultiIndex codes), since both otherwise read out of bounds. State set by
@@ -154,6 +165,43 @@ def _checked(qualified: str, build: Callable[..., Any], check: Callable[[Any], N
     return checked_build
 
 
+_SKELETON = "cloudpickle.cloudpickle._make_skeleton_class"
+_CLASS_SETSTATE = "cloudpickle.cloudpickle._class_setstate"
+
+
+class _Inert:
+    """What a global named inside a by-value class definition becomes (the class itself, so
+    NEWOBJ accepts it): it calls, builds and changes nothing, and every operation the unpickler
+    may apply to it or its instances is a no-op."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:  # NEWOBJ calls cls.__new__(cls)
+        return object.__new__(_Inert)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
+        return _Inert()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+    def add(self, item: Any) -> None:
+        pass
+
+    def update(self, items: Any) -> None:
+        pass
+
+
 class _AllowListUnpickler(pickle.Unpickler):
     """Resolves only allowed globals; everything else fails before it is imported."""
 
@@ -161,9 +209,24 @@ class _AllowListUnpickler(pickle.Unpickler):
         # fix_imports=False: Python 2 name mapping would resolve a different global than we checked.
         super().__init__(file, fix_imports=False, buffers=buffers)
         self._allowed = allowed
+        self._definitions = 0  # by-value class definitions being read (their parts are inert)
+        self._states = 0  # trusted classes whose shipped state is being read (and dropped)
+
+    def load(self) -> Any:
+        value = super().load()
+        if self._definitions or self._states:
+            raise pickle.UnpicklingError("the result pickle leaves a class definition unfinished")
+        return value
 
     def find_class(self, module: str, name: str) -> Any:
         qualified = f"{module}.{name}"
+        if qualified == _SKELETON:
+            self._definitions += 1
+            return self._skeleton_class
+        if qualified == _CLASS_SETSTATE:
+            return self._class_setstate
+        if self._definitions or self._states:
+            return _Inert
         if qualified not in self._allowed:
             if qualified == "builtins.getattr":
                 return self._getattr
@@ -171,6 +234,29 @@ class _AllowListUnpickler(pickle.Unpickler):
         found = super().find_class(module, name)
         check = _CHECKS.get(qualified)
         return found if check is None else _checked(qualified, found, check)
+
+    def _skeleton_class(self, _type: Any, name: Any, _bases: Any, type_kwargs: Any,
+                        tracker_id: Any, _extra: Any = None) -> type:
+        """The trusted local class cloudpickle tracks under ``tracker_id``; never a new one."""
+        from cloudpickle import cloudpickle as cp
+
+        self._definitions = max(0, self._definitions - 1)
+        module = type_kwargs.get("__module__") if isinstance(type_kwargs, dict) else None
+        wanted = f"{module if isinstance(module, str) else '?'}.{name}"
+        cls = cp._DYNAMIC_CLASS_TRACKER_BY_ID.get(tracker_id) if isinstance(
+            tracker_id, str) else None
+        if not isinstance(cls, type) or qualified_name(cls) not in self._allowed:
+            raise UntrustedResultError(wanted if cls is None else qualified_name(cls),
+                                       by_value=True)
+        self._states += 1
+        return cls
+
+    def _class_setstate(self, cls: Any, state: Any) -> Any:
+        """The shipped class body is dropped: the user's own class stays as it is."""
+        self._states = max(0, self._states - 1)
+        if not isinstance(cls, type):
+            raise UntrustedResultError(_CLASS_SETSTATE)
+        return cls
 
     def _getattr(self, owner: Any, attribute: Any) -> Any:
         """``getattr(cls, name)`` as pickles spell a classmethod, admitted like ``cls.name``."""
