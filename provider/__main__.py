@@ -9,8 +9,19 @@ import os
 import signal
 import sys
 
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from gateway import protocol as p
+from gateway.identity import Identity, decompute_home
+from gateway.transport import handshake
 from gateway.units import parse_size
+from provider import stats
+from provider.outbox import OUTPUT_LIMIT
 from provider.provider import DEFAULT_URL, Provider
+
+#: Seconds --status waits for the gateway before it says it cannot reach it.
+STATUS_TIMEOUT = 10.0
 
 
 def size_arg(text: str) -> int:
@@ -40,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="only run tasks of this account (repeatable; default: anyone)")
     ap.add_argument("--dask-scheduler", metavar="tcp://HOST:PORT",
                     help="front a Dask cluster instead of local worker processes")
+    ap.add_argument("--output-limit", type=size_arg, default=OUTPUT_LIMIT, metavar="SIZE",
+                    help="output kept per task, e.g. 1MiB (default); the rest is dropped and "
+                    "the drop marked in the task's output")
+    ap.add_argument("--status", action="store_true",
+                    help="print this machine's account: balance, lifetime earnings and tasks "
+                    "served, then exit")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     if args.cpus is not None and args.cpus < 1:
@@ -63,15 +80,77 @@ def detect_gpus(spec: str) -> int:
 
 
 async def run(provider: Provider) -> None:
+    """Serve until a signal. The first SIGINT/SIGTERM stops gracefully (running tasks are handed
+    back to the gateway, which re-queues them); a second one kills the tasks and exits at once."""
     loop = asyncio.get_running_loop()
     serving = asyncio.create_task(provider.serve())
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            print("decompute-provider: stopping; running tasks go back to the gateway (Ctrl-C "
+                  "again to kill them now)", file=sys.stderr, flush=True)
+            provider.request_stop()
+        else:
+            provider.kill_now()
+            os._exit(130)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: provider._stop and provider._stop.set())
+        loop.add_signal_handler(sig, on_signal)
     await serving
+
+
+async def account_status(url: str, identity: Identity,
+                         timeout: float = STATUS_TIMEOUT) -> dict[str, object]:
+    """Balance and lifetime earnings of ``identity``'s account, asked as a client (a provider
+    connection would be offered tasks)."""
+    async with asyncio.timeout(timeout), connect(url, compression=None) as ws:
+        await handshake(ws, identity, "client", session=f"status-{os.getpid()}")
+        answers: dict[str, object] = {}
+        for qid, what in enumerate(("balance", "earnings"), start=1):
+            await ws.send(p.encode(p.Query(id=qid, what=what)))
+        while len(answers) < 2:
+            msg, _ = p.decode(await ws.recv())
+            if isinstance(msg, p.Reply) and msg.id in (1, 2):
+                if msg.error:
+                    raise RuntimeError(f"the gateway refused the {msg.id} query: {msg.error}")
+                answers["balance" if msg.id == 1 else "earnings"] = msg.data
+        return answers
+
+
+def print_status(url: str) -> int:
+    home = decompute_home()
+    identity = Identity.load_or_create(home)
+    try:
+        answers = asyncio.run(account_status(url, identity))
+    except (OSError, TimeoutError, ConnectionClosed, InvalidHandshake, InvalidURI,
+            p.ProtocolError, RuntimeError) as exc:
+        print(f"decompute-provider: cannot reach the gateway at {url} ({exc or type(exc).__name__})"
+              f"; is it running? Pass its address as the first argument or set "
+              f"$DECOMPUTE_GATEWAY.", file=sys.stderr)
+        return 1
+    balance = answers["balance"]
+    if isinstance(balance, dict):
+        balance_text = (f"{float(balance.get('available', 0.0)):.6f} tokens available, "
+                        f"{float(balance.get('held', 0.0)):.6f} held")
+    else:
+        balance_text = f"{float(balance or 0.0):.6f} tokens"
+    served = stats.load(home)
+    print(f"account:          {identity.account}\n"
+          f"gateway:          {url}\n"
+          f"balance:          {balance_text}\n"
+          f"earned, lifetime: {float(answers['earnings'] or 0.0):.6f} tokens\n"
+          f"tasks served:     {served.tasks} ({served.cpu_seconds:.2f} CPU-s) by providers "
+          f"using {home}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.status:
+        sys.exit(print_status(args.url))
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cpus, memory = args.cpus or os.cpu_count(), args.memory
@@ -88,8 +167,10 @@ def main(argv: list[str] | None = None) -> None:
         args.url, name=args.name, cpus=cpus, memory=memory,
         gpus=detect_gpus(args.gpus), price_cpu=args.price_cpu, price_memory=args.price_memory,
         price_gpu=args.price_gpu, allow=args.allow, dask_scheduler=args.dask_scheduler,
+        output_limit=args.output_limit,
     )
     asyncio.run(run(provider))
+    print(f"decompute-provider stopped. {provider.summary()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -215,8 +215,10 @@ class DaskBackend:
                   payload: Sequence[memoryview], on_output: OnOutput,
                   memory: int | None = None,
                   deps: Sequence[tuple[str, Sequence[bytes]]] | None = None,
-                  gpus: float = 0.0) -> Outcome:
+                  gpus: float = 0.0, output_limit: int | None = None) -> Outcome:
         """Run one task on the cluster; cancelling this coroutine is the caller's kill.
+
+        ``output_limit`` is enforced by the provider (output arrives through ``on_output``).
 
         ``memory`` and ``gpus`` are not enforced or metered here: the cluster's worker limits
         apply, and GPU time is not measured (reported as 0).

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import psutil
 
-from gateway.protocol import decode_frame, frame_parts, frame_size
+from gateway.protocol import frame_parts, frame_size
+from provider.channel import ChannelClosed, ChannelError, Done, Failed, parse_reply, read_frame
 from provider.metering import Meter
 from provider.sandbox import Isolation, Limits, SandboxSpec, cleanup, sandbox_spec
 from provider.worker import FUNCS_KEPT, LENGTH
@@ -47,6 +48,7 @@ class Outcome:
     error: dict | None = None
     code: str | None = None
     usage: dict[str, float] = field(default_factory=dict)
+    dropped: int = 0  # output bytes the worker dropped over its cap (shown in the output)
 
 
 @dataclass(slots=True, eq=False)
@@ -78,22 +80,13 @@ class WorkerProc:
         return True
 
 
-async def _recv_exactly(sock: socket.socket, n: int) -> bytearray:
-    """``n`` bytes into one preallocated buffer: no re-buffering of large frames."""
-    loop = asyncio.get_running_loop()
-    buf = bytearray(n)
-    view, pos = memoryview(buf), 0
-    while pos < n:
-        got = await loop.sock_recv_into(sock, view[pos:])
-        if not got:
-            raise asyncio.IncompleteReadError(bytes(view[:pos]), n)
-        pos += got
-    return buf
-
-
 async def _read_frame(sock: socket.socket) -> tuple[dict, list[memoryview]]:
-    n = LENGTH.unpack(await _recv_exactly(sock, LENGTH.size))[0]
-    return decode_frame(await _recv_exactly(sock, n), max_header=2**31)
+    """One frame from a worker, bounded and checked (:func:`provider.channel.read_frame`); a
+    closed channel reads as an incomplete read, as a worker that never started does."""
+    try:
+        return await read_frame(sock)
+    except ChannelClosed as exc:
+        raise asyncio.IncompleteReadError(b"", None) from exc
 
 
 def exit_description(code: int | None) -> str:
@@ -255,14 +248,16 @@ class WorkerPool:
                   payload: Sequence[memoryview], on_output: OnOutput,
                   memory: int | None = None,
                   deps: Sequence[tuple[str, Sequence[bytes]]] | None = None,
-                  gpus: float = 0.0) -> Outcome:
+                  gpus: float = 0.0, output_limit: int | None = None) -> Outcome:
         """Run one task on ``worker``; cancellation of this coroutine is the caller's kill.
 
-        ``deps`` (graph tasks) are ``(key, result buffers)`` pairs handed to the task.
+        ``deps`` (graph tasks) are ``(key, result buffers)`` pairs handed to the task. Whatever
+        the task does to its channel ends here as an ``error`` outcome (code ``worker_died``:
+        the caller replaces the worker), never as an exception.
         """
         has_func = func_blob is not None and worker.needs_func(func)
         header = {"t": "run", "key": key, "func": func, "has_func": has_func, "memory": memory,
-                  "nb": len(payload)}
+                  "nb": len(payload), "output_limit": output_limit}
         parts = [func_blob, *payload] if has_func else list(payload)
         if deps is not None:
             header["deps"] = [k for k, _ in deps]
@@ -277,21 +272,34 @@ class WorkerPool:
             for part in frame:  # no join: a large argument is not copied again
                 await loop.sock_sendall(worker.sock, part)
             while True:
-                reply, buffers = await _read_frame(worker.sock)
-                kind = reply.get("t")
-                if kind == "out":
-                    on_output(reply.get("stream", "stdout"), reply.get("text", ""))
-                elif kind == "done":
-                    return Outcome("finished", buffers, usage=worker.meter.sample())
-                elif kind == "fail":
-                    return Outcome("error", error=reply.get("error"), usage=worker.meter.sample())
-        except (asyncio.IncompleteReadError, ConnectionError):
+                reply = parse_reply(*await read_frame(worker.sock), key)
+                if isinstance(reply, Done):
+                    return Outcome("finished", reply.buffers, usage=worker.meter.sample(),
+                                   dropped=reply.dropped)
+                if isinstance(reply, Failed):
+                    return Outcome("error", error=reply.error, usage=worker.meter.sample(),
+                                   dropped=reply.dropped)
+                on_output(reply.stream, reply.text)
+        except ChannelClosed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
                     await worker.proc.wait()
-            message = exit_description(worker.proc.returncode)
-            return Outcome("error", code="worker_died", usage=worker.meter.sample(), error={
-                "type": "WorkerDied", "module": "decompute", "message": message, "traceback": ""})
+            if worker.proc.returncode is None:
+                return self._broken(worker, "the task closed its channel to the provider; its "
+                                            "process was killed")
+            description = exit_description(worker.proc.returncode)
+            if worker.proc.returncode >= 0:  # it ended on its own: say what the provider saw
+                description += " after its channel to the provider closed"
+            return self._broken(worker, description)
+        except (ChannelError, OSError) as exc:
+            return self._broken(worker, f"the task broke its channel to the provider: {exc}; "
+                                        f"its process was killed")
+
+    @staticmethod
+    def _broken(worker: WorkerProc, message: str) -> Outcome:
+        assert worker.meter is not None
+        return Outcome("error", code="worker_died", usage=worker.meter.sample(), error={
+            "type": "WorkerDied", "module": "decompute", "message": message, "traceback": ""})
 
     async def kill(self, worker: WorkerProc) -> None:
         await self._kill(worker)

@@ -16,10 +16,12 @@ import itertools
 import logging
 import os
 import platform
+import signal
 import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cloudpickle
 import psutil
@@ -29,7 +31,17 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from gateway import protocol as p
 from gateway.identity import Identity, decompute_home
 from gateway.transport import PING_INTERVAL, PING_TIMEOUT, FrameWriter, handshake
+from provider import stats
 from provider.dask_backend import SANDBOX_NOTE, DaskBackend
+from provider.outbox import (
+    OUTPUT_LIMIT,
+    TaskOutput,
+    clip,
+    event_frames,
+    heartbeat_frames,
+    result_frames,
+    result_too_big,
+)
 from provider.pool import Outcome, WorkerPool
 from provider.sandbox import Limits, describe, probe_isolation
 from provider.store import ResultStore
@@ -50,6 +62,10 @@ EARNINGS_QUERY = 1
 FUNC_BLOBS_KEPT = 2048
 #: Largest message we accept from the gateway (a task's arguments come in one message).
 MAX_MESSAGE = 1024 * 1024 * 1024
+#: The gateway's message limit when its welcome does not name one (its default).
+GATEWAY_MAX_MESSAGE = 512 * 1024 * 1024
+#: On a graceful stop, how long to wait for the last earnings figure and for queued frames.
+HAND_BACK_SECONDS = 3.0
 
 
 def local_runtime() -> p.Runtime:
@@ -57,19 +73,47 @@ def local_runtime() -> p.Runtime:
                      cloudpickle=cloudpickle.__version__)
 
 
-def failure(key: str, type_: str, module: str, message: str, code: str) -> p.Result:
-    return p.Result(key=key, status="error", code=code,
+def failure(key: str, type_: str, module: str, message: str, code: str,
+            usage: dict | None = None) -> p.Result:
+    return p.Result(key=key, status="error", code=code, usage=dict(usage or {}),
                     error=p.RemoteFailure(type=type_, module=module, message=message))
 
 
+def refusal(key: str, message: str, code: str = p.ErrorCode.LIMIT.value) -> p.Result:
+    """This provider will not run the task: an answer for it, so the gateway can place it
+    elsewhere or fail it, instead of a broken connection."""
+    return failure(key, "ProviderRefused", "decompute", message, code)
+
+
+def tokens_at(usage: dict[str, float], prices: dict[str, float]) -> float:
+    """What ``usage`` is worth at ``prices``, before the gateway's fee."""
+    return (usage.get("cpu_seconds", 0.0) * prices.get("cpu", 0.0)
+            + usage.get("memory_gib_seconds", 0.0) * prices.get("memory", 0.0)
+            + usage.get("gpu_seconds", 0.0) * prices.get("gpu", 0.0))
+
+
+@dataclass(slots=True)
+class _Slot:
+    """The worker one assignment holds, once it has one, and whether it must be replaced."""
+
+    worker: object | None = None
+    broken: bool = False
+
+
 class Provider:
-    """A volunteer's provider: ``cpus`` task slots, each a sandboxed worker process."""
+    """A volunteer's provider: ``cpus`` task slots, each a sandboxed worker process.
+
+    Nothing a task does (its output, its channel, its result) and nothing an assignment says can
+    end this process or its connection: each assignment is handled inside its own error boundary
+    and answered with a result, whatever happens.
+    """
 
     def __init__(self, url: str | None = None, *, name: str | None = None,
                  cpus: int | None = None, memory: int | None = None, gpus: int = 0,
                  price_cpu: float = 0.0, price_memory: float = 0.0, price_gpu: float = 0.0,
                  allow: Sequence[str] = (), home: str | os.PathLike | None = None,
-                 reconnect: bool = True, dask_scheduler: str | None = None) -> None:
+                 reconnect: bool = True, dask_scheduler: str | None = None,
+                 output_limit: int = OUTPUT_LIMIT) -> None:
         self.url = url or os.environ.get("DECOMPUTE_GATEWAY") or DEFAULT_URL
         self.home = decompute_home() if home is None else home
         self.identity = Identity.load_or_create(self.home)
@@ -78,6 +122,8 @@ class Provider:
         self.isolation = probe_isolation()
         #: Front this Dask cluster (``provider.dask_backend``) instead of local task processes.
         self.dask_scheduler = dask_scheduler
+        #: Output bytes kept per task; the rest is dropped and the drop marked in the output.
+        self.output_limit = output_limit
         self.ad = p.ProviderAd(
             name=name or f"{socket.gethostname()}-{os.getpid()}", cpus=self.cpus,
             memory=self.memory, gpus=gpus, runtime=local_runtime(),
@@ -88,13 +134,24 @@ class Provider:
         self.reconnect = reconnect
         self.id: str | None = None
         self.connected = threading.Event()
+        self.max_message = GATEWAY_MAX_MESSAGE
+        # This session (since this object started serving); lifetime figures are the gateway's
+        # (earnings) and provider.stats' (tasks served).
         self.served = 0
         self.cpu_seconds = 0.0  # CPU its tasks used, as metered
+        self.tokens = 0.0  # what its tasks were worth at its prices, before the gateway's fee
+        self._saved = (0, 0.0)  # served and CPU-s already added to the lifetime stats
         self._earnings = 0.0
+        self._earnings_at_start: float | None = None
+        self._earnings_heard: asyncio.Event | None = None
         self._funcs: OrderedDict[str, bytes] = OrderedDict()
-        self._running: dict[str, asyncio.Task] = {}
+        self._running: dict[str, asyncio.Task] = {}  # every task held: queued or running
+        self._outputs: dict[str, TaskOutput] = {}
+        self._output_due: set[str] = set()
+        self._load_prev: dict[str, tuple[float, float]] = {}
         self.store = ResultStore()
         self._cancelled: set[str] = set()
+        self._handing_back = False
         self._pool: WorkerPool | DaskBackend | None = None
         self._writer: FrameWriter | None = None
         self._results: list[tuple[p.Result, list[memoryview]]] = []
@@ -110,6 +167,7 @@ class Provider:
         """Run until :meth:`stop`: keep a connection to the gateway, reconnecting with backoff."""
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._earnings_heard = asyncio.Event()
         if self.dask_scheduler:
             log.warning("provider %s: %s", self.ad.name, SANDBOX_NOTE)
             self._pool = DaskBackend(self.dask_scheduler, slots=self.cpus)
@@ -137,6 +195,7 @@ class Provider:
                         await self._stop.wait()
                 delay = min(delay * 2, 10.0)
         finally:
+            self._save_stats()
             await self._pool.close()
 
     async def _session(self) -> None:
@@ -146,7 +205,9 @@ class Provider:
             welcome = await handshake(ws, self.identity, "provider", ad=self.ad,
                                       name=self.ad.name)
             self.id = welcome.session
+            self.max_message = welcome.max_message or GATEWAY_MAX_MESSAGE
             self._writer = FrameWriter(ws)
+            self._writer.send(p.encode(p.Query(id=EARNINGS_QUERY, what="earnings")))
             log.info("provider %s connected to %s as %s", self.ad.name, self.url, self.id)
             self.connected.set()
             try:
@@ -156,45 +217,103 @@ class Provider:
                     stopper = tg.create_task(self._stop.wait())
                     reader = tg.create_task(self._read(ws, tg))
                     await asyncio.wait({stopper, reader}, return_when=asyncio.FIRST_COMPLETED)
+                    if self._stop.is_set() and not reader.done():
+                        await self._hand_back(ws)
                     for t in [*tasks, stopper, reader, *self._running.values()]:
                         t.cancel()
             finally:
                 self.connected.clear()
                 self._writer = None
                 self._running.clear()
+                self._handing_back = False
+
+    async def _hand_back(self, ws) -> None:
+        """A graceful stop: report the usage of what runs (so it is paid), kill it, hear the
+        last earnings, send what is queued, then close; the gateway re-queues the tasks."""
+        assert self._writer is not None and self._earnings_heard is not None
+        self._handing_back = True
+        held = list(self._running)
+        log.info("provider %s stopping: handing %d tasks back to the gateway", self.ad.name,
+                 len(held))
+        self._send_heartbeat()
+        running = list(self._running.values())
+        for t in running:
+            t.cancel()
+        self._earnings_heard.clear()
+        self._writer.send(p.encode(p.Query(id=EARNINGS_QUERY, what="earnings")))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(HAND_BACK_SECONDS):
+                if running:
+                    await asyncio.wait(running)
+                await self._earnings_heard.wait()
+                while self._writer.queue:
+                    await asyncio.sleep(0.01)  # FrameWriter has no drained event; bounded
+        await ws.close(1001, f"provider stopping; {len(held)} tasks handed back")
 
     async def _read(self, ws, tg: asyncio.TaskGroup) -> None:
         with contextlib.suppress(ConnectionClosed):
             async for data in ws:
                 try:
                     msg, buffers = p.decode(data, allowed=ACCEPTED)
-                except p.ProtocolError as exc:  # a gateway we cannot understand: leave, retry
-                    log.error("provider %s: bad frame from the gateway: %s", self.ad.name, exc)
-                    await ws.close(1008, exc.reason)
-                    return
-                if isinstance(msg, p.Assign):
-                    self._accept(msg, buffers, tg)
-                elif isinstance(msg, p.Cancel):
-                    self._cancel(msg.keys)
-                elif isinstance(msg, p.Reply):
-                    self._on_reply(msg)
-                elif isinstance(msg, p.Fetch):
-                    self._send_data(msg.keys)
-                elif isinstance(msg, p.Data):
-                    for key, bufs in zip(msg.keys, p.split_buffers(msg.nbs, buffers), strict=True):
-                        self.store.put(key, bufs)
-                elif isinstance(msg, p.Release):
-                    for key in msg.keys:
-                        self.store.release(key)
-                elif isinstance(msg, p.Error):
-                    log.warning("gateway says %s: %s", msg.code, msg.message)
+                except p.ProtocolError as exc:
+                    self._unreadable(data, exc, tg)
+                    continue
+                try:
+                    self._dispatch(msg, buffers, tg)
+                except Exception:  # one message must never end the connection
+                    log.exception("provider %s: could not handle a %s message", self.ad.name,
+                                  msg.TYPE)
+
+    def _dispatch(self, msg: p.Message, buffers: list[memoryview], tg: asyncio.TaskGroup) -> None:
+        if isinstance(msg, p.Assign):
+            if not self._handing_back:  # what we do not take is re-queued when we close
+                self._accept(msg, buffers, tg)
+        elif isinstance(msg, p.Cancel):
+            self._cancel(msg.keys)
+        elif isinstance(msg, p.Reply):
+            self._on_reply(msg)
+        elif isinstance(msg, p.Fetch):
+            self._send_data(msg.keys)
+        elif isinstance(msg, p.Data):
+            for key, bufs in zip(msg.keys, p.split_buffers(msg.nbs, buffers), strict=True):
+                self.store.put(key, bufs)
+        elif isinstance(msg, p.Release):
+            for key in msg.keys:
+                self.store.release(key)
+        elif isinstance(msg, p.Error):
+            log.warning("gateway says %s: %s", msg.code, msg.message)
+
+    def _unreadable(self, data: bytes, exc: p.ProtocolError, tg: asyncio.TaskGroup) -> None:
+        """A frame we cannot decode: run what is sound in it, refuse by name what is not, tell
+        the gateway, and stay connected."""
+        refused, unnamed, kind = salvage_assign(data, self, tg)
+        log.error("provider %s: unreadable %s frame from the gateway: %s (%d tasks refused, %d "
+                  "unnamed)", self.ad.name, kind, exc, len(refused), unnamed)
+        for key in refused:
+            self._results.append((refusal(key, clip(
+                f"the provider could not read this task's assignment: {exc}", 2000),
+                p.ErrorCode.SCHEMA.value), []))
+        self._schedule_flush()
+        if self._writer is not None:
+            self._writer.send(p.encode(p.Error(
+                code=exc.code.value, keys=refused[:1000],
+                message=clip(f"provider {self.ad.name} could not read a {kind} message: {exc}"
+                             + (f"; {unnamed} tasks in it have no usable key" if unnamed
+                                else ""), 2000))))
 
     def _output(self, key: str, started: asyncio.TimerHandle, stream: str, text: str) -> None:
-        """Streamed output; the task is announced as running first if it was not yet."""
+        """Streamed output, capped and cut (:class:`TaskOutput`); the task is announced as
+        running first if it was not yet."""
         if not started.cancelled() and started.when() > asyncio.get_running_loop().time():
             started.cancel()
             self._emit(p.Event(key=key, kind="running"))
-        self._emit(p.Event(key=key, kind="output", stream=stream, text=text))
+        out = self._outputs.get(key)
+        if out is None:
+            out = self._outputs[key] = TaskOutput(self.output_limit)
+        out.add(stream, text)
+        if out.pending:
+            self._output_due.add(key)
+            self._schedule_flush()
 
     def _send_data(self, keys: Sequence[str]) -> None:
         """Answer a fetch with the kept results we hold (and name the ones we do not)."""
@@ -207,19 +326,44 @@ class Provider:
                 [b for _, bufs in have for b in bufs]))
 
     def _on_reply(self, msg: p.Reply) -> None:
-        if msg.data is not None and msg.id == EARNINGS_QUERY:
+        if msg.id != EARNINGS_QUERY or msg.data is None:
+            return
+        try:
             self._earnings = float(msg.data)
+        except (TypeError, ValueError):
+            return
+        if self._earnings_at_start is None:
+            self._earnings_at_start = self._earnings
+        if self._earnings_heard is not None:
+            self._earnings_heard.set()
 
     @property
     def earnings(self) -> float:
-        """Tokens this provider's account has earned (after the gateway's fee), as last heard."""
+        """Tokens this provider's account has earned in its lifetime (after the gateway's fee),
+        as last heard from the gateway."""
         return self._earnings
 
+    @property
+    def session_earnings(self) -> float:
+        """Tokens earned since this provider started serving (after the gateway's fee)."""
+        return max(0.0, self._earnings - (self._earnings_at_start or self._earnings))
+
+    def summary(self) -> str:
+        """What this session did, for the operator (printed by the CLI when it stops)."""
+        return (f"provider {self.ad.name}: {self.served} tasks served this session, "
+                f"{self.cpu_seconds:.2f} CPU-s, {self.session_earnings:.6f} tokens earned this "
+                f"session ({self.earnings:.6f} lifetime)")
+
     def _cancel(self, keys: Sequence[str]) -> None:
+        """Every cancelled key gets a ``cancelled`` result: running ones once killed, queued
+        ones at once (through their task), unknown ones right here."""
         for key in keys:
             if key in self._running:
                 self._cancelled.add(key)
                 self._running[key].cancel()
+            else:
+                self._results.append((p.Result(key=key, status="cancelled", code="cancelled"), []))
+                self._schedule_flush()
 
     def start(self, timeout: float = 60.0) -> Provider:
         """Serve in a background thread (own event loop); return once connected."""
@@ -232,12 +376,26 @@ class Provider:
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop serving: running tasks are killed (the gateway re-queues them), workers end."""
+        """Stop serving: running tasks are handed back (reported, killed; the gateway re-queues
+        them), workers end."""
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    def request_stop(self) -> None:
+        """From this provider's own loop (a signal handler): begin the graceful stop."""
+        if self._stop is not None:
+            self._stop.set()
+
+    def kill_now(self) -> None:
+        """Kill every task process at once (the second Ctrl-C); the caller then exits."""
+        for worker in list(self._pool.workers if self._pool is not None else []):
+            pid = getattr(worker, "pid", None)
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
 
     # ------------------------------------------------------------------ tasks
 
@@ -248,65 +406,117 @@ class Provider:
                 self._funcs.popitem(last=False)
         payloads = p.split_buffers([t.nb for t in msg.tasks], buffers[len(msg.funcs):])
         for spec, payload in zip(msg.tasks, payloads, strict=True):
-            self._running[spec.key] = tg.create_task(self._execute(spec, payload))
+            self.take(spec, payload, tg)
+
+    def take(self, a: p.Assignment, payload: list[memoryview], tg: asyncio.TaskGroup) -> None:
+        """Start one assignment, or answer it with a refusal if this provider cannot run it."""
+        if a.key in self._running:
+            log.warning("provider %s: task %s assigned again while held; the first run answers",
+                        self.ad.name, a.key)
+            return
+        why = self._refusal(a)
+        if why is not None:
+            log.warning("provider %s: refused task %s: %s", self.ad.name, a.key, why)
+            self._finish(a, refusal(a.key, why))
+            return
+        self._running[a.key] = tg.create_task(self._execute(a, payload))
+
+    def _refusal(self, a: p.Assignment) -> str | None:
+        """Why this provider cannot run ``a``, or None."""
+        if a.func not in self._funcs:
+            return (f"function {a.func} was never sent to this provider (or was evicted from "
+                    f"its cache of {FUNC_BLOBS_KEPT}); the gateway should resend it")
+        for name, offered in (("cpus", self.cpus), ("memory", self.memory),
+                              ("gpus", self.ad.gpus)):
+            asked = a.resources.get(name, 0) or 0
+            if asked > offered:
+                return (f"the task asks for {name}={asked:g}; provider {self.ad.name} offers "
+                        f"{offered:g}")
+        return None
 
     async def _execute(self, a: p.Assignment, payload: list[memoryview]) -> None:
-        """Run one assignment and report it. Cancellation at any point (waiting for inputs or
-        a worker, or running) is reported as ``cancelled`` when the gateway asked for it."""
-        assert self._pool is not None
-        worker, broken, usage = None, False, {}
+        """Run one assignment and report it: its own error boundary. Cancellation at any point
+        (waiting for inputs or a worker, or running) is reported as ``cancelled`` when the
+        gateway asked for it; any failure of ours becomes this task's error, nothing more."""
+        slot = _Slot()
         try:
-            blob = self._funcs.get(a.func)
-            if blob is None:
-                self._finish(failure(a.key, "RuntimeError", "builtins",
-                                     f"function {a.func} was never sent to this provider",
-                                     "internal"))
-                return
-            deps = None
-            if a.deps is not None:  # a graph task: wait (without a worker) for its inputs
-                deps = [(d, await self.store.wait(d)) for d in a.deps]
-            worker = await self._pool.acquire(a.account)
-            # Tell the client it runs only if it still does shortly: a map of tiny tasks would
-            # otherwise send an extra message per task through the gateway.
-            started = asyncio.get_running_loop().call_later(
-                RUNNING_EVENT_DELAY, self._emit, p.Event(key=a.key, kind="running"))
-            try:
-                async with asyncio.timeout(a.timeout):
-                    outcome = await self._pool.run(
-                        worker, a.key, a.func, memoryview(blob), payload,
-                        lambda stream, text: self._output(a.key, started, stream, text),
-                        memory=a.resources.get("memory"), deps=deps,
-                        gpus=min(a.resources.get("gpus", 0), self.ad.gpus))
-            except TimeoutError:
-                broken = True
-                usage = worker.meter.sample() if worker.meter else {}
-                await self._pool.kill(worker)
-                outcome = Outcome("error", code="timeout", usage=usage, error={
-                    "type": "TimeoutError", "module": "builtins", "traceback": "",
-                    "message": f"task {a.key.split('/')[-1]} exceeded its timeout of "
-                               f"{a.timeout:g} s; its process was killed"})
-            started.cancel()
-            broken = broken or outcome.code == "worker_died"
-            self._finish(*self._result(a, outcome))
+            outcome = await self._run(a, payload, slot)
+            self._finish(a, *self._result(a, outcome), dropped=outcome.dropped)
         except asyncio.CancelledError:
-            if worker is not None:
-                broken = True
-                usage = worker.meter.sample() if worker.meter else {}
-                await self._pool.kill(worker)
+            usage = await self._stop_worker(slot)
             if a.key not in self._cancelled:
                 raise  # we are shutting down, not cancelling one task
-            self._finish(p.Result(key=a.key, status="cancelled", code="cancelled", usage=usage))
+            self._finish(a, p.Result(key=a.key, status="cancelled", code="cancelled",
+                                     usage=usage))
+        except Exception as exc:
+            log.exception("provider %s: task %s failed inside the provider", self.ad.name, a.key)
+            usage = await self._stop_worker(slot)
+            self._finish(a, failure(a.key, "RuntimeError", "builtins", clip(
+                f"the provider failed while handling this task ({type(exc).__name__}: {exc}); "
+                f"it keeps serving, retry the task", 2000), p.ErrorCode.INTERNAL.value, usage))
         finally:
             self._cancelled.discard(a.key)
             self._running.pop(a.key, None)
-            if worker is not None:
+            self._outputs.pop(a.key, None)
+            self._output_due.discard(a.key)
+            if slot.worker is not None:
                 self.served += 1
-                await self._pool.release(worker, broken=broken)
+                await asyncio.shield(self._pool.release(slot.worker, broken=slot.broken))
+
+    async def _run(self, a: p.Assignment, payload: list[memoryview], slot: _Slot) -> Outcome:
+        assert self._pool is not None
+        blob = self._funcs.get(a.func)
+        if blob is None:
+            return Outcome("error", code=p.ErrorCode.INTERNAL.value, error={
+                "type": "RuntimeError", "module": "builtins", "traceback": "",
+                "message": f"function {a.func} was never sent to this provider"})
+        deps = None
+        if a.deps is not None:  # a graph task: wait (without a worker) for its inputs
+            deps = [(d, await self.store.wait(d)) for d in a.deps]
+        slot.worker = worker = await self._pool.acquire(a.account)
+        # Tell the client it runs only if it still does shortly: a map of tiny tasks would
+        # otherwise send an extra message per task through the gateway.
+        started = asyncio.get_running_loop().call_later(
+            RUNNING_EVENT_DELAY, self._emit, p.Event(key=a.key, kind="running"))
+        try:
+            async with asyncio.timeout(a.timeout):
+                outcome = await self._pool.run(
+                    worker, a.key, a.func, memoryview(blob), payload,
+                    lambda stream, text: self._output(a.key, started, stream, text),
+                    memory=a.resources.get("memory"), deps=deps,
+                    gpus=min(a.resources.get("gpus", 0), self.ad.gpus),
+                    output_limit=self.output_limit)
+        except TimeoutError:
+            usage = await self._stop_worker(slot)
+            outcome = Outcome("error", code="timeout", usage=usage, error={
+                "type": "TimeoutError", "module": "builtins", "traceback": "",
+                "message": f"task {a.key.split('/')[-1]} exceeded its timeout of "
+                           f"{a.timeout:g} s; its process was killed"})
+        finally:
+            started.cancel()
+        slot.broken = slot.broken or outcome.code == "worker_died"
+        return outcome
+
+    async def _stop_worker(self, slot: _Slot) -> dict[str, float]:
+        """Kill the slot's worker (it is replaced on release); its usage until now."""
+        worker = slot.worker
+        if worker is None or slot.broken:
+            return {}
+        slot.broken = True
+        meter = getattr(worker, "meter", None)
+        usage = meter.sample() if meter is not None else {}
+        await asyncio.shield(self._pool.kill(worker))
+        return usage
 
     def _result(self, a: p.Assignment, outcome: Outcome) -> tuple[p.Result, list[memoryview]]:
         """The report of a task; a kept result stays in the store and is sent only if asked."""
         error = p.RemoteFailure.from_wire(outcome.error) if outcome.error else None
         buffers, stored, nbytes = outcome.buffers, False, 0
+        if outcome.status == "finished" and (a.send or not a.keep):
+            too_big = result_too_big(buffers, self.max_message)
+            if too_big is not None:
+                return failure(a.key, "ValueError", "builtins", too_big,
+                               p.ErrorCode.LIMIT.value, outcome.usage), []
         if a.keep and outcome.status == "finished":
             self.store.put(a.key, buffers)
             stored, nbytes = True, sum(b.nbytes for b in buffers)
@@ -317,17 +527,37 @@ class Provider:
 
     # ------------------------------------------------------------------ reporting
 
-    def _finish(self, result: p.Result, buffers: Sequence[memoryview] = ()) -> None:
-        self.cpu_seconds += result.usage.get("cpu_seconds", 0.0)
+    def _finish(self, a: p.Assignment, result: p.Result, buffers: Sequence[memoryview] = (),
+                dropped: int = 0) -> None:
+        """Report a task: the rest of its output (and the truncation mark), then its result."""
+        self._running.pop(a.key, None)  # a cancel from now on is answered as unknown
+        out = self._outputs.pop(a.key, None)
+        if dropped and out is None:
+            out = TaskOutput(self.output_limit)
+        if out is not None:
+            out.note_dropped(dropped)
+            self._events += [p.Event(key=a.key, kind="output", stream=stream, text=text)
+                             for stream, text in out.close()]
+        self._output_due.discard(a.key)
+        self._log_task(a, result)
         self._results.append((result, list(buffers)))
         self._schedule_flush()
+
+    def _log_task(self, a: p.Assignment, result: p.Result) -> None:
+        usage = result.usage
+        tokens = tokens_at(usage, self.ad.prices)
+        self.cpu_seconds += usage.get("cpu_seconds", 0.0)
+        self.tokens += tokens
+        log.info("task %s for %s: %s in %.2f s, %.2f CPU-s, %.6f tokens at our prices",
+                 a.key[-48:], a.account[:8], result.status, usage.get("wall_seconds", 0.0),
+                 usage.get("cpu_seconds", 0.0), tokens)
 
     def _emit(self, event: p.Event) -> None:
         self._events.append(event)
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
-        """Batch what finishes in one loop iteration into one frame of each kind."""
+        """Batch what finishes in one loop iteration into as few frames as the limits allow."""
         if not self._flush_pending and self._loop is not None:
             self._flush_pending = True
             self._loop.call_soon(self._flush)
@@ -337,28 +567,126 @@ class Provider:
         if self._writer is None:
             self._events.clear()
             self._results.clear()  # the gateway re-queues tasks of a lost connection
+            self._output_due.clear()
             return
-        if self._events:
-            self._writer.send(p.encode(p.Events(events=self._events)))
-            self._events = []
-        if self._results:
-            results, self._results = self._results, []
-            self._writer.send(p.encode_parts(p.Results(results=[r for r, _ in results]),
-                                             [b for _, bufs in results for b in bufs]))
+        for key in sorted(self._output_due):
+            out = self._outputs.get(key)
+            if out is not None:
+                self._events += [p.Event(key=key, kind="output", stream=stream, text=text)
+                                 for stream, text in out.take()]
+        self._output_due.clear()
+        events, self._events = self._events, []
+        for frame in event_frames(events):
+            self._writer.send(frame)
+        results, self._results = self._results, []
+        for frame in result_frames(results, self.max_message):
+            self._writer.send(frame)
+
+    # ------------------------------------------------------------------ heartbeats
 
     async def _heartbeats(self) -> None:
-        psutil.cpu_percent()  # prime: the first reading is meaningless
         for beat in itertools.count():
             await asyncio.sleep(HEARTBEAT_SECONDS)
-            assert self._pool is not None and self._writer is not None
-            usage = {w.task_key: w.meter.sample(tree=True) for w in self._pool.workers
-                     if w.meter is not None and w.task_key}
-            load = {"cpu_percent": psutil.cpu_percent(),
-                    "memory_percent": psutil.virtual_memory().percent,
-                    "running": float(len(self._running))}
-            self._writer.send(p.encode(p.Heartbeat(load=load, usage=usage)))
+            self._send_heartbeat()
+            assert self._writer is not None
             if beat % 4 == 0:
                 self._writer.send(p.encode(p.Query(id=EARNINGS_QUERY, what="earnings")))
             if beat % STATUS_EVERY == 0 and beat:
-                log.info("provider %s: %d tasks served, %d running, %.6f tokens earned",
-                         self.ad.name, self.served, len(self._running), self._earnings)
+                self._save_stats()
+                log.info("provider %s: %d tasks served this session, %d held, %.6f tokens "
+                         "earned this session, %.6f lifetime", self.ad.name, self.served,
+                         len(self._running), self.session_earnings, self.earnings)
+
+    def _send_heartbeat(self) -> None:
+        """Every task held is listed (a queued one with ``{}``): the gateway renews its lease."""
+        if self._writer is None:
+            return
+        usage = self.held_usage()
+        for frame in heartbeat_frames(self._load(usage), usage):
+            self._writer.send(frame)
+
+    def held_usage(self) -> dict[str, dict[str, float]]:
+        """Cumulative usage of every task held; ``{}`` for one still waiting to run."""
+        usage: dict[str, dict[str, float]] = {key: {} for key in self._running}
+        for worker in self._pool.workers if self._pool is not None else []:
+            key, meter = worker.task_key, getattr(worker, "meter", None)
+            if meter is not None and key in usage:
+                usage[key] = meter.sample(tree=True)
+        return usage
+
+    def _load(self, usage: dict[str, dict[str, float]]) -> dict[str, float]:
+        """This provider's own load: cores its task processes kept busy since the last
+        heartbeat, their resident memory, and how many tasks run (not the host's load)."""
+        cpu, seen = 0.0, {}
+        for key, u in usage.items():
+            if not u:
+                continue
+            now_cpu, now_wall = u.get("cpu_seconds", 0.0), u.get("wall_seconds", 0.0)
+            then_cpu, then_wall = self._load_prev.get(key, (0.0, 0.0))
+            if now_wall > then_wall:
+                cpu += max(0.0, now_cpu - then_cpu) / (now_wall - then_wall)
+            seen[key] = (now_cpu, now_wall)
+        self._load_prev = seen
+        memory = 0
+        for worker in self._pool.workers if self._pool is not None else []:
+            if worker.task_key in seen and getattr(worker, "ps", None) is not None:
+                memory += _tree_rss(worker.ps)
+        return {"cpu": round(min(cpu, float(self.cpus)), 3), "memory_bytes": float(memory),
+                "running": float(len(seen))}
+
+    def _save_stats(self) -> None:
+        """Add what was served since the last save to this home's lifetime totals."""
+        tasks, cpu = self.served - self._saved[0], self.cpu_seconds - self._saved[1]
+        stats.add(self.home, tasks, cpu)
+        self._saved = (self.served, self.cpu_seconds)
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    """Resident memory of a process and its descendants (0 for what has gone)."""
+    total = 0
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for one in procs:
+        with contextlib.suppress(psutil.Error):
+            total += one.memory_info().rss
+    return total
+
+
+def salvage_assign(data: bytes, provider: Provider,
+                   tg: asyncio.TaskGroup) -> tuple[list[str], int, str]:
+    """From an ``assign`` frame that failed validation, start each task that is sound and
+    return the keys of the others (those short enough to name), how many could not be named,
+    and what kind of frame it was."""
+    try:
+        header, buffers = p.decode_frame(data)
+    except p.ProtocolError:
+        return [], 0, "undecodable"
+    kind = header.get("t")
+    tasks, funcs = header.get("tasks"), header.get("funcs", [])
+    if kind != "assign" or not isinstance(tasks, list):
+        return [], 0, str(kind)[:32]
+    sound: list[tuple[p.Assignment | None, str | None]] = []
+    for raw in tasks:
+        key = raw.get("key") if isinstance(raw, dict) else None
+        key = key if isinstance(key, str) and 0 < len(key) <= p.MAX_KEY_LEN else None
+        try:
+            sound.append((p.Assignment.from_wire(raw), key))
+        except (p.ProtocolError, AttributeError, TypeError):
+            sound.append((None, key))
+    nbs = [raw.get("nb") if isinstance(raw, dict) else None for raw in tasks]
+    aligned = (isinstance(funcs, list) and all(isinstance(f, str) and len(f) <= 128
+                                               for f in funcs)
+               and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in nbs)
+               and len(funcs) + sum(nbs) == len(buffers))
+    refused = [key for spec, key in sound if key is not None and (spec is None or not aligned)]
+    unnamed = sum(1 for _, key in sound if key is None)
+    if aligned:
+        for func_hash, blob in zip(funcs, buffers[: len(funcs)], strict=True):
+            provider._funcs[func_hash] = bytes(blob)
+        payloads = p.split_buffers(nbs, buffers[len(funcs):])
+        for (spec, _), payload in zip(sound, payloads, strict=True):
+            if spec is not None:
+                provider.take(spec, payload, tg)
+    return refused, unnamed, "assign"

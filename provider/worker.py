@@ -33,8 +33,15 @@ LENGTH = struct.Struct("!Q")
 #: Deserialized functions kept per worker (FIFO). The provider remembers half as many as sent, so
 #: whatever it believes we hold, we hold.
 FUNCS_KEPT = 512
-#: Streamed output is sent at the latest this often while a task keeps printing.
+#: Streamed output is sent at the latest this long after it was printed.
 OUTPUT_FLUSH_SECONDS = 0.1
+#: Output is sent in messages of at most this many characters.
+OUTPUT_CHUNK_CHARS = 16 * 1024
+#: Output a task may send when the provider names no limit (it names its own, the same default).
+OUTPUT_LIMIT = 1024 * 1024
+#: A result pickled with more out-of-band buffers than this is pickled again in-band: one message
+#: carries at most 65,536 buffers.
+MAX_RESULT_BUFFERS = 4096
 
 
 class Channel:
@@ -76,29 +83,88 @@ class Channel:
 
 
 class StreamToChannel(io.TextIOBase):
-    """sys.stdout/sys.stderr for the task: text goes to the provider in small batches."""
+    """sys.stdout/sys.stderr for the task: text goes to the provider in bounded chunks.
 
-    def __init__(self, channel: Channel, name: str) -> None:
+    Text is sent when OUTPUT_CHUNK_CHARS have gathered or, by :class:`Flusher`, at the latest
+    OUTPUT_FLUSH_SECONDS after it was written: 200,000 quick prints travel as a few dozen
+    messages, and a line printed before a long computation still shows at once. Past ``limit``
+    characters the rest is counted (``dropped``), not sent; the provider enforces its own cap
+    anyway, since a task can write to the channel directly.
+    """
+
+    def __init__(self, channel: Channel, name: str, limit: int | None = None) -> None:
         self.channel = channel
         self.name = name
+        self.limit = OUTPUT_LIMIT if limit is None else limit
         self.parts: list[str] = []
-        self.last = time.monotonic()
+        self.size = 0  # characters waiting in parts
+        self.sent = 0  # characters accepted for sending
+        self.dropped = 0  # UTF-8 bytes over the limit
+        self.first = 0.0  # when the oldest waiting text was written
+        self.closed_for_task = False
+        self.lock = threading.Lock()
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        self.parts.append(text)
-        now = time.monotonic()
-        if "\n" in text or now - self.last > OUTPUT_FLUSH_SECONDS:
-            self.flush()
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        with self.lock:
+            if self.closed_for_task:
+                return len(text)
+            room = self.limit - self.sent
+            kept = text if len(text) <= room else text[:max(room, 0)]
+            if len(kept) < len(text):
+                self.dropped += len(text[len(kept):].encode("utf-8", "replace"))
+            if kept:
+                if not self.parts:
+                    self.first = time.monotonic()
+                self.parts.append(kept)
+                self.size += len(kept)
+                self.sent += len(kept)
+            if self.size >= OUTPUT_CHUNK_CHARS:
+                self._send()
         return len(text)
 
     def flush(self) -> None:
-        if self.parts:
-            text, self.parts = "".join(self.parts), []
-            self.channel.send({"t": "out", "stream": self.name, "text": text})
-        self.last = time.monotonic()
+        with self.lock:
+            self._send()
+
+    def flush_if_due(self, now: float) -> None:
+        with self.lock:
+            if self.parts and now - self.first >= OUTPUT_FLUSH_SECONDS:
+                self._send()
+
+    def finish(self) -> int:
+        """Send what is left, stop sending for good; returns the bytes dropped."""
+        with self.lock:
+            self._send()
+            self.closed_for_task = True
+            return self.dropped
+
+    def _send(self) -> None:  # with self.lock held: chunks leave in the order written
+        text, self.parts, self.size = "".join(self.parts), [], 0
+        for pos in range(0, len(text), OUTPUT_CHUNK_CHARS):
+            chunk = text[pos:pos + OUTPUT_CHUNK_CHARS].encode("utf-8", "replace").decode()
+            self.channel.send({"t": "out", "stream": self.name, "text": chunk})
+
+
+class Flusher:
+    """A thread that sends the current task's waiting output when it is due."""
+
+    def __init__(self) -> None:
+        self.streams: tuple[StreamToChannel, ...] = ()
+        thread = threading.Thread(target=self._run, name="output-flush", daemon=True)
+        thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(OUTPUT_FLUSH_SECONDS / 2)
+            now = time.monotonic()
+            for stream in self.streams:
+                with contextlib.suppress(Exception):  # the channel may be gone: main sees it
+                    stream.flush_if_due(now)
 
 
 def describe_error(exc: BaseException) -> dict:
@@ -154,6 +220,8 @@ def dumps_result(value: Any) -> list:
 
     buffers: list[pickle.PickleBuffer] = []
     data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    if len(buffers) > MAX_RESULT_BUFFERS:  # thousands of small arrays: one stream is better
+        return [cloudpickle.dumps(value, protocol=5)]
     return [data, *(b.raw() for b in buffers)]
 
 
@@ -163,6 +231,7 @@ class Worker:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.funcs: OrderedDict[str, Any] = OrderedDict()
+        self.flusher = Flusher()
 
     def serve(self) -> None:
         self.channel.send({"t": "ready", "pid": os.getpid()})
@@ -178,9 +247,11 @@ class Worker:
 
         key = header["key"]
         limit = apply_memory_limit(header.get("memory"))
-        out = StreamToChannel(self.channel, "stdout")
-        err = StreamToChannel(self.channel, "stderr")
+        output_limit = header.get("output_limit")
+        out = StreamToChannel(self.channel, "stdout", output_limit)
+        err = StreamToChannel(self.channel, "stderr", output_limit)
         sys.stdout, sys.stderr = out, err
+        self.flusher.streams = (out, err)
         try:
             fn = self._function(header["func"], buffers[0] if header.get("has_func") else None)
             rest = buffers[1:] if header.get("has_func") else buffers
@@ -193,20 +264,23 @@ class Worker:
             del args, kwargs, payload, buffers, rest, dep_buffers
             result = dumps_result(value)
         except BaseException as exc:  # noqa: BLE001 - every task failure is reported, not raised
-            out.flush()
-            err.flush()
+            dropped = self._end_output(out, err)
             error = describe_error(exc)
             if isinstance(exc, MemoryError):  # numpy's subclass too: the user sees MemoryError
                 error.update(type="MemoryError", module="builtins",
                              message=memory_message(limit, error["message"]))
-            self.channel.send({"t": "fail", "key": key, "error": error})
+            self.channel.send({"t": "fail", "key": key, "error": error, "dropped": dropped})
         else:
-            out.flush()
-            err.flush()
-            self.channel.send({"t": "done", "key": key}, result)
+            dropped = self._end_output(out, err)
+            self.channel.send({"t": "done", "key": key, "dropped": dropped}, result)
         finally:
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
             apply_memory_limit(None)
+
+    def _end_output(self, out: StreamToChannel, err: StreamToChannel) -> int:
+        """Flush and close the task's streams (threads it left behind print nowhere)."""
+        self.flusher.streams = ()
+        return out.finish() + err.finish()
 
     def _function(self, func_hash: str, blob: memoryview | None) -> Any:
         import cloudpickle
