@@ -1,61 +1,101 @@
 """Metering: what a task used, measured from outside the sandbox (the task cannot lie about it).
 
-CPU seconds count the task process and its reaped children; peak memory is the largest resident
-set seen across samples. The per-task path reads only the process itself (two /proc reads); the
-whole process tree, which needs a scan of /proc, is sampled on heartbeats only. Usage is
-cumulative from the task's start, which is what the gateway settles on (idempotently).
+CPU seconds count every process the task started, whatever became of it: with a cgroup per worker
+(see `provider.sandbox`) they are the cgroup's `cpu.stat` total, which keeps the CPU of processes
+that already ended, double-forked daemons included; without one, the worker's own `/proc/PID/stat`
+(itself and the children it reaped) plus, on heartbeats, every live descendant. Peak memory is the
+largest resident set seen across samples. The per-task path is one or two small file reads, never
+a scan of /proc; the whole process tree is sampled on heartbeats only. Usage is cumulative from
+the task's start, which is what the gateway settles on (idempotently).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import psutil
 
+from provider.sandbox import cgroup_of, cgroup_pids
 
-def _cpu(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def _own_rss(proc: psutil.Process) -> int:
-    return proc.memory_info().rss
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+T = TypeVar("T")
 
 
-def _tree_rss(proc: psutil.Process) -> int:
-    rss = proc.memory_info().rss
-    for child in proc.children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            rss += child.memory_info().rss
-    return rss
+def read_stat(pid: int) -> tuple[float, int]:
+    """``(CPU seconds of the process and its reaped children, resident bytes)`` of ``pid``."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()  # the name may contain spaces and ")"
+    # After the name: state ppid ... utime(11) stime(12) cutime(13) cstime(14) ... rss(21)
+    cpu = sum(int(x) for x in fields[11:15]) / _TICKS
+    return cpu, int(fields[21]) * _PAGE
+
+
+def cgroup_cpu(path: str) -> float:
+    """CPU seconds used by every process that ever ran in the cgroup."""
+    with open(os.path.join(path, "cpu.stat")) as f:
+        for line in f:
+            if line.startswith("usage_usec"):
+                return int(line.split()[1]) / 1e6
+    raise OSError(f"no usage_usec in {path}/cpu.stat")
+
+
+def _tree_stats(pids: Iterable[int]) -> tuple[float, int]:
+    cpu, rss = 0.0, 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):  # it may end at any moment
+            c, r = read_stat(pid)
+            cpu, rss = cpu + c, rss + r
+    return cpu, rss
 
 
 class Meter:
-    """Cumulative usage of one task on one worker process."""
+    """Cumulative usage of one task on one worker process (and everything it started)."""
 
-    def __init__(self, proc: psutil.Process, gpus: float = 0.0) -> None:
+    def __init__(self, proc: psutil.Process, gpus: float = 0.0,
+                 cgroup: str | None = None) -> None:
         self.proc = proc
         self.gpus = gpus  # GPUs allocated to the task: billed for its wall time, as clouds do
+        self.cgroup = cgroup if cgroup is not None else cgroup_of(proc.pid)
         self.wall0 = time.monotonic()
-        self.cpu0 = self._safe(_cpu, 0.0)
+        self.cpu0 = self._safe(self._cpu, 0.0)
         self.cpu = 0.0
         self.max_rss = 0
         self.gib_seconds = 0.0
         self._last = (self.wall0, 0)
 
-    def _safe(self, fn, default):  # the process may die at any moment (cancel, limits)
-        try:
-            return fn(self.proc)
-        except psutil.Error:
+    def _safe(self, fn: Callable[[], T], default: T) -> T:
+        try:  # the process may die at any moment (cancel, limits)
+            return fn()
+        except (OSError, ValueError, IndexError, psutil.Error):
             return default
+
+    def _descendants(self) -> list[int]:
+        if self.cgroup is not None:
+            return [pid for pid in cgroup_pids(self.cgroup) if pid != self.proc.pid]
+        return [child.pid for child in self.proc.children(recursive=True)]
+
+    def _cpu(self, tree: bool = False) -> float:
+        if self.cgroup is not None:
+            return cgroup_cpu(self.cgroup)
+        own = read_stat(self.proc.pid)[0]
+        # A live descendant's reaped children are in its own cutime: nothing counted twice.
+        return own + (_tree_stats(self._descendants())[0] if tree else 0.0)
+
+    def _rss(self, tree: bool) -> int:
+        own = read_stat(self.proc.pid)[1]
+        return own + (_tree_stats(self._descendants())[1] if tree else 0)
 
     def sample(self, tree: bool = False) -> dict[str, float]:
         """Take a sample (of the whole process tree if ``tree``); return cumulative usage."""
-        cpu = self._safe(_cpu, None)
+        cpu = self._safe(lambda: self._cpu(tree), None)
         if cpu is not None:
             self.cpu = max(self.cpu, cpu - self.cpu0)
-        rss = self._safe(_tree_rss if tree else _own_rss, 0)
+        rss = self._safe(lambda: self._rss(tree), 0)
         self.max_rss = max(self.max_rss, rss)
         now = time.monotonic()
         last_t, last_rss = self._last

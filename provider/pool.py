@@ -27,8 +27,17 @@ import psutil
 
 from gateway.protocol import frame_parts, frame_size
 from provider.channel import ChannelClosed, ChannelError, Done, Failed, parse_reply, read_frame
-from provider.metering import Meter
-from provider.sandbox import Isolation, Limits, SandboxSpec, cleanup, sandbox_spec
+from provider.metering import Meter, read_stat
+from provider.sandbox import (
+    Isolation,
+    Limits,
+    SandboxSpec,
+    cleanup,
+    kill_cgroup,
+    sandbox_pids,
+    sandbox_spec,
+    worker_pid,
+)
 from provider.worker import FUNCS_KEPT, LENGTH
 
 log = logging.getLogger(__name__)
@@ -149,6 +158,7 @@ class WorkerPool:
                                ) from exc
         if header.get("t") != "ready":
             raise RuntimeError(f"task process said {header.get('t')!r} instead of ready")
+        worker.ps = psutil.Process(worker_pid(spec, proc.pid))  # below unshare --fork, if any
         return worker
 
     async def acquire(self, account: str) -> WorkerProc:
@@ -226,7 +236,7 @@ class WorkerPool:
     async def release(self, worker: WorkerProc, *, broken: bool = False) -> None:
         """Give a worker (and its slot) back; a broken one (killed, crashed) is replaced."""
         try:
-            if broken or worker.proc.returncode is not None:
+            if broken or worker.proc.returncode is not None or self._tainted(worker):
                 worker = await self._replace(worker)
             async with self._changed:
                 worker.busy = False
@@ -236,6 +246,19 @@ class WorkerPool:
                 self._changed.notify_all()
         finally:
             self._slots.release()
+
+    def _tainted(self, worker: WorkerProc) -> bool:
+        """A worker that must not serve again: its task left a process running (all of them die
+        with the worker), or it used half its lifetime CPU limit (a task must not hit it)."""
+        strays = sandbox_pids(worker.spec, [worker.ps.pid]) - {worker.proc.pid, worker.ps.pid}
+        if strays:
+            log.info("task %s left %d processes running; they die with its worker",
+                     worker.task_key, len(strays))
+            return True
+        limit = self.limits.cpu_seconds
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            return limit is not None and read_stat(worker.ps.pid)[0] > limit / 2
+        return True  # gone: replace it
 
     async def _replace(self, worker: WorkerProc) -> WorkerProc:
         await self._kill(worker)
@@ -305,7 +328,10 @@ class WorkerPool:
         await self._kill(worker)
 
     async def _kill(self, worker: WorkerProc) -> None:
-        """SIGKILL the worker's whole process group and remove its working directory."""
+        """SIGKILL everything the worker started (its cgroup, its process group, its PID namespace
+        with it) and remove its working directory."""
+        if worker.spec.cgroup is not None:  # setsid() escapes a process group, not a cgroup
+            kill_cgroup(worker.spec.cgroup)
         if worker.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(worker.proc.pid, signal.SIGKILL)

@@ -31,22 +31,26 @@ loudly at start (`describe()`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import errno
 import fcntl
 import grp
 import importlib.util
+import itertools
 import logging
 import os
 import pwd
 import random
 import resource
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -59,17 +63,29 @@ _UID_RANGE = range(61184, 65520)  # systemd's DynamicUser range: mapped even in 
 _PROBE_TIMEOUT = 5.0
 _COPIED_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # OpenBLAS misdetects some CPUs here
 # Runs inside the new mount namespace: $1 is mount(8), then paths up to "--", then the program.
+# Runs inside the new mount namespace: $1 is mount(8), $2 the size of each private temp dir, then
+# paths to hide up to "--", then the program. /tmp, /var/tmp and /dev/shm get a fresh tmpfs each
+# (no unix socket or file of the host's is reachable there); a workdir they covered is bound back
+# in place from an fd opened before (-c: the kernel follows /proc/self/fd/3, mount(8) would not).
 _HIDE_SCRIPT = (
-    'm=$1; shift; while [ "$1" != "--" ]; do if [ -d "$1" ]; then '
+    'm=$1; s=$2; shift 2; while [ "$1" != "--" ]; do if [ -d "$1" ]; then '
     '"$m" -t tmpfs -o size=4k,mode=0,nosuid,nodev,noexec hidden "$1" || exit 125; '
     'else "$m" --bind /dev/null "$1" || exit 125; fi; shift; done; shift; '
-    'unset PWD OLDPWD; exec "$@"'
+    'w=$(pwd -P); exec 3<.; for d in /tmp /var/tmp /dev/shm; do if [ -d "$d" ]; then '
+    '"$m" -t tmpfs -o "size=$s,mode=1777,nosuid,nodev" decompute-tmp "$d" || exit 125; fi; done; '
+    '[ -d "$w" ] || { mkdir -p "$w" && "$m" -c --bind /proc/self/fd/3 "$w" || exit 125; }; '
+    'cd "$w" || exit 125; exec 3<&-; unset PWD OLDPWD; exec "$@"'
 )
 _PROBE_CHECK = """import os, sys, provider
 if sys.argv[2] and os.path.exists(sys.argv[1]):
     sys.exit("the probe key is visible")
+if sys.argv[3] and os.path.exists(sys.argv[3]):
+    sys.exit("the host's /tmp is visible")
 print("%d.%d.%d" % sys.version_info[:3])"""
 _VERSION = ".".join(map(str, sys.version_info[:3]))
+
+_PR_SET_PDEATHSIG = 1
+_CGROUP_PREFIX = "decompute-"
 
 _uid_lock = threading.Lock()
 _uid_claims: dict[int, int] = {}  # uid -> fd holding flock on its claim file, until cleanup()
@@ -77,13 +93,18 @@ _uid_claims: dict[int, int] = {}  # uid -> fd holding flock on its claim file, u
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Per-worker resource ceilings; None leaves the provider's own limit in place."""
+    """Per-worker resource ceilings; None leaves the provider's own limit in place.
+
+    The defaults bound what one runaway task can take from the volunteer; the pool recycles a
+    warm worker before its CPU-time limit (counted over the process's life) could hit a task.
+    """
 
     memory_bytes: int | None = None  # RLIMIT_AS: past it allocations raise MemoryError
-    cpu_seconds: int | None = None  # RLIMIT_CPU: past it the kernel sends SIGKILL
-    file_bytes: int | None = None  # RLIMIT_FSIZE: past it writes fail with EFBIG
-    processes: int | None = None  # RLIMIT_NPROC, only where it counts this worker alone
-    open_files: int | None = None  # RLIMIT_NOFILE
+    cpu_seconds: int | None = 24 * 3600  # RLIMIT_CPU: past it the kernel sends SIGXCPU/SIGKILL
+    file_bytes: int | None = 16 << 30  # RLIMIT_FSIZE: past it writes fail with EFBIG
+    processes: int | None = 256  # RLIMIT_NPROC (threads count), only where it counts this worker
+    open_files: int | None = 4096  # RLIMIT_NOFILE
+    tmp_bytes: int = 256 << 20  # each private tmpfs (/tmp, /var/tmp, /dev/shm): RAM, not disk
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +114,19 @@ class Isolation:
     network: bool
     method: str  # "unshare -n" | "unshare -rn" | "none"
     reason: str
-    hide: bool = False  # private mount namespace: hidden paths get an empty tmpfs
+    hide: bool = False  # private mount namespace: hidden paths, private /tmp, /var/tmp, /dev/shm
     own_uid: bool = False  # root only: each worker runs as its own unused uid
+    pid: bool = False  # own PID namespace: the worker is its init, all dies with it
+    cgroup: bool = False  # own cgroup (v2): leftovers found and killed, CPU of all metered
+
+    @property
+    def contained(self) -> bool:
+        """Whether every process a task starts can be found and killed when it ends."""
+        return self.pid or self.cgroup or self.own_uid
 
     @property
     def strength(self) -> str:
-        return "strong" if self.network else "weak"
+        return "strong" if self.network and self.hide and self.contained else "weak"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +138,8 @@ class SandboxSpec:
     cwd: str
     preexec_fn: Callable[[], None]
     uid: int | None = None  # the worker's own uid (root providers), released by cleanup()
+    cgroup: str | None = None  # the worker's own cgroup directory, removed by cleanup()
+    pid_namespace: bool = False  # argv[0] is unshare(1) and forks the worker as the ns init
 
 
 @cache
@@ -121,30 +151,39 @@ def _candidates() -> list[Isolation]:
     """Strongest first; the probe keeps the first one that really runs a worker here."""
     root = os.geteuid() == 0
     unshare, setpriv, mount = _tool("unshare"), _tool("setpriv"), _tool("mount")
-    combos: list[tuple[str, bool, bool]] = []
+    combos: list[tuple[str, bool, bool, bool]] = []
+    # A cgroup contains leftovers without a PID namespace, whose init would be the worker itself:
+    # deaf to its own signals, and unshare(1) of util-linux 2.38 loses its exit signal.
+    cgroup = _cgroup_base() is not None
     # A root without CAP_SYS_ADMIN (some containers) may still create a user namespace.
     for method in (["unshare -n", "unshare -rn"] if root else ["unshare -rn"]) if unshare else []:
         own = [True, False] if root and setpriv and method == "unshare -n" else [False]
-        combos += [(method, True, u) for u in own] if setpriv and mount else []
-        combos += [(method, False, u) for u in own]
-    combos += [("none", False, True)] if root else []
+        for pid in (False,) if cgroup else (True, False):
+            combos += [(method, True, u, pid) for u in own] if setpriv and mount else []
+            combos += [(method, False, u, pid) for u in own]
+    combos += [("none", False, True, False)] if root else []
     user = "root without capabilities" if root else "the provider's uid"
     return [Isolation(m != "none", m, "; ".join([
         f"no network ({m})" if m != "none" else "network reachable",
-        "key dirs hidden (mount namespace)" if h else "key dirs NOT hidden",
-        "each task runs as its own uid" if u else f"tasks run as {user}"]), h, u)
-        for m, h, u in combos]
+        "key dirs hidden, private /tmp, /var/tmp, /dev/shm (mount namespace)" if h
+        else "key dirs NOT hidden, host /tmp shared",
+        "each task runs as its own uid" if u else f"tasks run as {user}",
+        "own cgroup per worker" if cgroup else "own PID namespace" if pid
+        else "no cgroup, no PID namespace"]), h, u, pid, cgroup)
+        for m, h, u, pid in combos]
 
 
 def _works(candidate: Isolation) -> tuple[str | None, str]:
     """Run a worker-like program under `candidate`: (why it failed or None, worker's Python)."""
-    with tempfile.TemporaryDirectory(prefix="decompute-probe-") as tmp:
+    shared_tmp = "/tmp" if os.path.isdir("/tmp") else None
+    with tempfile.TemporaryDirectory(prefix="decompute-probe-", dir=shared_tmp) as tmp:
         (key := Path(tmp, "keys", "key")).parent.mkdir()
         key.write_text("probe")
         hide = "1" if candidate.hide or candidate.own_uid else ""
         spec = None
         try:
-            spec = sandbox_spec([sys.executable, "-c", _PROBE_CHECK, str(key), hide],
+            spec = sandbox_spec([sys.executable, "-c", _PROBE_CHECK, str(key), hide,
+                                 tmp if candidate.hide and shared_tmp else ""],
                                 limits=Limits(processes=64), isolation=candidate,
                                 hide_paths=[key.parent])
             done = subprocess.run(spec.argv, env=spec.env, cwd=spec.cwd, preexec_fn=spec.preexec_fn,
@@ -174,6 +213,9 @@ def probe_isolation() -> Isolation:
             failed = why if why.startswith("unshare") else failed
             continue
         reason = candidate.reason if candidate.network else f"{candidate.reason} ({failed})"
+        if not candidate.contained:
+            reason += "; processes a task leaves running can ESCAPE (no PID namespace, cgroup "\
+                      "or own uid)"
         if version != _VERSION:  # e.g. a task uid may not read a pyenv under a 0700 /root
             reason += f"; worker Python {version} (provider {_VERSION})"
         log.info("sandbox isolation: %s", reason)
@@ -184,16 +226,25 @@ def probe_isolation() -> Isolation:
 
 
 def describe(isolation: Isolation) -> str:
-    """One line for the provider's start-up log; loud when tasks can reach the network."""
-    if isolation.network:
+    """One line for the provider's start-up log; loud when any defence is missing."""
+    if isolation.strength == "strong":
         return f"sandbox: strong; {isolation.reason}"
-    return (f"WARNING: tasks can reach the network (weak sandbox): {isolation.reason}. "
-            "Run the provider on Linux where `unshare -n` (root) or `unshare -rn` works.")
+    if not isolation.network:
+        return (f"WARNING: tasks can reach the network (weak sandbox): {isolation.reason}. "
+                "Run the provider on Linux where `unshare -n` (root) or `unshare -rn` works.")
+    return (f"WARNING: weak sandbox: {isolation.reason}. Run the provider on Linux where "
+            "`unshare -m --pid --fork` works (as root, or in a user namespace).")
+
+
+#: Extra paths (os.pathsep-separated) hidden from every task, e.g. a gateway's ledger and home
+#: for the providers it starts beside itself (``decompute-provider --hide PATH`` adds to it).
+HIDE_ENV = "DECOMPUTE_HIDE"
 
 
 def default_hide_paths() -> list[Path]:
-    """Where provider keys live by default: always hidden, whatever the caller passes."""
+    """Where provider keys live by default, plus $DECOMPUTE_HIDE: always hidden."""
     paths = [Path(os.environ.get("DECOMPUTE_HOME") or "~/.decompute"), Path("/root/.decompute")]
+    paths += [Path(x) for x in os.environ.get(HIDE_ENV, "").split(os.pathsep) if x]
     with contextlib.suppress(RuntimeError, KeyError):  # a uid with no home at all
         paths.append(Path.home() / ".decompute")
     return paths
@@ -209,7 +260,8 @@ def _hidden(paths: Iterable[Path | str], cwd: str) -> list[str]:
         if Path(cwd).resolve().is_relative_to(real):
             raise ValueError(f"workdir {cwd} is inside hidden path {real}; pick another root")
         found += [] if real in found else [real]
-    return found
+    # A path inside another hidden one is covered already (and cannot be mounted on: it is gone).
+    return [p for p in found if not any(p != q and Path(p).is_relative_to(q) for q in found)]
 
 
 @cache
@@ -248,9 +300,30 @@ def _rlimits(limits: Limits, with_nproc: bool) -> list[tuple[int, int]]:
     return out
 
 
-def _preexec(rlimits: list[tuple[int, int]], uid: int | None) -> Callable[[], None]:
+@cache
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, loaded before any fork (a child between fork and exec must not load it)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _preexec(rlimits: list[tuple[int, int]], uid: int | None, cgroup: str | None = None,
+             pdeathsig: bool = False) -> Callable[[], None]:
+    prctl = _prctl() if pdeathsig else None
+    procs = os.path.join(cgroup, "cgroup.procs") if cgroup else None
+
     def apply() -> None:  # runs in the child between fork and exec: keep it to plain syscalls
         os.umask(0o077)
+        if procs is not None:  # before anything can fork: every descendant is counted
+            fd = os.open(procs, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        if prctl is not None:  # unshare(1) stays as the worker's parent: it must die with us
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         for which, value in rlimits:
             resource.setrlimit(which, (value, value))
         if uid is not None:
@@ -297,18 +370,21 @@ def _allocate_uid() -> int:
 
 
 def _wrap(program: list[str], iso: Isolation, hidden: list[str], uid: int | None,
-          nproc: int | None) -> list[str]:
+          nproc: int | None, tmp_bytes: int) -> list[str]:
     if not iso.network:
         return list(program)
     argv = [_tool("unshare") or "unshare", *(["-r"] if iso.method == "unshare -rn" else []), "-n"]
+    if iso.pid:  # the forked child is the namespace's init: when it dies, every process in it does
+        argv += ["--pid", "--fork", "--kill-child"] + (["--mount-proc"] if iso.hide else [])
     if iso.hide:
         argv.append("-m")  # unshare(1) makes the new mount tree private: nothing leaks to the host
-        if hidden:
-            argv += ["/bin/sh", "-c", _HIDE_SCRIPT, "decompute-hide", _tool("mount") or "mount",
-                     *hidden, "--"]
+        argv += ["/bin/sh", "-c", _HIDE_SCRIPT, "decompute-hide", _tool("mount") or "mount",
+                 str(tmp_bytes), *hidden, "--"]
     if setpriv := _tool("setpriv"):
         # No capabilities left, so the hiding mounts cannot be undone; uid switch for root.
         argv += [setpriv, "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
+        # Changing uid clears the parent-death signal; set it again: if unshare(1) dies, so do we.
+        argv += ["--pdeathsig=KILL"] if iso.pid else []
         argv += [f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid is not None else []
         argv.append("--")
     if nproc is not None and iso.method == "unshare -rn" and (prlimit := _tool("prlimit")):
@@ -327,20 +403,186 @@ def sandbox_spec(program: list[str], *, limits: Limits, workdir_root: Path | Non
     iso = isolation or probe_isolation()
     root = Path(workdir_root) if workdir_root is not None else Path(tempfile.gettempdir())
     cwd = tempfile.mkdtemp(prefix="decompute-task-", dir=root)  # mode 0700, owned by us
-    uid = None
+    uid = group = None
     try:
         hidden = _hidden([*(hide_paths or []), *default_hide_paths()], cwd) if iso.hide else []
         if iso.own_uid:
             uid = _allocate_uid()
             os.chown(cwd, uid, uid)
+        group = _new_cgroup() if iso.cgroup else None
     except BaseException:
-        cleanup(SandboxSpec([], {}, cwd, lambda: None, uid))
+        cleanup(SandboxSpec([], {}, cwd, lambda: None, uid, group))
         raise
     preexec = _preexec(_rlimits(limits, with_nproc=uid is not None),
-                       uid if iso.method == "none" else None)  # else setpriv switches uid
+                       uid if iso.method == "none" else None,  # else setpriv switches uid
+                       group, pdeathsig=iso.pid and iso.network)
     nproc = limits.processes if iso.method == "unshare -rn" else None
-    argv = _wrap(program, iso, hidden, uid, nproc)
-    return SandboxSpec(argv, _scrubbed_env(cwd, extra_env), cwd, preexec, uid)
+    argv = _wrap(program, iso, hidden, uid, nproc, limits.tmp_bytes)
+    return SandboxSpec(argv, _scrubbed_env(cwd, extra_env), cwd, preexec, uid, group,
+                       pid_namespace=iso.pid and iso.network)
+
+
+def _cgroup2_mount() -> str | None:
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields, _, fs = line.partition(" - ")
+            if fs.split()[:1] == ["cgroup2"]:
+                return fields.split()[4]
+    return None
+
+
+def _own_cgroup(pid: int | str = "self") -> str | None:
+    """This process's (or `pid`'s) cgroup v2 path, relative to the hierarchy's root."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return line[3:].strip()
+    return None
+
+
+_cgroup_lock = threading.Lock()
+_cgroup_ids = itertools.count()
+_cgroups_dying: set[str] = set()  # killed, but the kernel had not emptied them yet
+
+
+@cache
+def _cgroup_base() -> str | None:
+    """Where this provider may create a cgroup per worker (root, cgroup v2), else None.
+
+    A cgroup lets the pool see every process a task started (`cgroup.procs`), kill them all at
+    once (`cgroup.kill`) and meter their CPU, the dead ones' included (`cpu.stat`).
+    """
+    mount, own = _cgroup2_mount(), _own_cgroup()
+    if os.geteuid() != 0 or mount is None or own is None:
+        return None
+    base = os.path.normpath(mount + "/" + own)
+    _sweep_stale_cgroups(base)
+    probe = os.path.join(base, f"{_CGROUP_PREFIX}probe-{os.getpid()}")
+    try:
+        os.mkdir(probe, 0o755)
+    except OSError as exc:
+        log.debug("no cgroup for workers: %s", exc)
+        return None
+    try:
+        if not os.path.exists(os.path.join(probe, "cgroup.kill")):
+            return None  # Linux < 5.14: no way to kill a whole cgroup at once
+        subprocess.run(["/bin/true"], preexec_fn=_preexec([], None, probe), check=True,
+                       timeout=_PROBE_TIMEOUT)
+        return base
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.debug("no cgroup for workers: %s", exc)
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(probe)
+
+
+def _sweep_stale_cgroups(base: str) -> None:
+    """Remove worker cgroups of providers that died without cleaning up (named by their pid)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(base):
+            parts = entry.name.split("-")
+            if (entry.name.startswith(_CGROUP_PREFIX) and len(parts) == 3 and parts[1].isdigit()
+                    and not os.path.exists(f"/proc/{parts[1]}")):
+                _kill_cgroup(entry.path)
+
+
+def _new_cgroup() -> str:
+    base = _cgroup_base()
+    if base is None:
+        raise RuntimeError("cgroups were usable when probed and are not now; restart the provider")
+    path = os.path.join(base, f"{_CGROUP_PREFIX}{os.getpid()}-{next(_cgroup_ids)}")
+    os.mkdir(path, 0o755)
+    return path
+
+
+def kill_cgroup(path: str) -> None:
+    """SIGKILL every process in the cgroup at once (forks racing the kill included)."""
+    with contextlib.suppress(OSError), open(os.path.join(path, "cgroup.kill"), "w") as f:
+        f.write("1")
+
+
+def _kill_cgroup(path: str) -> None:
+    """Kill every process in the cgroup and remove it (later, if the kernel is not done yet)."""
+    kill_cgroup(path)
+    with _cgroup_lock:
+        _cgroups_dying.add(path)
+        for dying in list(_cgroups_dying):
+            try:
+                os.rmdir(dying)
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
+                    continue
+            _cgroups_dying.discard(dying)
+
+
+def cgroup_of(pid: int) -> str | None:
+    """The worker cgroup directory `pid` runs in, if it is one of ours (for metering)."""
+    mount, own = _cgroup2_mount_cached(), _own_cgroup(pid)
+    if mount is None or own is None or not own.rsplit("/", 1)[-1].startswith(_CGROUP_PREFIX):
+        return None
+    return os.path.normpath(mount + "/" + own)
+
+
+@cache
+def _cgroup2_mount_cached() -> str | None:
+    return _cgroup2_mount()
+
+
+def cgroup_pids(path: str) -> list[int]:
+    """Live processes in a cgroup (zombies are not listed)."""
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(line) for line in f if line.strip()]
+    except OSError:
+        return []
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, uid) of every live, non-zombie process: one pass over /proc."""
+    table: dict[int, tuple[int, int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if fields[0] != b"Z":
+                table[int(name)] = (int(fields[1]), os.stat(f"/proc/{name}").st_uid)
+    return table
+
+
+def sandbox_pids(spec: SandboxSpec, roots: Collection[int]) -> set[int]:
+    """Every live process of this sandbox: its cgroup, else the descendants of `roots` and (with
+    a per-task uid) every process of that uid, double-forked daemons included."""
+    if spec.cgroup is not None:
+        return set(cgroup_pids(spec.cgroup))
+    table = _process_table()
+    found = {pid for pid, (_, uid) in table.items() if spec.uid is not None and uid == spec.uid}
+    found |= {pid for pid in roots if pid in table}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    stack = list(found)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def worker_pid(spec: SandboxSpec, launcher: int) -> int:
+    """The pid of the program itself: `launcher`, or (PID namespace) the child unshare forked."""
+    if not spec.pid_namespace:
+        return launcher
+    if spec.cgroup is not None:
+        others = sorted(set(cgroup_pids(spec.cgroup)) - {launcher})
+    else:
+        others = sorted(pid for pid, (ppid, _) in _process_table().items() if ppid == launcher)
+    if len(others) != 1:
+        raise RuntimeError(f"expected one task process under pid {launcher}, found {others}")
+    return others[0]
 
 
 def _unlock_dirs(top: str) -> None:
@@ -354,8 +596,10 @@ def _unlock_dirs(top: str) -> None:
 
 
 def cleanup(spec: SandboxSpec) -> None:
-    """Kill leftovers (per-task uid only) and remove the working dir, never following links."""
+    """Kill leftovers (cgroup, per-task uid) and remove the working dir, never following links."""
     try:
+        if spec.cgroup is not None:
+            _kill_cgroup(spec.cgroup)
         if spec.uid is not None and (kill := _tool("kill")):
             # Everything running as this uid is the task's, double-forked daemons included.
             subprocess.run([kill, "-9", "-1"], user=spec.uid, group=spec.uid, extra_groups=[],

@@ -100,12 +100,17 @@ def hold(path: str, limit: float = 60.0) -> bool:
     return os.path.exists(path)
 
 
+#: Where gate folders go: outside every temp dir a task gets privately, traversable by its uid.
+GATE_ROOT = "/run" if os.geteuid() == 0 else os.path.expanduser("~")
+
+
 @dataclass
 class Gate:
     """A file the test creates to let ``hold`` tasks finish: long tasks without a cancel.
 
-    It lives under /tmp, world-writable, because task processes run as other uids and see the
-    host's /tmp but not the test's private temp directories.
+    It lives in a world-writable folder under ``GATE_ROOT``, because task processes run as other
+    uids and get their own /tmp, /var/tmp and /dev/shm: they see neither the host's nor the test's
+    private temp directories.
     """
 
     path: Path
@@ -119,7 +124,7 @@ class Gate:
 
 @pytest.fixture
 def gate() -> Iterator[Gate]:
-    folder = Path(tempfile.mkdtemp(prefix="decompute-test-gate-", dir="/tmp"))
+    folder = Path(tempfile.mkdtemp(prefix="decompute-test-gate-", dir=GATE_ROOT))
     folder.chmod(0o777)
     _GATES.append(folder)  # removed at session end: a holder may still be about to look
     g = Gate(folder / "open")
