@@ -47,7 +47,7 @@ import numbers
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,10 +338,87 @@ def verify_log_receipt(receipt: object, gateway_key: str | bytes) -> bool:
     return True
 
 
+class HeadWitness:
+    """What a client remembers of one gateway's log: the newest signed head it has seen.
+
+    Every head the client meets (in a receipt, from ``/log/head``) goes through :meth:`observe`;
+    a newer one must come with a consistency proof from the remembered one. A gateway that
+    rewrites or forks its history is caught by any client that saw the old head.
+    """
+
+    def __init__(self, gateway_key: bytes, newest: TreeHead | None = None) -> None:
+        if newest is not None:
+            check_head(newest, gateway_key)
+        self.gateway_key, self.newest = gateway_key, newest
+
+    def needs_proof(self, head: TreeHead) -> tuple[int, int] | None:
+        """The ``(first, second)`` of the consistency proof :meth:`observe` needs with ``head``
+        (``/log/consistency?first=..&second=..``), or None when it needs none."""
+        if self.newest is None or head.size == self.newest.size:
+            return None
+        return min(head.size, self.newest.size), max(head.size, self.newest.size)
+
+    def observe(self, head: TreeHead, proof: Sequence[bytes] = ()) -> None:
+        """Check ``head`` against the newest seen (an older head must be a prefix of it, a newer
+        one must extend it) and remember it if newer; raises :class:`ForkDetected` naming both
+        heads when they cannot both be true, :class:`ReceiptLogError` on a bad signature."""
+        check_head(head, self.gateway_key)
+        newest = self.newest
+        if newest is None:
+            self.newest = head
+        elif head.size > newest.size:
+            check_head_consistency(newest, head, proof, self.gateway_key)
+            self.newest = head
+        elif head.size == newest.size:
+            check_head_consistency(newest, head, (), self.gateway_key)
+        else:
+            check_head_consistency(head, newest, proof, self.gateway_key)
+
+
+def money_in(entries: Iterable[bytes | str]) -> dict[str, Any]:
+    """Re-add the money in settlement leaves: per account what it was charged (``spent``) and
+    what it received (``earned``), and the gateway's ``fees``; in micro-tokens.
+
+    Each leaf adds up on its own (:func:`decode_entry` checks it), so ``sum(spent) ==
+    sum(earned) + fees_micro``; an auditor compares these with the ledger's balances.
+    """
+    spent: dict[str, int] = {}
+    earned: dict[str, int] = {}
+    fees = count = 0
+    for count, data in enumerate(entries, 1):
+        try:
+            settled = decode_entry(data)
+        except EntryError as exc:
+            raise EntryError(f"leaf {count - 1}: {exc}") from None
+        spent[settled["client"]] = spent.get(settled["client"], 0) + settled["amount_micro"]
+        for p in settled["providers"]:
+            earned[p["account"]] = earned.get(p["account"], 0) + p["paid_micro"]
+        fees += settled["fee_micro"]
+    return {"leaves": count, "spent": spent, "earned": earned, "fees_micro": fees}
+
+
+def check_exported_log(entries: Sequence[bytes | str], heads: Iterable[TreeHead],
+                       gateway_key: bytes) -> merkle.MerkleTree:
+    """Offline audit of an exported log (``/log/entries`` pages and the heads a client saved):
+    rebuild the tree and check every head's signature and root. Returns the rebuilt tree (for
+    proofs against it); raises :class:`LogCorrupted` naming the head that does not match."""
+    tree = merkle.MerkleTree(
+        [e.encode("ascii") if isinstance(e, str) else bytes(e) for e in entries])
+    for head in heads:
+        check_head(head, gateway_key)
+        if head.size > tree.size:
+            raise LogCorrupted(f"signed {head} covers more leaves than the {tree.size} exported")
+        if tree.root(head.size) != head.root:
+            raise LogCorrupted(f"signed {head} does not match the exported leaves: the log was"
+                               " rewritten or the export is not the log the gateway signed")
+    return tree
+
+
 def _unhex(value: object, name: str, length: int) -> bytes:
-    if not isinstance(value, str):
-        raise ReceiptLogError(f"{name} must be a hex str")
-    raw = bytes.fromhex(value)
+    try:
+        raw = bytes.fromhex(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ReceiptLogError(f"{name} must be a hex str, got {value!r:.80}") from None
     if len(raw) != length or raw.hex() != value:  # one spelling: lowercase hex, no spaces
         raise ReceiptLogError(f"{name} must be {length} bytes as lowercase hex")
     return raw

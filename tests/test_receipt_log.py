@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 from inspect import getsource
 from pathlib import Path
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway import merkle
 from gateway.identity import Identity
@@ -24,14 +27,18 @@ from gateway.receipt_log import (
     MAX_ENTRIES_PER_READ,
     EntryError,
     ForkDetected,
+    HeadWitness,
     LogCorrupted,
     ReceiptInvalid,
     ReceiptLog,
+    ReceiptLogError,
     TreeHead,
+    check_exported_log,
     check_head_consistency,
     check_log_receipt,
     decode_entry,
     log_http,
+    money_in,
     settlement_entry,
     verify_log_receipt,
 )
@@ -166,6 +173,96 @@ def test_a_forked_or_rolled_back_head_is_caught_naming_both(tmp_path: Path,
         with pytest.raises(Exception, match="not signed by"):
             check_head_consistency(seen, forked, fork.consistency(6, 9),
                                    Identity.generate().public_bytes)
+
+
+def test_a_client_witness_catches_a_fork_served_later(tmp_path: Path, gateway: Identity) -> None:
+    """The client's side: remember the newest head, check every other one against it."""
+    key = gateway.public_bytes
+    with ReceiptLog(tmp_path / "honest.db") as honest, ReceiptLog(tmp_path / "fork.db") as fork:
+        honest.append([entry(i) for i in range(4)])
+        h4 = honest.sign_head(gateway)
+        honest.append([entry(i) for i in range(4, 9)])
+        h9 = honest.sign_head(gateway)
+        witness = HeadWitness(key)
+        witness.observe(h4)
+        assert witness.needs_proof(h9) == (4, 9)
+        witness.observe(h9, honest.consistency(4, 9))
+        witness.observe(h4, honest.consistency(4, 9))  # an older receipt's head: a prefix
+        assert witness.newest == h9 and witness.needs_proof(h9) is None
+
+        fork.append([entry(i) for i in range(3)] + [entry(3, client="someone-else")])
+        fork.append([entry(i) for i in range(4, 12)])
+        f12 = fork.sign_head(gateway)
+        with pytest.raises(ForkDetected, match=r"head \(size 12.*does not extend.*head \(size 9"):
+            witness.observe(f12, fork.consistency(9, 12))
+        assert witness.newest == h9  # the forked head is never adopted
+        with pytest.raises(ReceiptLogError, match="not signed by"):
+            HeadWitness(Identity.generate().public_bytes).observe(h4)
+
+
+def test_the_money_in_the_leaves_adds_up_per_account(rlog: ReceiptLog,
+                                                     gateway: Identity) -> None:
+    rlog.append([entry(i) for i in range(10)] + [entry(10, paid=50, fee=5, client="c2")])
+    totals = money_in(rlog.entries(0, 11))
+    assert totals == {"leaves": 11, "spent": {"c1": 10_000, "c2": 55},
+                      "earned": {"p1": 9_050, "p2": 0}, "fees_micro": 1_005}
+    assert sum(totals["spent"].values()) == sum(totals["earned"].values()) + totals["fees_micro"]
+    with pytest.raises(EntryError, match="leaf 1: "):
+        money_in([entry(0), b"{}"])
+
+
+def test_an_exported_log_is_audited_offline(rlog: ReceiptLog, gateway: Identity) -> None:
+    key = gateway.public_bytes
+    rlog.append([entry(i) for i in range(6)])
+    h6 = rlog.sign_head(gateway)
+    rlog.append([entry(i) for i in range(6, 13)])
+    h13 = rlog.sign_head(gateway)
+    exported = [e.decode() for e in rlog.entries(0, 13)]
+    tree = check_exported_log(exported, [h6, h13], key)
+    assert tree.root() == h13.root
+    with pytest.raises(LogCorrupted, match=r"signed head \(size 6.*does not match"):
+        check_exported_log(exported[:2] + exported[3:], [h6, h13], key)  # a leaf deleted
+    with pytest.raises(LogCorrupted, match="covers more leaves than the 12 exported"):
+        check_exported_log(exported[:12], [h13], key)
+
+
+def test_an_empty_log_has_a_signed_empty_head(rlog: ReceiptLog, gateway: Identity) -> None:
+    head = rlog.sign_head(gateway)
+    assert (head.size, head.root) == (0, merkle.EMPTY_ROOT)
+    rlog.append([entry(0)])
+    check_head_consistency(head, rlog.sign_head(gateway), rlog.consistency(0, 1),
+                           gateway.public_bytes)
+    with pytest.raises(ReceiptLogError, match="root must be a hex str"):
+        TreeHead.from_json({**head.to_json(), "root": "zz"})
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=6), st.data())
+def test_the_stored_log_answers_like_the_reference_tree(batches: list[int],
+                                                        data: st.DataObject) -> None:
+    gateway, reference = Identity.generate(), merkle.MerkleTree()
+    with tempfile.TemporaryDirectory() as tmp, ReceiptLog(Path(tmp) / "g.db") as rlog:
+        heads = []
+        for batch in batches:
+            entries = [entry(reference.size + i) for i in range(batch)]
+            assert rlog.append(entries) == reference.size
+            for e in entries:
+                reference.append(e)
+            heads.append(rlog.sign_head(gateway))
+        n = reference.size
+        size = data.draw(st.integers(1, n))
+        index = data.draw(st.integers(0, size - 1))
+        first = data.draw(st.integers(0, n))
+        assert rlog.root(size) == reference.root(size)
+        assert rlog.inclusion(index, size) == reference.inclusion_proof(index, size)
+        assert rlog.consistency(first, n) == reference.consistency_proof(first, n)
+        for receipt in rlog.receipts(0, n):
+            check_log_receipt(receipt, gateway.public_bytes)
+        witness = HeadWitness(gateway.public_bytes)
+        for head in heads:
+            span = witness.needs_proof(head)
+            witness.observe(head, rlog.consistency(*span) if span else ())
+        rlog.check(gateway.public_bytes)
 
 
 def test_a_doctored_receipt_fails_naming_its_leaf(rlog: ReceiptLog, gateway: Identity) -> None:
