@@ -44,13 +44,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def start_local_providers(n: int, url: str, state_dir: Path,
-                          price_cpu: float = 0.0) -> list[subprocess.Popen]:
+def start_local_providers(n: int, url: str, state_dir: Path, price_cpu: float = 0.0,
+                          hide: list[Path] | None = None) -> list[subprocess.Popen]:
     """N provider processes, each with its own identity under ``state_dir``."""
     procs = []
     cpus = max(1, (os.cpu_count() or 1) // max(n, 1))
     for i in range(n):
         env = dict(os.environ, DECOMPUTE_HOME=str(state_dir / f"local-{i}"))
+        if hide:  # the gateway's ledger and keys: tasks on these providers must not see them
+            env["DECOMPUTE_HIDE"] = os.pathsep.join([*map(str, hide), os.environ.get(
+                "DECOMPUTE_HIDE", "")])
         cmd = [sys.executable, "-m", "provider", url, "--name", f"local-{i}", "--cpus", str(cpus),
                "--price-cpu", str(price_cpu)]
         procs.append(subprocess.Popen(cmd, env=env))
@@ -106,8 +109,11 @@ async def run(args: argparse.Namespace) -> None:
             serving.result()  # re-raise the bind error
         if args.local_providers:
             state = Path(args.db).resolve().parent / ".decompute-local"
+            db = Path(args.db).resolve()
+            hide = [decompute_home(), state,
+                    *(db.with_name(db.name + x) for x in ("", "-wal", "-shm"))]
             procs = start_local_providers(args.local_providers, server.url, state,
-                                          args.local_price_cpu)
+                                          args.local_price_cpu, hide=hide)
         await serving
     finally:
         stop_processes(procs)
