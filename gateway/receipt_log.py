@@ -117,6 +117,9 @@ def settlement_entry(*, task_id: str, client: str, function_hash: str, input_has
     ``result_hash``, ``usage``, ``prices``, ``paid_micro``. Raises :class:`EntryError` naming
     the field when the settlement could never verify or does not add up.
     """
+    if isinstance(providers, str | bytes) or not all(isinstance(p, Mapping) for p in providers):
+        raise EntryError(f"cannot log the settlement of task {task_id!r}: providers must be a"
+                         " sequence of mappings (account, result_hash, usage, prices, paid_micro)")
     entry = {
         "v": ENTRY_VERSION, "task_id": task_id, "client": client,
         "function_hash": function_hash, "input_hash": input_hash,
@@ -178,6 +181,9 @@ def _entry_problem(entry: Mapping[str, Any]) -> str | None:
         problem = _provider_problem(p)
         if problem:
             return f"providers[{i}]: {problem}"
+    accounts = [p["account"] for p in providers]
+    if len(set(accounts)) != len(accounts):
+        return f"providers must be distinct accounts, got {accounts}"
     paid = sum(p["paid_micro"] for p in providers)
     if entry["amount_micro"] != entry["fee_micro"] + paid:
         return (f"amount_micro {entry['amount_micro']} != fee_micro {entry['fee_micro']}"
@@ -557,9 +563,10 @@ class ReceiptLog:
 
     def append(self, entries: Sequence[bytes]) -> int:
         """Append a batch in one transaction; returns the index of its first leaf."""
+        batch = list(entries)
         with self._tx(write=True) as db:
-            first = append_leaves(db, list(entries))
-        log.debug("receipt log: appended leaves [%d, %d)", first, first + len(entries))
+            first = append_leaves(db, batch)
+        log.debug("receipt log: appended leaves [%d, %d)", first, first + len(batch))
         return first
 
     def sign_head(self, identity: Identity, *, now_ms: int | None = None) -> TreeHead:

@@ -97,6 +97,11 @@ def test_entries_that_could_not_verify_are_refused() -> None:
     with pytest.raises(EntryError, match="providers must be a non-empty list"):
         settlement_entry(task_id="t", client="c", function_hash="f", input_hash="i",
                          outcome="r", providers=[], amount_micro=0, fee_micro=0, time_ms=1)
+    twice = {"account": "p", "result_hash": "r", "usage": {}, "prices": {}, "paid_micro": 1}
+    with pytest.raises(EntryError, match="distinct accounts"):
+        settlement_entry(task_id="t", client="c", function_hash="f", input_hash="i",
+                         outcome="r", providers=[twice, twice], amount_micro=2, fee_micro=0,
+                         time_ms=1)
     spaced = json.dumps(json.loads(entry(1)), sort_keys=True).encode()
     with pytest.raises(EntryError, match="canonical"):
         decode_entry(spaced)
