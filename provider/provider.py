@@ -98,6 +98,7 @@ class _Slot:
 
     worker: object | None = None
     broken: bool = False
+    reported: bool = False
 
 
 class Provider:
@@ -289,14 +290,14 @@ class Provider:
         refused, unnamed, kind = salvage_assign(data, self, tg)
         log.error("provider %s: unreadable %s frame from the gateway: %s (%d tasks refused, %d "
                   "unnamed)", self.ad.name, kind, exc, len(refused), unnamed)
-        for key in refused:
+        for key, why in refused.items():
             self._results.append((refusal(key, clip(
-                f"the provider could not read this task's assignment: {exc}", 2000),
+                f"the provider could not read this task's assignment: {why}", 2000),
                 p.ErrorCode.SCHEMA.value), []))
         self._schedule_flush()
         if self._writer is not None:
             self._writer.send(p.encode(p.Error(
-                code=exc.code.value, keys=refused[:1000],
+                code=exc.code.value, keys=list(refused)[:1000],
                 message=clip(f"provider {self.ad.name} could not read a {kind} message: {exc}"
                              + (f"; {unnamed} tasks in it have no usable key" if unnamed
                                 else ""), 2000))))
@@ -442,25 +443,28 @@ class Provider:
         try:
             outcome = await self._run(a, payload, slot)
             self._finish(a, *self._result(a, outcome), dropped=outcome.dropped)
+            slot.reported = True
         except asyncio.CancelledError:
             usage = await self._stop_worker(slot)
             if a.key not in self._cancelled:
                 raise  # we are shutting down, not cancelling one task
             self._finish(a, p.Result(key=a.key, status="cancelled", code="cancelled",
                                      usage=usage))
+            slot.reported = True
         except Exception as exc:
             log.exception("provider %s: task %s failed inside the provider", self.ad.name, a.key)
             usage = await self._stop_worker(slot)
             self._finish(a, failure(a.key, "RuntimeError", "builtins", clip(
                 f"the provider failed while handling this task ({type(exc).__name__}: {exc}); "
                 f"it keeps serving, retry the task", 2000), p.ErrorCode.INTERNAL.value, usage))
+            slot.reported = True
         finally:
             self._cancelled.discard(a.key)
             self._running.pop(a.key, None)
             self._outputs.pop(a.key, None)
             self._output_due.discard(a.key)
             if slot.worker is not None:
-                self.served += 1
+                self.served += slot.reported  # a task handed back was not served
                 await asyncio.shield(self._pool.release(slot.worker, broken=slot.broken))
 
     async def _run(self, a: p.Assignment, payload: list[memoryview], slot: _Slot) -> Outcome:
@@ -655,38 +659,47 @@ def _tree_rss(proc: psutil.Process) -> int:
 
 
 def salvage_assign(data: bytes, provider: Provider,
-                   tg: asyncio.TaskGroup) -> tuple[list[str], int, str]:
-    """From an ``assign`` frame that failed validation, start each task that is sound and
-    return the keys of the others (those short enough to name), how many could not be named,
-    and what kind of frame it was."""
+                   tg: asyncio.TaskGroup) -> tuple[dict[str, str], int, str]:
+    """From an ``assign`` frame that failed validation, start each task that is sound; return
+    why each other task was refused (by key, for those short enough to name), how many could
+    not be named, and what kind of frame it was."""
     try:
         header, buffers = p.decode_frame(data)
     except p.ProtocolError:
-        return [], 0, "undecodable"
+        return {}, 0, "undecodable"
     kind = header.get("t")
     tasks, funcs = header.get("tasks"), header.get("funcs", [])
     if kind != "assign" or not isinstance(tasks, list):
-        return [], 0, str(kind)[:32]
-    sound: list[tuple[p.Assignment | None, str | None]] = []
-    for raw in tasks:
-        key = raw.get("key") if isinstance(raw, dict) else None
-        key = key if isinstance(key, str) and 0 < len(key) <= p.MAX_KEY_LEN else None
-        try:
-            sound.append((p.Assignment.from_wire(raw), key))
-        except (p.ProtocolError, AttributeError, TypeError):
-            sound.append((None, key))
+        return {}, 0, str(kind)[:32]
     nbs = [raw.get("nb") if isinstance(raw, dict) else None for raw in tasks]
     aligned = (isinstance(funcs, list) and all(isinstance(f, str) and len(f) <= 128
                                                for f in funcs)
                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in nbs)
                and len(funcs) + sum(nbs) == len(buffers))
-    refused = [key for spec, key in sound if key is not None and (spec is None or not aligned)]
-    unnamed = sum(1 for _, key in sound if key is None)
+    specs: list[p.Assignment | None] = []
+    refused: dict[str, str] = {}
+    unnamed = 0
+    for raw in tasks:
+        key = raw.get("key") if isinstance(raw, dict) else None
+        try:
+            spec = p.Assignment.from_wire(raw) if isinstance(raw, dict) else None
+            why = "it is not a map" if spec is None else (
+                None if aligned else "the frame's buffers do not match its tasks")
+        except p.ProtocolError as exc:
+            spec, why = None, str(exc)
+        if why is None:
+            specs.append(spec)
+            continue
+        specs.append(None)
+        if isinstance(key, str) and 0 < len(key) <= p.MAX_KEY_LEN:
+            refused[key] = why
+        else:
+            unnamed += 1
     if aligned:
         for func_hash, blob in zip(funcs, buffers[: len(funcs)], strict=True):
             provider._funcs[func_hash] = bytes(blob)
         payloads = p.split_buffers(nbs, buffers[len(funcs):])
-        for (spec, _), payload in zip(sound, payloads, strict=True):
+        for spec, task_payload in zip(specs, payloads, strict=True):
             if spec is not None:
-                provider.take(spec, payload, tg)
+                provider.take(spec, task_payload, tg)
     return refused, unnamed, "assign"
