@@ -270,6 +270,14 @@ class MerkleTree:
         for entry in entries:
             self.append(entry)
 
+    @classmethod
+    def of_leaf_hashes(cls, leaf_hashes: Sequence[bytes]) -> MerkleTree:
+        """A tree over already-hashed leaves (e.g. level 0 of a stored log)."""
+        tree = cls()
+        for h in leaf_hashes:
+            tree.append_hash(h)
+        return tree
+
     @property
     def size(self) -> int:
         return self._border.size

@@ -23,7 +23,8 @@ shortest round-trip repr. :func:`decode_entry` accepts only that one spelling. T
      "amount_micro": int, "fee_micro": int,  # charged to the client; kept by the gateway
      "time_ms": int}  # settlement time, Unix milliseconds
 
-with ``amount_micro == fee_micro + sum(paid_micro)``: the money in a leaf adds up on its own.
+with ``amount_micro == fee_micro + sum(paid_micro)`` (the money in a leaf adds up on its own)
+and each provider account named once.
 
 **Signed tree head.** ``{"size": int, "root": hex, "time": int, "signature": hex}``, ``time`` in
 Unix milliseconds. The Ed25519 signature covers ``b"decompute-tree-head-v1\\x00" ||

@@ -96,6 +96,7 @@ def test_hashes_match_rfc6962_vectors() -> None:
 def test_roots_of_every_prefix_of_the_reference_tree() -> None:
     tree = MerkleTree(LEAVES)
     assert [tree.root(n) for n in range(1, 9)] == ROOTS
+    assert MerkleTree.of_leaf_hashes([hash_leaf(x) for x in LEAVES]).root() == ROOTS[7]
     grown = MerkleTree()
     for n, leaf in enumerate(LEAVES, 1):
         grown.append(leaf)
