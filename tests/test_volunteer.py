@@ -1,0 +1,123 @@
+"""Issue 10, the volunteer's side: what running ``decompute-provider`` is like.
+
+Real processes on loopback: a gateway, two providers and a client. A provider logs a line per
+task (client account short id, duration, CPU-s, tokens); Ctrl-C (SIGINT) stops it gracefully:
+the running task is handed back and completes on the other provider, the summary is printed and
+the process exits 0; a second Ctrl-C kills at once. ``decompute-provider --status`` prints the
+account's balance, lifetime earnings and tasks served, or says clearly that the gateway is down.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Gate, Gateway, hold, start_gateway, start_provider
+from helpers import free_port, gone, home_env, wait_for
+
+from notebook_ext import Client
+
+
+def add(x, y):
+    return x + y
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gw = start_gateway(tmp_path_factory.mktemp("volunteer"))
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def client(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+    with Client(gateway.url, home=tmp_path_factory.mktemp("volunteer-client"),
+                stream_output=False) as c:
+        yield c
+
+
+def name_of(provider_id: str) -> str:
+    return provider_id.rsplit("-", 1)[0]
+
+
+def status(url: str, home: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "provider", url, "--status"], cwd=REPO,
+                          env=home_env(home), capture_output=True, text=True, timeout=60)
+
+
+def test_ctrl_c_hands_the_running_task_back_and_prints_a_summary(
+        gateway: Gateway, client: Client, tmp_path: Path, gate: Gate) -> None:
+    provs = {name: start_provider(gateway, tmp_path, name) for name in ("first", "second")}
+    try:
+        gateway.wait_providers(2)
+        fut = client.submit(hold, str(gate), retries=2)
+        wait_for(lambda: fut.status == "running" and fut.provider, 30, message="task running")
+        stopped = provs[name_of(fut.provider)]
+        other = provs[({"first", "second"} - {stopped.name}).pop()]
+        stopped.proc.send_signal(signal.SIGINT)
+        assert stopped.proc.wait(30) == 0
+        log = stopped.log.read_text()
+        assert "handing 1 tasks back to the gateway" in log
+        assert re.search(rf"decompute-provider stopped\. provider {stopped.name}: 0 tasks served "
+                         r"this session, [\d.]+ CPU-s, [\d.]+ tokens earned this session", log), log
+        assert not stopped.workers()
+
+        wait_for(lambda: fut.provider and name_of(fut.provider) == other.name, 30,
+                 message="the task re-queued to the other provider")
+        gate.open()
+        assert fut.result(timeout=60) is True
+        line = rf"task \S+ for {client.account[:8]}: finished in [\d.]+ s, [\d.]+ CPU-s, " \
+               r"[\d.]+ tokens at our prices"
+        wait_for(lambda: re.search(line, other.log.read_text()), 10, message="a log line per task")
+
+        other.proc.send_signal(signal.SIGINT)  # idle: stops at once, counting what it served
+        assert other.proc.wait(30) == 0
+        assert "1 tasks served this session" in other.log.read_text()
+        shown = status(gateway.url, tmp_path / f"provider-{other.name}")
+        assert shown.returncode == 0, shown.stderr
+        assert re.search(r"balance: +[\d.]+ tokens", shown.stdout), shown.stdout
+        assert re.search(r"earned, lifetime: +[\d.]+ tokens", shown.stdout), shown.stdout
+        assert re.search(r"tasks served: +1 \(", shown.stdout), shown.stdout
+    finally:
+        for prov in provs.values():
+            prov.stop()
+
+
+def test_status_says_clearly_when_the_gateway_is_unreachable(tmp_path: Path) -> None:
+    shown = status(f"ws://127.0.0.1:{free_port()}", tmp_path)
+    assert shown.returncode == 1
+    assert "cannot reach the gateway" in shown.stderr and "DECOMPUTE_GATEWAY" in shown.stderr
+
+
+def test_a_second_ctrl_c_kills_at_once(gateway: Gateway, client: Client, tmp_path: Path,
+                                       gate: Gate) -> None:
+    prov = start_provider(gateway, tmp_path, "impatient")
+    try:
+        online = wait_for(lambda: [p for p in client.providers() if p.name == "impatient"], 60,
+                          message="the provider online")
+        fut = client.submit(hold, str(gate), providers=[online[0].id], retries=0)
+        wait_for(lambda: fut.status == "running", 30, message="task running")
+        workers = wait_for(prov.workers, 10, message="its task processes")
+        prov.proc.send_signal(signal.SIGINT)
+        prov.proc.send_signal(signal.SIGINT)
+        assert prov.proc.wait(10) == 130
+        wait_for(lambda: all(gone(w) for w in workers), 5, message="its task processes gone")
+        fut.cancel()
+    finally:
+        prov.stop()
+
+
+def test_served_totals_add_up_across_providers_of_one_home(tmp_path: Path) -> None:
+    """Two providers in one home add to one total; nothing is lost between them."""
+    from provider import stats
+
+    stats.add(tmp_path, 2, 1.5)
+    stats.add(tmp_path, 3, 0.5)
+    assert stats.load(tmp_path) == stats.Served(5, 2.0)
+    assert stats.load(tmp_path / "nowhere") == stats.Served()
+
