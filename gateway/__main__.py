@@ -11,10 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
 from gateway.billing import Billing
 from gateway.hub import Hub
 from gateway.identity import Identity, decompute_home
 from gateway.ledger import Ledger, to_micro, to_tokens
+from gateway.limits import Limits
+from gateway.names import Names
 from gateway.server import DEFAULT_MAX_MESSAGE, GatewayServer
 
 log = logging.getLogger("gateway")
@@ -38,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="price (tokens per CPU-second) the local providers post")
     ap.add_argument("--default-escrow", type=float, default=1.0,
                     help="tokens held for a task that gives no budget= (nor max_price+timeout)")
+    ap.add_argument("--lease-seconds", type=float, default=Limits().lease_seconds,
+                    help="a provider must report each task it holds this often (in its "
+                    "heartbeats), else the task is taken back and runs elsewhere")
+    ap.add_argument("--cancel-grace", type=float, default=Limits().cancel_grace, metavar="SECONDS",
+                    help="how long a provider has to confirm a cancel before its slot is freed")
     ap.add_argument("--max-message-mib", type=int, default=DEFAULT_MAX_MESSAGE // 2**20,
                     help="largest websocket message accepted, MiB")
     ap.add_argument("--log-level", default="INFO")
@@ -46,18 +55,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def start_local_providers(n: int, url: str, state_dir: Path, price_cpu: float = 0.0,
                           hide: list[Path] | None = None) -> list[subprocess.Popen]:
-    """N provider processes, each with its own identity under ``state_dir``."""
+    """N provider processes, each with its own identity under ``state_dir`` and its share of
+    this machine: cores and memory divided by N (together they never advertise more than it
+    has)."""
     procs = []
     cpus = max(1, (os.cpu_count() or 1) // max(n, 1))
+    memory = psutil.virtual_memory().total // max(n, 1)
     for i in range(n):
-        env = dict(os.environ, DECOMPUTE_HOME=str(state_dir / f"local-{i}"))
+        home = state_dir / f"local-{i}"
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        env = dict(os.environ, DECOMPUTE_HOME=str(home))
         if hide:  # the gateway's ledger and keys: tasks on these providers must not see them
             env["DECOMPUTE_HIDE"] = os.pathsep.join([*map(str, hide), os.environ.get(
                 "DECOMPUTE_HIDE", "")])
         cmd = [sys.executable, "-m", "provider", url, "--name", f"local-{i}", "--cpus", str(cpus),
-               "--price-cpu", str(price_cpu)]
+               "--memory", str(memory), "--price-cpu", str(price_cpu)]
         procs.append(subprocess.Popen(cmd, env=env))
     return procs
+
+
+def local_state_dir() -> Path:
+    """Where local providers keep their identities: under ``DECOMPUTE_HOME`` (never the current
+    folder, where private keys would be left lying in a checkout)."""
+    return decompute_home() / "local-providers"
 
 
 def stop_processes(procs: list[subprocess.Popen], timeout: float = 10.0) -> None:
@@ -95,7 +115,9 @@ async def run(args: argparse.Namespace) -> None:
     if refunded:
         log.warning("refunded %d escrows of tasks lost in the last shutdown", len(refunded))
     ledger.check()
-    hub = Hub(Billing(ledger, identity, default_escrow=args.default_escrow))
+    names = Names(args.db)  # provider names' owners, beside the ledger in its database
+    limits = Limits(lease_seconds=args.lease_seconds, cancel_grace=args.cancel_grace)
+    hub = Hub(Billing(ledger, identity, default_escrow=args.default_escrow), limits, names=names)
     server = GatewayServer(hub, identity, args.host, args.port, args.max_message_mib * 2**20)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -108,15 +130,14 @@ async def run(args: argparse.Namespace) -> None:
         if serving.done():
             serving.result()  # re-raise the bind error
         if args.local_providers:
-            state = Path(args.db).resolve().parent / ".decompute-local"
             db = Path(args.db).resolve()
-            hide = [decompute_home(), state,
-                    *(db.with_name(db.name + x) for x in ("", "-wal", "-shm"))]
-            procs = start_local_providers(args.local_providers, server.url, state,
+            hide = [decompute_home(), *(db.with_name(db.name + x) for x in ("", "-wal", "-shm"))]
+            procs = start_local_providers(args.local_providers, server.url, local_state_dir(),
                                           args.local_price_cpu, hide=hide)
         await serving
     finally:
         stop_processes(procs)
+        names.close()
         ledger.close()
 
 

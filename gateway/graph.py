@@ -12,7 +12,7 @@ gone too. The hub sends the messages; this module only keeps the books.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from gateway.tasks import Task, TaskState
@@ -51,6 +51,8 @@ class Graph:
         self.client_fetches: dict[str, set[str]] = defaultdict(set)
         self.bytes_produced = 0
         self.bytes_moved = 0
+        #: Records held per client account: what the per-account graph-size cap counts.
+        self.per_account: Counter[str] = Counter()
 
     def add(self, task: Task) -> str | None:
         """Record a graph task; an error message if a dependency is unknown."""
@@ -64,6 +66,7 @@ class Graph:
             self.nodes[d].dependents.add(task.task_id)
             self.nodes[d].users.add(task.task_id)
         self.nodes[task.task_id] = node
+        self.per_account[task.account] += 1
         return None
 
     def ready(self, task_id: str) -> bool:
@@ -106,6 +109,7 @@ class Graph:
             node = self.nodes.pop(stack.pop(), None)
             if node is None:
                 continue
+            self.per_account[node.task.account] -= 1
             for dep_id in node.dependents:
                 dependent = self.nodes.get(dep_id)
                 if dependent is not None:
@@ -141,6 +145,7 @@ class Graph:
             if node is None or not node.released or node.users or node.who_has:
                 continue
             del self.nodes[node.task.task_id]
+            self.per_account[node.task.account] -= 1
             for d in node.deps:
                 dep = self.nodes.get(d)
                 if dep is not None:

@@ -10,19 +10,22 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 
 from gateway import protocol as p
 from gateway.billing import Billing, failure_hash, result_hash
+from gateway.deadlines import TIMEOUT_GRACE, Deadlines, Due, Kind
 from gateway.graph import Graph
 from gateway.ledger import InsufficientFunds
 from gateway.limits import Limits
 from gateway.metrics import Counters
+from gateway.names import Names
 from gateway.registry import ProviderConn, Registry
 from gateway.relay import Relay
 from gateway.scheduler import Scheduler, no_match_message, why_ineligible
 from gateway.sessions import ClientSession
+from gateway.standing import Standing
 from gateway.tasks import TERMINAL, Task, TaskState
 from gateway.verify import Ballot, Decision, Verifier
 
@@ -30,6 +33,18 @@ log = logging.getLogger(__name__)
 
 #: How long a task waits when no provider at all is online before it fails with no_match.
 NO_PROVIDER_WAIT = 60.0
+#: How long a task that no online provider can take (after one left) waits for one to come back
+#: before it fails: a pinned task survives its provider's reconnect.
+REJOIN_GRACE = 30.0
+#: A task's ``timeout`` clock starts when its provider says it runs, but at most this long after
+#: the assignment (a provider cannot stretch a deadline by never saying so).
+START_GRACE = 10.0
+#: Pending tasks re-checked for placeability per sweep tick: bounds one tick's work.
+RECHECK_SLICE = 5_000
+#: Results per frame the gateway makes itself (failures of a whole chain, cancels).
+RESULTS_PER_FRAME = 1_000
+#: Bytes of error text per such frame: keeps its header far under the decoder's limit.
+RESULT_TEXT_PER_FRAME = 1024 * 1024
 
 
 def failure(key: str, code: p.ErrorCode, message: str, type_: str = "") -> p.Result:
@@ -47,17 +62,39 @@ def hold_refusal(key: str, why: Exception) -> p.Result:
     return failure(key, p.ErrorCode.INTERNAL, f"the ledger refused the escrow: {why}")
 
 
+@dataclass(slots=True)
+class Batch:
+    """What one submit frame has added so far, for the per-account caps."""
+
+    tasks: int = 0
+    nbytes: int = 0
+    graph: int = 0
+
+    def add(self, spec: p.TaskSpec, payload: Sequence[memoryview]) -> None:
+        self.tasks += spec.redundancy
+        self.nbytes += spec.redundancy * sum(b.nbytes for b in payload)
+        self.graph += spec.deps is not None
+
+
 class Hub:
     """Tasks, sessions and providers, and the rules that connect them."""
 
-    def __init__(self, billing: Billing, limits: Limits | None = None) -> None:
+    def __init__(self, billing: Billing, limits: Limits | None = None,
+                 names: Names | None = None) -> None:
         self.billing = billing
         self.limits = limits or Limits()
         self.open_tasks: Counter[str] = Counter()  # by account
         self.queued_bytes: Counter[str] = Counter()  # by account: payloads held here
         self.registry = Registry()
         self.graph = Graph()
-        self.scheduler = Scheduler(self.registry, self.graph)
+        self.standing = Standing()
+        self.names = names or Names()
+        self.scheduler = Scheduler(self.registry, self.graph, self.standing)
+        self.deadlines = Deadlines()
+        self._recheck_at: float | None = None  # when to re-check pending tasks' placeability
+        self._recheck: list[Task] = []  # the snapshot being re-checked, a slice a tick
+        self._left_at = float("-inf")  # when a provider last left
+        self._empty_since = time.monotonic()  # when the last provider left (or the start)
         self.sessions: dict[str, ClientSession] = {}
         self.relay = Relay(self.registry, self.graph, self.sessions, self._recompute)
         self.verifier = Verifier()
@@ -94,9 +131,10 @@ class Hub:
         refused: list[p.Result] = []
         accepted: list[Task] = []
         in_batch: set[str] = set()
+        batch = Batch()
         for spec, payload in zip(msg.tasks, payloads, strict=True):
             task_id = f"{session.id}/{spec.key}"
-            why = self._refusal(spec, session, task_id, funcs)
+            why = self._refusal(spec, session, task_id, funcs, batch)
             if why is None and task_id in in_batch:
                 why = failure(spec.key, p.ErrorCode.SCHEMA,
                               f"task key {spec.key!r} already in use (twice in one batch)")
@@ -104,6 +142,7 @@ class Hub:
             if why is not None:
                 refused.append(why)
             else:
+                batch.add(spec, payload)
                 accepted += self._replicas(Task(spec, session.account, session.id,
                                                 funcs[spec.func], payload))
         holds = self.billing.hold([(t.bill_id, t.account, t.spec) for t in accepted])
@@ -133,6 +172,8 @@ class Hub:
         if refused:
             self.counters.refused.update(r.code for r in refused)
             self._send_results(session, [(r, []) for r in refused])
+        if not len(self.registry) and accepted:
+            self._recheck_after(NO_PROVIDER_WAIT)  # nobody online: fail them if none comes
         self.dispatch()
 
     def _replicas(self, task: Task) -> list[Task]:
@@ -155,20 +196,36 @@ class Hub:
             session.tasks.add(task.task_id)
 
     def _refusal(self, spec: p.TaskSpec, session: ClientSession, task_id: str,
-                 funcs: dict[str, memoryview]) -> p.Result | None:
+                 funcs: dict[str, memoryview], batch: Batch) -> p.Result | None:
+        """Why one task of a batch is refused, or None. Caps count the tasks of this batch
+        accepted so far, so one large frame cannot get past them."""
         if spec.func not in funcs:
             return failure(spec.key, p.ErrorCode.SCHEMA,
                            f"task {spec.key} names function {spec.func} that the batch lacks")
+        derived = f"{task_id}#{spec.redundancy - 1}" if spec.redundancy > 1 else task_id
+        if len(derived) > p.MAX_KEY_LEN:
+            fits = p.MAX_KEY_LEN - (len(derived) - len(spec.key))
+            return failure(spec.key, p.ErrorCode.SCHEMA,
+                           f"task key of {len(spec.key)} characters is too long: the gateway "
+                           f"prefixes it with the session id (and a replica number), and the "
+                           f"result is over the protocol's {p.MAX_KEY_LEN}; use keys of at most "
+                           f"{fits} characters")
         if task_id in self.tasks or task_id in self.graph.nodes:
             return failure(spec.key, p.ErrorCode.SCHEMA, f"task key {spec.key!r} already in use")
-        if self.open_tasks[session.account] >= self.limits.open_tasks:
+        if self.open_tasks[session.account] + batch.tasks >= self.limits.open_tasks:
             return failure(spec.key, p.ErrorCode.LIMIT,
                            f"this account already has {self.limits.open_tasks} open tasks, the "
                            f"gateway's cap; wait for some to finish, then submit again")
-        if self.queued_bytes[session.account] >= self.limits.queued_bytes:
+        if self.queued_bytes[session.account] + batch.nbytes >= self.limits.queued_bytes:
             return failure(spec.key, p.ErrorCode.LIMIT,
                            f"this account already has {self.limits.queued_bytes} bytes of "
                            f"arguments waiting on the gateway, its cap; wait, then submit again")
+        if spec.deps is not None and (self.graph.per_account[session.account] + batch.graph
+                                      >= self.limits.graph_tasks):
+            return failure(spec.key, p.ErrorCode.LIMIT,
+                           f"this account already has {self.limits.graph_tasks} graph tasks on "
+                           f"the gateway, its cap; release results you no longer need (or let "
+                           f"running graphs finish), then submit again")
         why = no_match_message(spec, session.account, self.registry)
         if why is not None:
             return failure(spec.key, p.ErrorCode.NO_MATCH, why)
@@ -176,17 +233,20 @@ class Hub:
             if spec.deps is not None:
                 return failure(spec.key, p.ErrorCode.SCHEMA,
                                "redundancy > 1 is for plain tasks, not graph tasks")
-            fit = sum(why_ineligible(spec, session.account, c) is None for c in self.registry)
+            fit = len({c.account for c in self.registry
+                       if why_ineligible(spec, session.account, c) is None})
             if fit < spec.redundancy:
                 return failure(spec.key, p.ErrorCode.NO_MATCH,
-                               f"redundancy={spec.redundancy} needs that many distinct "
-                               f"providers; {fit} online can run this task", "NoMatchingProvider")
+                               f"redundancy={spec.redundancy} needs that many providers of "
+                               f"distinct accounts; {fit} online can run this task",
+                               "NoMatchingProvider")
         return None
 
     def cancel(self, session: ClientSession, keys: Sequence[str]) -> None:
         """Cancel pending tasks here; ask the provider to kill running ones."""
         done: list[tuple[p.Result, list]] = []
-        by_provider: dict[str, list[str]] = defaultdict(list)
+        by_provider: dict[str, list[Task]] = defaultdict(list)
+        refunds: list[str] = []
         first = [self.tasks.get(f"{session.id}/{key}") for key in keys]
         for task in [t for f in first if f is not None for t in (f, *f.siblings)]:
             key = task.key
@@ -195,21 +255,32 @@ class Hub:
             self.verifier.of.pop(task.task_id, None)
             if task.state is TaskState.PENDING:
                 self.scheduler.discard(task)
-                self.billing.refund([task.bill_id])
+                refunds.append(task.bill_id)
                 self._end(task, TaskState.CANCELLED)
             else:
                 task.cancelling = True
                 task.move(TaskState.CANCELLED)
                 self.counters.tasks[TaskState.CANCELLED.value] += 1
-                by_provider[task.provider].append(task.task_id)
+                by_provider[task.provider].append(task)
             if task.replica == 0:
                 done.append((p.Result(key=key, status="cancelled", code="cancelled"), []))
-        for provider_id, ids in by_provider.items():
-            conn = self.registry.get(provider_id)
-            if conn is not None:
-                conn.send(p.encode(p.Cancel(keys=ids)))
+        if refunds:
+            self.billing.refund(refunds)  # one transaction, however many
+        for provider_id, tasks in by_provider.items():
+            self.send_cancel(provider_id, tasks)
         if done:
             self._send_results(session, done)
+
+    def send_cancel(self, provider_id: str, tasks: Sequence[Task]) -> None:
+        """Ask a provider to stop tasks; it has ``limits.cancel_grace`` to report each key, after
+        which the gateway frees the slot anyway."""
+        conn = self.registry.get(provider_id)
+        if conn is None or not tasks:
+            return
+        due = time.monotonic() + self.limits.cancel_grace
+        for task in tasks:
+            self.deadlines.at(due, task.task_id, task.assignment, Kind.CANCEL)
+        conn.send(p.encode(p.Cancel(keys=[t.task_id for t in tasks])))
 
     def query(self, account: str, session_id: str, q: p.Query) -> p.Reply:
         """Answer a peer's question; unknown questions get an error reply, not a close."""
@@ -231,6 +302,16 @@ class Hub:
     # ------------------------------------------------------------------ providers
 
     def join_provider(self, conn: ProviderConn) -> None:
+        """A provider connected. Its name is bound to its account if nobody has it yet; under
+        another account's name it is served, but pins by that name never reach it."""
+        conn.owns_name = self.names.bind(conn.ad.name, conn.account)
+        if not conn.owns_name:
+            log.warning("provider %s uses the name %r of another account; pins by that name "
+                        "will not reach it", conn.id, conn.ad.name)
+            conn.send(p.encode(p.Error(
+                code=p.ErrorCode.AUTH.value,
+                message=f"the name {conn.ad.name!r} belongs to another account on this gateway: "
+                        f"tasks pinned by that name will not come to you; pick another --name")))
         self.registry.add(conn)
         log.info("provider %s joined: %d cpus, %s, sandbox %s", conn.id, conn.ad.cpus,
                  conn.ad.runtime, conn.ad.sandbox)
@@ -241,31 +322,54 @@ class Hub:
         conn = self.registry.remove(conn_id)
         if conn is None:
             return
+        now = time.monotonic()
+        self._left_at = now
+        if not len(self.registry):
+            self._empty_since = now
         log.warning("provider %s left with %d tasks", conn_id, len(conn.running))
-        for task_id in conn.running:
+        refunds: list[str] = []
+        fails: list[Failing] = []
+        lost = 0
+        for task_id in list(conn.running):
             task = self.tasks.get(task_id)
             if task is None:
                 continue
             if task.cancelling or task.state in TERMINAL:
-                self.billing.refund([task.bill_id])  # paid up to its last reported usage
+                if not task.billed:
+                    refunds.append(task.bill_id)  # paid up to its last reported usage
                 self._forget(task)
                 continue
-            task.attempts += 1
-            task.tried.add(conn_id)
-            if task.attempts > task.spec.retries:
-                msg = (f"provider {conn_id} was lost while running task {task.key}, "
-                       f"{task.attempts} times in all (retries={task.spec.retries})")
-                if task.task_id in self.verifier.of:
-                    self._replica_lost(task, msg)
-                else:
-                    self._fail(task, p.ErrorCode.LOST, msg, "ProviderLost")
-            else:
-                task.move(TaskState.PENDING)
-                task.provider = None
-                self.scheduler.enqueue(task, front=True)
-                self._send_events(task, p.Event(key=task.key, kind="retrying", provider=conn_id))
+            lost += 1
+            self._retry_or_fail(task, conn, f"provider {conn_id} was lost", fails)
+        conn.running.clear()
+        if lost:
+            self.standing.lost(conn.account, f"left holding {lost} tasks", now)
+        if refunds:
+            self.billing.refund(refunds)
+        self._fail_many(fails)
         self._rerun(self.graph.provider_lost(conn_id))
+        self._recheck_after(REJOIN_GRACE if len(self.registry) else NO_PROVIDER_WAIT)
         self.dispatch()
+
+    def _retry_or_fail(self, task: Task, conn: ProviderConn, what: str,
+                       fails: list[Failing]) -> None:
+        """Its provider lost a task (left, or let the lease lapse): it runs elsewhere, or fails
+        with ``ProviderLost`` once ``retries`` are used up. Tries count per account."""
+        task.attempts += 1
+        task.tried.add(conn.account)
+        if task.attempts > task.spec.retries:
+            msg = (f"{what} while running task {task.key}, {task.attempts} times in all "
+                   f"(retries={task.spec.retries})")
+            if task.task_id in self.verifier.of:
+                self._replica_lost(task, msg)
+            else:
+                fails.append((task, p.ErrorCode.LOST, msg, "ProviderLost"))
+            return
+        task.move(TaskState.PENDING)
+        task.provider = None
+        task.assigned_at = None
+        self.scheduler.enqueue(task, front=True)
+        self._send_events(task, p.Event(key=task.key, kind="retrying", provider=conn.id))
 
     def results(self, conn: ProviderConn, msg: p.Results, buffers: Sequence[memoryview]) -> None:
         """A provider's outcomes: settle them, forward each to its session (a frame each)."""
@@ -314,12 +418,14 @@ class Hub:
         self.dispatch()
 
     def events(self, conn: ProviderConn, msg: p.Events) -> None:
+        now = time.monotonic()
         for event in msg.events:
             task = self.tasks.get(event.key)
             if task is None or task.provider != conn.id or task.state in TERMINAL:
                 continue
-            if event.kind == "running":
-                task.started = time.monotonic()
+            task.lease_until = now + self.limits.lease_seconds
+            if event.kind == "running" and task.started is None:
+                task.started = now
             self._send_events(task, replace(event, key=task.key, provider=conn.id))
 
     def heartbeat(self, conn: ProviderConn, msg: p.Heartbeat) -> None:
@@ -373,9 +479,11 @@ class Hub:
         if not placed:
             return
         by_provider: dict[str, tuple[ProviderConn, list[Task]]] = {}
+        now = time.monotonic()
         for conn, task in placed:
             task.move(TaskState.RUNNING)
             task.provider = conn.id
+            self._set_deadlines(task, now)
             by_provider.setdefault(conn.id, (conn, []))[1].append(task)
         for conn, tasks in by_provider.values():
             funcs: dict[str, memoryview] = {}
@@ -385,6 +493,26 @@ class Hub:
             specs = [self._assignment(t, conn) for t in tasks]
             buffers = [*funcs.values(), *(b for t in tasks for b in t.payload)]
             conn.send(p.encode_parts(p.Assign(tasks=specs, funcs=list(funcs)), buffers))
+
+    def _set_deadlines(self, task: Task, now: float) -> None:
+        """A new assignment: its lease starts, and its timeout clock (if it has one)."""
+        task.assignment += 1
+        task.assigned_at = now
+        task.started = None
+        task.lease_until = now + self.limits.lease_seconds
+        self.deadlines.at(task.lease_until, task.task_id, task.assignment, Kind.LEASE)
+        if task.spec.timeout is not None:
+            self.deadlines.at(now + task.spec.timeout + TIMEOUT_GRACE, task.task_id,
+                              task.assignment, Kind.TIMEOUT)
+
+    def renew(self, conn: ProviderConn, keys: Iterable[str]) -> None:
+        """A heartbeat from ``conn`` mentioned these tasks (queued or running): their leases
+        run on. Keys it does not hold are ignored."""
+        until = time.monotonic() + self.limits.lease_seconds
+        for key in keys:
+            task = self.tasks.get(key)
+            if task is not None and task.provider == conn.id and key in conn.running:
+                task.lease_until = until
 
     def _assignment(self, task: Task, conn: ProviderConn) -> p.Assignment:
         deps = None
@@ -477,22 +605,29 @@ class Hub:
                     task.task_id):
                 self.relay.request(task.task_id)
         else:
-            for dependent in self.graph.failed(task.task_id):
-                if dependent.state is TaskState.PENDING:
-                    self.scheduler.discard(dependent)
-                    self._fail_like(dependent, task, result)
+            self._fail_like(self.graph.failed(task.task_id), task, result)
         self.relay.release(freeable)
 
-    def _fail_like(self, dependent: Task, failed: Task, result: p.Result) -> None:
-        """A dependent of a failed task fails with the same error (as Dask raises it)."""
-        self.billing.refund([dependent.bill_id])
-        self._end(dependent, TaskState.ERROR)
-        session = self.sessions.get(dependent.session)
-        if session is not None:
-            error = result.error or p.RemoteFailure(
-                type="RuntimeError", module="builtins", message=f"{failed.key} {result.status}")
-            self._send_results(session, [(p.Result(key=dependent.key, status="error",
-                                                   code=result.code, error=error), [])])
+    def _fail_like(self, dependents: list[Task], failed: Task, result: p.Result) -> None:
+        """Dependents of a failed task fail with the same error (as Dask raises it), all at
+        once: one refund call and a few frames, however long the chain."""
+        dependents = [d for d in dependents if d.state is TaskState.PENDING]
+        if not dependents:
+            return
+        error = result.error or p.RemoteFailure(
+            type="RuntimeError", module="builtins", message=f"{failed.key} {result.status}")
+        for dependent in dependents:
+            self.scheduler.discard(dependent)
+        self.billing.refund([d.bill_id for d in dependents])
+        out: dict[str, list[tuple[p.Result, list]]] = defaultdict(list)
+        for dependent in dependents:
+            self._end(dependent, TaskState.ERROR)
+            out[dependent.session].append((p.Result(key=dependent.key, status="error",
+                                                    code=result.code, error=error), []))
+        for session_id, items in out.items():
+            session = self.sessions.get(session_id)
+            if session is not None:
+                self._send_results(session, items)
 
     def fetch(self, session: ClientSession, keys: Sequence[str]) -> None:
         """A client wants the bytes of kept results."""
@@ -532,25 +667,138 @@ class Hub:
                 self.scheduler.enqueue(task, front=True)
 
     def sweep(self, now: float | None = None) -> None:
-        """Periodic upkeep: give up abandoned sessions, fail tasks no provider can take."""
+        """Periodic upkeep (each second): give up abandoned sessions, act on the deadlines that
+        came due, and re-check a slice of the tasks a departure may have left unplaceable. Never
+        a pass over every task."""
         now = time.monotonic() if now is None else now
         for session in list(self.sessions.values()):
             if session.expired(now):
                 log.warning("session %s gone for good; cancelling its tasks", session.id)
                 self.cancel(session, [self.tasks[t].key for t in session.tasks if t in self.tasks])
                 del self.sessions[session.id]
-        for task in list(self.scheduler.pending):
-            if not len(self.registry):
-                if now - task.created > NO_PROVIDER_WAIT:
-                    self.scheduler.discard(task)
-                    self._fail(task, p.ErrorCode.NO_MATCH,
-                               f"no provider has been online for {NO_PROVIDER_WAIT:.0f} s; "
-                               f"start one with `decompute-provider`", "NoMatchingProvider")
+        self._expire(now)
+        self._recheck_slice(now)
+
+    def _expire(self, now: float) -> None:
+        """Deadlines that came due: take back what a provider held too long."""
+        refunds: list[str] = []
+        fails: list[Failing] = []
+        cancels: dict[str, list[str]] = defaultdict(list)
+        for due in self.deadlines.due(now):
+            task = self.tasks.get(due.task_id)
+            if task is None or task.assignment != due.assignment:
+                continue  # ended, or assigned again since: a stale entry
+            conn = self.registry.get(task.provider or "")
+            if conn is None or task.task_id not in conn.running:
                 continue
+            later = self._still_due_at(task, due)
+            if later > now:
+                self.deadlines.at(later, task.task_id, task.assignment, due.kind)
+                continue
+            if task.cancelling:
+                if due.kind is Kind.TIMEOUT:
+                    continue  # a cancelled task's slot is governed by the cancel grace
+                conn.running.discard(task.task_id)
+                if not task.billed:
+                    refunds.append(task.bill_id)  # paid up to its last reported usage
+                self._forget(task)
+                self.standing.lost(conn.account, "never reported a cancelled task", now)
+                continue
+            conn.running.discard(task.task_id)
+            cancels[conn.id].append(task.task_id)
+            self._take_back(task, conn, due.kind, fails)
+        for conn_id, ids in cancels.items():
+            conn = self.registry.get(conn_id)
+            if conn is not None:  # an honest but slow provider stops it
+                conn.send(p.encode(p.Cancel(keys=ids)))
+        if refunds:
+            self.billing.refund(refunds)
+        self._fail_many(fails)
+        if refunds or fails or cancels:
+            self.dispatch()
+
+    def _still_due_at(self, task: Task, due: Due) -> float:
+        """When ``due`` really falls due now that the task may have moved on (a renewed lease,
+        a late start); at or before now if it has fallen due."""
+        if due.kind is Kind.LEASE:
+            return task.lease_until
+        if due.kind is Kind.TIMEOUT and task.spec.timeout is not None:
+            assigned = task.assigned_at or due.when
+            start = min(task.started or assigned, assigned + START_GRACE)
+            return start + task.spec.timeout + TIMEOUT_GRACE
+        return due.when
+
+    def _take_back(self, task: Task, conn: ProviderConn, kind: Kind,
+                   fails: list[Failing]) -> None:
+        """A provider held a task past its lease or its timeout: the account is charged a loss;
+        a lapsed lease runs the task elsewhere, a timeout fails it with ``TimeoutError``."""
+        if kind is Kind.TIMEOUT:
+            self.standing.lost(conn.account, "held a task past its timeout")
+            msg = (f"task {task.key} ran past its timeout of {task.spec.timeout:g} s; provider "
+                   f"{conn.id} did not report it, so the gateway took it back")
+            if task.task_id in self.verifier.of:
+                self._replica_lost(task, msg)
+            else:
+                fails.append((task, p.ErrorCode.TIMEOUT, msg, "TimeoutError"))
+            return
+        self.standing.lost(conn.account, "let a lease lapse")
+        self._retry_or_fail(task, conn, f"provider {conn.id} stopped reporting the task for "
+                                        f"{self.limits.lease_seconds:g} s", fails)
+
+    def _recheck_after(self, seconds: float) -> None:
+        at = time.monotonic() + seconds
+        if self._recheck_at is None or at < self._recheck_at:
+            self._recheck_at = at
+
+    def _recheck_slice(self, now: float) -> None:
+        """Fail, a slice a tick, pending tasks that no online provider can take and that have
+        waited out their grace (a provider may come back for them)."""
+        if not self._recheck and self._recheck_at is not None and now >= self._recheck_at:
+            self._recheck_at = None
+            self._recheck = self.scheduler.pending_tasks()
+            self._recheck.reverse()  # popped from the end: oldest first
+        if not self._recheck:
+            return
+        fails: list[Failing] = []
+        later: float | None = None
+        for _ in range(min(RECHECK_SLICE, len(self._recheck))):
+            task = self._recheck.pop()
+            if task.state is not TaskState.PENDING or not self.scheduler.queued(task):
+                continue
+            why = self._unplaceable(task, now)
+            if why is None:
+                continue
+            if isinstance(why, float):
+                later = why if later is None else min(later, why)
+                continue
+            self.scheduler.discard(task)
+            fails.append(why)
+        if later is not None:
+            self._recheck_after(max(1.0, later - now))
+        self._fail_many(fails)
+
+    def _unplaceable(self, task: Task, now: float) -> Failing | float | None:
+        """None if a provider online can take the task; the time to look again if it may still
+        wait for one; else how it fails: ``ProviderLost`` if providers that ran it left,
+        ``NoMatchingProvider`` if none ever could."""
+        online = len(self.registry)
+        why = None if online else "no provider is online"
+        if online:
             why = no_match_message(task.spec, task.account, self.registry)
-            if why is not None:
-                self.scheduler.discard(task)
-                self._fail(task, p.ErrorCode.NO_MATCH, why, "NoMatchingProvider")
+            if why is None:
+                return None
+        wait = REJOIN_GRACE if online else NO_PROVIDER_WAIT
+        since = max(task.created, self._left_at if online else self._empty_since)
+        if now < since + wait:
+            return since + wait
+        if task.attempts:
+            return (task, p.ErrorCode.LOST,
+                    f"the providers that ran task {task.key} left, and after {wait:.0f} s "
+                    f"{why}; start one (or wait for yours) and submit again", "ProviderLost")
+        if not online:
+            why = (f"no provider has been online for {NO_PROVIDER_WAIT:.0f} s; start one with "
+                   f"`decompute-provider`")
+        return (task, p.ErrorCode.NO_MATCH, why, "NoMatchingProvider")
 
     # ------------------------------------------------------------------ helpers
 
@@ -560,6 +808,24 @@ class Hub:
         session = self.sessions.get(task.session)
         if session is not None:
             self._send_results(session, [(failure(task.key, code, message, type_), [])])
+
+    def _fail_many(self, items: list[Failing]) -> None:
+        """Fail tasks together: one refund call, a few frames per session. A graph task's
+        dependents fail with it."""
+        if not items:
+            return
+        self.billing.refund([task.bill_id for task, *_ in items])
+        out: dict[str, list[tuple[p.Result, list]]] = defaultdict(list)
+        for task, code, message, type_ in items:
+            self._end(task, TaskState.ERROR)
+            result = failure(task.key, code, message, type_)
+            out[task.session].append((result, []))
+            if task.task_id in self.graph.nodes:
+                self._fail_like(self.graph.failed(task.task_id), task, result)
+        for session_id, results in out.items():
+            session = self.sessions.get(session_id)
+            if session is not None:
+                self._send_results(session, results)
 
     def _end(self, task: Task, state: TaskState) -> None:
         task.move(state)
@@ -576,11 +842,14 @@ class Hub:
 
     def _send_results(self, session: ClientSession,
                       items: list[tuple[p.Result, list[memoryview]]]) -> None:
-        frame = p.encode_parts(p.Results(results=[r for r, _ in items]),
-                               [b for _, bufs in items for b in bufs])
-        if not session.send(frame):
-            log.error("session %s: outbox over its bound; giving the session up", session.id)
-            self.cancel(session, [self.tasks[t].key for t in session.tasks if t in self.tasks])
+        for chunk in _frames_of(items):
+            frame = p.encode_parts(p.Results(results=[r for r, _ in chunk]),
+                                   [b for _, bufs in chunk for b in bufs])
+            if not session.send(frame):
+                log.error("session %s: outbox over its bound; giving the session up", session.id)
+                self.cancel(session, [self.tasks[t].key for t in session.tasks
+                                      if t in self.tasks])
+                return
 
     def _send_events(self, task: Task, event: p.Event) -> None:
         session = self.sessions.get(task.session)
@@ -592,9 +861,33 @@ class Hub:
         return {
             "providers_online": len(self.registry),
             "clients_connected": sum(s.connected for s in self.sessions.values()),
-            "tasks_pending": len(self.scheduler.pending),
+            "tasks_pending": len(self.scheduler),
+            "deadlines_scheduled": len(self.deadlines),
             "tasks_running": running,
             "graph_results_kept": len(self.graph.nodes),
             "graph_bytes_produced": self.graph.bytes_produced,
             "graph_bytes_moved": self.graph.bytes_moved,
         }
+
+
+#: A task the gateway fails itself: (task, code, message, exception type for the client).
+Failing = tuple[Task, p.ErrorCode, str, str]
+
+
+def _frames_of(items: list[tuple[p.Result, list[memoryview]]]
+               ) -> list[list[tuple[p.Result, list[memoryview]]]]:
+    """Results cut into frames of at most ``RESULTS_PER_FRAME`` results and about
+    ``RESULT_TEXT_PER_FRAME`` bytes of error text (a chain's failures share one long message)."""
+    if len(items) <= 1:
+        return [items]
+    out: list[list[tuple[p.Result, list[memoryview]]]] = [[]]
+    text = 0
+    for item in items:
+        err = item[0].error
+        size = len(err.message) + len(err.traceback) if err is not None else 0
+        if out[-1] and (len(out[-1]) >= RESULTS_PER_FRAME or text + size > RESULT_TEXT_PER_FRAME):
+            out.append([])
+            text = 0
+        out[-1].append(item)
+        text += size
+    return out

@@ -5,6 +5,16 @@ Each bound says what it protects:
 - ``open_tasks``: tasks one account may have pending or running. Bounds the task table and the
   scheduler queue (each task holds its payload in memory until it runs).
 - ``queued_bytes``: payload bytes one account may have waiting on the gateway. Bounds memory.
+- ``graph_tasks``: graph task records one account may have on the gateway (waiting, running, or
+  finished and kept). Bounds the graph's memory and the work one failure can fan out to.
+- ``lease_seconds``: a provider must mention each task it holds in a heartbeat (or finish it)
+  this often, else the task is taken back and runs elsewhere. Bounds how long a provider that
+  went silent can hold work.
+- ``cancel_grace``: seconds a provider has to report a cancelled task before the gateway frees
+  its slot anyway. Bounds how long a cancel can keep capacity counted as busy.
+- ``bad_frames`` in ``bad_frame_window`` seconds: frames from one authenticated peer that fail to
+  decode or validate. Each is answered with an ``Error`` and dropped; past this many in the window
+  the peer is taken to be sending garbage and its connection is closed.
 - ``messages_per_second`` / ``burst``: a token bucket per connection. Past it the gateway reads
   that connection more slowly (TCP back-pressure) and tells it once; no message is dropped.
 - ``writer_bytes``: frames waiting to be written to one slow reader. Past it the connection is
@@ -21,6 +31,11 @@ from dataclasses import dataclass
 class Limits:
     open_tasks: int = 200_000
     queued_bytes: int = 8 * 1024**3
+    graph_tasks: int = 500_000
+    lease_seconds: float = 30.0
+    cancel_grace: float = 10.0
+    bad_frames: int = 50
+    bad_frame_window: float = 10.0
     messages_per_second: float = 5_000.0
     burst: float = 10_000.0
     writer_bytes: int = 2 * 1024**3

@@ -33,6 +33,9 @@ class ProviderConn:
     load: dict[str, float] = field(default_factory=dict)
     joined: float = field(default_factory=time.time)
     served: int = 0
+    #: Whether this connection's account owns its advertised name (pins by name reach it only
+    #: then; see :mod:`gateway.names`).
+    owns_name: bool = True
 
     @property
     def capacity(self) -> int:
@@ -54,6 +57,12 @@ class ProviderConn:
             self.sent_funcs.popitem(last=False)
         return True
 
+    def answers_to(self, pins: list) -> bool:
+        """True if a ``providers=[...]`` pin names this connection: its id, its account, or its
+        name when its account owns that name."""
+        return (self.id in pins or self.account in pins
+                or (self.owns_name and self.ad.name in pins))
+
     def info(self) -> dict:
         """What ``client.providers()`` shows about it."""
         ad = self.ad
@@ -66,17 +75,46 @@ class ProviderConn:
         }
 
 
+def stable_id(name: str, account: str) -> str:
+    """A provider's id: the same across reconnects, so pins and the panel's choices survive."""
+    return f"{name}-{account[:8]}"
+
+
 class Registry:
-    """Providers by connection id, in the order they joined."""
+    """Providers by id, in the order they joined, and by account."""
 
     def __init__(self) -> None:
         self._providers: dict[str, ProviderConn] = {}
+        self._by_account: dict[str, list[ProviderConn]] = {}
+
+    def free_id(self, name: str, account: str) -> str:
+        """The stable id for ``name`` and ``account``; a second live connection of the same
+        account and name gets ``-2``, a third ``-3``, and so on."""
+        base = stable_id(name, account)
+        if base not in self._providers:
+            return base
+        n = 2
+        while f"{base}-{n}" in self._providers:
+            n += 1
+        return f"{base}-{n}"
 
     def add(self, conn: ProviderConn) -> None:
         self._providers[conn.id] = conn
+        self._by_account.setdefault(conn.account, []).append(conn)
 
     def remove(self, conn_id: str) -> ProviderConn | None:
-        return self._providers.pop(conn_id, None)
+        conn = self._providers.pop(conn_id, None)
+        if conn is not None:
+            same = [c for c in self._by_account.get(conn.account, []) if c is not conn]
+            if same:
+                self._by_account[conn.account] = same
+            else:
+                self._by_account.pop(conn.account, None)
+        return conn
+
+    def of_account(self, account: str) -> list[ProviderConn]:
+        """The live connections of one provider account."""
+        return self._by_account.get(account, [])
 
     def get(self, conn_id: str) -> ProviderConn | None:
         return self._providers.get(conn_id)

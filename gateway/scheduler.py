@@ -1,25 +1,30 @@
 """Matching tasks to providers: who *may* run a task, and who *should* run it now.
 
 Eligibility is a pure function of the task and the provider's advertisement; placement picks the
-eligible provider with the most free room. Pending tasks wait in arrival order; a task no online
-provider could ever take is reported at once rather than left waiting.
+eligible provider with the most free room. Pending tasks wait in one queue per client account and
+placement takes them round-robin across accounts, so one account's backlog (however large, and
+however much of it no provider can take now) never starves another's. Removing a task from a queue
+is O(1): its entry is forgotten and dropped when the queue reaches it. A task no online provider
+could ever take is reported at once rather than left waiting.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections import deque
+import itertools
+from collections import Counter, deque
+from collections.abc import Callable
 
 from gateway.graph import Graph
 from gateway.protocol import TaskSpec
 from gateway.registry import ProviderConn, Registry
+from gateway.standing import Standing
 from gateway.tasks import Task, TaskState
 
 
 def why_ineligible(spec: TaskSpec, account: str, provider: ProviderConn) -> str | None:
     """None if ``provider`` may run the task, else a short reason (for error messages)."""
     ad = provider.ad
-    if spec.providers and provider.id not in spec.providers and ad.name not in spec.providers:
+    if spec.providers and not provider.answers_to(spec.providers):
         return "not among the requested providers"
     if not spec.runtime.fits(ad.runtime):
         return f"runtime {ad.runtime} does not fit {spec.runtime}"
@@ -54,9 +59,13 @@ def no_match_message(spec: TaskSpec, account: str, registry: Registry) -> str | 
 
 #: Bytes a second a transfer between providers is assumed to take through the gateway.
 TRANSFER_BYTES_PER_S = 300e6
-#: Pending tasks examined per placement round when the best providers are busy: bounds the cost
-#: of one round on a long queue (the rest are looked at in later rounds).
-SCAN_LIMIT = 2_000
+#: Queued tasks of one account examined per placement round that find no provider with room:
+#: bounds the cost of one round on a long queue (the rest are looked at in later rounds).
+SCAN_LIMIT = 256
+#: Forgotten (cancelled, failed) entries dropped per placement round, at most.
+STALE_LIMIT = 50_000
+
+Entry = tuple[int, Task]
 
 
 class Scheduler:
@@ -64,68 +73,196 @@ class Scheduler:
 
     As distributed's ``worker_objective``: a provider's cost for a task is the time to move the
     task's inputs it lacks plus the expected wait for a free slot; the cheapest eligible provider
-    wins. If that provider is full, the task waits for it rather than moving data elsewhere.
+    wins. If that provider is full, a graph task waits for it rather than moving data elsewhere.
+
+    What a provider may hold is the least of its advertised capacity and its account's allowance
+    (:mod:`gateway.standing`); a benched account gets nothing. A task with a ``timeout`` goes only
+    to a free slot (never into a provider's prefetch queue), because the gateway's clock for it
+    starts at the assignment.
     """
 
-    def __init__(self, registry: Registry, graph: Graph) -> None:
+    def __init__(self, registry: Registry, graph: Graph, standing: Standing | None = None) -> None:
         self.registry = registry
         self.graph = graph
-        self.pending: deque[Task] = deque()
-        self._queued: set[str] = set()  # task ids in ``pending``: a task is queued once
+        self.standing = standing or Standing()
+        self.queues: dict[str, deque[Entry]] = {}  # by client account
+        self._turn: deque[str] = deque()  # accounts with a queue, in round-robin order
+        self._tokens: dict[str, int] = {}  # task id -> its live entry (a task is queued once)
+        self._live: Counter[str] = Counter()  # live entries by account
+        self._seq = itertools.count()
         #: Moving average of task run time, the unit of expected waiting.
         self.avg_duration = 0.05
+        #: The money rule, set by the hub's billing: may this task be placed on that provider
+        #: (a priced provider only takes a task whose escrow covers a billing interval there)?
+        self.admits: Callable[[Task, ProviderConn], bool] = lambda task, provider: True
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def queued(self, task: Task) -> bool:
+        return task.task_id in self._tokens
+
+    def pending_tasks(self) -> list[Task]:
+        """Every queued task (a snapshot), account by account."""
+        return [t for q in self.queues.values() for tok, t in q
+                if self._tokens.get(t.task_id) == tok]
 
     def enqueue(self, task: Task, front: bool = False) -> None:
-        if task.task_id in self._queued:
+        if task.task_id in self._tokens:
             return
-        self._queued.add(task.task_id)
-        (self.pending.appendleft if front else self.pending.append)(task)
+        token = next(self._seq)
+        self._tokens[task.task_id] = token
+        self._live[task.account] += 1
+        queue = self.queues.get(task.account)
+        if queue is None:
+            queue = self.queues[task.account] = deque()
+            self._turn.append(task.account)
+        (queue.appendleft if front else queue.append)((token, task))
 
     def discard(self, task: Task) -> None:
-        if task.task_id in self._queued:
-            self._queued.discard(task.task_id)
-            with contextlib.suppress(ValueError):
-                self.pending.remove(task)
+        """Forget a queued task in O(1); its entry is dropped when its queue reaches it."""
+        if self._tokens.pop(task.task_id, None) is not None:
+            self._live[task.account] -= 1
+            self._compact(task.account)
+
+    def _compact(self, account: str) -> None:
+        """Rebuild a queue that is mostly forgotten entries (bounds memory, amortised O(1))."""
+        queue = self.queues.get(account)
+        if queue is None or len(queue) < 1024 or len(queue) < 4 * self._live[account]:
+            return
+        kept = deque(e for e in queue if self._tokens.get(e[1].task_id) == e[0])
+        if kept:
+            self.queues[account] = kept
+        else:
+            self._drop_queue(account)
+
+    def _drop_queue(self, account: str) -> None:
+        del self.queues[account]
+        del self._live[account]
+        self._turn.remove(account)  # one entry per account with a queue: short
 
     def observe(self, seconds: float) -> None:
         self.avg_duration = 0.9 * self.avg_duration + 0.1 * max(seconds, 1e-4)
 
+    # ------------------------------------------------------------------ placement
+
     def place(self) -> list[tuple[ProviderConn, Task]]:
-        """Assign pending tasks to providers with room, in queue order; the rest keep waiting."""
-        providers = list(self.registry)
-        if not self.pending or not any(p.free > 0 for p in providers):
+        """Assign pending tasks to providers with room, one account at a time in turn (each in
+        its queue order); the rest keep waiting, in place."""
+        if not self._tokens:
+            return []
+        room = Room(self.registry, self.standing)
+        if not room.any():
             return []
         placed: list[tuple[ProviderConn, Task]] = []
-        skipped: list[Task] = []
-        while self.pending and len(skipped) < SCAN_LIMIT and any(p.free > 0 for p in providers):
-            task = self.pending.popleft()
-            self._queued.discard(task.task_id)
-            if task.state is not TaskState.PENDING or (
-                    task.spec.deps is not None and not self.graph.ready(task.task_id)):
-                continue  # ended meanwhile, or waits for inputs (requeued once they exist)
-            best = self._best(task, providers)
-            if best is None or best.free <= 0:
-                skipped.append(task)
-                continue
-            best.running.add(task.task_id)
-            placed.append((best, task))
-            for sibling in task.siblings:  # replicas must land on distinct providers
-                sibling.avoid.add(best.id)
-        self.pending.extendleft(reversed(skipped))  # they keep their place in the queue
-        self._queued.update(t.task_id for t in skipped)
+        skipped: dict[str, list[Entry]] = {}
+        active = list(self._turn)
+        stale = 0
+        while active and room.any():
+            for account in list(active):
+                entry = self._next(account)
+                if entry is None:
+                    active.remove(account)
+                    continue
+                task = entry[1]
+                if task.state is not TaskState.PENDING or (
+                        task.spec.deps is not None and not self.graph.ready(task.task_id)):
+                    self._forget(entry)  # ended meanwhile, or waits for inputs (requeued later)
+                    stale += 1
+                    if stale > STALE_LIMIT:
+                        active.clear()
+                        break
+                    continue
+                best = self._best(task, room)
+                if best is None:
+                    held = skipped.setdefault(account, [])
+                    held.append(entry)
+                    if len(held) >= SCAN_LIMIT:
+                        active.remove(account)
+                    continue
+                self._forget(entry)
+                room.take(best, task)
+                best.running.add(task.task_id)
+                placed.append((best, task))
+                for sibling in task.siblings:  # replicas must land on distinct accounts
+                    sibling.avoid.add(best.account)
+        for account, held in skipped.items():  # they keep their place in the queue
+            self.queues[account].extendleft(reversed(held))
+        if self._turn:
+            self._turn.rotate(-1)  # the next round starts with the next account
         return placed
 
-    def _best(self, task: Task, providers: list[ProviderConn]) -> ProviderConn | None:
-        """The eligible provider with the lowest cost; untried ones first after a loss."""
+    def _next(self, account: str) -> Entry | None:
+        """The first live entry of an account's queue (forgotten ones are dropped on the way)."""
+        queue = self.queues.get(account)
+        while queue:
+            token, task = queue.popleft()
+            if self._tokens.get(task.task_id) == token:
+                return token, task
+        if queue is not None and not self._live[account]:
+            self._drop_queue(account)
+        return None
+
+    def _forget(self, entry: Entry) -> None:
+        task = entry[1]
+        if self._tokens.get(task.task_id) == entry[0]:
+            del self._tokens[task.task_id]
+            self._live[task.account] -= 1
+
+    def _best(self, task: Task, room: Room) -> ProviderConn | None:
+        """The eligible provider with the lowest cost that has room for the task now; untried
+        accounts first after a loss. A graph task waits for its best provider when that one is
+        full (data locality), so it may get None although another provider has room."""
         best, best_score = None, None
         graph_task = task.spec.deps is not None
-        for p in providers:
-            if p.id in task.avoid or why_ineligible(task.spec, task.account, p) is not None:
+        for p in room.providers:
+            if p.account in task.avoid or why_ineligible(task.spec, task.account, p) is not None:
+                continue
+            if not self.admits(task, p):
+                continue
+            if not room.usable(p):
+                continue  # benched: as if offline
+            if not graph_task and not room.fits(p, task):
                 continue
             moved = self.graph.local_bytes(task, p.id)[1] if graph_task else 0
             queued = max(0, len(p.running) - p.ad.slots + 1) / p.ad.slots
             cost = moved / TRANSFER_BYTES_PER_S + queued * self.avg_duration
-            score = (p.id not in task.tried, -cost, p.free / p.capacity)
+            score = (p.account not in task.tried, -cost, p.free / p.capacity)
             if best_score is None or score > best_score:
                 best, best_score = p, score
+        if best is not None and graph_task and not room.fits(best, task):
+            return None
         return best
+
+
+class Room:
+    """What each provider (and each provider account) may still take in one placement round."""
+
+    def __init__(self, registry: Registry, standing: Standing) -> None:
+        self.providers = list(registry)
+        self.standing = standing
+        self.free = {p.id: p.free for p in self.providers}
+        self.slots = {p.id: p.ad.slots - len(p.running) for p in self.providers}
+        self.benched = {p.account for p in self.providers if standing.benched(p.account)}
+        self.account_free: dict[str, int] = {}
+        for p in self.providers:
+            if p.account not in self.account_free:
+                held = sum(len(c.running) for c in registry.of_account(p.account))
+                self.account_free[p.account] = standing.allowance(p.account) - held
+
+    def usable(self, p: ProviderConn) -> bool:
+        return p.account not in self.benched
+
+    def fits(self, p: ProviderConn, task: Task) -> bool:
+        if self.free[p.id] <= 0 or self.account_free[p.account] <= 0:
+            return False
+        return task.spec.timeout is None or self.slots[p.id] > 0
+
+    def any(self) -> bool:
+        return any(self.free[p.id] > 0 and self.account_free[p.account] > 0
+                   and p.account not in self.benched for p in self.providers)
+
+    def take(self, p: ProviderConn, task: Task) -> None:
+        self.free[p.id] -= 1
+        self.slots[p.id] -= 1
+        self.account_free[p.account] -= 1

@@ -1,8 +1,11 @@
 """The gateway's asyncio shell: websockets in, decoded messages to the hub, frames out.
 
-Each connection must answer a fresh challenge before anything else is read. A frame that breaks
-the protocol closes *that* connection with a reason saying which rule; every other connection
-keeps being served. ``GET /health`` and ``GET /metrics`` answer on the same port.
+Each connection must answer a fresh challenge before anything else is read; a hello that breaks
+the protocol closes that connection with a reason saying which rule. After it, one bad frame never
+ends a connection: it is answered with an ``Error`` naming the rule, counted and dropped; only a
+peer that keeps sending garbage (``Limits.bad_frames`` in ``Limits.bad_frame_window`` seconds) is
+closed. Every other connection keeps being served. ``GET /health`` and ``GET /metrics`` answer on
+the same port.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import json
 import logging
 import os
 import secrets
+import time
+from collections import deque
 from http import HTTPStatus
 from typing import Any
 
@@ -196,12 +201,14 @@ class GatewayServer:
         return msg
 
     async def _messages(self, ws: ServerConnection, allowed: frozenset[str], out: FrameWriter):
-        """Decoded messages from an authenticated peer; a bad frame raises ProtocolError.
+        """Decoded messages from an authenticated peer. A bad frame is answered with an
+        ``Error`` and dropped; too many in a short window raise ProtocolError (a close).
 
         Past the message-rate limit, reading slows down (and the peer is told once).
         """
         limits = self.hub.limits
         bucket, warned = TokenBucket(limits.messages_per_second, limits.burst), False
+        bad: deque[float] = deque()
         async for data in ws:
             delay = bucket.take()
             if delay > 0:
@@ -213,11 +220,32 @@ class GatewayServer:
                         message=f"over {limits.messages_per_second:g} messages/s: slowed down; "
                                 f"batch your work (map) to send fewer messages")))
                 await asyncio.sleep(delay)
-            if isinstance(data, str):
-                raise p.ProtocolError(p.ErrorCode.BAD_FRAME, "text frames are not accepted")
-            self.hub.counters.bytes_in += len(data)
-            self.hub.counters.frames_in += 1
-            yield p.decode(data, allowed=allowed)
+            try:
+                if isinstance(data, str):
+                    raise p.ProtocolError(p.ErrorCode.BAD_FRAME, "text frames are not accepted")
+                self.hub.counters.bytes_in += len(data)
+                self.hub.counters.frames_in += 1
+                decoded = p.decode(data, allowed=allowed)
+            except p.ProtocolError as exc:
+                self._bad_frame(exc, bad, out)
+                continue
+            yield decoded
+
+    def _bad_frame(self, exc: p.ProtocolError, bad: deque[float], out: FrameWriter) -> None:
+        """Drop one bad frame with an ``Error`` saying why; a peer over the bad-frame limit is
+        closed (the ProtocolError propagates)."""
+        limits = self.hub.limits
+        now = time.monotonic()
+        bad.append(now)
+        while bad and now - bad[0] > limits.bad_frame_window:
+            bad.popleft()
+        if len(bad) > limits.bad_frames:
+            raise p.ProtocolError(exc.code, f"{len(bad)} bad frames in "
+                                  f"{limits.bad_frame_window:g} s; the last: {exc}")
+        self.hub.counters.refused[exc.code.value] += 1
+        log.info("dropped a bad frame: %s", exc.reason)
+        out.send(p.encode(p.Error(code=exc.code.value,
+                                  message=f"frame dropped: {exc}"[:p.MAX_TEXT_LEN])))
 
     async def _serve_client(self, ws: ServerConnection, hello: p.Hello, out: FrameWriter) -> None:
         account = hello.key.hex()
@@ -249,7 +277,8 @@ class GatewayServer:
 
     async def _serve_provider(self, ws: ServerConnection, hello: p.Hello, out: FrameWriter) -> None:
         assert hello.ad is not None
-        conn = ProviderConn(id=f"{hello.ad.name}-{secrets.token_hex(3)}", account=hello.key.hex(),
+        account = hello.key.hex()
+        conn = ProviderConn(id=self.hub.registry.free_id(hello.ad.name, account), account=account,
                             ad=hello.ad, send=out.send)
         out.send(p.encode(p.Welcome(account=conn.account, session=conn.id,
                                     gateway=self.identity.public_bytes,
@@ -259,12 +288,15 @@ class GatewayServer:
         try:
             async for msg, buffers in self._messages(ws, PROVIDER_TYPES, out):
                 if isinstance(msg, p.Results):
+                    served = conn.served
                     self._react("results", self.hub.results, conn, msg, buffers)
+                    self.hub.standing.delivered(conn.account, conn.served - served)
                 elif isinstance(msg, p.Events):
                     self._react("events", self.hub.events, conn, msg)
                 elif isinstance(msg, p.Data):
                     self._react("data", self.hub.data, conn, msg, buffers)
                 elif isinstance(msg, p.Heartbeat):
+                    self._react("leases", self.hub.renew, conn, msg.usage)
                     self._react("heartbeat", self.hub.heartbeat, conn, msg)
                 elif isinstance(msg, p.Query):
                     out.send(p.encode(self.hub.query(conn.account, conn.id, msg)))
