@@ -5,25 +5,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from provider.metering import Meter
 from provider.sandbox import (
     Isolation,
     Limits,
     SandboxSpec,
+    _rlimits,
     cleanup,
     describe,
+    kill_cgroup,
     probe_isolation,
+    sandbox_pids,
     sandbox_spec,
+    worker_pid,
 )
 
 ISO = probe_isolation()
@@ -316,9 +324,153 @@ def test_non_root_provider_gets_user_namespace_isolation(tmp_path: Path) -> None
 
 def test_probe_is_cached_and_describe_is_loud_when_weak() -> None:
     assert probe_isolation() is ISO
-    assert ISO.strength == ("strong" if ISO.network else "weak")
+    assert ISO.strength == ("strong" if ISO.network and ISO.hide and ISO.contained else "weak")
+    uncontained = Isolation(network=True, method="unshare -n", reason="no pid ns", hide=True)
+    assert uncontained.strength == "weak" and describe(uncontained).startswith("WARNING")
     weak = Isolation(network=False, method="none", reason="unshare: Operation not permitted")
     assert weak.strength == "weak" and describe(weak).startswith("WARNING: tasks can reach the net")
     assert "\n" not in describe(ISO)
     if ISO.network:
         assert "strong" in describe(ISO) and "WARNING" not in describe(ISO)
+
+
+# --------------------------------------------------------------------------- containment
+
+DAEMON = """
+import os, subprocess, sys, time
+if os.fork() == 0:  # double fork: the daemon leaves our process tree and our session
+    subprocess.Popen(["/bin/sh", "-c", "while :; do :; done", sys.argv[1] + "-d"],
+                     start_new_session=True)
+    os._exit(0)
+os.wait()
+print("started", flush=True)
+sys.stdin.read()  # until the test closes it
+"""
+
+# Each way of finding every process a task left behind: what this host has, then the fallbacks.
+CONTAINMENT = {
+    "cgroup": ISO,
+    "pid-namespace": dataclasses.replace(ISO, cgroup=False, pid=True),
+    # as a non-root provider has it: no cgroup, no uid of its own; the namespace alone holds
+    "pid-namespace-only": dataclasses.replace(ISO, cgroup=False, pid=True, own_uid=False),
+    "uid-sweep": dataclasses.replace(ISO, cgroup=False, pid=False),
+}
+
+
+def _tagged(tag: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (tag + "-d").encode() in argv and _alive(int(pid)):
+            found.append(int(pid))
+    return found
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return value
+
+
+@pytest.mark.parametrize("name", list(CONTAINMENT))
+def test_a_setsid_daemon_is_found_metered_and_killed_with_its_worker(name: str) -> None:
+    iso = CONTAINMENT[name]
+    if name == "cgroup" and not iso.cgroup:
+        pytest.skip(f"no cgroup v2 for workers here: {iso.reason}")
+    if name == "uid-sweep" and not iso.own_uid:
+        pytest.skip(f"no per-task uid here (not root?): {iso.reason}")
+    tag = f"decompute-test-daemon-{os.getpid()}-{name}"
+    spec = start(DAEMON, tag, isolation=iso)
+    proc = subprocess.Popen(spec.argv, env=spec.env, cwd=spec.cwd, preexec_fn=spec.preexec_fn,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        if name.startswith("pid-namespace") and not spec.pid_namespace:
+            pytest.skip("this host cannot make a PID namespace")
+        worker = worker_pid(spec, proc.pid)
+        meter = Meter(psutil.Process(worker))
+        daemon = _wait(lambda: _tagged(tag), 10, "the daemon")[0]
+        assert daemon in sandbox_pids(spec, [worker]) - {proc.pid, worker}
+        if name != "uid-sweep":  # there the daemon leaves the metered tree (documented)
+            _wait(lambda: meter.sample(tree=True)["cpu_seconds"] >= 0.3, 10, "daemon CPU")
+        if spec.cgroup is not None:
+            kill_cgroup(spec.cgroup)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        cleanup(spec)
+        _wait(lambda: not _tagged(tag), 5, "the daemon to die with its worker")
+    finally:
+        proc.kill()
+        proc.wait(10)
+        cleanup(spec)
+
+
+def test_tmp_var_tmp_and_dev_shm_are_private_and_writable(tmp_path: Path) -> None:
+    if not ISO.hide:
+        pytest.skip(f"no mount namespace here: {ISO.reason}")
+    planted = Path(tempfile.mkdtemp(prefix="decompute-test-planted-", dir="/tmp"))
+    mine = f"decompute-test-written-{os.getpid()}"
+    code = """
+import os, sys
+print(os.path.exists(sys.argv[1]), os.getcwd() == os.environ["HOME"])
+for d in ("/tmp", "/var/tmp", "/dev/shm"):
+    open(os.path.join(d, sys.argv[2]), "w").write("x")
+    print(d, [n for n in os.listdir(d) if not n.startswith("decompute-task-")] == [sys.argv[2]])
+"""
+    try:
+        out = run_once(code, str(planted), mine)
+    finally:
+        planted.rmdir()
+    assert out.stdout.split() == ["False", "True", "/tmp", "True", "/var/tmp", "True",
+                                  "/dev/shm", "True"], out.stdout + out.stderr
+    assert not any(Path(d, mine).exists() for d in ("/tmp", "/var/tmp", "/dev/shm"))
+
+
+def test_hide_env_and_nested_hidden_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not ISO.hide:
+        pytest.skip(f"no mount namespace here: {ISO.reason}")
+    outer = tmp_path / "gateway-home"
+    (inner := outer / "local-providers" / "local-0").mkdir(parents=True)
+    (secret := outer / "gateway.key").write_text("PRIVATE")
+    (inner / "provider.key").write_text("PRIVATE")
+    for path in (tmp_path, outer, outer / "local-providers", inner):
+        path.chmod(0o755)
+    monkeypatch.setenv("DECOMPUTE_HOME", str(inner))  # the provider's home, inside the other
+    monkeypatch.setenv("DECOMPUTE_HIDE", str(outer))
+    shared = Path("/run" if os.geteuid() == 0 else Path.home())
+    out = run_once(READ_KEYS, str(secret), str(inner / "provider.key"),
+                   workdir_root=shared if shared.is_dir() else None)
+    assert out.returncode == 0 and "PRIVATE" not in out.stdout, out.stdout + out.stderr
+
+
+def test_meter_counts_children_cpu_from_proc_stat() -> None:
+    burn = "import time\nwhile time.process_time() < 0.5: pass"
+    code = ("import subprocess, sys\nsys.stdin.readline()\n"
+            f"subprocess.run([sys.executable, '-c', {burn!r}])\n"
+            "print('done', flush=True)\nsys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        meter = Meter(psutil.Process(proc.pid), cgroup=None)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "done"
+        assert meter.sample()["cpu_seconds"] >= 0.45  # the reaped child's CPU, in cutime
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_default_limits_name_every_rlimit() -> None:
+    limits = Limits(memory_bytes=1 << 30)
+    assert None not in (limits.cpu_seconds, limits.file_bytes, limits.open_files,
+                        limits.processes)
+    names = {which for which, _ in _rlimits(limits, with_nproc=True)}
+    assert names == {resource.RLIMIT_AS, resource.RLIMIT_CPU, resource.RLIMIT_FSIZE,
+                     resource.RLIMIT_NOFILE, resource.RLIMIT_CORE, resource.RLIMIT_NPROC}
