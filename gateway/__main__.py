@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -33,8 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     ap.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
     ap.add_argument("--db", default="decompute.sqlite", help="ledger database file (SQLite)")
-    ap.add_argument("--faucet", type=float, default=0.0,
-                    help="tokens credited once to each new account (development networks)")
+    ap.add_argument("--faucet", type=float, default=0.0, metavar="TOKENS",
+                    help="development networks only: credit TOKENS to each new account, and "
+                    "top a known account up to TOKENS again when it connects with a balance of "
+                    "0 and nothing held (so a restart in the same folder leaves nobody at 0); "
+                    "tasks that can only run on free providers need no tokens at all")
     ap.add_argument("--fee-percent", type=float, default=0.0, help="gateway's cut of each payment")
     ap.add_argument("--local-providers", type=int, default=0, metavar="N",
                     help="start N providers beside the gateway (the embedded laptop setup)")
@@ -93,19 +97,34 @@ def stop_processes(procs: list[subprocess.Popen], timeout: float = 10.0) -> None
 
 
 def mint(argv: list[str]) -> None:
-    """``decompute-gateway mint ACCOUNT AMOUNT [--db FILE]``: an operator credits an account."""
+    """``decompute-gateway mint ACCOUNT AMOUNT [--db FILE]``: an operator credits an account.
+
+    Only a full account id (64 hex digits, as ``client.account`` shows it) of an account this
+    gateway's ledger already knows is accepted: a typo or a shortened id must never create
+    tokens for an account nobody holds the key of.
+    """
     ap = argparse.ArgumentParser(prog="decompute-gateway mint",
                                  description="Credit ACCOUNT with AMOUNT new tokens.")
-    ap.add_argument("account", help="the account id (a public key in hex)")
+    ap.add_argument("account", help="the full account id: 64 hex digits (client.account)")
     ap.add_argument("amount", type=float, help="tokens to create")
-    ap.add_argument("--db", default="decompute.sqlite")
+    ap.add_argument("--db", default="decompute.sqlite", help="the gateway's ledger file")
     args = ap.parse_args(argv)
-    if args.amount <= 0:
-        ap.error("AMOUNT must be positive")
+    account = args.account.strip().lower()
+    if len(account) != 64 or any(c not in "0123456789abcdef" for c in account):
+        ap.error(f"ACCOUNT must be a full account id of 64 hex digits (client.account prints "
+                 f"it), not {args.account!r}")
+    if not math.isfinite(args.amount) or args.amount <= 0:
+        ap.error("AMOUNT must be a positive number of tokens")
+    if not Path(args.db).exists():
+        ap.error(f"no ledger at {args.db}; pass the gateway's --db FILE")
     with Ledger(args.db) as ledger:
-        ledger.mint(args.account, to_micro(args.amount), reason="operator mint")
-        balance = to_tokens(ledger.balance(args.account))
-    print(f"minted {args.amount:g} tokens to {args.account}; balance now {balance:g}")
+        if not ledger.known(account):
+            ap.error(f"account {account} is unknown to the ledger {args.db}: it has never "
+                     f"connected to this gateway. Connect once (Client(...) or a provider), "
+                     f"then mint")
+        ledger.mint(account, to_micro(args.amount), reason="operator mint")
+        balance = to_tokens(ledger.balance(account))
+    print(f"minted {args.amount:g} tokens to {account}; balance now {balance:g}")
 
 
 async def run(args: argparse.Namespace) -> None:

@@ -5,30 +5,125 @@ The hub calls this; :mod:`gateway.ledger` records. Escrow is held at submit (``b
 is settled as it arrives (idempotent, so a repeated heartbeat moves nothing), and the final
 settlement refunds the leftover and yields the receipt. A task whose charge reaches its escrow is
 stopped: the client is never charged more than it reserved.
+
+The gateway believes only what it can check: reported usage is capped (:func:`cap_usage`) by what
+the gateway itself observed, the wall time since it sent the assignment times the resources the
+task was granted, before anything is priced, and receipts carry the capped figures. A task that
+holds no escrow (it may only land on free providers) writes nothing to the ledger.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.identity import Identity
-from gateway.ledger import Ledger, LedgerError, to_micro, to_tokens
-from gateway.protocol import Result, TaskSpec
+from gateway.ledger import MAX_MICRO, Ledger, LedgerError, to_micro, to_tokens
+from gateway.protocol import ProviderAd, Result, TaskSpec
 from gateway.receipts import make_receipt
 
 log = logging.getLogger(__name__)
 
 
+#: The billing interval: a priced provider takes a task only if its escrow covers this many
+#: seconds of the task's granted resources at the provider's prices (a budget too small to pay for
+#: one second of work would be free compute). Providers report usage twice a second.
+MIN_BILLING_SECONDS = 1.0
+
+#: The usage figures the gateway keeps (and signs); anything else a provider reports is dropped.
+USAGE_KEYS = ("cpu_seconds", "wall_seconds", "memory_gib_seconds", "gpu_seconds", "max_rss_bytes")
+
+
+class Unfundable(Exception):
+    """No provider online that could run a task would be paid from its escrow (a budget too
+    small for one billing interval, or cpus=0, where only priced providers fit)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a task was granted on one provider: the ceiling of what it can be billed for."""
+
+    cpus: float
+    memory_bytes: int
+    gpus: float
+
+    @classmethod
+    def of(cls, spec: TaskSpec, ad: ProviderAd) -> Grant:
+        """The task's requested resources; memory, when not asked for, is the provider's memory
+        shared among its slots (what each task process may use)."""
+        res = spec.resources
+        memory = int(res.get("memory") or ad.memory // max(ad.slots, 1))
+        return cls(float(res.get("cpus", 1)), memory, float(res.get("gpus", 0)))
+
+
+def _finite(value: object) -> float:
+    """A reported figure as a non-negative finite float (anything else counts as zero)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    value = float(value)
+    return value if math.isfinite(value) and value > 0 else 0.0
+
+
+def cap_usage(usage: dict, grant: Grant, wall: float) -> dict[str, float]:
+    """``usage`` as the gateway believes it: each figure at most what ``grant`` allows over
+    ``wall`` seconds (the gateway's own clock since it sent the assignment). A provider cannot be
+    paid for more CPU, memory or GPU time than the task could have had, whatever it reports."""
+    wall = _finite(wall)
+    ceilings = {
+        "cpu_seconds": grant.cpus * wall,
+        "wall_seconds": wall,
+        "memory_gib_seconds": grant.memory_bytes / 2**30 * wall,
+        "gpu_seconds": grant.gpus * wall,
+        "max_rss_bytes": float(grant.memory_bytes),
+    }
+    return {k: round(min(_finite(usage[k]), ceilings[k]), 6) for k in USAGE_KEYS if k in usage}
+
+
 def price_micro(usage: dict[str, float], prices: dict[str, float]) -> int:
-    """What ``usage`` costs at ``prices`` (tokens per CPU-second, GiB-second, GPU-second)."""
-    tokens = (usage.get("cpu_seconds", 0.0) * prices.get("cpu", 0.0)
-              + usage.get("memory_gib_seconds", 0.0) * prices.get("memory", 0.0)
-              + usage.get("gpu_seconds", 0.0) * prices.get("gpu", 0.0))
+    """What ``usage`` costs at ``prices`` (tokens per CPU-second, GiB-second, GPU-second);
+    never more than the ledger can move at once, whatever the figures."""
+    tokens = (_finite(usage.get("cpu_seconds", 0.0)) * _finite(prices.get("cpu", 0.0))
+              + _finite(usage.get("memory_gib_seconds", 0.0)) * _finite(prices.get("memory", 0.0))
+              + _finite(usage.get("gpu_seconds", 0.0)) * _finite(prices.get("gpu", 0.0)))
+    if not math.isfinite(tokens) or tokens * 1e6 >= MAX_MICRO:
+        return MAX_MICRO
     return to_micro(round(tokens, 6))
+
+
+def is_free(ad: ProviderAd) -> bool:
+    """A provider whose every price is zero: it needs no escrow and is never paid."""
+    return not any(_finite(v) for v in ad.prices.values())
+
+
+def min_charge_micro(spec: TaskSpec, ad: ProviderAd) -> int:
+    """One billing interval of what the task asked for (CPUs, GPUs, and memory if it named an
+    amount: an unnamed share is a ceiling, not a promise) at ``ad``'s prices."""
+    res, t = spec.resources, MIN_BILLING_SECONDS
+    usage = {"cpu_seconds": float(res.get("cpus", 1)) * t,
+             "gpu_seconds": float(res.get("gpus", 0)) * t,
+             "memory_gib_seconds": int(res.get("memory") or 0) / 2**30 * t}
+    return max(1, price_micro(usage, ad.prices))
+
+
+def why_unaffordable(escrow_micro: int, spec: TaskSpec, ad: ProviderAd) -> str | None:
+    """None if a task holding ``escrow_micro`` may run on ``ad``'s provider, else why not: a
+    priced provider never takes a task that holds no escrow, asks for no CPU, or whose escrow
+    cannot pay for one billing interval there."""
+    if is_free(ad):
+        return None
+    if not escrow_micro:
+        return "a priced provider; this task holds no escrow (budget=0 or only free providers fit)"
+    if not spec.resources.get("cpus", 1):
+        return "a priced provider; a cpus=0 task runs only on free providers"
+    need = min_charge_micro(spec, ad)
+    if escrow_micro < need:
+        return (f"its escrow of {to_tokens(escrow_micro):g} tokens cannot pay for"
+                f" {MIN_BILLING_SECONDS:g} s there ({to_tokens(need):g} tokens)")
+    return None
 
 
 def result_hash(buffers: Sequence[memoryview]) -> str:
@@ -84,17 +179,26 @@ class Billing:
 
     def settle(self, items: Sequence[tuple[str, str, dict, dict, bool]]) -> list[Charge | None]:
         """Settle ``(task_id, provider_account, usage, prices, final)`` cumulatively, in one
-        transaction; None for a task the ledger refused (logged)."""
+        transaction; None for a task the ledger refused (logged). A refused FINAL settlement
+        still closes its escrow (what was paid stays paid, the rest goes back to the client), so
+        no escrow outlives its task; its charge is then what the escrow ended at."""
         results = self.ledger.settle_many(
             [(tid, acct, price_micro(usage, prices), final)
              for tid, acct, usage, prices, final in items])
         charges: list[Charge | None] = []
-        for (tid, *_), res in zip(items, results, strict=True):
+        refused: list[int] = []
+        for i, ((tid, *_, final), res) in enumerate(zip(items, results, strict=True)):
             if isinstance(res, LedgerError):
                 log.error("settlement of %s refused: %s", tid, res)
                 charges.append(None)
+                if final:
+                    refused.append(i)
             else:
                 charges.append(Charge(res.charged_micro, res.fee_micro, res.capped))
+        if refused:
+            closed = self.close([items[i][0] for i in refused])
+            for i, charge in zip(refused, closed, strict=True):
+                charges[i] = charge
         return charges
 
     def receipt(self, charge: Charge, task_id: str, client: str, provider: str, usage: dict,
@@ -106,12 +210,25 @@ class Billing:
                             settled_at=time.time())
 
     def refund(self, task_ids: Sequence[str]) -> None:
-        for tid, res in zip(task_ids, self.ledger.refund_many(task_ids), strict=True):
+        """Close these escrows, returning what is left to the client; an id with no open escrow
+        (a free task holds none, or it was closed already) is skipped."""
+        self.close(task_ids)
+
+    def close(self, task_ids: Sequence[str]) -> list[Charge | None]:
+        """:meth:`refund`, saying for each id what its escrow charged in all (None: no escrow):
+        what the client's balance lost for that task, so its result can say so."""
+        held = self.ledger.held_among(task_ids)
+        todo = [t for t in task_ids if t in held]
+        for tid, res in zip(todo, self.ledger.refund_many(todo), strict=True):
             if isinstance(res, LedgerError):
                 log.error("refund of %s refused: %s", tid, res)
+        totals = self.ledger.charged_of(task_ids)
+        return [Charge(*totals[t], spent=False) if t in totals else None for t in task_ids]
 
-    def balance(self, account: str) -> float:
-        return to_tokens(self.ledger.balance(account))
+    def balance(self, account: str) -> dict[str, float]:
+        """``{"available": tokens, "held": tokens}``: spendable now, and in open escrow."""
+        return {"available": to_tokens(self.ledger.balance(account)),
+                "held": to_tokens(self.ledger.held_by(account))}
 
     def earnings(self, account: str) -> float:
         return to_tokens(self.ledger.earnings(account))

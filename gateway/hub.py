@@ -14,7 +14,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from gateway import protocol as p
-from gateway.billing import Billing, failure_hash, result_hash
+from gateway.billing import (
+    Billing,
+    Grant,
+    Unfundable,
+    cap_usage,
+    failure_hash,
+    is_free,
+    price_micro,
+    result_hash,
+    why_unaffordable,
+)
 from gateway.deadlines import TIMEOUT_GRACE, Deadlines, Due, Kind
 from gateway.graph import Graph
 from gateway.ledger import InsufficientFunds
@@ -59,6 +69,8 @@ def hold_refusal(key: str, why: Exception) -> p.Result:
     """A refused escrow: short funds say so; anything else is the gateway's own problem."""
     if isinstance(why, InsufficientFunds):
         return failure(key, p.ErrorCode.FUNDS, str(why), "InsufficientFunds")
+    if isinstance(why, Unfundable):
+        return failure(key, p.ErrorCode.NO_MATCH, str(why), "NoMatchingProvider")
     return failure(key, p.ErrorCode.INTERNAL, f"the ledger refused the escrow: {why}")
 
 
@@ -100,6 +112,10 @@ class Hub:
         self.verifier = Verifier()
         self.tasks: dict[str, Task] = {}
         self.counters = Counters()
+        self.scheduler.admits = self._may_place
+        #: Sessions that had escrows in the ledger when they (re)attached: a gateway restart
+        #: lost them, and their resubmitted tasks are checked for an earlier final settlement.
+        self._ledger_sessions: set[str] = set()
 
     # ------------------------------------------------------------------ clients
 
@@ -116,6 +132,8 @@ class Hub:
                 raise PermissionError("session belongs to another account")
             session = self.sessions[session_id] = ClientSession(id=session_id, account=account)
             self.billing.ledger.ensure_account(account)  # the faucet, once per account
+            if self.billing.ledger.has_tasks_under(f"{session_id}/"):
+                self._ledger_sessions.add(session_id)
         flushed = session.attach(send)
         if flushed:
             log.info("session %s resumed: %d waiting frames delivered", session_id, flushed)
@@ -145,17 +163,17 @@ class Hub:
                 batch.add(spec, payload)
                 accepted += self._replicas(Task(spec, session.account, session.id,
                                                 funcs[spec.func], payload))
-        holds = self.billing.hold([(t.bill_id, t.account, t.spec) for t in accepted])
-        refunds = {t.task_id for t, why in zip(accepted, holds, strict=True) if why is not None}
+        holds = self._fund(session, accepted)
+        failed = {t.task_id: why for t, why in zip(accepted, holds, strict=True) if why}
+        unfunded: list[str] = []
         for task, why in zip(accepted, holds, strict=True):
-            if task.siblings and (refunds & {s.task_id for s in task.siblings} or why):
-                if why is None:  # a sibling replica could not be funded: none of them runs
-                    self.billing.refund([task.bill_id])
-                elif task.replica == 0:
-                    refused.append(hold_refusal(task.key, why))
-                continue
-            if why is not None:
-                refused.append(hold_refusal(task.key, why))
+            group_why = why or next((failed[s.task_id] for s in task.siblings
+                                     if s.task_id in failed), None)
+            if group_why is not None:  # a replica that cannot be funded refuses them all
+                if why is None:
+                    unfunded.append(task.bill_id)
+                if task.replica == 0:
+                    refused.append(hold_refusal(task.key, group_why))
                 continue
             if task.siblings and task.replica == 0:
                 self.verifier.open([task, *task.siblings])
@@ -172,9 +190,79 @@ class Hub:
         if refused:
             self.counters.refused.update(r.code for r in refused)
             self._send_results(session, [(r, []) for r in refused])
+        if unfunded:
+            self.billing.refund(unfunded)
         if not len(self.registry) and accepted:
             self._recheck_after(NO_PROVIDER_WAIT)  # nobody online: fail them if none comes
         self.dispatch()
+
+    # ------------------------------------------------------------------ escrow
+
+    def _fund(self, session: ClientSession, tasks: list[Task]) -> list[Exception | None]:
+        """Hold escrow for accepted tasks by the money rule, in one transaction; returns None or
+        why, per task. A task that can only land on free providers holds none (and writes
+        nothing to the ledger); one that may land on a priced provider holds its escrow, or,
+        if the account cannot fund it and a free provider fits, runs on free ones only. A task
+        already settled for good before a gateway restart lost its result holds none either."""
+        out: list[Exception | None] = [None] * len(tasks)
+        prepaid = self._prepaid(session, tasks)
+        plans: dict[tuple, str | Exception] = {}
+        holding: dict[int, str] = {}  # index -> its plan, "hold" or "try"
+        for i, task in enumerate(tasks):
+            if prepaid and {task.task_id, *(s.task_id for s in task.siblings)} & prepaid:
+                task.prepaid = True
+                continue
+            spec, escrow = task.spec, self.billing.escrow_for(task.spec)
+            sig = (tuple(spec.providers or ()), spec.runtime,
+                   tuple(sorted(spec.resources.items())), spec.max_price, escrow)
+            plan = plans.get(sig)
+            if plan is None:
+                plan = plans[sig] = self._plan(task, escrow)
+            if isinstance(plan, Exception):
+                out[i] = plan
+            elif plan != "free":
+                task.escrow_micro = escrow
+                holding[i] = plan
+        holds = self.billing.hold([(tasks[i].bill_id, tasks[i].account, tasks[i].spec)
+                                   for i in holding])
+        for (i, plan), why in zip(holding.items(), holds, strict=True):
+            if why is None:
+                continue
+            tasks[i].escrow_micro = 0  # unfunded: runs on free providers only, or not at all
+            if not (plan == "try" and isinstance(why, InsufficientFunds)):
+                out[i] = why
+        return out
+
+    def _plan(self, task: Task, escrow: int) -> str | Exception:
+        """``"free"`` (hold nothing), ``"hold"`` (escrow needed), ``"try"`` (hold if the account
+        can, else run free-only), or why no online provider that fits would ever be paid."""
+        spec = task.spec
+        fits = [c for c in self.registry if why_ineligible(spec, task.account, c) is None]
+        if not fits:  # nobody online yet: hold if it can, so a priced provider may take it
+            return "try" if escrow else "free"
+        paid = any(not is_free(c.ad) and why_unaffordable(escrow, spec, c.ad) is None
+                   for c in fits)
+        free = any(is_free(c.ad) for c in fits)
+        if paid:
+            return "try" if free else "hold"
+        if free:
+            return "free"
+        reasons = "; ".join(f"{c.id}: {why_unaffordable(escrow, spec, c.ad)}" for c in fits[:5])
+        return Unfundable(f"task {spec.key} would run only on priced providers, and none of them "
+                          f"could be paid from it ({reasons}); raise budget= (or give max_price= "
+                          f"with timeout=), ask for cpus >= 1, or pin a free provider")
+
+    def _prepaid(self, session: ClientSession, tasks: list[Task]) -> set[str]:
+        """Task ids of this batch whose earlier submission was settled for good (a restart lost
+        the result, the client resubmitted it): only looked up for sessions a restart cut."""
+        if session.id not in self._ledger_sessions or not tasks:
+            return set()
+        return self.billing.ledger.settled_tasks({t.task_id for t in tasks})
+
+    def _may_place(self, task: Task, conn: ProviderConn) -> bool:
+        """The scheduler's money rule: a priced provider takes a task only if its escrow pays
+        for one billing interval there (a prepaid rerun pays nobody and goes anywhere)."""
+        return task.prepaid or why_unaffordable(task.escrow_micro, task.spec, conn.ad) is None
 
     def _replicas(self, task: Task) -> list[Task]:
         """``redundancy=k``: k replicas of the task, each knowing its siblings."""
@@ -372,20 +460,23 @@ class Hub:
         self._send_events(task, p.Event(key=task.key, kind="retrying", provider=conn.id))
 
     def results(self, conn: ProviderConn, msg: p.Results, buffers: Sequence[memoryview]) -> None:
-        """A provider's outcomes: settle them, forward each to its session (a frame each)."""
+        """A provider's outcomes: settle them, forward each to its session (a frame each).
+
+        Only the provider a task is assigned to may report it, once; its usage is believed only
+        up to what the gateway observed (:meth:`_observed`) before it is priced."""
         groups = p.split_buffers([r.nb for r in msg.results], buffers)
         mine: list[tuple[Task, p.Result, list[memoryview]]] = []
         for result, bufs in zip(msg.results, groups, strict=True):
             task = self.tasks.get(result.key)
             if task is None or task.provider != conn.id or task.task_id not in conn.running:
                 # not its task, or a repeat (the first report counts)
-                log.info("dropping result for %s from %s: not its task", result.key, conn.id)
+                self._dropped("result_not_assigned", result.key, conn)
                 continue
             conn.running.discard(task.task_id)
             conn.served += 1
             if result.usage:
-                task.usage = dict(result.usage)
-                self.scheduler.observe(result.usage.get("wall_seconds", 0.0))
+                task.usage = self._observed(task, conn, result.usage)
+                self.scheduler.observe(task.usage.get("wall_seconds", 0.0))
             if task.task_id in self.verifier.of and not task.cancelling:
                 self._vote(task, conn, result, bufs)
                 continue
@@ -394,12 +485,19 @@ class Hub:
             if task.billed:  # stopped over budget: settled and answered already
                 self._forget(task)
         mine = [m for m in mine if not m[0].billed]
-        charges = self.billing.settle([(t.bill_id, conn.account, t.usage, conn.ad.prices, True)
-                                       for t, _, _ in mine])
+        funded = [t for t, _, _ in mine if t.escrow_micro]
+        charges = dict(zip(map(id, funded), self.billing.settle(
+            [(t.bill_id, conn.account, t.usage, conn.ad.prices, True) for t in funded]),
+            strict=True))
         out: dict[str, list[tuple[p.Result, list[memoryview]]]] = defaultdict(list)
-        for (task, result, bufs), charge in zip(mine, charges, strict=True):
+        for task, result, bufs in mine:
+            charge = charges.get(id(task))
+            cost = charge.cost if charge else 0.0
             if task.cancelling:  # the client already has its answer; this was the final bill
                 self._forget(task)
+                if charge is not None:  # what the cancelled task cost in the end
+                    self._send_events(task, p.Event(key=task.key, kind="usage",
+                                                    usage=task.usage, cost=cost))
                 continue
             receipt = None
             if charge is not None:
@@ -409,13 +507,24 @@ class Hub:
             self._end(task, TaskState(result.status))
             self._graph_outcome(task, conn, result)
             out[task.session].append((replace(result, key=task.key, provider=conn.id,
-                                              cost=charge.cost if charge else 0.0,
+                                              usage=task.usage, cost=cost,
                                               receipt=receipt), bufs))
         for session_id, items in out.items():
             session = self.sessions.get(session_id)
             if session is not None:
                 self._send_results(session, items)
         self.dispatch()
+
+    def _observed(self, task: Task, conn: ProviderConn, usage: dict) -> dict[str, float]:
+        """A provider's cumulative usage report, capped by what the gateway saw: the wall time
+        since it sent the assignment times the resources the task was granted there."""
+        wall = 0.0 if task.assigned_at is None else time.monotonic() - task.assigned_at
+        return cap_usage(usage, Grant.of(task.spec, conn.ad), wall)
+
+    def _dropped(self, reason: str, key: str, conn: ProviderConn) -> None:
+        """A provider reported on a task it does not hold: ignored, counted in /metrics."""
+        self.counters.dropped[reason] += 1
+        log.info("dropping %s for %.80s from %s", reason.replace("_", " "), key, conn.id)
 
     def events(self, conn: ProviderConn, msg: p.Events) -> None:
         now = time.monotonic()
@@ -429,23 +538,37 @@ class Hub:
             self._send_events(task, replace(event, key=task.key, provider=conn.id))
 
     def heartbeat(self, conn: ProviderConn, msg: p.Heartbeat) -> None:
-        """Cumulative usage of running tasks: settle it, show it, stop what is over budget."""
+        """Cumulative usage of running tasks: settle it, show it, stop what is over budget.
+
+        Usage is capped by what the gateway observed before it is priced. A replica whose vote is
+        open moves no tokens: its usage is recorded and its budget enforced, and it is paid only
+        if its result agrees with the decision."""
         conn.load = dict(msg.load)
         live: list[Task] = []
         for task_id, usage in msg.usage.items():
             task = self.tasks.get(task_id)
-            if task is None or task.provider != conn.id or task.state in TERMINAL:
+            if task is None or task.provider != conn.id:
+                self._dropped("usage_not_assigned", task_id, conn)
                 continue
-            task.usage = dict(usage)
+            if task.state in TERMINAL or not usage:  # a cancelled one's final bill comes later
+                continue
+            task.usage = self._observed(task, conn, usage)
             live.append(task)
-        charges = self.billing.settle([(t.bill_id, conn.account, t.usage, conn.ad.prices, False)
-                                       for t in live])
-        for task, charge in zip(live, charges, strict=True):
-            cost = charge.cost if charge else None
+        voting = [t for t in live if t.task_id in self.verifier.of]
+        paying = [t for t in live if t.escrow_micro and not t.billed
+                  and t.task_id not in self.verifier.of]
+        charges = dict(zip(map(id, paying), self.billing.settle(
+            [(t.bill_id, conn.account, t.usage, conn.ad.prices, False) for t in paying]),
+            strict=True))
+        for task in live:
+            charge = charges.get(id(task))
             self._send_events(task, p.Event(key=task.key, kind="usage", usage=task.usage,
-                                            cost=cost))
+                                            cost=charge.cost if charge else None))
             if charge is not None and charge.spent:
                 self._stop_over_budget(task, conn, charge.cost)
+        for task in voting:
+            if task.escrow_micro and price_micro(task.usage, conn.ad.prices) >= task.escrow_micro:
+                self._stop_vote_over_budget(task)
 
     def _stop_over_budget(self, task: Task, conn: ProviderConn, cost: float) -> None:
         """The escrow is spent: kill the task and fail it, settled for good at the escrow (work
@@ -453,7 +576,7 @@ class Hub:
         task.cancelling = True
         task.move(TaskState.ERROR)
         self.counters.tasks[TaskState.ERROR.value] += 1
-        conn.send(p.encode(p.Cancel(keys=[task.task_id])))
+        self.send_cancel(conn.id, [task])
         charge = self.billing.settle([(task.bill_id, conn.account, task.usage, conn.ad.prices,
                                        True)])[0]
         task.billed = True
@@ -470,6 +593,31 @@ class Hub:
             result = failure(task.key, p.ErrorCode.BUDGET, message, "BudgetExceeded")
             self._send_results(session, [(replace(result, cost=cost, usage=task.usage,
                                                   receipt=receipt), [])])
+
+    def _stop_vote_over_budget(self, task: Task) -> None:
+        """A replica used up its escrow before the vote was decided: the whole task stops, and,
+        as no result was ever compared, nobody is paid and every replica's escrow goes back."""
+        replicas, ballots = self.verifier.abandon(task)
+        by_provider: dict[str, list[Task]] = defaultdict(list)
+        for replica in replicas:
+            replica.billed = True
+            if replica.state is TaskState.PENDING:
+                self.scheduler.discard(replica)
+                self._end(replica, TaskState.ERROR)
+            elif replica.state is TaskState.RUNNING:
+                replica.cancelling = True
+                replica.move(TaskState.ERROR)
+                self.counters.tasks[TaskState.ERROR.value] += 1
+                by_provider[replica.provider or ""].append(replica)
+        self.billing.refund([t.bill_id for t in replicas] + [b.task.bill_id for b in ballots])
+        for provider_id, tasks in by_provider.items():
+            self.send_cancel(provider_id, tasks)
+        what = (f"its budget of {task.spec.budget:g} tokens" if task.spec.budget is not None
+                else "its escrow (the gateway's default; pass budget= to allow more)")
+        self._send_failure(task, p.ErrorCode.BUDGET,
+                           f"a replica of task {task.key} used up {what} before the replicas "
+                           f"could be compared; the task was stopped, nothing was charged",
+                           "BudgetExceeded")
 
     # ------------------------------------------------------------------ scheduling
 
@@ -533,7 +681,8 @@ class Hub:
         paid. Nothing reaches the client before a majority (or a trusted provider) agrees."""
         digest = result_hash(bufs) if result.status == "finished" else failure_hash(result)
         self._end(task, TaskState(result.status))
-        decision = self.verifier.cast(Ballot(task, conn.id, conn.account, digest, result, bufs))
+        decision = self.verifier.cast(Ballot(task, conn.id, conn.account, digest, result, bufs,
+                                             dict(conn.ad.prices)))
         self._apply(decision, task)
 
     def _replica_lost(self, task: Task, message: str) -> None:
@@ -546,22 +695,27 @@ class Hub:
             self._apply(decision, task)
 
     def _apply(self, decision: Decision, task: Task) -> None:
-        for sibling in decision.cancel:  # accepted early: the other replicas are not needed
+        """Carry out a vote's decision. Money moves only here, once the vote is decided: the
+        agreeing replicas are paid (final settlements at their capped usage), the out-voted and
+        the cancelled ones get nothing (their escrows go back), and the client is told the sum,
+        exactly what its balance lost."""
+        by_provider: dict[str, list[Task]] = defaultdict(list)
+        for sibling in decision.cancel:  # decided: the other replicas are not needed, nor paid
+            sibling.billed = True
             if sibling.state is TaskState.PENDING:
                 self.scheduler.discard(sibling)
-                self.billing.refund([sibling.bill_id])
                 self._end(sibling, TaskState.CANCELLED)
             elif sibling.state is TaskState.RUNNING:
                 sibling.cancelling = True
                 sibling.move(TaskState.CANCELLED)
-                conn = self.registry.get(sibling.provider or "")
-                if conn is not None:
-                    conn.send(p.encode(p.Cancel(keys=[sibling.task_id])))
-        self.billing.refund([b.task.bill_id for b in decision.unpaid])  # out-voted: not paid
-        paid = decision.paid
+                by_provider[sibling.provider or ""].append(sibling)
+        self.billing.refund([t.bill_id for t in decision.cancel]
+                            + [b.task.bill_id for b in decision.unpaid])
+        for provider_id, tasks in by_provider.items():
+            self.send_cancel(provider_id, tasks)
+        paid = [b for b in decision.paid if b.task.escrow_micro]
         charges = self.billing.settle([
-            (b.task.bill_id, b.provider_account, b.task.usage, self._prices(b.provider_id), True)
-            for b in paid])
+            (b.task.bill_id, b.provider_account, b.task.usage, b.prices, True) for b in paid])
         if decision.failed:
             digests = sorted({b.digest[:12] for b in decision.unpaid})
             self._send_failure(task, p.ErrorCode.VERIFY,
@@ -574,17 +728,13 @@ class Hub:
         charge = next((c for b, c in zip(paid, charges, strict=True) if b is win), None)
         receipt = None if charge is None else self.billing.receipt(
             charge, win.task.bill_id, win.task.account, win.provider_account, win.task.usage,
-            self._prices(win.provider_id), win.digest)
+            win.prices, win.digest)
         cost = sum(c.cost for c in charges if c is not None)
         session = self.sessions.get(task.session)
         if session is not None:
             self._send_results(session, [(replace(
-                win.result, key=task.key, provider=win.provider_id, cost=cost,
-                receipt=receipt), win.buffers)])
-
-    def _prices(self, provider_id: str) -> dict:
-        conn = self.registry.get(provider_id)
-        return dict(conn.ad.prices) if conn is not None else {}
+                win.result, key=task.key, provider=win.provider_id, usage=win.task.usage,
+                cost=cost, receipt=receipt), win.buffers)])
 
     def _send_failure(self, task: Task, code: p.ErrorCode, message: str, type_: str) -> None:
         session = self.sessions.get(task.session)
@@ -643,7 +793,9 @@ class Hub:
         self.relay.release([i for i in ids if self.graph.release(i)])
 
     def data(self, conn: ProviderConn, msg: p.Data, buffers: Sequence[memoryview]) -> None:
-        self.relay.data(conn.id, msg, buffers)
+        """Kept results' bytes (or "missing") from a provider: believed only as the answer to an
+        open fetch the gateway sent that provider for that key; anything else is counted."""
+        self.counters.dropped.update(self.relay.data(conn.id, msg, buffers))
 
     def _recompute(self, task_id: str) -> None:
         """A kept result is held nowhere any more but still needed: run its lineage again."""
@@ -656,7 +808,9 @@ class Hub:
             task.move(TaskState.PENDING)
             task.provider = None
             task.reruns += 1
-            why = self.billing.hold([(task.bill_id, task.account, task.spec)])[0]
+            why = None
+            if task.escrow_micro:  # free (or prepaid) tasks hold no escrow, now as at first
+                why = self.billing.hold([(task.bill_id, task.account, task.spec)])[0]
             if why is not None:
                 refusal = hold_refusal(task.key, why)
                 self._fail(task, p.ErrorCode(refusal.code),
@@ -803,22 +957,25 @@ class Hub:
     # ------------------------------------------------------------------ helpers
 
     def _fail(self, task: Task, code: p.ErrorCode, message: str, type_: str) -> None:
-        self.billing.refund([task.bill_id])
+        charge = self.billing.close([task.bill_id])[0]
         self._end(task, TaskState.ERROR)
         session = self.sessions.get(task.session)
-        if session is not None:
-            self._send_results(session, [(failure(task.key, code, message, type_), [])])
+        if session is not None:  # the cost: what a lost provider was paid before it vanished
+            self._send_results(session, [(replace(failure(task.key, code, message, type_),
+                                                  cost=charge.cost if charge else 0.0), [])])
 
     def _fail_many(self, items: list[Failing]) -> None:
         """Fail tasks together: one refund call, a few frames per session. A graph task's
         dependents fail with it."""
         if not items:
             return
-        self.billing.refund([task.bill_id for task, *_ in items])
+        charges = self.billing.close([task.bill_id for task, *_ in items])
         out: dict[str, list[tuple[p.Result, list]]] = defaultdict(list)
-        for task, code, message, type_ in items:
+        for (task, code, message, type_), charge in zip(items, charges, strict=True):
             self._end(task, TaskState.ERROR)
-            result = failure(task.key, code, message, type_)
+            # the cost: what a lost provider was paid (heartbeats) before it vanished
+            result = replace(failure(task.key, code, message, type_),
+                             cost=charge.cost if charge else 0.0)
             out[task.session].append((result, []))
             if task.task_id in self.graph.nodes:
                 self._fail_like(self.graph.failed(task.task_id), task, result)

@@ -22,8 +22,10 @@ NORMAL commit) on the hottest path, a settlement per heartbeat per task; pass
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -54,7 +56,7 @@ def to_micro(tokens: float) -> int:
     if isinstance(tokens, float):
         if not math.isfinite(tokens):
             raise ValueError(f"tokens must be finite, not {tokens}")
-        tokens = Decimal(repr(tokens))
+        tokens = Decimal(float.__repr__(tokens))  # float subclasses may repr otherwise
     return int((Decimal(tokens) * MICRO).to_integral_value())
 
 
@@ -182,6 +184,7 @@ CREATE TABLE IF NOT EXISTS escrows (
     held INTEGER NOT NULL, charged INTEGER NOT NULL DEFAULT 0, fee INTEGER NOT NULL DEFAULT 0,
     refunded INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL, created REAL NOT NULL, closed REAL);
 CREATE INDEX IF NOT EXISTS escrows_open ON escrows(state) WHERE state = 'held';
+CREATE INDEX IF NOT EXISTS escrows_client_open ON escrows(client) WHERE state = 'held';
 CREATE TABLE IF NOT EXISTS escrow_usage (  -- per (task, provider): each is paid its own usage
     task_id TEXT NOT NULL REFERENCES escrows(task_id), provider TEXT NOT NULL,
     reported INTEGER NOT NULL, charged INTEGER NOT NULL, fee INTEGER NOT NULL,
@@ -189,6 +192,34 @@ CREATE TABLE IF NOT EXISTS escrow_usage (  -- per (task, provider): each is paid
 INSERT OR IGNORE INTO accounts(name, kind, created) VALUES ('mint', 'mint', 0), ('fees', 'fees', 0);
 COMMIT;
 """
+
+#: Columns added after the first release, for files an older gateway created: ``task`` is the
+#: escrow id before its ``~`` (the task, whatever its submission; indexed for the lookup of an
+#: earlier final settlement), ``final`` is 1 once a settlement closed it as the task's outcome (a
+#: result was delivered), not a refund or a restart's recovery.
+_MIGRATIONS = (
+    ("task", "ALTER TABLE escrows ADD COLUMN task TEXT"),
+    ("final", "ALTER TABLE escrows ADD COLUMN final INTEGER NOT NULL DEFAULT 0"),
+)
+_MIGRATED = """
+BEGIN IMMEDIATE;
+UPDATE escrows SET task = CASE WHEN instr(task_id, '~') THEN
+    substr(task_id, 1, instr(task_id, '~') - 1) ELSE task_id END WHERE task IS NULL;
+CREATE INDEX IF NOT EXISTS escrows_task ON escrows(task);
+COMMIT;
+"""
+
+#: SQLite's default cap on host parameters in one statement is 999 (older builds): lookups of
+#: many ids go in chunks of this many.
+_CHUNK = 900
+
+
+def _private(path: Path) -> None:
+    """The ledger and its WAL/SHM files are the gateway's alone: mode 0600 (tasks of local
+    providers, other users of the host, must not read who paid whom)."""
+    for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(f, 0o600)
 
 
 def _check_micro(value: int, name: str, *, allow_zero: bool) -> None:
@@ -218,12 +249,24 @@ class Ledger:
         self.path, self.faucet_micro = Path(path), faucet_micro
         self._fee_ppm = round(fee_percent * 10_000)  # integer parts per million: exact fees
         self._lock = threading.Lock()
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
-                             check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={synchronous}")
-        db.execute("PRAGMA foreign_keys=ON")
-        db.executescript(_SCHEMA)
+        if not self.path.exists():  # created private: never a moment readable by others
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        old_umask = os.umask(0o077)  # the -wal and -shm files SQLite creates, likewise
+        try:
+            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                                 check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={synchronous}")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(escrows)")}
+            for column, sql in _MIGRATIONS:
+                if column not in columns:
+                    db.execute(sql)
+            db.executescript(_MIGRATED)
+        finally:
+            os.umask(old_umask)
+        _private(self.path)
         self._db: sqlite3.Connection | None = db
 
     def close(self) -> None:
@@ -258,10 +301,29 @@ class Ledger:
     # -- accounts ------------------------------------------------------------------------------
 
     def ensure_account(self, account: str) -> bool:
-        """Create ``account`` on first sight and credit the faucet once; True if it was new."""
+        """Create ``account`` on first sight and credit the faucet once; True if it was new.
+
+        With a faucet (a development network), a known account found with nothing at all, no
+        balance and nothing held, is topped up to the faucet again: a gateway restarted with
+        ``--faucet`` in the same folder does not leave its known accounts stranded at 0.
+        """
         _check_name(account, "account")
+        now = time.time()
         with self._tx() as db:
-            return self._ensure(db, account, time.time())
+            if self._ensure(db, account, now):
+                return True
+            if self.faucet_micro and not _one(
+                    db, "SELECT balance FROM accounts WHERE name = ?", account)[0] and not _one(
+                    db, "SELECT 1 FROM escrows WHERE client = ? AND state = 'held' LIMIT 1",
+                    account):
+                self._move(db, MINT, account, self.faucet_micro, "faucet top-up", None, now)
+            return False
+
+    def known(self, account: str) -> bool:
+        """Whether ``account`` has ever been seen by this ledger."""
+        with self._tx(write=False) as db:
+            return _one(db, "SELECT 1 FROM accounts WHERE name = ? AND kind = 'user'",
+                        account) is not None
 
     def mint(self, account: str, amount_micro: int, reason: str = "mint") -> None:
         _check_name(account, "account")
@@ -319,8 +381,9 @@ class Ledger:
         escrow = ESCROW_PREFIX + task_id
         db.execute("INSERT INTO accounts(name, kind, created) VALUES (?, 'escrow', ?)",
                    (escrow, now))
-        db.execute("INSERT INTO escrows(task_id, client, held, state, created)"
-                   " VALUES (?, ?, ?, 'held', ?)", (task_id, client, amount_micro, now))
+        db.execute("INSERT INTO escrows(task_id, client, held, state, created, task)"
+                   " VALUES (?, ?, ?, 'held', ?, ?)",
+                   (task_id, client, amount_micro, now, task_id.split("~", 1)[0]))
         self._move(db, client, escrow, amount_micro, "hold", task_id, now)
 
     def _batch(self, op: Any, items: Iterable[tuple]) -> list:
@@ -388,9 +451,9 @@ class Ledger:
         leftover = held - charged - delta - refunded if final else 0
         self._move(db, escrow, client, leftover, "refund", task_id, now)
         db.execute("UPDATE escrows SET charged = charged + ?, fee = fee + ?, refunded ="
-                   " refunded + ?, state = ?, closed = ? WHERE task_id = ?",
+                   " refunded + ?, state = ?, closed = ?, final = ? WHERE task_id = ?",
                    (delta, fee_delta, leftover, new_state.value, now if final else None,
-                    task_id))
+                    int(final), task_id))
         return self._result(db, task_id)
 
     def refund(self, task_id: str) -> int:
@@ -416,6 +479,44 @@ class Ledger:
             log.warning("ledger recovery refunded %d open escrow(s), e.g. %s", len(ids), ids[:5])
         return ids
 
+    def held_among(self, task_ids: Iterable[str]) -> set[str]:
+        """Which of ``task_ids`` have an escrow still held (a free task has none at all)."""
+        return set(self._lookup("SELECT task_id FROM escrows WHERE state = 'held' AND task_id"
+                                " IN ({})", task_ids))
+
+    def charged_of(self, task_ids: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """task_id -> (charged, fee) in micro-tokens, for those of ``task_ids`` with an escrow."""
+        rows = self._lookup("SELECT task_id, charged, fee FROM escrows WHERE task_id IN ({})",
+                            task_ids)
+        return {task_id: (charged, fee) for task_id, charged, fee in rows}
+
+    def settled_tasks(self, tasks: Iterable[str]) -> set[str]:
+        """Which of ``tasks`` (escrow ids before their ``~``: one per task, whatever the
+        submission) already had a final settlement: their result was paid for once."""
+        return set(self._lookup("SELECT DISTINCT task FROM escrows WHERE final = 1 AND task"
+                                " IN ({})", tasks))
+
+    def has_tasks_under(self, prefix: str) -> bool:
+        """True if any escrow's task starts with ``prefix`` (e.g. a client session's id)."""
+        with self._tx(write=False) as db:
+            return _one(db, "SELECT 1 FROM escrows WHERE task >= ? AND task < ? LIMIT 1",
+                        prefix, prefix + "\U0010ffff") is not None
+
+    def held_by(self, account: str) -> int:
+        """Micro-tokens of ``account``'s money in open escrow."""
+        with self._tx(write=False) as db:
+            return _one(db, "SELECT COALESCE(SUM(held - charged - refunded), 0) FROM escrows"
+                        " WHERE client = ? AND state = 'held'", account)[0]
+
+    def _lookup(self, sql: str, keys: Iterable[str]) -> list[tuple]:
+        """Rows of ``sql`` (with one ``IN ({})``) over ``keys``, in chunks, in one snapshot."""
+        keys, rows = list(keys), []
+        with self._tx(write=False) as db:
+            for i in range(0, len(keys), _CHUNK):
+                chunk = keys[i:i + _CHUNK]
+                rows += db.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall()
+        return rows
+
     def open_escrows(self) -> dict[str, int]:
         """task_id -> micro-tokens still held, for every escrow in state held."""
         with self._tx(write=False) as db:
@@ -435,9 +536,13 @@ class Ledger:
         with self._tx(write=False) as db:
             return _totals(db.execute("SELECT kind, SUM(balance) FROM accounts GROUP BY kind"))
 
-    def check(self) -> None:
+    def check(self, live: Iterable[str] | None = None) -> None:
         """Re-derive every balance from the transfer rows and the escrow records from the
-        per-provider rows; raise ``LedgerInvariantError`` listing each discrepancy."""
+        per-provider rows; raise ``LedgerInvariantError`` listing each discrepancy.
+
+        ``live``, when given, names the escrows whose tasks are still open (the hub knows them):
+        an escrow held for any other task, finished or gone, is a discrepancy too.
+        """
         with self._tx(write=False) as db:
             derived = dict(db.execute(
                 "SELECT account, SUM(delta) FROM (SELECT credit AS account, amount AS delta"
@@ -466,6 +571,14 @@ class Ledger:
             if (charged, fee) != (u_charged, u_fee) or state not in ESCROW_TRANSITIONS:
                 problems.append(f"escrow {task_id} ({state}): charged/fee {charged}/{fee} !="
                                 f" per-provider {u_charged}/{u_fee}")
+        if live is not None:
+            live = set(live)
+            stale = [t for t, _, _, _, state, _, _ in escrows
+                     if state == EscrowState.HELD and t not in live]
+            problems += [f"escrow {t} is held for a task that is finished or gone"
+                         for t in stale[:20]]
+            if len(stale) > 20:
+                problems.append(f"... and {len(stale) - 20} more such escrows")
         if problems:
             raise LedgerInvariantError("; ".join(problems))
 

@@ -20,6 +20,8 @@ class Counters:
     frames_out: int = 0
     refused: Counter = field(default_factory=Counter)  # by error code
     connections: Counter = field(default_factory=Counter)  # by role
+    #: Provider messages ignored because the sender was not assigned or asked (by reason).
+    dropped: Counter = field(default_factory=Counter)
 
 
 def render_prometheus(c: Counters, gauges: dict[str, float]) -> str:
@@ -42,5 +44,8 @@ def render_prometheus(c: Counters, gauges: dict[str, float]) -> str:
            [(f'{{code="{k}"}}', v) for k, v in sorted(c.refused.items())])
     metric("connections_total", "counter", "authenticated connections, by role",
            [(f'{{role="{k}"}}', v) for k, v in sorted(c.connections.items())])
+    metric("dropped_total", "counter",
+           "provider reports dropped: not from the provider assigned or asked, by reason",
+           [(f'{{reason="{k}"}}', v) for k, v in sorted(c.dropped.items())])
     metric("uptime_seconds", "gauge", "seconds since start", [("", time.time() - c.started)])
     return "\n".join(lines) + "\n"

@@ -3,11 +3,18 @@
 Providers cannot reach each other, so the gateway relays the bytes, opaque, never unpickled,
 never stored: a Fetch goes to one holder, its Data frame is forwarded to every provider waiting
 for that key and to every client that asked. Release tells holders to free what nobody needs.
+
+Providers are untrusted: a ``Data`` frame or a "missing" report is believed only from the provider
+the gateway asked, for the key it asked, while that fetch is open. Anything else (another
+session's key, a key nobody fetched, a second answer) is dropped and counted, so a stranger can
+neither inject bytes into a client's fetch or a dependent task nor make the gateway recompute
+(and bill) someone's result.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 from gateway import protocol as p
@@ -59,10 +66,17 @@ class Relay:
         self.graph.fetching[key] = source.id
         source.send(p.encode(p.Fetch(keys=[key])))
 
-    def data(self, sender_id: str, msg: p.Data, buffers: Sequence[memoryview]) -> None:
-        """A holder answered: forward the bytes to whoever waits for them."""
+    def data(self, sender_id: str, msg: p.Data, buffers: Sequence[memoryview]) -> Counter[str]:
+        """A holder answered: forward the bytes to whoever waits for them. Returns what was
+        dropped, by reason (answers nobody asked this sender for)."""
+        dropped: Counter[str] = Counter()
         for key, bufs in zip(msg.keys, p.split_buffers(msg.nbs, buffers), strict=True):
-            self.graph.fetching.pop(key, None)
+            if self.graph.fetching.get(key) != sender_id:
+                log.warning("dropping data for %.80s from %s: no open fetch asked it", key,
+                            sender_id)
+                dropped["data_not_asked"] += 1
+                continue
+            del self.graph.fetching[key]
             node = self.graph.nodes.get(key)
             nbytes = sum(b.nbytes for b in bufs)
             for dest_id in self.graph.deliveries.pop(key, set()):
@@ -80,7 +94,12 @@ class Relay:
                                       stored=True, nbytes=nbytes)
                     session.send(p.encode_parts(p.Results(results=[result]), bufs))
         for key in msg.missing:  # the holder lost or freed it: try another, or recompute
-            self.graph.fetching.pop(key, None)
+            if self.graph.fetching.get(key) != sender_id:
+                log.warning("dropping a missing report for %.80s from %s: no open fetch asked"
+                            " it", key, sender_id)
+                dropped["missing_not_asked"] += 1
+                continue
+            del self.graph.fetching[key]
             node = self.graph.nodes.get(key)
             if node is None:
                 continue
@@ -89,6 +108,7 @@ class Relay:
                 self.request(key)
             else:
                 self.on_lost_result(key)
+        return dropped
 
     def release(self, keys: Sequence[str]) -> None:
         """Free kept results that nobody needs, on every provider holding them."""

@@ -73,6 +73,12 @@ class Task:
     cancelling: bool = False
     #: The escrow was settled for good already (a budget stop): later reports bill nothing.
     billed: bool = False
+    #: Micro-tokens held in escrow for it (set by the hub's billing at submit); 0 holds none:
+    #: such a task writes nothing to the ledger and runs only on free providers.
+    escrow_micro: int = 0
+    #: An earlier submission of this task (same session and key) was settled for good before a
+    #: gateway restart lost its result: it runs again with no escrow, charged nothing, paid nothing.
+    prepaid: bool = False
     #: How many times a finished graph task was recomputed after its result was lost.
     reruns: int = 0
     #: Replica number for ``redundancy > 1`` (0 is the first); siblings are the other replicas,

@@ -6,6 +6,11 @@ goes to the client, the agreeing providers are paid and the out-voted ones are n
 reputation. Adaptive replication (as BOINC does it): a replica from a provider with a long run of
 valid results is accepted alone with probability ``1 - 1/run``, a spot check otherwise; one
 invalid result resets the run. Reputation is ``(valid + 1) / (valid + invalid + 2)``.
+
+Money follows the vote, never runs ahead of it: while a vote is open no tokens move (the hub
+records usage and enforces budgets, but settles nothing); once it is decided only the agreeing
+ballots are paid, and the replicas still running are cancelled unpaid, so what the client is told
+a task cost is final the moment it gets the result.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ class Ballot:
     digest: str
     result: Result
     buffers: list[memoryview]
+    #: The provider's prices when it ran the replica: it is paid at these once the vote is
+    #: decided, even if it has left by then.
+    prices: dict = field(default_factory=dict)
 
 
 @dataclass(slots=True, eq=False)
@@ -123,12 +131,25 @@ class Verifier:
             return Decision()
         return self._tally(vote)
 
+    def abandon(self, task: Task) -> tuple[list[Task], list[Ballot]]:
+        """Close ``task``'s vote undecided (a replica spent its escrow): returns the replicas
+        still open and the ballots cast. Nobody is judged: no result was compared."""
+        vote = self.of.get(task.task_id)
+        if vote is None:
+            return [], []
+        open_ = [t for t in vote.replicas if self.of.pop(t.task_id, None) is not None]
+        self.votes.pop(vote.id, None)
+        return open_, list(vote.ballots)
+
     def _tally(self, vote: Vote) -> Decision:
         counts = Counter(b.digest for b in vote.ballots)
         digest, n = counts.most_common(1)[0]
         if n >= vote.majority:
             vote.winner = digest
-            decision = Decision(accepted=next(b for b in vote.ballots if b.digest == digest))
+            decision = Decision(accepted=next(b for b in vote.ballots if b.digest == digest),
+                                cancel=self._pending(vote))
+            for task in decision.cancel:  # decided: the rest are not needed, nor paid
+                self.of.pop(task.task_id, None)
             for b in vote.ballots:
                 self._judge(vote, b, decision)
             self._close_if_done(vote)

@@ -286,7 +286,9 @@ def test_budget_stops_the_task_and_charges_at_most_the_budget(priced: Gateway,
     with Client(priced.url, home=tmp_path / "client", stream_output=False) as client:
         before = client.balance()
         start = time.monotonic()
-        fut = client.submit(burn, 5.0, budget=0.2, providers=["cpu"], retries=0)
+        # 0.6 tokens: more than one billing interval (1 CPU-s, 0.5 tokens) at this price, so the
+        # provider may take it; far less than the 2.5 tokens the whole task would cost
+        fut = client.submit(burn, 5.0, budget=0.6, providers=["cpu"], retries=0)
         with pytest.raises(BudgetExceeded, match="budget"):
             fut.result(60)
         elapsed = time.monotonic() - start
@@ -301,10 +303,10 @@ def test_budget_stops_the_task_and_charges_at_most_the_budget(priced: Gateway,
               f"({reported / 1e6 / PRICE_CPU:.2f} CPU-s)")
         assert elapsed < 5.0  # a 5 CPU-second task, stopped long before it could finish
         assert reported / 1e6 / PRICE_CPU < 2.5  # the task process stopped burning CPU
-        assert row["held"] == to_micro(0.2)
-        assert 0 < row["charged"] <= to_micro(0.2)
+        assert row["held"] == to_micro(0.6)
+        assert 0 < row["charged"] <= to_micro(0.6)
         assert row["state"] == "settled" and row["refunded"] == row["held"] - row["charged"]
-        assert fut.cost <= 0.2
+        assert fut.cost <= 0.6
         assert to_micro(before) - to_micro(client.balance()) == row["charged"]
         # the stop is a settlement too: it comes with its signed receipt
         assert fut.receipt is not None and verify_receipt(fut.receipt, client.gateway_key)
@@ -324,12 +326,12 @@ def test_insufficient_funds_is_refused_at_submit_and_nothing_runs(tmp_path: Path
             assert client.balance() == 1.0
             submitted = metric(gw, "tasks_submitted_total")
             workers = gw.worker_pids()
-            fut = client.submit(burn, 1.0, budget=5)
-            with pytest.raises(InsufficientFunds, match="needs 5"):
-                fut.result(30)
+            # refused by the client at submit (it knows the balance), else by the gateway
+            with pytest.raises(InsufficientFunds, match="needs? 5"):
+                client.submit(burn, 1.0, budget=5, key="poor").result(30)
             assert metric(gw, "tasks_submitted_total") == submitted == 0
             assert gw.health()["tasks"] == {"pending": 0, "running": 0}
-            tid = task_id(client, fut)
+            tid = f"{client.session}/poor"
             assert escrow(db, tid) is None and moved(db, tid) == {}
             assert client.balance() == 1.0
             with Ledger(db) as led:

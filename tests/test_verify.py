@@ -36,13 +36,26 @@ def test_majority_of_three_decides_and_the_outvoted_is_not_paid() -> None:
     assert not v.votes and not v.of
 
 
-def test_a_straggler_after_the_decision_is_paid_only_if_it_agrees() -> None:
+def test_a_decided_vote_cancels_the_replicas_still_running_unpaid() -> None:
+    """What the client is told a task cost is final when it gets the result: no straggler is
+    paid after the decision (it is cancelled instead)."""
     v, (a, b, c) = Verifier(random.Random(0)), replicas(3)
     v.open([a, b, c])
     v.cast(ballot(a, "p1", "x"))
-    assert v.cast(ballot(b, "p2", "x")).accepted is not None
-    late = v.cast(ballot(c, "p3", "y"))
-    assert late.accepted is None and [x.provider_id for x in late.unpaid] == ["p3"]
+    d = v.cast(ballot(b, "p2", "x"))
+    assert d.accepted is not None and d.cancel == [c]
+    assert {x.provider_id for x in d.paid} == {"p1", "p2"} and not d.unpaid
+    assert not v.votes and not v.of
+
+
+def test_an_abandoned_vote_judges_nobody() -> None:
+    v, (a, b, c) = Verifier(random.Random(0)), replicas(3)
+    v.open([a, b, c])
+    cast = ballot(a, "p1", "x")
+    v.cast(cast)
+    still, ballots = v.abandon(b)
+    assert still == [b, c] and ballots == [cast]
+    assert not v.votes and not v.of and "acct-p1" not in v.standing
 
 
 def test_no_majority_fails_and_pays_nobody() -> None:
@@ -73,9 +86,9 @@ def test_one_invalid_result_resets_the_run() -> None:
     v, (a, b, c) = Verifier(random.Random(0)), replicas(3)
     v.standing["acct-p3"] = Standing(valid=5, run=5)
     v.open([a, b, c])
-    v.cast(ballot(a, "p1", "x"))
-    v.cast(ballot(b, "p2", "x"))
     v.cast(ballot(c, "p3", "y"))
+    v.cast(ballot(a, "p1", "x"))
+    assert [x.provider_id for x in v.cast(ballot(b, "p2", "x")).unpaid] == ["p3"]
     assert v.standing["acct-p3"].run == 0
 
 
