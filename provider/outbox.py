@@ -33,6 +33,11 @@ HEADER_ROOM = 4 * 1024 * 1024
 USAGE_PER_FRAME = 2_000
 
 
+def payload_room(max_message: int) -> int:
+    """Buffer bytes one frame may carry, leaving room for its header."""
+    return max_message - min(HEADER_ROOM, max_message // 4)
+
+
 def truncation_line(dropped: int) -> str:
     return f"[decompute: output truncated, {dropped} bytes dropped]\n"
 
@@ -53,7 +58,7 @@ class TaskOutput:
         self.limit = limit
         self.kept = 0  # bytes accepted so far
         self.dropped = 0  # bytes over the limit, dropped here or (as it says) by the worker
-        self.last_stream = "stdout"
+        self.marker_stream = "stdout"  # the truncation line goes where text was last dropped
         self._pending: list[tuple[str, bytearray]] = []
 
     def add(self, stream: str, text: str) -> None:
@@ -62,8 +67,8 @@ class TaskOutput:
         if len(data) > room:
             cut = cut_utf8(data, max(room, 0))
             self.dropped += len(data) - cut
+            self.marker_stream = stream
             data = data[:cut]
-        self.last_stream = stream
         if not data:
             return
         self.kept += len(data)
@@ -98,7 +103,7 @@ class TaskOutput:
         """The last chunks, and the truncation line if anything was dropped."""
         chunks = self.take()
         if self.dropped:
-            chunks.append((self.last_stream, truncation_line(self.dropped)))
+            chunks.append((self.marker_stream, truncation_line(self.dropped)))
         return chunks
 
 
@@ -141,7 +146,7 @@ def result_frames(results: Sequence[tuple[p.Result, Sequence[memoryview]]],
         b = sum(memoryview(x).nbytes for x in bufs)
         if batch and (len(batch) >= p.MAX_BATCH or header + h > HEADER_BUDGET
                       or nbuf + len(bufs) > p.MAX_BUFFERS
-                      or nbytes + b > max_message - HEADER_ROOM):
+                      or nbytes + b > payload_room(max_message)):
             yield _results_frame(batch)
             batch, header, nbuf, nbytes = [], 0, 0, 0
         batch.append(item)
@@ -161,11 +166,42 @@ def result_too_big(buffers: Sequence[memoryview], max_message: int) -> str | Non
     if len(buffers) > p.MAX_BUFFERS:
         return (f"the result has {len(buffers)} out-of-band buffers; a message carries at most "
                 f"{p.MAX_BUFFERS}: return fewer separate arrays (e.g. stack them)")
-    if size > max_message - HEADER_ROOM:
+    if size > payload_room(max_message):
         return (f"the result is {size} bytes; the gateway accepts messages of at most "
-                f"{max_message - HEADER_ROOM} bytes for a result: return less, or keep it on "
+                f"{payload_room(max_message)} bytes for a result: return less, or keep it on "
                 f"the provider (Dask persist) and reduce it there")
     return None
+
+
+def data_frames(have: Sequence[tuple[str, Sequence[bytes]]], missing: Sequence[str],
+                max_message: int) -> Iterator[p.Frame]:
+    """``Data`` frames answering one fetch, each within the key, buffer and size limits. A kept
+    result too large for any message is reported missing (the gateway recomputes or fails it)."""
+    missing = list(missing)
+    batch: list[tuple[str, Sequence[bytes]]] = []
+    nbuf = nbytes = 0
+    room = payload_room(max_message)
+    for key, bufs in have:
+        size = sum(memoryview(b).nbytes for b in bufs)
+        if size > room or len(bufs) > p.MAX_BUFFERS:
+            missing.append(key)
+            continue
+        if batch and (len(batch) >= USAGE_PER_FRAME or nbuf + len(bufs) > p.MAX_BUFFERS
+                      or nbytes + size > room):
+            yield _data_frame(batch, [])
+            batch, nbuf, nbytes = [], 0, 0
+        batch.append((key, bufs))
+        nbuf, nbytes = nbuf + len(bufs), nbytes + size
+    for start in range(0, len(missing), USAGE_PER_FRAME):
+        yield _data_frame(batch, missing[start:start + USAGE_PER_FRAME])
+        batch = []
+    if batch:
+        yield _data_frame(batch, [])
+
+
+def _data_frame(batch: list[tuple[str, Sequence[bytes]]], missing: list[str]) -> p.Frame:
+    return p.encode_parts(p.Data(keys=[k for k, _ in batch], nbs=[len(b) for _, b in batch],
+                                 missing=missing), [b for _, bufs in batch for b in bufs])
 
 
 def heartbeat_frames(load: dict[str, float],

@@ -37,6 +37,7 @@ from provider.outbox import (
     OUTPUT_LIMIT,
     TaskOutput,
     clip,
+    data_frames,
     event_frames,
     heartbeat_frames,
     result_frames,
@@ -322,9 +323,8 @@ class Provider:
         have = [(k, bufs) for k, bufs in found if bufs is not None]
         missing = [k for k, bufs in found if bufs is None]
         if self._writer is not None:
-            self._writer.send(p.encode_parts(
-                p.Data(keys=[k for k, _ in have], nbs=[len(b) for _, b in have], missing=missing),
-                [b for _, bufs in have for b in bufs]))
+            for frame in data_frames(have, missing, self.max_message):
+                self._writer.send(frame)
 
     def _on_reply(self, msg: p.Reply) -> None:
         if msg.id != EARNINGS_QUERY or msg.data is None:
