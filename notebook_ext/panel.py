@@ -132,6 +132,10 @@ class TaskTracker:
         self.submitted = 0
         self._evicted_cost = 0.0
         self.recent: deque[weakref.ref] = deque(maxlen=RECENT_TASKS)
+        # A Dask graph's inner futures are dropped by ``compute`` as soon as it has submitted
+        # them; their tasks still run (graph tasks are released, never cancelled, when
+        # collected), so hold them until they end, or their group would never count them.
+        self._graph_tasks: set[Future] = set()
         client.on_submit(self.add)
         # tasks submitted before the panel was opened
         self.add([f for f in list(getattr(client, "_futures", {}).copy().values())
@@ -159,6 +163,8 @@ class TaskTracker:
                     group.started, group.ended = now, None
                 group.total += 1
                 group.live.add(fut)
+                if is_graph_key(fut.key):
+                    self._graph_tasks.add(fut)
                 self.submitted += 1
                 self.recent.append(weakref.ref(fut))
                 added.append((fut, group))
@@ -179,6 +185,7 @@ class TaskTracker:
                 group.providers.setdefault(fut.provider)
             group.settling.append((time.monotonic(), weakref.ref(fut), fut.cost or 0.0))
             group.live.discard(fut)
+            self._graph_tasks.discard(fut)
             if group.done >= group.total:
                 group.ended = time.monotonic()
 
@@ -220,6 +227,11 @@ class TaskTracker:
                          "cpu_seconds": round(float(fut.usage.get("cpu_seconds", 0.0)), 3),
                          "cost": float(fut.cost or 0.0)})
         return rows
+
+
+def is_graph_key(key: str) -> bool:
+    """A Dask graph task's wire key (``<key JSON>#<token>``, see ``dask_integration``)."""
+    return "#" in key and key[:1] in "[\"~"
 
 
 def client_status(client: Client) -> str:

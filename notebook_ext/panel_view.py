@@ -83,10 +83,9 @@ def header_html(status: str, gateway: str, account: str, available: float | None
     if available is None:
         balance = "balance <b>—</b>"
     else:
-        balance = f"<b>{format_tokens(available)}</b> available"
+        balance = f"<b>{format_tokens(available)}</b> tokens available"
         if held is not None:
             balance += f" · <b>{format_tokens(held)}</b> held"
-        balance += " tokens"
     hover = (f"tokens you can spend now; 'held' is escrow reserved by your running tasks "
              f"(refunded when they end){' — ' + note if note else ''}")
     short = f"{account[:8]}…" if account else "?"
@@ -199,6 +198,8 @@ def group_html(g: GroupView) -> str:
     bar = "".join(f"<span style='width:{100 * n / total:.1f}%;background:{c}'></span>"
                   for c, n in parts if n)
     counts = f"{g.done}/{g.total}"
+    if g.running:
+        counts += f" · {g.running} running"
     if g.failed:
         counts += f" · {g.failed} failed"
     if g.cancelled:

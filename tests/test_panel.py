@@ -46,9 +46,9 @@ def test_panel_shows_the_connection_balance_and_live_providers(kernel: Kernel,
     row = state["providers"][0]
     assert row["cpus"] == 1 and row["prices"]["cpu"] == 1.0 and row["sandbox"]
     assert 0 <= row["cpu_busy"] <= row["cpus"]  # its own tasks' cores, not the host's load
-    assert state["balance"]["available"] > 0
+    assert state["balance"]["available"] > 0 and state["balance"]["held"] is not None
     html = kernel.json("print(json.dumps(panel.header.value))")
-    assert "available" in html and "connected" in html
+    assert "tokens available" in html and "held" in html and "connected" in html
     assert "0.000000" not in html  # tokens in three significant digits, never six decimals
 
 
