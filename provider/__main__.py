@@ -19,6 +19,7 @@ from gateway.units import parse_size
 from provider import stats
 from provider.outbox import OUTPUT_LIMIT
 from provider.provider import DEFAULT_URL, Provider
+from provider.sandbox import HIDE_ENV
 
 #: Seconds --status waits for the gateway before it says it cannot reach it.
 STATUS_TIMEOUT = 10.0
@@ -57,10 +58,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--status", action="store_true",
                     help="print this machine's account: balance, lifetime earnings and tasks "
                     "served, then exit")
+    ap.add_argument("--hide", action="append", default=[], metavar="PATH",
+                    help="a file or folder tasks must not see (repeatable); this provider's "
+                    "key folder is always hidden")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     if args.cpus is not None and args.cpus < 1:
         ap.error("--cpus must be at least 1")
+    for path in args.hide:
+        if not os.path.lexists(path):
+            ap.error(f"--hide {path}: no such file or folder (a path to hide must exist now)")
     return args
 
 
@@ -153,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(print_status(args.url))
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.hide:  # the sandbox hides these in every task's mount namespace
+        os.environ[HIDE_ENV] = os.pathsep.join([*map(os.path.abspath, args.hide),
+                                                os.environ.get(HIDE_ENV, "")])
     cpus, memory = args.cpus or os.cpu_count(), args.memory
     if args.dask_scheduler:
         from provider.dask_backend import dask_cluster_resources

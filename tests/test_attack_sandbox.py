@@ -19,8 +19,8 @@ from pathlib import Path
 import cloudpickle
 import psutil
 import pytest
-from conftest import Gateway, gateway_fixture, start_gateway
-from helpers import gone, wait_for
+from conftest import REPO, Gateway, gateway_fixture, start_gateway, stop_process
+from helpers import gone, spawn, wait_for
 
 from notebook_ext import Client
 from provider.sandbox import Limits, probe_isolation
@@ -64,20 +64,30 @@ def fork_bomb(n: int) -> tuple[int, str]:
     return made, "unlimited"
 
 
-def leave_a_daemon(tag: str, seconds: float) -> int:
-    """Double-fork a ``setsid`` child that burns CPU forever, then wait ``seconds`` and return."""
+def leave_a_daemon(tag: str, cpu_seconds: float) -> int:
+    """Double-fork a ``setsid`` child that burns CPU forever; return once it has burnt
+    ``cpu_seconds`` (read from its /proc stat, so a loaded machine does not matter)."""
     import os
     import subprocess
     import time
 
+    r, w = os.pipe()
     if os.fork() == 0:  # the middle child: start the daemon in a new session, then vanish
-        subprocess.Popen(["/bin/sh", "-c", "while :; do :; done", tag], start_new_session=True,
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+        daemon = subprocess.Popen(["/bin/sh", "-c", "while :; do :; done", tag],
+                                  start_new_session=True, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.write(w, str(daemon.pid).encode())
         os._exit(0)
     os.wait()
-    time.sleep(seconds)
-    return os.getpid()
+    pid = int(os.read(r, 32))
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        if (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") >= cpu_seconds:
+            break
+        time.sleep(0.05)
+    return pid
 
 
 def try_unix_socket(path: str) -> str:
@@ -144,7 +154,7 @@ def test_fork_bomb_is_stopped_by_the_process_limit_and_the_provider_serves_on(
 def test_double_forked_setsid_daemon_dies_with_its_task_and_its_cpu_is_billed(
         user: Client) -> None:
     tag = f"decompute-test-daemon-{uuid.uuid4().hex}"
-    fut = user.submit(leave_a_daemon, tag, 1.5)
+    fut = user.submit(leave_a_daemon, tag, 0.5)
     fut.result(RESULT_TIMEOUT)
     wait_for(lambda: not _processes_tagged(tag), 5, message="the task's daemon to be killed")
     if ISO.cgroup:  # the daemon's CPU is in the task's cgroup even though it left the tree
@@ -155,7 +165,7 @@ def test_double_forked_setsid_daemon_dies_with_its_task_and_its_cpu_is_billed(
 @pytest.mark.skipif(not ISO.contained, reason=f"no PID namespace, cgroup or uid: {ISO.reason}")
 def test_a_daemon_dies_when_its_task_is_cancelled(user: Client) -> None:
     tag = f"decompute-test-daemon-{uuid.uuid4().hex}"
-    fut = user.submit(leave_a_daemon, tag, 60)
+    fut = user.submit(leave_a_daemon, tag, 1_000)
     wait_for(lambda: _processes_tagged(tag), 30, message="the daemon to start")
     fut.cancel()
     wait_for(lambda: not _processes_tagged(tag), 5, message="the cancelled task's daemon to die")
@@ -234,3 +244,32 @@ def test_local_providers_tasks_cannot_read_the_gateways_ledger_or_key(tmp_path: 
     assert real[str(db)].startswith("SQLite format 3")
     for path, text in got.items():
         assert text != real[path], f"a task read {path}"
+
+
+@pytest.mark.skipif(not ISO.hide, reason=f"no mount namespace here: {ISO.reason}")
+def test_provider_hide_flag_hides_a_path_from_its_tasks(net: Gateway, user: Client,
+                                                         tmp_path: Path) -> None:
+    root = _shared_state_root() / f"decompute-test-hide-{uuid.uuid4().hex[:12]}"
+    root.mkdir(mode=0o755)
+    secret, control = root / "secret.txt", root / "plain.txt"
+    secret.write_text("operator secret")
+    control.write_text("plain")
+    for path in (secret, control):
+        path.chmod(0o644)
+    home = tmp_path / "hider"
+    home.mkdir()
+    cmd = [sys.executable, "-m", "provider", net.url, "--name", "hider", "--cpus", "1",
+           "--hide", str(secret)]
+    proc = spawn(cmd, home, tmp_path / "hider.log", REPO)
+    try:
+        wait_for(lambda: any(p.name == "hider" for p in user.providers()), 60,
+                 message="the --hide provider online")
+        got = user.submit(read_each, [str(secret), str(control)],
+                          providers=["hider"]).result(RESULT_TIMEOUT)
+    finally:
+        stop_process(proc)
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+    assert got[str(control)] == "plain", "control: the task can reach this folder"
+    assert "operator secret" not in got[str(secret)], got
