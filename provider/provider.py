@@ -518,9 +518,9 @@ class Provider:
         buffers, stored, nbytes = outcome.buffers, False, 0
         if outcome.status == "finished" and (a.send or not a.keep):
             too_big = result_too_big(buffers, self.max_message)
-            if too_big is not None:
-                return failure(a.key, "ValueError", "builtins", too_big,
-                               p.ErrorCode.LIMIT.value, outcome.usage), []
+            if too_big is not None:  # the task's own error: the user catches a ValueError
+                error = p.RemoteFailure(type="ValueError", module="builtins", message=too_big)
+                return p.Result(key=a.key, status="error", usage=outcome.usage, error=error), []
         if a.keep and outcome.status == "finished":
             self.store.put(a.key, buffers)
             stored, nbytes = True, sum(b.nbytes for b in buffers)

@@ -203,3 +203,32 @@ def test_a_flood_of_forged_output_frames_is_capped(network) -> None:
     assert text[:MARKER.search(text).start()] == "y" * LIMIT
     assert int(MARKER.search(text).group(1)) == 40 * 1_000_000 - LIMIT
     still_serving(prov, client)
+
+
+# --------------------------------------------------------------------------- what it returns
+
+
+def big_bytes(n):
+    return b"r" * n
+
+
+def test_a_result_too_big_for_the_gateway_fails_that_task_alone(tmp_path: Path) -> None:
+    gw = start_gateway(tmp_path, extra=("--max-message-mib", "4"))
+    prov = start_provider(gw, tmp_path, "small-messages", cpus=1)
+    try:
+        gw.wait_providers(1)
+        with Client(gw.url, home=tmp_path / "client", stream_output=False) as client:
+            with pytest.raises(ValueError, match="the gateway accepts messages of at most"):
+                client.submit(big_bytes, 7 * 2**20, retries=0).result(timeout=60)
+            assert client.submit(big_bytes, 2**20).result(timeout=60) == b"r" * 2**20
+            still_serving(prov, client)
+    finally:
+        stop_process(prov.proc)
+        gw.stop()
+
+
+def test_a_key_too_long_for_any_message_leaves_the_provider_connected(network) -> None:
+    _, prov, client = network
+    with pytest.raises(Exception, match="too long"):
+        client.submit(add, 1, 2, key="k" * 256).result(timeout=60)
+    still_serving(prov, client)
