@@ -183,6 +183,8 @@ class Future(cf.Future):
             raise KeyboardInterrupt(f"interrupted while waiting for {self.key}; the remote "
                                     f"task was cancelled") from None
         except cf.TimeoutError:
+            if self.done():
+                raise  # the task's own TimeoutError (its timeout= ran out), not this wait's
             raise TimeoutError(f"task {self.key} did not finish within {timeout} s (status "
                                f"{self.status}, gateway {self.client.status}); it keeps "
                                f"running: call result() again or cancel() it") from None
