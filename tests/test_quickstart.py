@@ -46,6 +46,10 @@ def test_quickstart_executes_end_to_end(net: Network, tmp_path: Path) -> None:
     cells = {c["source"].splitlines()[0]: c for c in nb.cells if c["cell_type"] == "code"}
     assert "p0" in text_of(cells["%decompute providers"])
     assert "(49, " in text_of(cells["def square(x):"])
+    bars = [o for o in cells["import dask.array as da"]["outputs"]
+            if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(bars) == 1  # progress() draws once, even as the cell's last value
+    assert "999999000000" in text_of(cells["bar.persisted[0].compute(scheduler=client)"])
     remote = text_of(cells["%%decompute"])
     assert "scaled 100 values" in remote and "151" in remote  # streamed print and Out[...]
     assert "([3, 6, 9, 12, 15], 50.5)" in text_of(cells["scaled[:5], statistics.mean(data)"])
