@@ -9,23 +9,35 @@ What it protects against, where `probe_isolation()` finds the means (`describe()
 
 - network: a new network namespace (`unshare -n` as root, `unshare -rn` in a user namespace
   otherwise) holds only a loopback device, down: no host, LAN or internet;
-- the provider's key: the scrubbed env, private cwd and new HOME only stop *casual* access, a
-  process with the provider's uid could still open the absolute path. So `hide_paths` (plus
-  `$DECOMPUTE_HOME`, `~/.decompute`, `/root/.decompute`) get an empty mode-000 tmpfs in a private
-  mount namespace, and the worker then drops every capability (`setpriv`) so it cannot unmount them;
+- the provider's key and the host's secrets: the scrubbed env, private cwd and new HOME only stop
+  *casual* access, a process with the provider's uid could still open the absolute path. So
+  `hide_paths` (plus `$DECOMPUTE_HOME`, `~/.decompute`, `/root/.decompute` and `$DECOMPUTE_HIDE`,
+  where a gateway lists its ledger and home for its local providers) get an empty mode-000 tmpfs
+  (a file: /dev/null bound over it) in a private mount namespace, and the worker then drops every
+  capability (`setpriv`) so it cannot unmount them;
+- the host's temp dirs: /tmp, /var/tmp and /dev/shm are fresh tmpfs mounts (`Limits.tmp_bytes`
+  each, in RAM) in that namespace, so no file or unix socket the host keeps there is reachable;
 - the rest of a root host: as root each worker runs as its own unused uid (61184-65519, systemd's
   DynamicUser range): no access to root's files or to other workers, and `cleanup()` kills all it
   left running. RLIMIT_NPROC is applied only where it counts this worker alone: that uid, or
   (non-root) inside the new user namespace via `prlimit`. Real root is exempt from it, and for a
   plain non-root user it would count all the user's processes, so there it is skipped;
-- runaway use: address space, CPU seconds, file size, open files; core dumps are always off.
+- processes that outlive their task: every worker gets its own cgroup (v2, root), so the pool can
+  see every process a task started (`sandbox_pids`), kill them all at once (`kill_cgroup`, also
+  what setsid() escapes a process group with) and meter their CPU (`provider.metering`). Without
+  a cgroup, a PID namespace (`unshare --pid --fork`) makes the worker its init: all of it dies
+  with the worker (there util-linux 2.38's unshare(1) reports a signal death as exit code 1, and
+  the worker, as init, ignores signals it sends itself). Else, the per-task uid is swept;
+- runaway use: address space, CPU seconds, file size, open files and processes (`Limits` has
+  defaults for all but memory); core dumps are always off.
 
 What it does not protect against: there is no seccomp filter, so the whole syscall surface of the
-shared kernel is exposed (a kernel bug is an escape); CPU cores, caches, disk I/O and world-writable
-dirs (/tmp, /dev/shm) are shared with the host, rlimits bound totals not bandwidth; a GPU the worker
-can open is not isolated; a non-root provider's worker keeps the provider's uid and can read all
-that user can outside the hidden paths. Where no namespace can be created, the provider must say so
-loudly at start (`describe()`).
+shared kernel is exposed (a kernel bug is an escape); CPU cores, caches and disk I/O are shared
+with the host, rlimits bound totals not bandwidth; a GPU the worker can open is not isolated; a
+non-root provider's worker keeps the provider's uid and can read all that user can outside the
+hidden paths. A provider killed by SIGKILL leaves a task's setsid() daemons running (cgroup mode)
+until the next provider starts and sweeps its dead predecessors' cgroups. Where a defence is
+missing, the provider must say so loudly at start (`describe()`) and advertise a weak sandbox.
 """
 
 from __future__ import annotations
@@ -213,6 +225,8 @@ def probe_isolation() -> Isolation:
             failed = why if why.startswith("unshare") else failed
             continue
         reason = candidate.reason if candidate.network else f"{candidate.reason} ({failed})"
+        if not (candidate.own_uid or candidate.method == "unshare -rn"):
+            reason += "; NO process limit (RLIMIT_NPROC needs a per-task uid or user namespace)"
         if not candidate.contained:
             reason += "; processes a task leaves running can ESCAPE (no PID namespace, cgroup "\
                       "or own uid)"
