@@ -481,8 +481,8 @@ class Ledger:
 
     def held_among(self, task_ids: Iterable[str]) -> set[str]:
         """Which of ``task_ids`` have an escrow still held (a free task has none at all)."""
-        return set(self._lookup("SELECT task_id FROM escrows WHERE state = 'held' AND task_id"
-                                " IN ({})", task_ids))
+        return {row[0] for row in self._lookup(
+            "SELECT task_id FROM escrows WHERE state = 'held' AND task_id IN ({})", task_ids)}
 
     def charged_of(self, task_ids: Iterable[str]) -> dict[str, tuple[int, int]]:
         """task_id -> (charged, fee) in micro-tokens, for those of ``task_ids`` with an escrow."""
@@ -493,8 +493,8 @@ class Ledger:
     def settled_tasks(self, tasks: Iterable[str]) -> set[str]:
         """Which of ``tasks`` (escrow ids before their ``~``: one per task, whatever the
         submission) already had a final settlement: their result was paid for once."""
-        return set(self._lookup("SELECT DISTINCT task FROM escrows WHERE final = 1 AND task"
-                                " IN ({})", tasks))
+        return {row[0] for row in self._lookup(
+            "SELECT DISTINCT task FROM escrows WHERE final = 1 AND task IN ({})", tasks)}
 
     def has_tasks_under(self, prefix: str) -> bool:
         """True if any escrow's task starts with ``prefix`` (e.g. a client session's id)."""
