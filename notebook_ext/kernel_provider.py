@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from gateway.units import parse_size
+from notebook_ext.display import format_tokens
 from provider.provider import Provider
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ class KernelProvider:
         s = self.stats()
         state = "serving" if s["running"] else "stopped"
         return (f"<decompute kernel provider {s['name']} id={s['id']} {state}: "
-                f"{s['served']} tasks, {s['cpu_seconds']:.2f} CPU-s, {s['earnings']:.6f} tokens>")
+                f"{s['served']} tasks, {s['cpu_seconds']:.2f} CPU-s, "
+                f"{format_tokens(s['earnings'])} tokens>")
 
 
 def current() -> KernelProvider | None:

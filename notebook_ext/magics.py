@@ -28,7 +28,7 @@ from IPython.core.magic_arguments import (
 from notebook_ext import cell_session, kernel_provider
 from notebook_ext.cell_session import CellFuture
 from notebook_ext.client import Client
-from notebook_ext.display import ProviderTable
+from notebook_ext.display import ProviderTable, format_tokens
 from notebook_ext.errors import GatewayRefused
 from notebook_ext.panel import Panel, TaskTracker
 
@@ -174,7 +174,7 @@ class DecomputeMagics(Magics):
         else:
             s = kp.stats()
             print(f"stopped providing as {s['name']}: {s['served']} tasks served, "
-                  f"{s['cpu_seconds']:.2f} CPU-s, {s['earnings']:.6f} tokens earned")
+                  f"{s['cpu_seconds']:.2f} CPU-s, {format_tokens(s['earnings'])} tokens earned")
 
     # ------------------------------------------------------------------ %%decompute
 
