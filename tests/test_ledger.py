@@ -525,3 +525,102 @@ class LedgerMachine(RuleBasedStateMachine):
 LedgerMachine.TestCase.settings = settings(max_examples=50, stateful_step_count=30,
                                            deadline=None)
 TestLedgerMachine = LedgerMachine.TestCase
+
+
+# --------------------------------------------------------------------------- issue 9 / 10
+
+
+def test_ledger_files_are_private(tmp_path: Path) -> None:
+    """Tasks of local providers and other users of the host must not read who paid whom."""
+    path = tmp_path / "private.sqlite"
+    with Ledger(path, faucet_micro=FAUCET) as ledger:
+        ledger.ensure_account("alice")
+        for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if f.exists():
+                assert f.stat().st_mode & 0o777 == 0o600, f
+    with Ledger(path) as ledger:  # an existing file, reopened, stays (or becomes) private
+        assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_check_reports_escrows_held_for_tasks_that_are_gone(ledger: Ledger) -> None:
+    ledger.hold("s/live~1", "alice", MICRO)
+    ledger.hold("s/gone~2", "alice", MICRO)
+    ledger.check(live={"s/live~1", "s/gone~2"})
+    with pytest.raises(LedgerInvariantError, match="s/gone~2 is held for a task that is finished"):
+        ledger.check(live={"s/live~1"})
+    ledger.refund("s/gone~2")
+    ledger.check(live={"s/live~1"})
+    ledger.refund("s/live~1")
+
+
+def test_lookups_for_billing(ledger: Ledger) -> None:
+    ledger.hold("s/a~1", "alice", 3 * MICRO)
+    ledger.hold("s/b#1~2", "alice", 2 * MICRO)
+    ledger.hold("other/c~3", "bob", MICRO)
+    ledger.settle("s/a~1", "prov", MICRO, final=False)
+    assert ledger.held_by("alice") == 4 * MICRO and ledger.held_by("nobody") == 0
+    ids = [f"s/x{i}~{i}" for i in range(2000)] + ["s/a~1", "s/b#1~2"]  # more than one chunk
+    assert ledger.held_among(ids) == {"s/a~1", "s/b#1~2"}
+    assert ledger.charged_of(["s/a~1", "s/b#1~2", "s/none"]) == {"s/a~1": (MICRO, 25_000),
+                                                                 "s/b#1~2": (0, 0)}
+    assert ledger.has_tasks_under("s/") and not ledger.has_tasks_under("t/")
+    # only a FINAL settlement (a delivered result) counts as paid for; a refund does not
+    ledger.settle("s/a~1", "prov", MICRO, final=True)
+    ledger.refund("s/b#1~2")
+    assert ledger.settled_tasks(["s/a", "s/b#1", "other/c"]) == {"s/a"}
+    ledger.recover()  # a restart's recovery is not a final settlement either
+    assert ledger.settled_tasks(["other/c"]) == set()
+
+
+def test_older_files_gain_the_task_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    with Ledger(path, faucet_micro=FAUCET) as ledger:
+        ledger.hold("s/a~1", "alice", MICRO)
+        ledger.settle("s/a~1", "prov", MICRO, final=True)
+    db = sqlite3.connect(path)
+    with db:  # as an older gateway left it: no task column values
+        db.execute("UPDATE escrows SET task = NULL")
+    db.close()
+    with Ledger(path) as ledger:
+        assert ledger.settled_tasks(["s/a"]) == {"s/a"}
+        checked(ledger)
+
+
+def test_faucet_tops_up_a_known_account_left_at_zero(tmp_path: Path) -> None:
+    path = tmp_path / "dev.sqlite"
+    with Ledger(path) as ledger:  # first run: no faucet
+        assert ledger.ensure_account("alice") and ledger.balance("alice") == 0
+        assert ledger.known("alice") and not ledger.known("bob")
+    with Ledger(path, faucet_micro=FAUCET) as ledger:  # restarted with --faucet
+        assert ledger.ensure_account("alice") is False
+        assert ledger.balance("alice") == FAUCET
+        ledger.ensure_account("alice")  # not zero: nothing more
+        assert ledger.balance("alice") == FAUCET
+        ledger.hold("t~1", "alice", FAUCET)  # zero available, but money held: no top-up
+        ledger.ensure_account("alice")
+        assert ledger.balance("alice") == 0
+        ledger.refund("t~1")
+        assert [t.reason for t in ledger.history("alice")][-1] == "faucet top-up"
+        checked(ledger)
+
+
+@pytest.mark.parametrize("usage", [
+    {"cpu_seconds": float("nan")}, {"cpu_seconds": float("inf")}, {"cpu_seconds": -5.0},
+    {"cpu_seconds": 1e300}, {"cpu_seconds": 1e18, "memory_gib_seconds": 1e18},
+])
+def test_any_usage_figure_settles_and_closes_the_escrow(tmp_path: Path,
+                                                        usage: dict[str, float]) -> None:
+    from gateway.billing import Billing
+    from gateway.identity import Identity
+
+    with Ledger(tmp_path / "b.sqlite", faucet_micro=FAUCET) as ledger:
+        billing = Billing(ledger, Identity.generate())
+        ledger.hold("t~1", "alice", MICRO)
+        charge = billing.settle([("t~1", "prov", usage, {"cpu": 1.0, "memory": 1.0}, True)])[0]
+        assert charge is not None and 0 <= charge.charged_micro <= MICRO
+        assert ledger.open_escrows() == {}
+        # a final settlement the ledger refuses (the escrow is already closed) closes nothing
+        # twice and answers with what the escrow charged
+        again = billing.settle([("t~1", "other", {"cpu_seconds": 1.0}, {"cpu": 1.0}, True)])[0]
+        assert again is not None and again.charged_micro == charge.charged_micro
+        checked(ledger)
