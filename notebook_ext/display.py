@@ -40,9 +40,9 @@ def format_tokens(amount: float | None) -> str:
     value = float(amount)
     if value == 0:
         return "0"
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
     decimals = max(0, 2 - math.floor(math.log10(abs(value))))
+    if abs(round(value, decimals)) >= 1000:  # 999.9999 rounds up into the thousands
+        return f"{value:,.0f}"
     text = f"{value:.{decimals}f}"
     return text.rstrip("0").rstrip(".") if "." in text else text
 

@@ -63,7 +63,7 @@ CSS = """<style>
 .dc-bar span { display: block; height: 5px; }
 .dc-foot { color: var(--jp-ui-font-color2, #666); margin-top: 4px; white-space: nowrap;
   overflow: hidden; text-overflow: ellipsis; }
-.dc-off .dc-dim { opacity: 0.45; filter: grayscale(1); }
+.dc-off .dc-dim, .dc-off .dc-balance, .dc-off .dc-sub { opacity: 0.45; filter: grayscale(1); }
 .dc-empty { color: var(--jp-ui-font-color2, #777); font-style: italic; }
 @container (min-width: 560px) {
   .dc-wide { display: inline; }
