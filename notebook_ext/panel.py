@@ -52,6 +52,9 @@ HISTORY = 20
 #: A finished task's cost may still be settled a moment later (a cancel's final charge): its
 #: future is re-read this many seconds before its cost is folded into the group's total.
 SETTLE_SECONDS = 15.0
+#: Seconds a checked provider that went offline keeps its row and its place in
+#: ``default_providers`` (it keeps its id when it reconnects); then it is unchecked.
+OFFLINE_GRACE = 120.0
 #: Recent tasks kept (weakly) for ``state()["tasks"]``.
 RECENT_TASKS = 50
 #: Errors a refresh may raise while the gateway is unreachable or has no ledger.
@@ -276,6 +279,7 @@ class ProviderRow:
         self.html = widgets.HTML(layout=widgets.Layout(flex="1 1 auto", min_width="0"))
         self.history: deque[float] = deque(maxlen=HISTORY)
         self.view: panel_view.ProviderView | None = None
+        self.offline_since: float | None = None
         self.box = widgets.HBox([self.check, self.html],
                                 layout=widgets.Layout(width="100%", align_items="center"))
         self.update(info)
@@ -283,8 +287,14 @@ class ProviderRow:
     def update(self, info: ProviderInfo) -> None:
         self.view = provider_view(info)
         self.name = info.name
+        self.offline_since = None
         self.history.append(min(self.view.cpu_busy / max(info.cpus, 1), 1.0))
         self.html.value = panel_view.provider_html(self.view, self.history)
+
+    def mark_offline(self, now: float) -> None:
+        if self.offline_since is None and self.view is not None:
+            self.offline_since = now
+            self.html.value = panel_view.provider_html(self.view, self.history, offline=True)
 
     def close(self) -> None:
         self.box.close()
@@ -298,6 +308,7 @@ class ProviderRow:
                 "memory": v.memory, "prices": v.prices, "sandbox": v.sandbox,
                 "reputation": v.reputation, "cpu_busy": v.cpu_busy,
                 "memory_used": v.memory_used, "running": v.running,
+                "online": self.offline_since is None,
                 "load_history": list(self.history)}
 
 
@@ -473,9 +484,8 @@ class Panel(widgets.VBox):
             chosen = set(self.client.default_providers or ())
             external = chosen != self._applied  # set in code, not by a click: show it
             seen = {info.id for info in infos}
-            changed = seen != set(self.provider_rows)
-            for gone in set(self.provider_rows) - seen:
-                self.provider_rows.pop(gone).close()
+            before = set(self.provider_rows)
+            dropped = self._drop_or_keep_offline(seen, time.monotonic())
             self._local.syncing = True
             try:
                 for info in infos:
@@ -490,11 +500,24 @@ class Panel(widgets.VBox):
             finally:
                 self._local.syncing = False
             self._applied = chosen
-        if changed:
+        if set(self.provider_rows) != before:
             self.providers_box.children = [r.box for r in self.provider_rows.values()] or [
                 widgets.HTML("<div class='dc-empty'>no providers online</div>")]
-            if chosen - seen:  # a pinned provider left: stop sending tasks to a ghost
-                self._toggled(None)
+        if dropped & chosen:  # a checked provider stayed away: stop sending tasks to a ghost
+            self._toggled(None)
+
+    def _drop_or_keep_offline(self, seen: set[str], now: float) -> set[str]:
+        """Rows of providers that left: a checked one stays (marked offline, still chosen) for
+        ``OFFLINE_GRACE`` seconds, since a provider that reconnects keeps its id; the others
+        go. Returns the ids dropped."""
+        dropped = set()
+        for pid in set(self.provider_rows) - seen:
+            row = self.provider_rows[pid]
+            row.mark_offline(now)
+            if not row.check.value or now - (row.offline_since or now) > OFFLINE_GRACE:
+                self.provider_rows.pop(pid).close()
+                dropped.add(pid)
+        return dropped
 
     def _toggled(self, _change: Any) -> None:
         if getattr(self._local, "syncing", False):

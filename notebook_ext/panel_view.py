@@ -51,7 +51,8 @@ CSS = """<style>
 .dc-spark { flex: 0 0 auto; vertical-align: middle; }
 .dc-badge { flex: 0 0 auto; border-radius: 3px; padding: 0 4px; font-size: 10px;
   border: 1px solid currentColor; }
-.dc-strong { color: #1e7e34; } .dc-weak { color: #b26a00; }
+.dc-strong { color: #1e7e34; } .dc-weak { color: #b26a00; } .dc-gone { color: #c62828; }
+.dc-offline .dc-name, .dc-offline .dc-price { opacity: 0.5; }
 .dc-rep { color: var(--jp-ui-font-color2, #555); }
 .dc-wide { display: none; color: var(--jp-ui-font-color2, #666); }
 .dc-group { min-width: 0; }
@@ -133,9 +134,9 @@ class ProviderView:
     account: str = ""
 
 
-def provider_html(p: ProviderView, history: Sequence[float]) -> str:
+def provider_html(p: ProviderView, history: Sequence[float], offline: bool = False) -> str:
     """One line: name, price, own-load sparkline, sandbox and reputation badges (+ wide
-    details); the whole offer on hover."""
+    details); the whole offer on hover. ``offline``: it left and is still checked."""
     strong = p.sandbox == "strong"
     hover = (f"{p.name} ({p.id})\naccount {p.account}\n{p.cpus} CPU · "
              f"{format_bytes(p.memory)} · {p.gpus} GPU\nprices (tokens per unit-second): "
@@ -146,10 +147,14 @@ def provider_html(p: ProviderView, history: Sequence[float]) -> str:
              f"\nreputation {p.reputation:.2f}")
     price = format_tokens(p.prices.get("cpu", 0.0)) if any(p.prices.values()) else "free"
     unit = "/cpu·s" if any(p.prices.values()) else ""
-    return (f"<div class='dc-row' title='{_attr(hover)}'>"
+    if offline:
+        hover = ("offline: still checked, it keeps its id if it reconnects (uncheck to stop "
+                 "waiting for it)\n" + hover)
+    load = "<span class='dc-badge dc-gone'>offline</span>" if offline else sparkline(history)
+    return (f"<div class='dc-row{' dc-offline' if offline else ''}' title='{_attr(hover)}'>"
             f"<span class='dc-name'>{html.escape(p.name)}</span>"
             f"<span class='dc-price'>{price}{unit}</span>"
-            f"{sparkline(history)}"
+            f"{load}"
             f"<span class='dc-wide'>{p.cpu_busy:.1f}/{p.cpus} cpu · {p.cpus} CPU · "
             f"{format_bytes(p.memory)} · {html.escape(format_runtime(p.runtime))}</span>"
             f"<span class='dc-badge {'dc-strong' if strong else 'dc-weak'}'>"

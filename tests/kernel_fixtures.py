@@ -58,12 +58,15 @@ class Network:
                     self.tmp / "gateway-home", "gateway.log")
         wait_for(self.health, 30, "the gateway's /health")
         for i in range(self.n_providers):
-            self.providers.append(self._spawn(
-                [PY, "-m", "provider", self.url, "--name", f"p{i}", "--cpus", "1",
-                 "--price-cpu", str(self.price), "--log-level", "WARNING"],
-                self.tmp / f"provider-{i}", f"provider-{i}.log"))
+            self.providers.append(self.start_provider(i))
         self.wait_providers(self.n_providers)
         return self
+
+    def start_provider(self, i: int) -> subprocess.Popen:
+        """Provider ``p{i}`` with its own home (the same identity when started again)."""
+        return self._spawn([PY, "-m", "provider", self.url, "--name", f"p{i}", "--cpus", "1",
+                            "--price-cpu", str(self.price), "--log-level", "WARNING"],
+                           self.tmp / f"provider-{i}", f"provider-{i}.log")
 
     def health(self) -> dict | None:
         try:

@@ -141,6 +141,29 @@ def test_progress_draws_once_and_follows_an_uncomputed_collection(kernel: Kernel
     assert total == 80.0
 
 
+def test_a_checked_provider_that_reconnects_stays_checked(kernel: Kernel, net: Network) -> None:
+    kernel.run("_row = next(r for r in panel.provider_rows.values() if r.name == 'p1')\n"
+               "_row.check.value = True")
+    p1 = kernel.json("print(json.dumps(_row.id))")
+    old = net.providers[1]
+    old.terminate()
+    old.wait(15)
+
+    def p1_row() -> dict | None:
+        return next((p for p in read(kernel)["providers"] if p["name"] == "p1"), None)
+
+    wait_for(lambda: (row := p1_row()) and not row["online"], 20, "p1 shown offline",
+             interval=0.2)
+    assert read(kernel)["selected"] == [p1]  # still chosen while it is away
+    assert "offline" in kernel.json("print(json.dumps(_row.html.value))")
+    net.providers[1] = net.start_provider(1)  # the same identity and name: the same id
+    wait_for(lambda: (row := p1_row()) and row["online"], 30, "p1 back online", interval=0.2)
+    assert read(kernel)["selected"] == [p1]
+    kernel.run("%%decompute\nimport os\nos.getpid()")
+    assert kernel.json("print(json.dumps(_m._magics.last_future.provider))") == p1
+    kernel.run("_row.check.value = False")
+
+
 def test_disconnected_greys_out_and_says_so(kernel: Kernel, net: Network) -> None:
     gateway = net.procs[0]
     gateway.terminate()
