@@ -1,4 +1,4 @@
-"""How decompute's values read in a notebook: sizes, prices, provider tables, status lines.
+"""How decompute's values read in a notebook: sizes, tokens, task names, status lines.
 
 Shared by the magics, the cell runs and the panel so a provider or a task looks the same
 everywhere. Pure formatting: nothing here talks to the network or touches widgets.
@@ -172,27 +172,12 @@ def status_bundle(fut: Future, elapsed: float | None, output: list[str],
     parts += [f"CPU {usage.get('cpu_seconds', 0.0):.2f} s",
               f"mem {format_bytes(usage.get('max_rss_bytes', 0.0))}",
               f"cost {format_tokens(fut.cost or 0.0)}"]
-    text = f"decompute {fut.key}: " + " · ".join(parts) + (f" · {note}" if note else "")
+    name = task_group(fut.key)
+    text = f"decompute {name}: " + " · ".join(parts) + (f" · {note}" if note else "")
     colour = _COLOURS.get(fut.status, "orange")
-    body = (f"<span style='color:{colour}'>●</span> <code>{html.escape(fut.key)}</code> "
+    body = (f"<span style='color:{colour}'>●</span> <code title='task key "
+            f"{html.escape(fut.key, quote=True)}'>{html.escape(name)}</code> "
             + html.escape(" · ".join(parts)) + (f" · {html.escape(note)}" if note else ""))
     if output:
         body += f"<pre style='margin:2px 0'>{html.escape(''.join(output))}</pre>"
     return {"text/plain": text + ("\n" + "".join(output) if output else ""), "text/html": body}
-
-
-def task_html(rows: list[dict[str, Any]]) -> str:
-    """The panel's task table: running tasks first, then the most recent finished ones."""
-    if not rows:
-        return "<i>no tasks yet</i>"
-    head = "".join(f"<th style='text-align:left;padding-right:12px'>{c}</th>" for c in
-                   ("task", "status", "provider", "elapsed", "CPU-s", "cost"))
-    body = []
-    for r in rows:
-        colour = _COLOURS.get(r["status"], "black")
-        body.append(
-            f"<tr><td>{html.escape(r['key'][:40])}</td>"
-            f"<td style='color:{colour}'>{r['status']}</td>"
-            f"<td>{html.escape(r['provider'])}</td><td>{r['elapsed']:.1f} s</td>"
-            f"<td>{r['cpu_seconds']:.2f}</td><td>{format_tokens(r['cost'])}</td></tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"

@@ -82,7 +82,8 @@ def test_async_returns_at_once_then_names_appear(kernel: Kernel) -> None:
     ex = kernel.run("%%decompute --async -o fut\nimport time\ntime.sleep(2)\nz = 42\nz * 2")
     assert time.monotonic() - started < 1.5
     assert ex.result is None
-    assert any("decompute cell-In" in d["data"]["text/plain"] for d in ex.displays())
+    count = ex.reply["content"]["execution_count"]
+    assert any(f"decompute In[{count}]: " in d["data"]["text/plain"] for d in ex.displays())
     assert kernel.json("print(json.dumps('z' in dir()))") is False
     got = kernel.json("print(json.dumps([fut.result(timeout=30), z, fut.status]))")
     assert got == [84, 42, "finished"]
