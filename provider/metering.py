@@ -3,10 +3,12 @@
 CPU seconds count every process the task started, whatever became of it: with a cgroup per worker
 (see `provider.sandbox`) they are the cgroup's `cpu.stat` total, which keeps the CPU of processes
 that already ended, double-forked daemons included; without one, the worker's own `/proc/PID/stat`
-(itself and the children it reaped) plus, on heartbeats, every live descendant. Peak memory is the
-largest resident set seen across samples. The per-task path is one or two small file reads, never
-a scan of /proc; the whole process tree is sampled on heartbeats only. Usage is cumulative from
-the task's start, which is what the gateway settles on (idempotently).
+(itself and the children it reaped; in a PID namespace also the orphans its init reaped) plus, on
+heartbeats, every live process below it (or its init). With neither, a daemon that left the
+worker's tree is killed when its task ends (per-task uid) but its CPU is not metered. Peak
+memory is the largest resident set seen across samples. The per-task path is a few small file
+reads, never a scan of /proc; the whole process tree is sampled on heartbeats only. Usage is
+cumulative from the task's start, which is what the gateway settles on (idempotently).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TypeVar
 
 import psutil
 
-from provider.sandbox import cgroup_of, cgroup_pids
+from provider.sandbox import cgroup_of, cgroup_pids, namespace_init
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -61,6 +63,8 @@ class Meter:
         self.proc = proc
         self.gpus = gpus  # GPUs allocated to the task: billed for its wall time, as clouds do
         self.cgroup = cgroup if cgroup is not None else cgroup_of(proc.pid)
+        # Without a cgroup, a PID namespace's init reaps what left the worker's tree: count it.
+        self.init = namespace_init(proc.pid) if self.cgroup is None else None
         self.wall0 = time.monotonic()
         self.cpu0 = self._safe(self._cpu, 0.0)
         self.cpu = 0.0
@@ -77,12 +81,15 @@ class Meter:
     def _descendants(self) -> list[int]:
         if self.cgroup is not None:
             return [pid for pid in cgroup_pids(self.cgroup) if pid != self.proc.pid]
-        return [child.pid for child in self.proc.children(recursive=True)]
+        top = psutil.Process(self.init) if self.init is not None else self.proc
+        return [child.pid for child in top.children(recursive=True) if child.pid != self.proc.pid]
 
     def _cpu(self, tree: bool = False) -> float:
         if self.cgroup is not None:
             return cgroup_cpu(self.cgroup)
         own = read_stat(self.proc.pid)[0]
+        if self.init is not None:  # orphans the init reaped (its own share is a constant ~0)
+            own += read_stat(self.init)[0]
         # A live descendant's reaped children are in its own cutime: nothing counted twice.
         return own + (_tree_stats(self._descendants())[0] if tree else 0.0)
 

@@ -34,8 +34,8 @@ from provider.sandbox import (
     SandboxSpec,
     cleanup,
     kill_cgroup,
-    sandbox_pids,
     sandbox_spec,
+    strays,
     worker_pid,
 )
 from provider.worker import FUNCS_KEPT, LENGTH
@@ -250,10 +250,10 @@ class WorkerPool:
     def _tainted(self, worker: WorkerProc) -> bool:
         """A worker that must not serve again: its task left a process running (all of them die
         with the worker), or it used half its lifetime CPU limit (a task must not hit it)."""
-        strays = sandbox_pids(worker.spec, [worker.ps.pid]) - {worker.proc.pid, worker.ps.pid}
-        if strays:
+        left = strays(worker.spec, worker.proc.pid, worker.ps.pid)
+        if left:
             log.info("task %s left %d processes running; they die with its worker",
-                     worker.task_key, len(strays))
+                     worker.task_key, len(left))
             return True
         limit = self.limits.cpu_seconds
         with contextlib.suppress(OSError, ValueError, IndexError):

@@ -25,9 +25,9 @@ What it protects against, where `probe_isolation()` finds the means (`describe()
 - processes that outlive their task: every worker gets its own cgroup (v2, root), so the pool can
   see every process a task started (`sandbox_pids`), kill them all at once (`kill_cgroup`, also
   what setsid() escapes a process group with) and meter their CPU (`provider.metering`). Without
-  a cgroup, a PID namespace (`unshare --pid --fork`) makes the worker its init: all of it dies
-  with the worker (there util-linux 2.38's unshare(1) reports a signal death as exit code 1, and
-  the worker, as init, ignores signals it sends itself). Else, the per-task uid is swept;
+  a cgroup, a PID namespace (`unshare --pid --fork`) whose init (`_INIT_SCRIPT`) runs the worker
+  and reaps orphans: all of it dies with the worker (its death by signal N reads as exit code
+  128+N there). Else, the per-task uid is swept;
 - runaway use: address space, CPU seconds, file size, open files and processes (`Limits` has
   defaults for all but memory); core dumps are always off.
 
@@ -88,6 +88,11 @@ _HIDE_SCRIPT = (
     '[ -d "$w" ] || { mkdir -p "$w" && "$m" -c --bind /proc/self/fd/3 "$w" || exit 125; }; '
     'cd "$w" || exit 125; exec 3<&-; unset PWD OLDPWD; exec "$@"'
 )
+# The init of a task's PID namespace: runs the worker as its child, reaps orphans, and exits with
+# the worker's status (128+N for signal N). The worker must not be init itself: init ignores the
+# signals it sends itself and never reaps, and util-linux 2.38's unshare(1) reports an init's
+# death by a signal as exit code 1.
+_INIT_SCRIPT = '"$@" & wait $!'
 _PROBE_CHECK = """import os, sys, provider
 if sys.argv[2] and os.path.exists(sys.argv[1]):
     sys.exit("the probe key is visible")
@@ -164,15 +169,16 @@ def _candidates() -> list[Isolation]:
     root = os.geteuid() == 0
     unshare, setpriv, mount = _tool("unshare"), _tool("setpriv"), _tool("mount")
     combos: list[tuple[str, bool, bool, bool]] = []
-    # A cgroup contains leftovers without a PID namespace, whose init would be the worker itself:
-    # deaf to its own signals, and unshare(1) of util-linux 2.38 loses its exit signal.
+    # With a cgroup no PID namespace is needed: leftovers are found with one read (not a scan of
+    # /proc), their CPU is metered exactly, and a worker's death by a signal keeps its name (an
+    # init in between turns it into exit code 128+N).
     cgroup = _cgroup_base() is not None
     # A root without CAP_SYS_ADMIN (some containers) may still create a user namespace.
     for method in (["unshare -n", "unshare -rn"] if root else ["unshare -rn"]) if unshare else []:
         own = [True, False] if root and setpriv and method == "unshare -n" else [False]
-        for pid in (False,) if cgroup else (True, False):
-            combos += [(method, True, u, pid) for u in own] if setpriv and mount else []
-            combos += [(method, False, u, pid) for u in own]
+        pids = (False,) if cgroup else (True, False)
+        combos += [(method, True, u, pid) for u in own for pid in pids] if setpriv and mount else []
+        combos += [(method, False, u, pid) for u in own for pid in pids]
     combos += [("none", False, True, False)] if root else []
     user = "root without capabilities" if root else "the provider's uid"
     return [Isolation(m != "none", m, "; ".join([
@@ -392,13 +398,14 @@ def _wrap(program: list[str], iso: Isolation, hidden: list[str], uid: int | None
         argv += ["--pid", "--fork", "--kill-child"] + (["--mount-proc"] if iso.hide else [])
     if iso.hide:
         argv.append("-m")  # unshare(1) makes the new mount tree private: nothing leaks to the host
+    if iso.pid:
+        argv += ["/bin/sh", "-c", _INIT_SCRIPT, "decompute-init"]
+    if iso.hide:
         argv += ["/bin/sh", "-c", _HIDE_SCRIPT, "decompute-hide", _tool("mount") or "mount",
                  str(tmp_bytes), *hidden, "--"]
     if setpriv := _tool("setpriv"):
         # No capabilities left, so the hiding mounts cannot be undone; uid switch for root.
         argv += [setpriv, "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
-        # Changing uid clears the parent-death signal; set it again: if unshare(1) dies, so do we.
-        argv += ["--pdeathsig=KILL"] if iso.pid else []
         argv += [f"--reuid={uid}", f"--regid={uid}", "--clear-groups"] if uid is not None else []
         argv.append("--")
     if nproc is not None and iso.method == "unshare -rn" and (prlimit := _tool("prlimit")):
@@ -587,16 +594,46 @@ def sandbox_pids(spec: SandboxSpec, roots: Collection[int]) -> set[int]:
 
 
 def worker_pid(spec: SandboxSpec, launcher: int) -> int:
-    """The pid of the program itself: `launcher`, or (PID namespace) the child unshare forked."""
+    """The pid of the program itself: `launcher`, or (PID namespace) the child of the namespace's
+    init, which unshare forked. Call it once the program runs (after the worker said ready)."""
     if not spec.pid_namespace:
         return launcher
-    if spec.cgroup is not None:
-        others = sorted(set(cgroup_pids(spec.cgroup)) - {launcher})
-    else:
-        others = sorted(pid for pid, (ppid, _) in _process_table().items() if ppid == launcher)
-    if len(others) != 1:
-        raise RuntimeError(f"expected one task process under pid {launcher}, found {others}")
-    return others[0]
+    table = _process_table()
+    init = [pid for pid, (ppid, _) in table.items() if ppid == launcher]
+    # The init's first child, pid 2 in the namespace (a task may have started others since).
+    below = [pid for pid, (ppid, _) in table.items() if init and ppid == init[0]]
+    worker = [pid for pid in below if _namespace_pid(pid) == 2]
+    if len(init) != 1 or len(worker) != 1:
+        raise RuntimeError(f"no task process found under pid {launcher} (init {init})")
+    return worker[0]
+
+
+def _namespace_pid(pid: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    return None
+
+
+def strays(spec: SandboxSpec, launcher: int, worker: int) -> set[int]:
+    """Processes of this sandbox besides the worker and its wrappers: what a task left running."""
+    helpers = {launcher, worker}
+    if spec.pid_namespace and (init := namespace_init(worker)) is not None:
+        helpers.add(init)
+    return sandbox_pids(spec, [launcher]) - helpers
+
+
+def namespace_init(worker: int) -> int | None:
+    """The init of `worker`'s PID namespace (its parent, `_INIT_SCRIPT`), if it runs under one."""
+    try:
+        with open(f"/proc/{worker}/stat", "rb") as f:
+            parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (OSError, ValueError, IndexError):
+        return None
+    return parent if argv[2:4] == [_INIT_SCRIPT.encode(), b"decompute-init"] else None
 
 
 def _unlock_dirs(top: str) -> None:

@@ -29,8 +29,8 @@ from provider.sandbox import (
     describe,
     kill_cgroup,
     probe_isolation,
-    sandbox_pids,
     sandbox_spec,
+    strays,
     worker_pid,
 )
 
@@ -344,7 +344,7 @@ if os.fork() == 0:  # double fork: the daemon leaves our process tree and our se
     os._exit(0)
 os.wait()
 print("started", flush=True)
-sys.stdin.read()  # until the test closes it
+time.sleep(120)  # until the test kills it (stdin is /dev/null under a PID namespace's init)
 """
 
 # Each way of finding every process a task left behind: what this host has, then the fallbacks.
@@ -387,7 +387,7 @@ def test_a_setsid_daemon_is_found_metered_and_killed_with_its_worker(name: str) 
     tag = f"decompute-test-daemon-{os.getpid()}-{name}"
     spec = start(DAEMON, tag, isolation=iso)
     proc = subprocess.Popen(spec.argv, env=spec.env, cwd=spec.cwd, preexec_fn=spec.preexec_fn,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         assert proc.stdout.readline().strip() == "started"
@@ -396,7 +396,7 @@ def test_a_setsid_daemon_is_found_metered_and_killed_with_its_worker(name: str) 
         worker = worker_pid(spec, proc.pid)
         meter = Meter(psutil.Process(worker))
         daemon = _wait(lambda: _tagged(tag), 10, "the daemon")[0]
-        assert daemon in sandbox_pids(spec, [worker]) - {proc.pid, worker}
+        assert daemon in strays(spec, proc.pid, worker)
         if name != "uid-sweep":  # there the daemon leaves the metered tree (documented)
             _wait(lambda: meter.sample(tree=True)["cpu_seconds"] >= 0.3, 10, "daemon CPU")
         if spec.cgroup is not None:
