@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import secrets
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -105,8 +107,7 @@ class FakeProvider:
         self._loop = asyncio.get_running_loop()
         async with connect(self.url, compression=None, max_size=2**31) as ws:
             self._ws = ws
-            welcome = await handshake(ws, self.identity, "provider", ad=self.ad,
-                                      name=self.ad.name)
+            welcome = await self._hello(ws)
             self.id = welcome.session
             self._writer = FrameWriter(ws)
             writer = asyncio.create_task(self._writer.run())
@@ -118,6 +119,9 @@ class FakeProvider:
                 writer.cancel()
                 if ws.close_reason:
                     self.close_reason = ws.close_reason
+
+    async def _hello(self, ws) -> p.Welcome:
+        return await handshake(ws, self.identity, "provider", ad=self.ad, name=self.ad.name)
 
     def _receive(self, data: bytes) -> None:
         msg, buffers = p.decode(data)
@@ -167,3 +171,47 @@ class FakeProvider:
     def heartbeat(self, usage: dict[str, dict[str, float]],
                   load: dict[str, float] | None = None) -> None:
         self.send(p.Heartbeat(load=dict(load or {}), usage=usage))
+
+
+class FakeClient(FakeProvider):
+    """A client connection under the test's control: a hostile client that speaks the wire
+    protocol (huge batches, graphs, mass cancels) without the real client's own limits. Results it
+    receives land in ``results`` (the :class:`gateway.protocol.Result` headers), anything else in
+    ``other``."""
+
+    def __init__(self, url: str, home: Path, *, session: str = "",
+                 identity: Identity | None = None) -> None:
+        super().__init__(url, home, name="fake-client", identity=identity)
+        self.session = session or secrets.token_hex(8)
+        self.results: queue.Queue[p.Result] = queue.Queue()
+
+    async def _hello(self, ws) -> p.Welcome:
+        return await handshake(ws, self.identity, "client", session=self.session)
+
+    def _receive(self, data: bytes) -> None:
+        msg, _ = p.decode(data)
+        if isinstance(msg, p.Results):
+            for result in msg.results:
+                self.results.put(result)
+        else:
+            self.other.put(msg)
+
+    def submit(self, specs: Sequence[p.TaskSpec], funcs: dict[str, bytes],
+               payloads: Sequence[Sequence[bytes]]) -> None:
+        """One Submit frame, as is: ``funcs`` by hash, then each task's payload buffers."""
+        buffers = [*funcs.values(), *(b for bufs in payloads for b in bufs)]
+        frame = p.encode(p.Submit(tasks=list(specs), funcs=list(funcs)), buffers)  # one piece
+        assert self._loop is not None and self._writer is not None, "not connected"
+        self._loop.call_soon_threadsafe(self._writer.send, frame)
+
+    def wait_results(self, n: int, timeout: float) -> list[p.Result]:
+        """The next ``n`` results (TimeoutError if they do not all come in time)."""
+        out: list[p.Result] = []
+        deadline = time.monotonic() + timeout
+        while len(out) < n:
+            try:
+                out.append(self.results.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                raise TimeoutError(f"fake client: {len(out)} of {n} results in {timeout} s") \
+                    from None
+        return out
