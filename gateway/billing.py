@@ -174,6 +174,8 @@ class Billing:
     def hold(self, items: Sequence[tuple[str, str, TaskSpec]]) -> list[LedgerError | None]:
         """Escrow for each ``(task_id, account, spec)``: None, or why it was refused
         (:class:`InsufficientFunds` when the balance is short)."""
+        if not items:  # a batch of free tasks: no transaction at all
+            return []
         return self.ledger.hold_many(
             [(task_id, account, self.escrow_for(spec)) for task_id, account, spec in items])
 
@@ -182,6 +184,8 @@ class Billing:
         transaction; None for a task the ledger refused (logged). A refused FINAL settlement
         still closes its escrow (what was paid stays paid, the rest goes back to the client), so
         no escrow outlives its task; its charge is then what the escrow ended at."""
+        if not items:
+            return []
         results = self.ledger.settle_many(
             [(tid, acct, price_micro(usage, prices), final)
              for tid, acct, usage, prices, final in items])
@@ -217,9 +221,11 @@ class Billing:
     def close(self, task_ids: Sequence[str]) -> list[Charge | None]:
         """:meth:`refund`, saying for each id what its escrow charged in all (None: no escrow):
         what the client's balance lost for that task, so its result can say so."""
+        if not task_ids:
+            return []
         held = self.ledger.held_among(task_ids)
         todo = [t for t in task_ids if t in held]
-        for tid, res in zip(todo, self.ledger.refund_many(todo), strict=True):
+        for tid, res in zip(todo, self.ledger.refund_many(todo) if todo else [], strict=True):
             if isinstance(res, LedgerError):
                 log.error("refund of %s refused: %s", tid, res)
         totals = self.ledger.charged_of(task_ids)
