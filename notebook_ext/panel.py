@@ -501,7 +501,8 @@ class Panel(widgets.VBox):
                 self._local.syncing = False
             self._applied = chosen
         if set(self.provider_rows) != before:
-            self.providers_box.children = [r.box for r in self.provider_rows.values()] or [
+            rows = sorted(self.provider_rows.values(), key=lambda r: (r.name, r.id))
+            self.providers_box.children = [r.box for r in rows] or [
                 widgets.HTML("<div class='dc-empty'>no providers online</div>")]
         if dropped & chosen:  # a checked provider stayed away: stop sending tasks to a ghost
             self._toggled(None)

@@ -67,7 +67,8 @@ CSS = """<style>
 .dc-off .dc-dim, .dc-off .dc-balance, .dc-off .dc-sub { opacity: 0.45; filter: grayscale(1); }
 .dc-empty { color: var(--jp-ui-font-color2, #777); font-style: italic; }
 @container (min-width: 560px) {
-  .dc-wide { display: inline; }
+  .dc-wide { display: inline; flex: 1 1 auto; overflow: hidden; text-overflow: ellipsis; }
+  .dc-row .dc-name { flex: 0 0 140px; }
   .dc-panel, .dc-panel .widget-html-content { font-size: 13px; }
 }
 </style>"""
