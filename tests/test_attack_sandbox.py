@@ -19,7 +19,7 @@ from pathlib import Path
 import cloudpickle
 import psutil
 import pytest
-from conftest import REPO, Gateway, gateway_fixture, start_gateway, stop_process
+from conftest import REPO, Gate, Gateway, gateway_fixture, hold, start_gateway, stop_process
 from helpers import gone, spawn, wait_for
 
 from notebook_ext import Client
@@ -160,6 +160,31 @@ def test_double_forked_setsid_daemon_dies_with_its_task_and_its_cpu_is_billed(
     if ISO.cgroup:  # the daemon's CPU is in the task's cgroup even though it left the tree
         assert fut.usage["cpu_seconds"] >= 0.5, fut.usage
     assert user.submit(add, 1, 1).result(RESULT_TIMEOUT) == 2
+
+
+def daemon_then(tag: str, gate: str, how: str) -> None:
+    """Leave a daemon, wait for the test to see it, then end badly: raise, or hang past the
+    task's timeout."""
+    import time
+
+    leave_a_daemon(tag, 0.05)
+    hold(gate)
+    if how == "raise":
+        raise ValueError("failing on purpose")
+    time.sleep(600)
+
+
+@pytest.mark.skipif(not ISO.contained, reason=f"no PID namespace, cgroup or uid: {ISO.reason}")
+@pytest.mark.parametrize(("how", "error"), [("raise", ValueError), ("hang", TimeoutError)])
+def test_a_daemon_dies_when_its_task_fails_or_times_out(user: Client, gate: Gate, how: str,
+                                                        error: type) -> None:
+    tag = f"decompute-test-daemon-{uuid.uuid4().hex}"
+    fut = user.submit(daemon_then, tag, str(gate), how, timeout=10)
+    wait_for(lambda: _processes_tagged(tag), 30, message="the daemon to start")
+    gate.open()
+    with pytest.raises(error):
+        fut.result(RESULT_TIMEOUT)
+    wait_for(lambda: not _processes_tagged(tag), 5, message=f"the daemon of a task that {how}s")
 
 
 @pytest.mark.skipif(not ISO.contained, reason=f"no PID namespace, cgroup or uid: {ISO.reason}")
