@@ -174,7 +174,8 @@ class Provider:
             log.warning("provider %s: %s", self.ad.name, SANDBOX_NOTE)
             self._pool = DaskBackend(self.dask_scheduler, slots=self.cpus)
         else:
-            log.info("provider %s: %s", self.ad.name, describe(self.isolation))
+            loud = log.info if self.isolation.strength == "strong" else log.warning
+            loud("provider %s: %s", self.ad.name, describe(self.isolation))
             per_worker = self.memory // self.cpus
             self._pool = WorkerPool(self.cpus, Limits(memory_bytes=per_worker),
                                     self.isolation, hide_paths=[self.home])
