@@ -530,7 +530,10 @@ class Hub:
         now = time.monotonic()
         for event in msg.events:
             task = self.tasks.get(event.key)
-            if task is None or task.provider != conn.id or task.state in TERMINAL:
+            if task is None or task.provider != conn.id:
+                self._dropped("event_not_assigned", event.key, conn)
+                continue
+            if task.state in TERMINAL:
                 continue
             task.lease_until = now + self.limits.lease_seconds
             if event.kind == "running" and task.started is None:

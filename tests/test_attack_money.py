@@ -301,3 +301,31 @@ def test_budget_zero_and_cpus_zero_never_run_on_a_priced_provider(
         assert paid.assigned.empty()
         with Ledger(ledger_of(gw)) as led:  # free tasks wrote nothing to the ledger
             assert [t.reason for t in led.history(client.account)] == ["faucet"]
+
+
+def test_results_events_and_usage_from_a_provider_not_assigned_are_dropped(
+        gw: Gateway, tmp_path: Path) -> None:
+    with priced(gw, tmp_path, "worker") as worker, priced(gw, tmp_path, "intruder") as intruder, \
+            Client(gw.url, home=tmp_path / "client", stream_output=False) as client:
+        before = {r: dropped(gw, r) for r in ("result_not_assigned", "event_not_assigned",
+                                              "usage_not_assigned")}
+        intruder_before = balance(gw, intruder.account)
+        fut = client.submit(square, 5, budget=5, providers=["worker"], retries=0)
+        assignment, _ = worker.next_assignment()
+        key = assignment.key
+        intruder.heartbeat({key: {"cpu_seconds": 0.1}})
+        intruder.send(p.Events(events=[p.Event(key=key, kind="output", stream="stdout",
+                                               text="injected\n")]))
+        intruder.finish(key, 666, usage={"cpu_seconds": 0.1})
+        wait_for(lambda: all(dropped(gw, r) == before[r] + 1 for r in before), 10,
+                 message="the intruder's result, event and usage dropped and counted")
+        assert not fut.done() and not any("injected" in text for _, text in fut.output)
+        time.sleep(FAKE_WORK)
+        worker.finish(key, 25, usage={"cpu_seconds": 0.1})
+        assert fut.result(10) == 25
+        assert balance(gw, intruder.account) == intruder_before
+        # a repeat of a result already taken is dropped too (the first report counts)
+        worker.finish(key, 666, usage={"cpu_seconds": 0.2})
+        wait_for(lambda: dropped(gw, "result_not_assigned") == before["result_not_assigned"] + 2,
+                 10, message="the repeated result dropped")
+        assert fut.result() == 25

@@ -531,3 +531,35 @@ def test_a_thousand_concurrent_settlements_keep_the_ledger_exact(priced: Gateway
     finally:
         for client in clients:
             client.close()
+
+
+# --------------------------------------------------------------------------- 9. minting
+
+
+def run_mint(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway", "mint", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def test_mint_takes_only_a_full_id_of_a_known_account(tmp_path: Path) -> None:
+    db = tmp_path / "mint.sqlite"
+    _LEDGERS.add(db)
+    known = Identity.generate().account
+    with Ledger(db) as led:
+        led.ensure_account(known)
+    for bad in (known[:16], known + "00", "not-an-account", "g" * 64):
+        out = run_mint(bad, "5", "--db", str(db), cwd=tmp_path)
+        assert out.returncode == 2 and "64 hex digits" in out.stderr, out.stderr
+    stranger = Identity.generate().account
+    out = run_mint(stranger, "5", "--db", str(db), cwd=tmp_path)
+    assert out.returncode == 2 and "unknown to the ledger" in out.stderr, out.stderr
+    out = run_mint(known, "-1", "--db", str(db), cwd=tmp_path)
+    assert out.returncode == 2 and "positive" in out.stderr
+    out = run_mint(known, "5", "--db", str(tmp_path / "nowhere.sqlite"), cwd=tmp_path)
+    assert out.returncode == 2 and "no ledger" in out.stderr
+    assert not (tmp_path / "nowhere.sqlite").exists()
+    out = run_mint(known.upper(), "5", "--db", str(db), cwd=tmp_path)
+    assert out.returncode == 0 and "balance now 5" in out.stdout, out.stderr
+    with Ledger(db) as led:
+        assert led.balance(known) == to_micro(5) and not led.known(stranger)
