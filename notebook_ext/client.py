@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 DEFAULT_GATEWAY = "ws://127.0.0.1:8765"
 #: Tasks per Submit frame in ``map``: bounds one frame's header to a few hundred KiB.
 MAP_BATCH = 1000
+#: Keys per Release/Cancel frame sent for futures nobody holds any more.
+LET_GO_BATCH = 10_000
 #: Seconds ``balance()``, ``providers()`` and other questions wait for the gateway's answer.
 QUERY_TIMEOUT = 30.0
 
@@ -161,6 +163,10 @@ class Client:
         self._close_lock = threading.Lock()
         self._give_up: asyncio.TimerHandle | None = None
         self._warned = False
+        self._let_go_lock = threading.Lock()
+        self._releases: list[str] = []
+        self._cancels: list[str] = []
+        self._let_go_scheduled = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="decompute-client")
@@ -205,7 +211,7 @@ class Client:
         pending = self._book.take_all()
         try:
             if pending:
-                self._send_soon(p.encode(p.Cancel(keys=[f.key for f in pending])), closing=True)
+                self._cancel_keys([f.key for f in pending], closing=True)
             self._call(self._drain_and_close(), timeout)
         except (TimeoutError, cf.TimeoutError, RuntimeError) as exc:
             log.warning("closing the connection to %s did not finish cleanly: %r",
@@ -360,12 +366,36 @@ class Client:
 
     def _release_key(self, key: str) -> None:
         """A kept result's future was collected: the providers may free it (GC thread)."""
-        self._send_soon(p.encode(p.Release(keys=[key])))
+        self._let_go(key, release=True)
 
     def _abandoned(self, key: str, keep: bool) -> None:
         """A task's future was collected before it ended: nobody can want its result."""
         if not keep:  # graph tasks are released by their finalizer, once no dependent needs them
-            self._cancel_keys([key])
+            self._let_go(key, release=False)
+
+    def _let_go(self, key: str, *, release: bool) -> None:
+        """Queue a release or cancel; one frame per loop turn carries all of them (a Dask graph
+        drops thousands of intermediate futures at once: one message each would hit the
+        gateway's rate limit)."""
+        with self._let_go_lock:
+            (self._releases if release else self._cancels).append(key)
+            if self._let_go_scheduled:
+                return
+            self._let_go_scheduled = True
+        if self._closed:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            self._loop.call_soon_threadsafe(self._flush_let_go)
+
+    def _flush_let_go(self) -> None:
+        """Loop thread: send the queued releases and cancels, batched."""
+        with self._let_go_lock:
+            releases, self._releases = self._releases, []
+            cancels, self._cancels = self._cancels, []
+            self._let_go_scheduled = False
+        for keys, message in ((releases, p.Release), (cancels, p.Cancel)):
+            for start in range(0, len(keys), LET_GO_BATCH):
+                self._link.send(p.encode(message(keys=keys[start:start + LET_GO_BATCH])))
 
     def _send_soon(self, frame: bytes, *, closing: bool = False) -> None:
         """Queue a frame for the loop thread; a no-op once the client is closed (except the
@@ -484,8 +514,10 @@ class Client:
         for f in waiting:
             f._cancel_locally()
 
-    def _cancel_keys(self, keys: list[str]) -> None:
-        self._send_soon(p.encode(p.Cancel(keys=keys)))
+    def _cancel_keys(self, keys: list[str], *, closing: bool = False) -> None:
+        for start in range(0, len(keys), LET_GO_BATCH):  # the wire's list limit
+            self._send_soon(p.encode(p.Cancel(keys=keys[start:start + LET_GO_BATCH])),
+                            closing=closing)
 
     # ------------------------------------------------------------------ dask
 
