@@ -219,7 +219,8 @@ def proxy(gateway: Gateway) -> Iterator[TcpProxy]:
 
 def test_client_reconnects_and_gets_results_that_finished_meanwhile(
         gateway: Gateway, proxy: TcpProxy, client_home: Path) -> None:
-    with Client(f"ws://127.0.0.1:{proxy.port}", home=client_home, stream_output=False) as c:
+    with Client(f"ws://127.0.0.1:{proxy.port}", home=client_home, stream_output=False,
+                queue_while_disconnected=True) as c:
         fut = c.submit(slow_square, 6, 0.5)
         wait_for(lambda: fut.status == "running", 15, message="task running")
         proxy.blocked.set()
@@ -240,7 +241,8 @@ def test_client_reconnects_after_a_dropped_connection(gateway: Gateway, proxy: T
     with Client(f"ws://127.0.0.1:{proxy.port}", home=client_home, stream_output=False) as c:
         assert c.submit(add, 1, 1).result(30) == 2
         proxy.cut()
-        wait_for(lambda: proxy.accepted >= 2, 15, message="the client reconnected")
+        wait_for(lambda: proxy.accepted >= 2 and c.status == "connected", 15,
+                 message="the client reconnected")
         assert c.submit(add, 2, 2).result(30) == 4
         fut = c.submit(slow_square, 5, 1.0)
         wait_for(lambda: fut.status == "running", 15, message="task running")
