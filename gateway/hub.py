@@ -259,6 +259,14 @@ class Hub:
             return set()
         return self.billing.ledger.settled_tasks({t.task_id for t in tasks})
 
+    def live_escrows(self) -> set[str]:
+        """Escrow ids of tasks still open here (on the gateway, or replicas whose ballots wait
+        for their vote): ``Ledger.check(live=...)`` reports any other held escrow as stale."""
+        live = {t.bill_id for t in self.tasks.values() if t.escrow_micro}
+        for vote in self.verifier.votes.values():
+            live.update(b.task.bill_id for b in vote.ballots if b.task.escrow_micro)
+        return live
+
     def _may_place(self, task: Task, conn: ProviderConn) -> bool:
         """The scheduler's money rule: a priced provider takes a task only if its escrow pays
         for one billing interval there (a prepaid rerun pays nobody and goes anywhere)."""

@@ -64,7 +64,7 @@ def gateway(db: Path) -> tuple[Hub, Ledger]:
 def hub(db: Path) -> Iterator[Hub]:
     h, ledger = gateway(db)
     yield h
-    ledger.check(live={t.bill_id for t in h.tasks.values()})
+    ledger.check(live=h.live_escrows())
     ledger.close()
 
 
@@ -97,14 +97,21 @@ def finish(hub: Hub, conn: ProviderConn, key: str, cpu: float = 0.0) -> None:
 
 
 def test_a_replica_that_cannot_be_funded_refuses_the_whole_task(hub: Hub) -> None:
-    for i in range(3):
-        provider(hub, f"p{i}", account=str(i) * 64)
+    conns = [provider(hub, f"p{i}", account=str(i) * 64)[0] for i in range(3)]
     session, peer = client(hub)
-    submit(hub, session, "big", budget=4.0, redundancy=3)  # 12 tokens, the account has 10
+    submit(hub, session, "small", budget=1.0, redundancy=3)  # an open vote holds 3 escrows
+    hub.billing.ledger.check(live=hub.live_escrows())
+    submit(hub, session, "big", budget=4.0, redundancy=3)  # 12 tokens, the account has 7
     [refusal] = peer.results()
     assert refusal.key == "big" and refusal.code == p.ErrorCode.FUNDS.value
     assert refusal.error.type == "InsufficientFunds"
-    assert hub.billing.ledger.open_escrows() == {} and not hub.tasks
+    assert len(hub.billing.ledger.open_escrows()) == 3 and len(hub.tasks) == 3  # "small" only
+    assert hub.billing.ledger.balance(CLIENT) == FAUCET - to_micro(3.0)
+    hub.cancel(session, ["small"])
+    for conn in conns:  # each provider answers the cancel: the final (empty) bill
+        for task_id in list(conn.running):
+            hub.results(conn, p.Results(results=[p.Result(key=task_id, status="cancelled")]),
+                        [])
     assert hub.billing.ledger.balance(CLIENT) == FAUCET
 
 
