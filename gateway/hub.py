@@ -267,6 +267,11 @@ class Hub:
             live.update(b.task.bill_id for b in vote.ballots if b.task.escrow_micro)
         return live
 
+    def _fundable_here(self, task: Task) -> bool:
+        """Whether some provider online that fits the task would also take it for its escrow."""
+        return any(why_ineligible(task.spec, task.account, c) is None and self._may_place(task, c)
+                   for c in self.registry)
+
     def _may_place(self, task: Task, conn: ProviderConn) -> bool:
         """The scheduler's money rule: a priced provider takes a task only if its escrow pays
         for one billing interval there (a prepaid rerun pays nobody and goes anywhere)."""
@@ -566,8 +571,8 @@ class Hub:
             task.usage = self._observed(task, conn, usage)
             live.append(task)
         voting = [t for t in live if t.task_id in self.verifier.of]
-        paying = [t for t in live if t.escrow_micro and not t.billed
-                  and t.task_id not in self.verifier.of]
+        paying = [t for t in live if t.escrow_micro and not t.billed and not is_free(conn.ad)
+                  and t.task_id not in self.verifier.of]  # a free provider is never paid
         charges = dict(zip(map(id, paying), self.billing.settle(
             [(t.bill_id, conn.account, t.usage, conn.ad.prices, False) for t in paying]),
             strict=True))
@@ -950,6 +955,10 @@ class Hub:
         why = None if online else "no provider is online"
         if online:
             why = no_match_message(task.spec, task.account, self.registry)
+            if why is None and not self._fundable_here(task):
+                why = (f"task {task.key} holds too little escrow for the priced providers online "
+                       f"(budget=0, cpus=0 or a budget under one billing interval run on free "
+                       f"providers only), and no free provider that fits is online")
             if why is None:
                 return None
         wait = REJOIN_GRACE if online else NO_PROVIDER_WAIT

@@ -14,6 +14,7 @@ restart on the same ledger, which needs no process to kill:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -192,3 +193,18 @@ def test_free_tasks_hold_nothing_and_never_reach_a_priced_provider(hub: Hub) -> 
         finish(hub, free, t.task_id, cpu=0.1)
     assert {r.cost for r in peer.results()} == {0.0}
     assert [t.reason for t in hub.billing.ledger.history(CLIENT)] == ["faucet"]
+
+
+def test_a_free_task_left_with_only_priced_providers_fails_clearly(hub: Hub) -> None:
+    paid, paid_peer = provider(hub, "paid")
+    free, _ = provider(hub, "free", price=0.0, account="e" * 64)
+    session, peer = client(hub)
+    submit(hub, session, "z", budget=0.0, retries=1)
+    [task] = hub.tasks.values()
+    assert task.provider == free.id and task.escrow_micro == 0
+    hub.leave_provider(free.id)  # the free provider goes; only the priced one is left
+    assert task.state.value == "pending" and not paid_peer.assigned()
+    hub.sweep(time.monotonic() + 120)  # past the grace a provider has to come back
+    [failure] = peer.results()
+    assert failure.key == "z" and "free provider" in failure.error.message
+    assert not paid_peer.assigned() and not hub.tasks
