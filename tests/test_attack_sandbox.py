@@ -179,7 +179,7 @@ def daemon_then(tag: str, gate: str, how: str) -> None:
 def test_a_daemon_dies_when_its_task_fails_or_times_out(user: Client, gate: Gate, how: str,
                                                         error: type) -> None:
     tag = f"decompute-test-daemon-{uuid.uuid4().hex}"
-    fut = user.submit(daemon_then, tag, str(gate), how, timeout=10)
+    fut = user.submit(daemon_then, tag, str(gate), how, timeout=6)
     wait_for(lambda: _processes_tagged(tag), 30, message="the daemon to start")
     gate.open()
     with pytest.raises(error):
