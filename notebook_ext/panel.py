@@ -19,6 +19,8 @@ else holds is released, as Dask's are).
 from __future__ import annotations
 
 import contextvars
+import functools
+import itertools
 import logging
 import os
 import threading
@@ -55,6 +57,8 @@ SETTLE_SECONDS = 15.0
 #: Seconds a checked provider that went offline keeps its row and its place in
 #: ``default_providers`` (it keeps its id when it reconnects); then it is unchecked.
 OFFLINE_GRACE = 120.0
+#: Unfinished futures of a group looked at per refresh (the oldest: the running ones).
+SCAN = 2000
 #: Recent tasks kept (weakly) for ``state()["tasks"]``.
 RECENT_TASKS = 50
 #: Errors a refresh may raise while the gateway is unreachable or has no ledger.
@@ -65,8 +69,10 @@ UNAVAILABLE = (DecomputeError, TimeoutError, ConnectionError, RuntimeError)
 class TaskGroup:
     """One key prefix's tasks (``square``, ``sum-aggregate``, ``In[18]``): counts and cost.
 
-    Unfinished futures are held weakly (the client holds them while they run); a finished one
-    leaves only its counts and cost behind.
+    Unfinished futures are held weakly, oldest first (the client holds them while they run; one
+    nobody holds is released); a finished one leaves only its counts and cost behind. Only the
+    oldest ``SCAN`` unfinished ones are looked at per refresh: tasks start in submission order,
+    so those are the running ones, and a 100,000-task map costs a refresh no more than 2,000.
     """
 
     name: str
@@ -79,42 +85,63 @@ class TaskGroup:
     cpu_seconds: float = 0.0
     ended: float | None = None
     providers: dict[str, None] = field(default_factory=dict)
-    live: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+    live: dict[int, weakref.ref] = field(default_factory=dict)  # id(future) -> future
     settling: deque = field(default_factory=deque)  # (ended at, weakref, cost then)
+    callback: Any = None  # the done callback that counts a future of this group
 
     @property
     def done(self) -> int:
         return self.finished + self.failed + self.cancelled
 
-    def unfinished(self) -> list[Future]:
-        return [f for f in list(self.live) if not f.done()]
+    def oldest_unfinished(self) -> list[Future]:
+        out = []
+        for ref in itertools.islice(self.live.values(), SCAN):
+            fut = ref()
+            if fut is not None and not fut.done():
+                out.append(fut)
+        return out
 
     def fold_settled(self, now: float) -> None:
-        """Move costs of tasks finished long enough ago into ``settled_cost``."""
+        """Move costs of cancels old enough into ``settled_cost`` (a cancel's final charge
+        may arrive a moment after the future was cancelled here)."""
         while self.settling and now - self.settling[0][0] > SETTLE_SECONDS:
             _, ref, cost = self.settling.popleft()
             fut = ref()
             self.settled_cost += fut.cost if fut is not None else cost
 
-    def cost(self) -> float:
-        settling = sum((ref() or _Gone(cost)).cost for _, ref, cost in list(self.settling))
-        return self.settled_cost + settling + sum(f.cost or 0.0 for f in self.unfinished())
-
     def view(self, now: float) -> panel_view.GroupView:
-        live = self.unfinished()
-        running = sum(1 for f in live if f.status == "running")
-        for f in live:
+        """What the row shows."""
+        live = self.oldest_unfinished()
+        running = [f for f in live if f.status == "running"]
+        for f in running:
             if f.provider:
                 self.providers.setdefault(f.provider)
-        cpu = self.cpu_seconds + sum(float(f.usage.get("cpu_seconds", 0.0)) for f in live)
+        settling = sum((ref() or _Gone(cost)).cost for _, ref, cost in self.settling)
+        cost = self.settled_cost + settling + sum(f.cost or 0.0 for f in running)
+        cpu = self.cpu_seconds + sum(float(f.usage.get("cpu_seconds", 0.0)) for f in running)
         return panel_view.GroupView(
-            self.name, self.total, self.finished, self.failed, self.cancelled, running,
-            self.cost(), cpu, (self.ended or now) - self.started, tuple(self.providers))
+            self.name, self.total, self.finished, self.failed, self.cancelled, len(running),
+            cost, cpu, (self.ended or now) - self.started, tuple(self.providers))
+
+
+class _Ref(weakref.ref):
+    """A weak reference to a tracked future that, when the future is collected unfinished,
+    queues itself for :meth:`TaskTracker._reap`."""
+
+    __slots__ = ("fid", "group")
+
+    def __new__(cls, fut: Future, dead: deque, group: TaskGroup) -> _Ref:
+        return super().__new__(cls, fut, dead.append)
+
+    def __init__(self, fut: Future, dead: deque, group: TaskGroup) -> None:
+        super().__init__(fut, dead.append)
+        self.fid = id(fut)
+        self.group = group
 
 
 @dataclass(frozen=True, slots=True)
 class _Gone:
-    """Stands in for a collected future whose cost was read when it finished."""
+    """Stands in for a collected future whose cost was read when it ended."""
 
     cost: float
 
@@ -139,10 +166,13 @@ class TaskTracker:
         # them; their tasks still run (graph tasks are released, never cancelled, when
         # collected), so hold them until they end, or their group would never count them.
         self._graph_tasks: set[Future] = set()
+        self._dead: deque[_Ref] = deque()
         client.on_submit(self.add)
         # tasks submitted before the panel was opened
-        self.add([f for f in list(getattr(client, "_futures", {}).copy().values())
-                  if not f.done()])
+        book = getattr(client, "_book", None)
+        earlier = book.futures() if book is not None and hasattr(book, "futures") else list(
+            getattr(client, "_futures", {}).copy().values())
+        self.add([f for f in earlier if not f.done()])
 
     @classmethod
     def attach(cls, client: Client) -> TaskTracker:
@@ -153,41 +183,75 @@ class TaskTracker:
         return tracker
 
     def add(self, futures: list[Future]) -> None:
+        """Count a batch of new futures into their groups (``client.on_submit`` calls this on
+        the submitting thread; a 100,000-task map passes here once, so keep the loop lean)."""
         now = time.monotonic()
-        added = []
+        added: list[tuple[Future, TaskGroup]] = []
+        prefix, group = None, None
         with self._lock:
+            self._reap()
             for fut in futures:
-                name = task_group(fut.key)
-                group = self.groups.pop(name, None) or TaskGroup(name, now)
-                self.groups[name] = group  # most recently used last
-                if fut in group.live:
+                key = fut.key
+                graph = is_graph_key(key)
+                # a map's keys share "name-<token>-": name its group once per batch
+                head = None if graph else key.rpartition("-")[0]
+                if head is None or head != prefix or group is None:
+                    group = self._group(task_group(key), now)
+                    prefix = head
+                if id(fut) in group.live:
                     continue
-                if group.ended is not None:  # a new batch of an old name starts a new run
-                    group.started, group.ended = now, None
                 group.total += 1
-                group.live.add(fut)
-                if is_graph_key(fut.key):
+                group.live[id(fut)] = _Ref(fut, self._dead, group)
+                if graph:
                     self._graph_tasks.add(fut)
-                self.submitted += 1
-                self.recent.append(weakref.ref(fut))
                 added.append((fut, group))
+            self.submitted += len(added)
+            self.recent.extend(weakref.ref(f) for f, _ in added[-RECENT_TASKS:])
             self._evict()
-        for fut, group in added:  # outside the lock: a done future calls back at once
-            fut.add_done_callback(lambda f, g=group: self._ended(g, f))
+        for fut, grp in added:  # outside the lock: a done future calls back at once
+            fut.add_done_callback(grp.callback)
+
+    def _group(self, name: str, now: float) -> TaskGroup:
+        """Group ``name``, made the most recent one (a new batch of an ended group restarts
+        its clock)."""
+        group = self.groups.pop(name, None)
+        if group is None:
+            group = TaskGroup(name, now)
+            group.callback = functools.partial(self._ended, group)
+        elif group.ended is not None:
+            group.started, group.ended = now, None
+        self.groups[name] = group
+        return group
+
+    def _reap(self) -> None:
+        """Count the futures collected unfinished as cancelled (caller holds the lock): the
+        client released (cancelled) their tasks. The garbage collector may run on any thread,
+        even one holding the lock, so a collected future's weak reference only queues itself
+        (``deque.append`` is atomic) and is counted here."""
+        while self._dead:
+            ref = self._dead.popleft()
+            group, fid = ref.group, ref.fid
+            if group.live.pop(fid, None) is not None:
+                group.cancelled += 1
+                if group.done >= group.total:
+                    group.ended = time.monotonic()
 
     def _ended(self, group: TaskGroup, fut: Future) -> None:
+        """A future of ``group`` ended (done callback, on whichever thread ended it)."""
         with self._lock:
+            if group.live.pop(id(fut), None) is None:
+                return
+            cost = fut.cost or 0.0
             if fut.cancelled():
                 group.cancelled += 1
-            elif fut.exception() is not None:
-                group.failed += 1
+                group.settling.append((time.monotonic(), weakref.ref(fut), cost))
             else:
-                group.finished += 1
+                group.failed += fut.exception() is not None
+                group.finished += fut.exception() is None
+                group.settled_cost += cost
             group.cpu_seconds += float(fut.usage.get("cpu_seconds", 0.0))
             if fut.provider:
                 group.providers.setdefault(fut.provider)
-            group.settling.append((time.monotonic(), weakref.ref(fut), fut.cost or 0.0))
-            group.live.discard(fut)
             self._graph_tasks.discard(fut)
             if group.done >= group.total:
                 group.ended = time.monotonic()
@@ -198,25 +262,32 @@ class TaskTracker:
             if name is None:
                 return
             old = self.groups.pop(name)
-            self._evicted_cost += old.cost()
+            self._evicted_cost += old.settled_cost + sum(c for _, _, c in old.settling)
 
     def views(self) -> list[panel_view.GroupView]:
         """Every group, active ones first, each part newest first."""
         now = time.monotonic()
         with self._lock:
+            self._reap()
             groups = list(self.groups.values())
             for g in groups:
                 g.fold_settled(now)
             views = [g.view(now) for g in reversed(groups)]
         return [v for v in views if v.active] + [v for v in views if not v.active]
 
-    def group(self, name: str) -> TaskGroup | None:
+    def unfinished(self, name: str) -> list[Future]:
+        """Every unfinished future of group ``name`` still held anywhere (for its cancel)."""
         with self._lock:
-            return self.groups.get(name)
+            group = self.groups.get(name)
+            refs = list(group.live.values()) if group is not None else []
+        return [f for f in (r() for r in refs) if f is not None and not f.done()]
 
     def tokens_spent(self) -> float:
         with self._lock:
-            return self._evicted_cost + sum(g.cost() for g in self.groups.values())
+            groups = list(self.groups.values())
+            return self._evicted_cost + sum(
+                g.settled_cost + sum((r() or _Gone(c)).cost for _, r, c in g.settling)
+                for g in groups)
 
     def recent_tasks(self) -> list[dict[str, Any]]:
         """The latest tasks still referenced anywhere, newest first (plain data)."""
@@ -535,8 +606,7 @@ class Panel(widgets.VBox):
 
     def cancel_group(self, name: str) -> int:
         """Cancel the unfinished tasks of group ``name`` (the cancel button); returns how many."""
-        group = self.tracker.group(name)
-        futures = group.unfinished() if group is not None else []
+        futures = self.tracker.unfinished(name)
         if futures:
             self.client.cancel(futures)
         log.info("panel: cancelled %d tasks of %s", len(futures), name)
