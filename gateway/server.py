@@ -45,6 +45,8 @@ CLIENT_TYPES = frozenset({"submit", "cancel", "query", "fetch", "release"})
 #: A provider may answer a frame it could not read with an ``error`` (it stays connected).
 PROVIDER_TYPES = frozenset({"results", "events", "heartbeat", "query", "data", "error"})
 POLICY = 1008  # close code: policy violation (auth, schema, unknown type)
+#: Seconds a refused peer has to complete the closing handshake before its socket is dropped.
+CLOSE_TIMEOUT = 2.0
 
 
 def _respond(connection: ServerConnection, body: str, content_type: str) -> Response:
@@ -160,9 +162,15 @@ class GatewayServer:
             await ws.close(1011, "internal: the gateway hit an error; see its log")
 
     async def _refuse(self, ws: ServerConnection, exc: p.ProtocolError) -> None:
+        """Close with the rule's reason; a peer that does not complete the closing handshake
+        (it keeps flooding us, unread) is cut off after ``CLOSE_TIMEOUT``."""
         self.hub.counters.refused[exc.code.value] += 1
         log.info("closing %s: %s", ws.remote_address, exc.reason)
-        await ws.close(POLICY, exc.reason)
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await ws.close(POLICY, exc.reason)
+        except TimeoutError:
+            ws.transport.abort()
 
     def _react(self, what: str, react: Any, *args: Any) -> None:
         """Call the hub; a bug in handling one message is logged, and the connection lives on."""

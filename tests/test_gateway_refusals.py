@@ -245,13 +245,39 @@ AFTER_HELLO = [
 ]
 
 
+def answer_to(ws: ClientConnection, frame: bytes | str) -> p.Error:
+    """Send one bad frame; the gateway's ``Error`` about it (the connection stays open)."""
+    ws.send(frame)
+    msg, _ = p.decode(ws.recv(timeout=10))
+    assert isinstance(msg, p.Error), msg
+    return msg
+
+
+def still_served(ws: ClientConnection) -> None:
+    ws.send(p.encode(p.Query(id=41, what="providers")))
+    reply, _ = p.decode(ws.recv(timeout=10))
+    assert isinstance(reply, p.Reply) and reply.id == 41
+
+
 @pytest.mark.parametrize(("frame", "prefix"), AFTER_HELLO)
-def test_refusal_after_the_hello_names_the_rule(small_gateway: Gateway, frame: bytes | str,
-                                                prefix: str) -> None:
+def test_a_bad_frame_after_the_hello_is_refused_alone_naming_the_rule(
+        small_gateway: Gateway, frame: bytes | str, prefix: str) -> None:
+    """One bad frame never ends a connection: it is answered with an Error and dropped."""
     with authenticated(small_gateway) as ws:
-        code, reason = closed_with(ws, frame)
-    assert code == POLICY
-    assert reason.startswith(f"{prefix}:"), reason
+        error = answer_to(ws, frame)
+        assert error.code == prefix and error.message.startswith("frame dropped"), error
+        still_served(ws)
+
+
+def test_a_peer_that_keeps_sending_garbage_is_closed(small_gateway: Gateway) -> None:
+    with authenticated(small_gateway) as ws:
+        still_served(ws)
+        with pytest.raises(ConnectionClosed) as info:
+            for _ in range(200):  # 50 in 10 s are forgiven, one at a time
+                answer_to(ws, b"garbage")
+    assert info.value.rcvd is not None and info.value.rcvd.code == POLICY
+    reason = info.value.rcvd.reason
+    assert reason.startswith("bad_frame:") and "bad frames in" in reason, reason
 
 
 def test_oversized_message_after_the_hello(small_gateway: Gateway) -> None:
@@ -290,6 +316,8 @@ def test_session_of_another_account_is_not_handed_over(small_gateway: Gateway,
 def test_refusals_are_counted_in_metrics(small_gateway: Gateway) -> None:
     with raw(small_gateway) as (ws, _):
         closed_with(ws, b"garbage")
+    with authenticated(small_gateway) as ws:
+        answer_to(ws, b"garbage")
     status, text = http_get(small_gateway.port, "/metrics")
     assert status == 200
     assert 'decompute_frames_refused_total{code="auth"}' in text
