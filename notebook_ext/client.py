@@ -156,14 +156,14 @@ class Client:
         self.session = secrets.token_hex(8)
         self.default_providers: list[str] | None = None
         self._trusted: set[str] = set()
-        self._book = TaskBook(self._abandoned)
+        self._book = TaskBook(self._abandoned, self._reap_soon)
         self._submit_listeners: list[Callable[[list[Future]], None]] = []
         self._ids = itertools.count(1)
         self._closed = False
         self._close_lock = threading.Lock()
         self._give_up: asyncio.TimerHandle | None = None
         self._warned = False
-        self._let_go_lock = threading.Lock()
+        self._let_go_lock = threading.RLock()  # a GC finalizer may re-enter on this thread
         self._releases: list[str] = []
         self._cancels: list[str] = []
         self._let_go_scheduled = False
@@ -386,6 +386,13 @@ class Client:
             return
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             self._loop.call_soon_threadsafe(self._flush_let_go)
+
+    def _reap_soon(self) -> None:
+        """Futures were collected (called from a GC callback): forget them on the loop."""
+        if self._closed:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            self._loop.call_soon_threadsafe(self._book.reap)
 
     def _flush_let_go(self) -> None:
         """Loop thread: send the queued releases and cancels, batched."""

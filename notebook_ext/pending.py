@@ -6,8 +6,11 @@ takes one lock, so the user's thread (submitting, closing) and the loop thread (
 see a dict change under an iteration; callers get snapshots, never the dicts themselves.
 
 Futures are held *weakly*, as Dask does: a task whose future nobody holds any more is abandoned
-(``on_abandoned(key)``: the client cancels or releases it). What the books hold strongly is the
+(``on_abandoned(key, keep)``: the client cancels it). What the books hold strongly is the
 submission itself (spec, argument bytes, function blob), until the task's result arrives.
+A weakref callback runs wherever the garbage collector happens to run, even inside one of these
+methods on the same thread, so it takes no lock and changes no dict: it queues the key and asks
+for :meth:`reap` (``wake``), which forgets it under the lock.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -42,12 +46,16 @@ class Resubmission:
 class TaskBook:
     """Unfinished tasks by key, plus reply and fetch waiters; thread-safe."""
 
-    def __init__(self, on_abandoned: Callable[[str, bool], None]) -> None:
+    def __init__(self, on_abandoned: Callable[[str, bool], None],
+                 wake: Callable[[], None]) -> None:
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._replies: dict[int, cf.Future] = {}
         self._fetches: dict[str, cf.Future] = {}
         self._on_abandoned = on_abandoned
+        self._wake = wake
+        self._dead: deque[tuple[str, weakref.ref, bool]] = deque()
+        self._reap_asked = False
 
     # ------------------------------------------------------------------ tasks
 
@@ -67,15 +75,27 @@ class TaskBook:
                     weakref.ref(fut, self._collected(spec.key, keep)))
 
     def _collected(self, key: str, keep: bool) -> Callable[[weakref.ref], None]:
-        def collected(ref: weakref.ref) -> None:  # runs wherever the GC ran
-            with self._lock:
-                entry = self._entries.get(key)
-                if entry is None or entry.ref is not ref:
-                    return
-                del self._entries[key]
-            self._on_abandoned(key, keep)
+        def collected(ref: weakref.ref) -> None:  # runs wherever the GC ran: no lock here
+            self._dead.append((key, ref, keep))
+            if not self._reap_asked:
+                self._reap_asked = True
+                self._wake()
 
         return collected
+
+    def reap(self) -> None:
+        """Forget the tasks whose futures were collected, and report them abandoned."""
+        self._reap_asked = False
+        gone = []
+        with self._lock:
+            while self._dead:
+                key, ref, keep = self._dead.popleft()
+                entry = self._entries.get(key)
+                if entry is not None and entry.ref is ref:
+                    del self._entries[key]
+                    gone.append((key, keep))
+        for key, keep in gone:
+            self._on_abandoned(key, keep)
 
     def get(self, key: str) -> Future | None:
         with self._lock:
