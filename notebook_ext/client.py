@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 DEFAULT_GATEWAY = "ws://127.0.0.1:8765"
 #: Tasks per Submit frame in ``map``: bounds one frame's header to a few hundred KiB.
 MAP_BATCH = 1000
+#: Separates a graph key from its submission token (``notebook_ext.dask_integration``).
+_GRAPH_SEP = "#"
 #: Keys per Release/Cancel frame sent for futures nobody holds any more.
 LET_GO_BATCH = 10_000
 #: Seconds ``balance()``, ``providers()`` and other questions wait for the gateway's answer.
@@ -167,6 +169,7 @@ class Client:
         self._releases: list[str] = []
         self._cancels: list[str] = []
         self._let_go_scheduled = False
+        self._failures: dict[str, tuple[str, BaseException]] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="decompute-client")
@@ -624,6 +627,8 @@ class Client:
             else:
                 waiter.set_exception(rebuild_error(result.error, result.code))
         fut = self._book.take(result.key)
+        if result.status == "error" and _GRAPH_SEP in result.key:
+            self._note_failure(result)
         if fut is None or fut.done():
             return
         fut._settled(result.provider, result.usage, result.cost, result.receipt)
@@ -635,6 +640,22 @@ class Client:
             fut._cancel_locally()
         else:
             fut._fail(rebuild_error(result.error, result.code))
+
+    def _note_failure(self, result: p.Result) -> None:
+        """Keep the first failure of each graph submission (keys ``...#token``): a graph's
+        intermediate futures are dropped at once, and when one fails (or is refused) the
+        outputs only hear that an input is missing; :meth:`first_failure` tells why."""
+        token = result.key.rpartition(_GRAPH_SEP)[2]
+        with self._let_go_lock:
+            if token not in self._failures:
+                self._failures[token] = (result.key, rebuild_error(result.error, result.code))
+                while len(self._failures) > 256:
+                    self._failures.pop(next(iter(self._failures)))
+
+    def first_failure(self, token: str) -> tuple[str, BaseException] | None:
+        """The first task failure of the graph submission ``token`` (its key and error)."""
+        with self._let_go_lock:
+            return self._failures.get(token)
 
     def _on_event(self, event: p.Event) -> None:
         fut = self._book.get(event.key)

@@ -314,12 +314,26 @@ def get(client: Client, dsk: Any, keys: Any, **kwargs: Any) -> Any:
     try:
         cf.wait(list(futures.values()), return_when=cf.FIRST_EXCEPTION)
         values = {k: f.result() for k, f in futures.items()}
-    except BaseException:
-        for fut in futures.values():
-            if not fut.done() and fut.key not in lowered.external:
-                fut.cancel()
+    except KeyboardInterrupt:
+        _cancel(futures, lowered)
+        raise KeyboardInterrupt("interrupted while computing a Dask graph; its tasks still "
+                                "running were cancelled") from None
+    except Exception as exc:
+        _cancel(futures, lowered)
+        root = client.first_failure(lowered.tasks[0].key.rpartition(_SEP)[2]) \
+            if lowered.tasks else None
+        failed = {f.key for f in futures.values() if f.done() and not f.cancelled()
+                  and f.exception() is not None}
+        if root is not None and root[0] not in failed:  # an input failed: that is the news
+            raise root[1] from exc
         raise
     return _nested(keys, values)
+
+
+def _cancel(futures: Mapping[Key, Future], lowered: Lowered) -> None:
+    for fut in futures.values():
+        if not fut.done() and fut.key not in lowered.external:
+            fut.cancel()
 
 
 def _expression(collections: Sequence[Any], optimize_graph: bool, finalize: bool) -> Any:

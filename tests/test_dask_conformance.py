@@ -16,12 +16,14 @@ It runs unchanged against the session's real gateway and providers.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import cloudpickle
 import pytest
+from conftest import start_gateway
 from dask.utils_test import GetFunctionTestMixin
 
-from notebook_ext import Client
+from notebook_ext import Client, InsufficientFunds
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -55,3 +57,22 @@ def test_a_100_000_task_graph_computes_correctly(client: Client) -> None:
     dsk["total"] = (sum, [("s", g) for g in range(n // group)])
     assert len(dsk) > 100_000
     assert client.get(dsk, "total") == sum(i + 2 for i in range(n))
+
+
+def test_a_graph_that_outruns_its_funds_says_so_not_that_a_key_is_missing(
+        tmp_path: Path) -> None:
+    """The root cause of the old failure, on purpose: 5 tokens, priced providers, 1 token of
+    escrow per task, a 20-task chain. Whether the gateway holds escrow at submit (then the 6th
+    task is refused for funds and the rest for a missing input) or at dispatch, the user hears
+    ``InsufficientFunds`` or gets the value, never a missing-key ``KeyError``."""
+    gw = start_gateway(tmp_path, local_providers=1,
+                       extra=("--faucet", "5", "--local-price-cpu", "0.5"))
+    try:
+        with Client(gw.url, home=tmp_path / "client", stream_output=False) as c:
+            dsk: dict = {"x0": 0, **{f"x{i + 1}": (inc, f"x{i}") for i in range(20)}}
+            try:
+                assert c.get(dsk, "x20") == 20
+            except InsufficientFunds as exc:
+                assert "does not have" not in str(exc)
+    finally:
+        gw.stop()
