@@ -466,7 +466,8 @@ class Provider:
             self._output_due.discard(a.key)
             if slot.worker is not None:
                 self.served += slot.reported  # a task handed back was not served
-                await asyncio.shield(self._pool.release(slot.worker, broken=slot.broken))
+                if not (self._handing_back and slot.broken):  # stopping: no replacement
+                    await asyncio.shield(self._pool.release(slot.worker, broken=slot.broken))
 
     async def _run(self, a: p.Assignment, payload: list[memoryview], slot: _Slot) -> Outcome:
         assert self._pool is not None

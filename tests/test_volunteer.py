@@ -16,11 +16,26 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import cloudpickle
+import psutil
 import pytest
-from conftest import REPO, Gate, Gateway, hold, start_gateway, start_provider
-from helpers import free_port, gone, home_env, wait_for
+from conftest import (
+    _SEEN,
+    REPO,
+    Gate,
+    Gateway,
+    ProviderProcess,
+    hold,
+    start_gateway,
+    start_provider,
+)
+from fake_gateway import FakeGateway, payload, task_frame
+from helpers import free_port, gone, home_env, spawn, wait_for
 
+from gateway import protocol as p
 from notebook_ext import Client
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def add(x, y):
@@ -94,22 +109,42 @@ def test_status_says_clearly_when_the_gateway_is_unreachable(tmp_path: Path) -> 
     assert "cannot reach the gateway" in shown.stderr and "DECOMPUTE_GATEWAY" in shown.stderr
 
 
-def test_a_second_ctrl_c_kills_at_once(gateway: Gateway, client: Client, tmp_path: Path,
-                                       gate: Gate) -> None:
-    prov = start_provider(gateway, tmp_path, "impatient")
+def spin(seconds):
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_a_second_ctrl_c_kills_at_once(tmp_path: Path) -> None:
+    """Against a gateway that never answers the last earnings question, the graceful stop waits;
+    a second Ctrl-C during that wait kills the task and exits at once."""
+    gw = FakeGateway().start()
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = spawn([sys.executable, "-m", "provider", gw.url, "--name", "impatient", "--cpus", "1"],
+                 home, tmp_path / "provider.log", REPO)
+    _SEEN.append(psutil.Process(proc.pid))  # checked dead at the session's end
+    prov = ProviderProcess(proc, "impatient", tmp_path / "provider.log")
     try:
-        online = wait_for(lambda: [p for p in client.providers() if p.name == "impatient"], 60,
-                          message="the provider online")
-        fut = client.submit(hold, str(gate), providers=[online[0].id], retries=0)
-        wait_for(lambda: fut.status == "running", 30, message="task running")
-        workers = wait_for(prov.workers, 10, message="its task processes")
+        wait_for(lambda: gw.connections == 1, 60, message="the provider connected")
+        blob = cloudpickle.dumps(spin, protocol=5)
+        gw.send(task_frame([p.Assignment(key="spin", func="f" * 32, nb=1, account="ab" * 32)],
+                           {"f" * 32: blob}, [payload(60)]))
+        wait_for(lambda: gw.heartbeat_where(
+            lambda h: h.usage.get("spin", {}).get("cpu_seconds", 0) > 0.1), 30,
+            message="the task spinning")
+        workers = prov.workers()
         prov.proc.send_signal(signal.SIGINT)
+        wait_for(lambda: "handing 1 tasks back" in prov.log.read_text(), 10,
+                 message="the graceful stop begun")
         prov.proc.send_signal(signal.SIGINT)
-        assert prov.proc.wait(10) == 130
+        assert prov.proc.wait(5) == 130
         wait_for(lambda: all(gone(w) for w in workers), 5, message="its task processes gone")
-        fut.cancel()
     finally:
         prov.stop()
+        gw.stop()
 
 
 def test_served_totals_add_up_across_providers_of_one_home(tmp_path: Path) -> None:
