@@ -35,6 +35,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 _SEEN: list[psutil.Process] = []
 #: Gate folders under /tmp, removed at session end.
 _GATES: list[Path] = []
+#: Every gateway ``start_gateway`` started, with its ledger file (audited after attack tests).
+_GATEWAYS: list[tuple[Gateway, Path]] = []
 
 
 # --------------------------------------------------------------------------- processes
@@ -207,6 +209,8 @@ def start_gateway(tmp: Path, *, local_providers: int = 0, extra: tuple[str, ...]
         gw = Gateway(proc, port, tmp / "gateway-home", log)
         try:
             gw.wait_providers(local_providers, timeout)
+            db = Path(extra[extra.index("--db") + 1]) if "--db" in extra else tmp / "ledger.sqlite"
+            _GATEWAYS.append((gw, db))
             return gw
         except AssertionError:
             gw.stop()
@@ -252,6 +256,35 @@ def start_provider(gateway: Gateway, tmp: Path, name: str, cpus: int = 1) -> Pro
 
 
 # --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gateways_of_module() -> int:
+    """Where this module's gateways begin in ``_GATEWAYS`` (autouse, so it is set up before the
+    module's own fixtures start any)."""
+    return len(_GATEWAYS)
+
+
+@pytest.fixture(autouse=True)
+def attack_books(request: pytest.FixtureRequest, gateways_of_module: int) -> Iterator[None]:
+    """Issue 9, acceptance 12: after every test of an attack file (``test_attack_*.py``), every
+    ledger of a gateway its module started is conserved, and a gateway still running holds no
+    escrow once the test's tasks are over (finished, failed, cancelled or gone)."""
+    yield
+    if not request.module.__name__.startswith("test_attack_"):
+        return
+    from money_audit import books_settle
+
+    from gateway.ledger import Ledger
+
+    for gw, db in _GATEWAYS[gateways_of_module:]:
+        if not db.exists():
+            continue
+        if gw.proc.poll() is None:
+            books_settle(db)
+        else:  # stopped: what it held when it stopped is recovered at its next start
+            with Ledger(db) as led:
+                led.check()
 
 
 @pytest.fixture(scope="session", autouse=True)

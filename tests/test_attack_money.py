@@ -3,7 +3,7 @@
 Each attack is a :class:`fakes.FakeProvider`, which speaks the wire protocol and sends what the
 test says, against a real gateway process and its real SQLite ledger; clients are real
 ``Client`` objects. After every test the books must be conserved with no escrow left held
-(acceptance 12, :func:`money_audit.books_settle`).
+(acceptance 12: conftest's ``attack_books`` audits every ``test_attack_*`` file).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import pytest
 from conftest import Gateway, start_gateway
 from fakes import FakeProvider, result_buffers
 from helpers import http_get, wait_for
-from money_audit import books_settle
 
 from gateway import protocol as p
 from gateway.ledger import Ledger, to_micro
@@ -56,12 +55,6 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 def ledger_of(gw: Gateway) -> Path:
     return gw.home.parent / "ledger.sqlite"
-
-
-@pytest.fixture(autouse=True)
-def audited(gw: Gateway) -> Iterator[None]:
-    yield
-    books_settle(ledger_of(gw))
 
 
 def balance(gw: Gateway, account: str) -> int:
