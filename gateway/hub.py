@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from gateway import protocol as p
@@ -51,6 +51,8 @@ REJOIN_GRACE = 30.0
 START_GRACE = 10.0
 #: Pending tasks re-checked for placeability per sweep tick: bounds one tick's work.
 RECHECK_SLICE = 5_000
+#: Dependents of a failed graph task failed in one go; the rest wait for the next slice.
+FAIL_SLICE = 2_000
 #: Results per frame the gateway makes itself (failures of a whole chain, cancels).
 RESULTS_PER_FRAME = 1_000
 #: Bytes of error text per such frame: keeps its header far under the decoder's limit.
@@ -106,6 +108,10 @@ class Hub:
         self._recheck_at: float | None = None  # when to re-check pending tasks' placeability
         self._recheck: list[Task] = []  # the snapshot being re-checked, a slice a tick
         self._left_at = float("-inf")  # when a provider last left
+        #: Bulk work deferred in slices (the failures of a long chain); the shell calls
+        #: :meth:`work` until it is empty, serving connections between slices, after ``wake``.
+        self.later: deque[Callable[[], None]] = deque()
+        self.wake: Callable[[], None] = lambda: None
         self._empty_since = time.monotonic()  # when the last provider left (or the start)
         self.sessions: dict[str, ClientSession] = {}
         self.relay = Relay(self.registry, self.graph, self.sessions, self._recompute)
@@ -536,8 +542,8 @@ class Hub:
 
     def _dropped(self, reason: str, key: str, conn: ProviderConn) -> None:
         """A provider reported on a task it does not hold: ignored, counted in /metrics."""
-        self.counters.dropped[reason] += 1
-        log.info("dropping %s for %.80s from %s", reason.replace("_", " "), key, conn.id)
+        self.counters.dropped[reason] += 1  # counted; logged quietly: a flood must not fill logs
+        log.debug("dropping %s for %.80s from %s", reason.replace("_", " "), key, conn.id)
 
     def events(self, conn: ProviderConn, msg: p.Events) -> None:
         now = time.monotonic()
@@ -775,8 +781,13 @@ class Hub:
         self.relay.release(freeable)
 
     def _fail_like(self, dependents: list[Task], failed: Task, result: p.Result) -> None:
-        """Dependents of a failed task fail with the same error (as Dask raises it), all at
-        once: one refund call and a few frames, however long the chain."""
+        """Dependents of a failed task fail with the same error (as Dask raises it): one refund
+        call and a few frames per ``FAIL_SLICE`` of them; past the first slice the rest is
+        deferred to :meth:`work`, so a 100,000-task chain never stalls other peers."""
+        if len(dependents) > FAIL_SLICE:
+            rest = dependents[FAIL_SLICE:]
+            self._defer(lambda: self._fail_like(rest, failed, result))
+            dependents = dependents[:FAIL_SLICE]
         dependents = [d for d in dependents if d.state is TaskState.PENDING]
         if not dependents:
             return
@@ -983,6 +994,15 @@ class Hub:
         if session is not None:  # the cost: what a lost provider was paid before it vanished
             self._send_results(session, [(replace(failure(task.key, code, message, type_),
                                                   cost=charge.cost if charge else 0.0), [])])
+
+    def _defer(self, job: Callable[[], None]) -> None:
+        self.later.append(job)
+        self.wake()
+
+    def work(self) -> None:
+        """Run one deferred slice of bulk work."""
+        if self.later:
+            self.later.popleft()()
 
     def _fail_many(self, items: list[Failing]) -> None:
         """Fail tasks together: one refund call, a few frames per session. A graph task's

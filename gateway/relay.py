@@ -72,7 +72,7 @@ class Relay:
         dropped: Counter[str] = Counter()
         for key, bufs in zip(msg.keys, p.split_buffers(msg.nbs, buffers), strict=True):
             if self.graph.fetching.get(key) != sender_id:
-                log.warning("dropping data for %.80s from %s: no open fetch asked it", key,
+                log.debug("dropping data for %.80s from %s: no open fetch asked it", key,
                             sender_id)
                 dropped["data_not_asked"] += 1
                 continue
@@ -95,7 +95,7 @@ class Relay:
                     session.send(p.encode_parts(p.Results(results=[result]), bufs))
         for key in msg.missing:  # the holder lost or freed it: try another, or recompute
             if self.graph.fetching.get(key) != sender_id:
-                log.warning("dropping a missing report for %.80s from %s: no open fetch asked"
+                log.debug("dropping a missing report for %.80s from %s: no open fetch asked"
                             " it", key, sender_id)
                 dropped["missing_not_asked"] += 1
                 continue
