@@ -4,6 +4,11 @@ Owns: accounts, every movement of tokens (one ``transfers`` row each: the amount
 ``debit`` account and enters the ``credit`` account), one escrow per task with its lifecycle, and
 the conservation check ``minted == Σ user balances + Σ open escrow + fees``.
 
+The file (and its WAL and shared-memory files) is created mode 0600: who paid whom is nobody
+else's business, least of all a local provider's tasks. Each escrow remembers its task (the id
+before ``~``) and whether a final settlement closed it, so a task resubmitted after a restart that
+lost its result is never charged twice (``settled_tasks``).
+
 Must never: keep money in Python state between calls (the database is the only truth, so several
 ``Ledger`` objects or processes on one file stay exact), move tokens outside one transaction, let a
 user account go negative, or take a float amount (floats live at the edge: ``to_micro``).
