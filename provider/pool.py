@@ -303,6 +303,9 @@ class WorkerPool:
                     return Outcome("error", error=reply.error, usage=worker.meter.sample(),
                                    dropped=reply.dropped)
                 on_output(reply.stream, reply.text)
+                # A read that finds data never yields: without this, a task flooding its
+                # channel would starve heartbeats and the connection until the gateway gives up.
+                await asyncio.sleep(0)
         except ChannelClosed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):

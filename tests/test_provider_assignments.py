@@ -145,3 +145,31 @@ def test_heartbeats_hold_every_task_cancels_answer_every_key(fake) -> None:
     wait_for(lambda: gw.heartbeat_where(lambda h: not h.usage and h.load["running"] == 0), 10,
              message="a heartbeat holding nothing")
     still_connected(gw, prov)
+
+
+def flood(seconds):
+    import os
+    import socket
+    import struct
+    import sys
+    import time
+
+    from gateway.protocol import encode_frame
+
+    sock = socket.socket(fileno=os.dup(int(sys.argv[1])))
+    chunk = encode_frame({"t": "out", "stream": "stdout", "text": "f" * 64})
+    frame = (struct.pack("!Q", len(chunk)) + chunk) * 10_000  # tiny frames: costly to read
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sock.sendall(frame)
+    return seconds
+
+
+def test_a_task_flooding_its_channel_does_not_starve_the_heartbeats(fake) -> None:
+    gw, prov = fake
+    func, blob = function(flood)
+    before = len(gw.of_type(p.Heartbeat))
+    gw.send(task_frame([assignment("flood", func)], {func: blob}, [payload(4)]))
+    assert result_of(gw, "flood").status == "finished"
+    assert len(gw.of_type(p.Heartbeat)) - before >= 6  # 0.5 s apart over the 4 s flood
+    still_connected(gw, prov)
