@@ -29,6 +29,7 @@ CSS = """<style>
   color: var(--jp-ui-font-color1, #222); padding: 4px 6px; box-sizing: border-box; }
 .dc-panel .widget-html-content { line-height: 1.35; font-size: 12px; }
 .dc-panel .widget-html, .dc-panel .widget-checkbox { margin: 0; height: auto; }
+.dc-panel .widget-html, .dc-panel .widget-html-content { min-width: 0; overflow: hidden; }
 .dc-panel .widget-checkbox { width: 18px !important; min-width: 18px; }
 .dc-panel .widget-checkbox input { margin: 0 2px 0 0; }
 .dc-panel .widget-hbox { align-items: center; }
@@ -58,7 +59,9 @@ CSS = """<style>
 .dc-group { min-width: 0; }
 .dc-gname { flex: 1 1 auto; min-width: 30px; overflow: hidden; text-overflow: ellipsis;
   font-family: var(--jp-code-font-family, monospace); }
-.dc-gcount, .dc-gcost { flex: 0 0 auto; color: var(--jp-ui-font-color2, #555); }
+.dc-gcount { flex: 0 1 auto; min-width: 0; overflow: hidden; text-overflow: ellipsis;
+  color: var(--jp-ui-font-color2, #555); }
+.dc-gcost { flex: 0 0 auto; color: var(--jp-ui-font-color2, #555); }
 .dc-bar { height: 5px; background: var(--jp-layout-color3, #e0e0e0); border-radius: 3px;
   overflow: hidden; display: flex; margin-top: 1px; }
 .dc-bar span { display: block; height: 5px; }

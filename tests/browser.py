@@ -112,12 +112,27 @@ def open_notebook(page: Any, url: str) -> None:
     page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=60_000)
 
 
+def code_cell(page: Any, first_line: str) -> Any:
+    """The code cell whose source starts with the line ``first_line`` (a text match anywhere
+    in the cell would also find later cells that merely contain it)."""
+    cells = page.locator(".jp-CodeCell")
+
+    def index() -> int | None:  # cells render lazily: wait for it to be drawn
+        firsts = cells.evaluate_all(
+            "cs => cs.map(c => (c.querySelector('.cm-line') || {}).textContent || '')")
+        found = [i for i, text in enumerate(firsts) if text.strip() == first_line.strip()]
+        return found[0] + 1 if found else None
+
+    return cells.nth(wait_for(index, 30, f"a code cell starting {first_line!r}",
+                              interval=0.1) - 1)
+
+
 def run_cell(page: Any, first_line: str, timeout: float = 60_000) -> None:
     """Click the code cell starting with ``first_line``, Shift+Enter it as a user would, and
     wait until its prompt shows a number (it ran)."""
     from playwright.sync_api import expect
 
-    cell = page.locator(".jp-CodeCell", has_text=first_line).first
+    cell = code_cell(page, first_line)
     prompt = cell.locator(".jp-InputArea-prompt")
     for _attempt in range(3):  # a run interrupted by the kernel dialog is dropped: redo it
         cell.locator(".jp-InputArea-editor").click()

@@ -17,7 +17,7 @@ from typing import Any
 
 import nbformat
 import pytest
-from browser import ARTIFACTS, browser_or_skip, jupyter_lab, open_notebook, run_cell
+from browser import ARTIFACTS, browser_or_skip, code_cell, jupyter_lab, open_notebook, run_cell
 from browser import set_right_sidebar_width as set_width
 from kernel_fixtures import Network, wait_for
 
@@ -27,7 +27,9 @@ CELLS = [
     "import dask\nfrom notebook_ext.magics import get_client\nclient = get_client()\n"
     "parts = [dask.delayed(abs)(-i) for i in range(6)]\n"
     "answer = dask.delayed(sum)(parts).compute(scheduler=client)\nanswer",
-    "import time\ndef napper(i):\n    time.sleep(120)\n    return i\n"
+    "%%decompute\nimport time\nprint('computing on a provider', flush=True)\n"
+    "time.sleep(2.5)\nprint('done computing')\n6 * 7",
+    "def napper(i):\n    import time\n    time.sleep(120)\n    return i\n\n"
     "naps = client.map(napper, range(4))",
     "%%decompute --async -o job\nimport time\ntime.sleep(120)",
 ]
@@ -83,8 +85,10 @@ def wait_text(page: Any, pattern: str, timeout: float = 30.0) -> str:
     return wait_for(shown, timeout, f"the panel to show /{pattern}/", interval=0.2)
 
 
+@pytest.mark.timeout(300)  # JupyterLab, Chromium and two kernels' worth of start-up
 def test_panel_in_the_sidebar_at_300_and_1000_px(net: Network, tmp_path: Path) -> None:
     chromium = browser_or_skip()
+    SHOTS.mkdir(parents=True, exist_ok=True)
     from playwright.sync_api import sync_playwright
 
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
@@ -101,6 +105,12 @@ def test_panel_in_the_sidebar_at_300_and_1000_px(net: Network, tmp_path: Path) -
             for cell in CELLS:
                 run_cell(page, cell.splitlines()[0])
             page.locator("#jp-right-stack .dc-panel").wait_for(timeout=60_000)
+            cell = code_cell(page, "%%decompute")
+            cell_outputs = cell.locator(".jp-OutputArea-output")
+            first = cell_outputs.first.inner_text()  # the status line, above what it printed
+            assert re.match(r"● In\[\d+\] finished · on p\d", first.strip()), first
+            assert "computing on a provider" in cell_outputs.nth(1).inner_text()
+            cell.screenshot(path=str(SHOTS / "cell-status-line.png"))
             text = wait_text(page, r"napper[\s\S]*In\[\d+\]|In\[\d+\][\s\S]*napper")
             text = wait_text(page, r"\d tokens available")
 
