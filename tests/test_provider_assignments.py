@@ -128,7 +128,7 @@ def test_heartbeats_hold_every_task_cancels_answer_every_key(fake) -> None:
 
     def both_held(h: p.Heartbeat) -> bool:
         return (h.usage.get("queued") == {} and h.usage.get("spinning", {}).get("cpu_seconds", 0)
-                > 0.2 and h.load.get("cpu", 0) > 0.3)
+                > 0.2 and h.load.get("cpu", 0) > 0.05)  # a share of a loaded 2-core machine
 
     beat = wait_for(lambda: gw.heartbeat_where(both_held), 30, message="a heartbeat holding both")
     assert set(beat.load) == {"cpu", "memory_bytes", "running"}
@@ -169,7 +169,8 @@ def test_a_task_flooding_its_channel_does_not_starve_the_heartbeats(fake) -> Non
     gw, prov = fake
     func, blob = function(flood)
     before = len(gw.of_type(p.Heartbeat))
-    gw.send(task_frame([assignment("flood", func)], {func: blob}, [payload(4)]))
-    assert result_of(gw, "flood").status == "finished"
-    assert len(gw.of_type(p.Heartbeat)) - before >= 6  # 0.5 s apart over the 4 s flood
+    gw.send(task_frame([assignment("flood", func)], {func: blob}, [payload(5)]))
+    assert result_of(gw, "flood", timeout=60).status == "finished"
+    # 0.5 s apart over the 5 s flood, with room for a loaded machine (starved: 0 or 1)
+    assert len(gw.of_type(p.Heartbeat)) - before >= 4
     still_connected(gw, prov)
