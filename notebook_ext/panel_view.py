@@ -209,6 +209,8 @@ def group_html(g: GroupView) -> str:
     counts = f"{g.done}/{g.total}"
     if g.running:
         counts += f" · {g.running} running"
+    elif g.active:
+        counts += " · queued"
     if g.failed:
         counts += f" · {g.failed} failed"
     if g.cancelled:

@@ -91,6 +91,7 @@ def test_a_group_row_counts_and_costs() -> None:
     row = pv.group_html(g)
     assert ">napper<" in row and "3/4 · 1 running · 2 cancelled" in row
     assert "0.0123 tok" in row and "on p0-1" in row
+    assert "0/1 · queued" in pv.group_html(pv.GroupView("In[6]", 1, 0, 0, 0, 0, 0, 0, 1.0))
     done = pv.GroupView("abs", 6, 6, 0, 0, 0, 0.2, 0.1, 1.0)
     assert done.status == "done" and not done.active
     gone = pv.GroupView("nap", 2, 0, 0, 2, 0, 0.0, 0.0, 1.0)
