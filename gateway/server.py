@@ -47,6 +47,12 @@ PROVIDER_TYPES = frozenset({"results", "events", "heartbeat", "query", "data", "
 POLICY = 1008  # close code: policy violation (auth, schema, unknown type)
 #: Seconds a refused peer has to complete the closing handshake before its socket is dropped.
 CLOSE_TIMEOUT = 2.0
+#: Frames larger than this are decoded in a worker thread, so that parsing one 10,000-task header
+#: (a few hundred ms of CPU) does not stop every other connection for that long.
+DECODE_IN_THREAD = 256 * 1024
+#: A submit or cancel is handed to the hub this many tasks at a time, other connections served
+#: between the slices.
+SLICE = 1_000
 
 
 def _respond(connection: ServerConnection, body: str, content_type: str) -> Response:
@@ -90,8 +96,10 @@ class GatewayServer:
             self.started.set()
             async with asyncio.TaskGroup() as tg:
                 sweeper = tg.create_task(self._sweep_forever())
+                worker = tg.create_task(self._work_forever())
                 await self._stop.wait()
                 sweeper.cancel()
+                worker.cancel()
             server.close(close_connections=True)
             await server.wait_closed()
         log.info("gateway stopped")
@@ -99,7 +107,19 @@ class GatewayServer:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            self.hub.sweep()
+            self._react("sweep", self.hub.sweep)
+
+    async def _work_forever(self) -> None:
+        """The hub's deferred bulk work (a long chain failing), a slice at a time, with every
+        connection served between slices."""
+        more = asyncio.Event()
+        self.hub.wake = more.set
+        while True:
+            await more.wait()
+            more.clear()
+            while self.hub.later:
+                self._react("deferred work", self.hub.work)
+                await asyncio.sleep(0)
 
     # ------------------------------------------------------------------ HTTP
 
@@ -233,7 +253,10 @@ class GatewayServer:
                     raise p.ProtocolError(p.ErrorCode.BAD_FRAME, "text frames are not accepted")
                 self.hub.counters.bytes_in += len(data)
                 self.hub.counters.frames_in += 1
-                decoded = p.decode(data, allowed=allowed)
+                if len(data) > DECODE_IN_THREAD:
+                    decoded = await asyncio.to_thread(p.decode, data, allowed)
+                else:
+                    decoded = p.decode(data, allowed=allowed)
             except p.ProtocolError as exc:
                 self._bad_frame(exc, bad, out)
                 continue
@@ -267,9 +290,13 @@ class GatewayServer:
         try:
             async for msg, buffers in self._messages(ws, CLIENT_TYPES, out):
                 if isinstance(msg, p.Submit):
-                    self._react("submit", self.hub.submit, session, msg, buffers)
+                    for part, bufs in submit_slices(msg, buffers):
+                        self._react("submit", self.hub.submit, session, part, bufs)
+                        await asyncio.sleep(0)
                 elif isinstance(msg, p.Cancel):
-                    self._react("cancel", self.hub.cancel, session, msg.keys)
+                    for i in range(0, len(msg.keys), SLICE):
+                        self._react("cancel", self.hub.cancel, session, msg.keys[i:i + SLICE])
+                        await asyncio.sleep(0)
                 elif isinstance(msg, p.Fetch):
                     self._react("fetch", self.hub.fetch, session, msg.keys)
                 elif isinstance(msg, p.Release):
@@ -313,3 +340,20 @@ class GatewayServer:
                                 msg.code, msg.message[:500])
         finally:
             self.hub.leave_provider(conn.id)
+
+
+def submit_slices(msg: p.Submit, buffers: list[memoryview]
+                  ) -> list[tuple[p.Submit, list[memoryview]]]:
+    """A submit cut into submits of at most ``SLICE`` tasks (each with the function blobs), in
+    order: the hub handles a slice at a time."""
+    if len(msg.tasks) <= SLICE:
+        return [(msg, buffers)]
+    nfuncs = len(msg.funcs)
+    funcs, payloads = buffers[:nfuncs], buffers[nfuncs:]
+    out, pos = [], 0
+    for i in range(0, len(msg.tasks), SLICE):
+        tasks = msg.tasks[i:i + SLICE]
+        n = sum(t.nb for t in tasks)
+        out.append((p.Submit(tasks=tasks, funcs=msg.funcs), [*funcs, *payloads[pos:pos + n]]))
+        pos += n
+    return out

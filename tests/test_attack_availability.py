@@ -253,6 +253,7 @@ class RoundTrips(threading.Thread):
             self.times)
 
 
+@pytest.mark.timeout(300)
 def test_a_100000_task_storm_does_not_stall_another_client(tmp_path: Path, gate: Gate) -> None:
     gw = start_gateway(tmp_path / "gw", extra=("--faucet", "1000"))
     victim_provider = start_provider(gw, tmp_path, "victims", cpus=2)  # a slot for the root
