@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("url", nargs="?", default=os.environ.get("DECOMPUTE_GATEWAY", DEFAULT_URL),
                     help="gateway address (default: $DECOMPUTE_GATEWAY or %(default)s)")
-    ap.add_argument("--name", help="a name shown to clients (default: host-pid)")
+    ap.add_argument("--name", help="a name shown to clients, bound to this account by the "
+                    "gateway (default: this host's name and the account's first 6 hex digits)")
     ap.add_argument("--cpus", type=int, help="task slots (default: all; with --dask-scheduler, "
                     "the cluster's threads)")
     ap.add_argument("--memory", type=size_arg, help="memory offered, e.g. 4GiB (default: all)")
@@ -115,15 +116,17 @@ async def account_status(url: str, identity: Identity,
     connection would be offered tasks)."""
     async with asyncio.timeout(timeout), connect(url, compression=None) as ws:
         await handshake(ws, identity, "client", session=f"status-{os.getpid()}")
-        answers: dict[str, object] = {}
-        for qid, what in enumerate(("balance", "earnings"), start=1):
+        questions = {1: "balance", 2: "earnings"}
+        for qid, what in questions.items():
             await ws.send(p.encode(p.Query(id=qid, what=what)))
-        while len(answers) < 2:
+        answers: dict[str, object] = {}
+        while len(answers) < len(questions):
             msg, _ = p.decode(await ws.recv())
-            if isinstance(msg, p.Reply) and msg.id in (1, 2):
+            if isinstance(msg, p.Reply) and msg.id in questions:
                 if msg.error:
-                    raise RuntimeError(f"the gateway refused the {msg.id} query: {msg.error}")
-                answers["balance" if msg.id == 1 else "earnings"] = msg.data
+                    raise RuntimeError(f"the gateway refused the {questions[msg.id]} question: "
+                                       f"{msg.error}")
+                answers[questions[msg.id]] = msg.data
         return answers
 
 

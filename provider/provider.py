@@ -86,6 +86,12 @@ def refusal(key: str, message: str, code: str = p.ErrorCode.LIMIT.value) -> p.Re
     return failure(key, "ProviderRefused", "decompute", message, code)
 
 
+def default_name(account: str) -> str:
+    """This host and account: the same at every start, so the provider keeps its name (and its
+    id, which the gateway derives from name and account) across restarts."""
+    return f"{socket.gethostname()[:48]}-{account[:6]}"
+
+
 def tokens_at(usage: dict[str, float], prices: dict[str, float]) -> float:
     """What ``usage`` is worth at ``prices``, before the gateway's fee."""
     return (usage.get("cpu_seconds", 0.0) * prices.get("cpu", 0.0)
@@ -127,7 +133,7 @@ class Provider:
         #: Output bytes kept per task; the rest is dropped and the drop marked in the output.
         self.output_limit = output_limit
         self.ad = p.ProviderAd(
-            name=name or f"{socket.gethostname()}-{os.getpid()}", cpus=self.cpus,
+            name=name or default_name(self.identity.account), cpus=self.cpus,
             memory=self.memory, gpus=gpus, runtime=local_runtime(),
             prices={"cpu": price_cpu, "memory": price_memory, "gpu": price_gpu},
             sandbox="weak" if dask_scheduler else self.isolation.strength,
