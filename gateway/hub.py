@@ -362,7 +362,8 @@ class Hub:
             self.verifier.of.pop(task.task_id, None)
             if task.state is TaskState.PENDING:
                 self.scheduler.discard(task)
-                refunds.append(task.bill_id)
+                if task.escrow_micro:  # a free task holds none: no ledger work at all
+                    refunds.append(task.bill_id)
                 self._end(task, TaskState.CANCELLED)
             else:
                 task.cancelling = True
@@ -442,7 +443,7 @@ class Hub:
             if task is None:
                 continue
             if task.cancelling or task.state in TERMINAL:
-                if not task.billed:
+                if not task.billed and task.escrow_micro:
                     refunds.append(task.bill_id)  # paid up to its last reported usage
                 self._forget(task)
                 continue
@@ -795,7 +796,7 @@ class Hub:
             type="RuntimeError", module="builtins", message=f"{failed.key} {result.status}")
         for dependent in dependents:
             self.scheduler.discard(dependent)
-        self.billing.refund([d.bill_id for d in dependents])
+        self.billing.refund([d.bill_id for d in dependents if d.escrow_micro])
         out: dict[str, list[tuple[p.Result, list]]] = defaultdict(list)
         for dependent in dependents:
             self._end(dependent, TaskState.ERROR)
@@ -880,7 +881,7 @@ class Hub:
                 if due.kind is Kind.TIMEOUT:
                     continue  # a cancelled task's slot is governed by the cancel grace
                 conn.running.discard(task.task_id)
-                if not task.billed:
+                if not task.billed and task.escrow_micro:
                     refunds.append(task.bill_id)  # paid up to its last reported usage
                 self._forget(task)
                 self.standing.lost(conn.account, "never reported a cancelled task", now)
@@ -988,7 +989,7 @@ class Hub:
     # ------------------------------------------------------------------ helpers
 
     def _fail(self, task: Task, code: p.ErrorCode, message: str, type_: str) -> None:
-        charge = self.billing.close([task.bill_id])[0]
+        charge = self.billing.close([task.bill_id])[0] if task.escrow_micro else None
         self._end(task, TaskState.ERROR)
         session = self.sessions.get(task.session)
         if session is not None:  # the cost: what a lost provider was paid before it vanished
@@ -1009,9 +1010,11 @@ class Hub:
         dependents fail with it."""
         if not items:
             return
-        charges = self.billing.close([task.bill_id for task, *_ in items])
+        funded = [task.bill_id for task, *_ in items if task.escrow_micro]  # free: no ledger
+        charges = dict(zip(funded, self.billing.close(funded), strict=True))
         out: dict[str, list[tuple[p.Result, list]]] = defaultdict(list)
-        for (task, code, message, type_), charge in zip(items, charges, strict=True):
+        for task, code, message, type_ in items:
+            charge = charges.get(task.bill_id)
             self._end(task, TaskState.ERROR)
             # the cost: what a lost provider was paid (heartbeats) before it vanished
             result = replace(failure(task.key, code, message, type_),
