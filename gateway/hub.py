@@ -41,11 +41,12 @@ from gateway.verify import Ballot, Decision, Verifier
 
 log = logging.getLogger(__name__)
 
-#: How long a task waits when no provider at all is online before it fails with no_match.
-NO_PROVIDER_WAIT = 60.0
+#: How long a task waits when no provider at all is online before it fails (the default of
+#: ``Limits.no_provider_wait``).
+NO_PROVIDER_WAIT = Limits().no_provider_wait
 #: How long a task that no online provider can take (after one left) waits for one to come back
-#: before it fails: a pinned task survives its provider's reconnect.
-REJOIN_GRACE = 30.0
+#: before it fails: a pinned task survives its provider's reconnect (``Limits.rejoin_grace``).
+REJOIN_GRACE = Limits().rejoin_grace
 #: A task's ``timeout`` clock starts when its provider says it runs, but at most this long after
 #: the assignment (a provider cannot stretch a deadline by never saying so).
 START_GRACE = 10.0
@@ -199,7 +200,7 @@ class Hub:
         if unfunded:
             self.billing.refund(unfunded)
         if not len(self.registry) and accepted:
-            self._recheck_after(NO_PROVIDER_WAIT)  # nobody online: fail them if none comes
+            self._recheck_after(self.limits.no_provider_wait)  # fail them if none comes
         self.dispatch()
 
     # ------------------------------------------------------------------ escrow
@@ -235,7 +236,8 @@ class Hub:
             if why is None:
                 continue
             tasks[i].escrow_micro = 0  # unfunded: runs on free providers only, or not at all
-            if not (plan == "try" and isinstance(why, InsufficientFunds)):
+            free_only = plan == "try" and isinstance(why, InsufficientFunds)
+            if not free_only or tasks[i].siblings:  # replicas are funded all alike, or refused
                 out[i] = why
         return out
 
@@ -456,7 +458,8 @@ class Hub:
             self.billing.refund(refunds)
         self._fail_many(fails)
         self._rerun(self.graph.provider_lost(conn_id))
-        self._recheck_after(REJOIN_GRACE if len(self.registry) else NO_PROVIDER_WAIT)
+        self._recheck_after(self.limits.rejoin_grace if len(self.registry)
+                            else self.limits.no_provider_wait)
         self.dispatch()
 
     def _retry_or_fail(self, task: Task, conn: ProviderConn, what: str,
@@ -973,7 +976,7 @@ class Hub:
                        f"providers only), and no free provider that fits is online")
             if why is None:
                 return None
-        wait = REJOIN_GRACE if online else NO_PROVIDER_WAIT
+        wait = self.limits.rejoin_grace if online else self.limits.no_provider_wait
         since = max(task.created, self._left_at if online else self._empty_since)
         if now < since + wait:
             return since + wait
@@ -982,7 +985,7 @@ class Hub:
                     f"the providers that ran task {task.key} left, and after {wait:.0f} s "
                     f"{why}; start one (or wait for yours) and submit again", "ProviderLost")
         if not online:
-            why = (f"no provider has been online for {NO_PROVIDER_WAIT:.0f} s; start one with "
+            why = (f"no provider has been online for {wait:g} s; start one with "
                    f"`decompute-provider`")
         return (task, p.ErrorCode.NO_MATCH, why, "NoMatchingProvider")
 
