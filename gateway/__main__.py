@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "heartbeats), else the task is taken back and runs elsewhere")
     ap.add_argument("--cancel-grace", type=float, default=Limits().cancel_grace, metavar="SECONDS",
                     help="how long a provider has to confirm a cancel before its slot is freed")
+    ap.add_argument("--rejoin-grace", type=float, default=Limits().rejoin_grace,
+                    metavar="SECONDS", help="how long a task that no online provider can take "
+                    "(after one left) waits for one to come back before it fails")
     ap.add_argument("--max-message-mib", type=int, default=DEFAULT_MAX_MESSAGE // 2**20,
                     help="largest websocket message accepted, MiB")
     ap.add_argument("--log-level", default="INFO")
@@ -139,7 +142,8 @@ async def run(args: argparse.Namespace) -> None:
         log.warning("refunded %d escrows of tasks lost in the last shutdown", len(refunded))
     ledger.check()
     names = Names(args.db)  # provider names' owners, beside the ledger in its database
-    limits = Limits(lease_seconds=args.lease_seconds, cancel_grace=args.cancel_grace)
+    limits = Limits(lease_seconds=args.lease_seconds, cancel_grace=args.cancel_grace,
+                    rejoin_grace=args.rejoin_grace, no_provider_wait=2 * args.rejoin_grace)
     hub = Hub(Billing(ledger, identity, default_escrow=args.default_escrow), limits, names=names)
     server = GatewayServer(hub, identity, args.host, args.port, args.max_message_mib * 2**20)
     loop = asyncio.get_running_loop()

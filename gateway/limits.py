@@ -12,6 +12,9 @@ Each bound says what it protects:
   went silent can hold work.
 - ``cancel_grace``: seconds a provider has to report a cancelled task before the gateway frees
   its slot anyway. Bounds how long a cancel can keep capacity counted as busy.
+- ``rejoin_grace``: seconds a task that no online provider can take (after one left) waits for
+  one to come back before it fails; ``no_provider_wait`` the same while no provider at all is
+  online. Bounds how long such tasks hold memory and escrow; long enough for a reconnect.
 - ``bad_frames`` in ``bad_frame_window`` seconds: frames from one authenticated peer that fail to
   decode or validate. Each is answered with an ``Error`` and dropped; past this many in the window
   the peer is taken to be sending garbage and its connection is closed.
@@ -34,6 +37,8 @@ class Limits:
     graph_tasks: int = 500_000
     lease_seconds: float = 30.0
     cancel_grace: float = 10.0
+    rejoin_grace: float = 30.0
+    no_provider_wait: float = 60.0
     bad_frames: int = 50
     bad_frame_window: float = 10.0
     messages_per_second: float = 5_000.0
