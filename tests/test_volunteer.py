@@ -161,3 +161,34 @@ def test_served_totals_add_up_across_providers_of_one_home(tmp_path: Path) -> No
     assert stats.load(tmp_path) == stats.Served(5, 2.0)
     assert stats.load(tmp_path / "nowhere") == stats.Served()
 
+
+
+def burn(seconds):
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return seconds
+
+
+def test_load_shown_to_clients_is_the_providers_own_task_processes(
+        gateway: Gateway, client: Client, tmp_path: Path) -> None:
+    prov = start_provider(gateway, tmp_path, "measured")
+    try:
+        def mine() -> dict | None:
+            found = [info for info in client.providers() if info.name == "measured"]
+            return found[0].load if found and found[0].load else None
+
+        idle = wait_for(mine, 60, message="the provider's first heartbeat")
+        assert set(idle) == {"cpu", "memory_bytes", "running"}
+        online = [info for info in client.providers() if info.name == "measured"][0]
+        fut = client.submit(burn, 6, providers=[online.id])
+        busy = wait_for(lambda: (load := mine()) and load["running"] == 1 and load["cpu"] > 0.05
+                        and load, 30, message="load while the task burns CPU")
+        assert 0 < busy["memory_bytes"] < 2**31 and busy["cpu"] <= 1.0
+        assert fut.result(timeout=60) == 6
+        wait_for(lambda: (load := mine()) and load["running"] == 0 and load["cpu"] == 0, 10,
+                 message="no load once the task ended")
+    finally:
+        prov.stop()
