@@ -52,6 +52,25 @@ def test_panel_shows_the_connection_balance_and_live_providers(kernel: Kernel,
     assert "0.000000" not in html  # tokens in three significant digits, never six decimals
 
 
+def test_a_providers_load_is_its_own_tasks(kernel: Kernel) -> None:
+    kernel.run("def spin(seconds):\n    import time\n    end = time.monotonic() + seconds\n"
+               "    while time.monotonic() < end:\n        pass\n"
+               "_p0 = next(r.id for r in panel.provider_rows.values() if r.name == 'p0')\n"
+               "_spin = _m.get_client().submit(spin, 20, providers=[_p0])")
+
+    def busy() -> dict | None:  # the host may be loaded: any share of a core will do
+        rows = {p["name"]: p for p in read(kernel)["providers"]}
+        return rows if rows["p0"]["cpu_busy"] > 0.05 and rows["p0"]["running"] else None
+
+    rows = wait_for(busy, 20, "p0's load to show its busy task", interval=0.2)
+    assert rows["p0"]["memory_used"] > 0 and rows["p0"]["load_history"][-1] > 0
+    # an idle provider beside it shows none of it (not the host's load, the same for all)
+    assert rows["p1"]["cpu_busy"] == 0 and rows["p1"]["running"] == 0, rows
+    kernel.run("_spin.cancel()")
+    wait_for(lambda: not any(p["running"] for p in read(kernel)["providers"]), 20,
+             "the spin to end", interval=0.2)
+
+
 def test_checking_a_provider_sends_the_next_cells_there(kernel: Kernel) -> None:
     kernel.run("_row = next(r for r in panel.provider_rows.values() if r.name == 'p1')\n"
                "_row.check.value = True")
@@ -81,9 +100,11 @@ def test_a_cell_shows_as_its_prompt_with_its_cost(kernel: Kernel) -> None:
     assert (g["done"], g["total"]) == (1, 1)
     row = next(t for t in read(kernel)["tasks"] if t["group"] == f"In[{count}]")
     assert row["provider"] and row["cpu_seconds"] > 0
-    after = wait_for(lambda: (s := read(kernel))["balance"]["available"]
-                     < before["balance"]["available"] and s, 15, "the balance to go down",
-                     interval=0.2)
+    def total(state: dict) -> float:  # what the account owns: spendable and in escrow
+        return state["balance"]["available"] + state["balance"]["held"]
+
+    after = wait_for(lambda: total(s := read(kernel)) < total(before) and s, 15,
+                     "the balance to go down", interval=0.2)
     assert after["totals"]["tasks"] > before["totals"]["tasks"]
     assert after["totals"]["tokens"] > before["totals"]["tokens"]
 
