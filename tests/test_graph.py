@@ -72,7 +72,40 @@ def test_a_busy_holder_is_waited_for_rather_than_moving_much_data() -> None:
     c = task("c", ["a"])
     g.add(c)
     s.enqueue(c)
-    assert s.place() == [] and list(s.pending) == [c]
+    assert s.place() == [] and s.pending_tasks() == [c]
+
+
+def plain(key: str, account: str, providers: list[str] | None = None) -> Task:
+    spec = TaskSpec(key=key, func="f", nb=0, runtime=RT, providers=providers)
+    return Task(spec, account, f"s-{account}", memoryview(b""), [])
+
+
+def test_one_accounts_unplaceable_backlog_never_starves_another() -> None:
+    reg, g = Registry(), Graph()
+    busy, free = provider("busy"), provider("free")
+    reg.add(busy)
+    reg.add(free)
+    busy.running.update(f"x{i}" for i in range(busy.capacity))
+    s = Scheduler(reg, g)
+    for i in range(10_000):  # pinned to a full provider: none can be placed now
+        s.enqueue(plain(f"h{i}", "hostile", providers=["busy"]))
+    mine = plain("mine", "victim")
+    s.enqueue(mine)
+    assert s.place() == [(free, mine)]
+    assert len(s) == 10_000
+
+
+def test_removal_from_a_queue_is_constant_time_and_keeps_the_order() -> None:
+    reg, g = Registry(), Graph()
+    s = Scheduler(reg, g)
+    tasks = [plain(f"t{i}", "a") for i in range(50_000)]
+    for t in tasks:
+        s.enqueue(t)
+    for t in tasks[:-3]:  # what deque.remove made quadratic
+        s.discard(t)
+    assert s.pending_tasks() == tasks[-3:] and len(s) == 3
+    reg.add(provider("p", slots=8))
+    assert [t for _, t in s.place()] == tasks[-3:]
 
 
 def test_failure_fails_everything_downstream() -> None:
