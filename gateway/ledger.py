@@ -80,9 +80,10 @@ class InsufficientFunds(LedgerError):
     def __init__(self, account: str, balance_micro: int, needed_micro: int, task_id: str) -> None:
         self.account, self.balance_micro, self.needed_micro = account, balance_micro, needed_micro
         super().__init__(
-            f"account {account[:16]} has {to_tokens(balance_micro):.6f} tokens but task {task_id}"
-            f" needs {to_tokens(needed_micro):.6f} held in escrow; lower budget= or max_price=,"
-            " or get tokens (the gateway's --faucet, or ask its operator to mint)"
+            f"account {account} has {to_tokens(balance_micro):g} tokens available but task"
+            f" {task_id.split('~', 1)[0]} needs {to_tokens(needed_micro):g} held in escrow; lower"
+            f" budget= or max_price=, or get tokens: a development gateway's --faucet, or its"
+            f" operator runs `decompute-gateway mint {account} AMOUNT --db FILE`"
         )
 
 
