@@ -13,6 +13,7 @@ import operator
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 
 import cloudpickle
 import dask
@@ -56,6 +57,9 @@ class LocalGraphClient:
         self.calls: list[tuple[list[GraphTask], set[str], dict]] = []
         self.cancelled: list[str] = []
 
+    def first_failure(self, token):
+        return None  # each failure is raised by the future it belongs to
+
     def submit_graph(self, tasks, send=(), **opts):
         self.calls.append((list(tasks), set(send), opts))
         assert len({dumps_function(t.fn)[0] for t in tasks}) <= 1, "one shared runner"
@@ -95,8 +99,10 @@ class LocalGraphClient:
 
 
 @pytest.fixture
-def client() -> LocalGraphClient:
-    return LocalGraphClient()
+def client() -> Iterator[LocalGraphClient]:
+    # an open Client makes task shuffles Dask's default (not the import); this one is a fake
+    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+        yield LocalGraphClient()
 
 
 def frames() -> tuple[dd.DataFrame, dd.DataFrame]:
@@ -226,7 +232,7 @@ def test_a_disk_shuffle_is_refused_with_the_fix(client):
     bag = db.from_sequence(range(20), npartitions=4).groupby(lambda v: v % 2, shuffle="disk")
     with pytest.raises(ValueError, match="shuffle.method': 'tasks'"):
         bag.compute(scheduler=client)
-    left, right = frames()  # an open Client made task shuffles the default (not the import)
+    left, right = frames()  # the fixture's default, as an open Client's
     assert dask.config.get("dataframe.shuffle.method") == "tasks"
     merged = left.merge(right, on="k", npartitions=3)
     same(merged.compute(scheduler=client), merged.compute(scheduler="sync"))
