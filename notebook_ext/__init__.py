@@ -8,7 +8,7 @@ no Dask configuration is changed by the import.
 from typing import Any
 
 from gateway.receipts import verify_receipt
-from notebook_ext.client import Balance, Client, ProviderInfo
+from notebook_ext.client import Client, ProviderInfo
 from notebook_ext.errors import (
     BudgetExceeded,
     DecomputeError,
@@ -21,10 +21,12 @@ from notebook_ext.errors import (
     VerificationFailed,
 )
 from notebook_ext.futures import Future, as_completed, wait
+from notebook_ext.money import Balance, Receipt
 
 __all__ = [
     "Balance", "BudgetExceeded", "Client", "DecomputeError", "Future", "GatewayRefused",
-    "InsufficientFunds", "NoMatchingProvider", "ProviderInfo", "ProviderLost", "RemoteError",
+    "InsufficientFunds", "NoMatchingProvider", "ProviderInfo", "ProviderLost", "Receipt",
+    "RemoteError",
     "UntrustedResultError", "VerificationFailed", "as_completed", "progress", "verify_receipt",
     "wait",
 ]

@@ -8,10 +8,8 @@ calling thread pickles arguments and decodes results, so neither blocks the othe
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures as cf
 import contextlib
-import importlib.util
 import itertools
 import logging
 import os
@@ -27,10 +25,11 @@ from typing import Any
 from gateway import protocol as p
 from gateway.identity import Identity
 from gateway.units import parse_size
-from notebook_ext import errors, safe_pickle
+from notebook_ext import errors, lifetime, safe_pickle
 from notebook_ext.connection import GatewayLink
 from notebook_ext.futures import Future, RawResult, StoredResult
-from notebook_ext.pending import TaskBook
+from notebook_ext.money import Balance, refuse_unaffordable
+from notebook_ext.pending import FirstFailures, LetGo, TaskBook
 from notebook_ext.serialize import (
     dumps_args,
     dumps_function,
@@ -46,38 +45,12 @@ DEFAULT_GATEWAY = "ws://127.0.0.1:8765"
 MAP_BATCH = 1000
 #: Separates a graph key from its submission token (``notebook_ext.dask_integration``).
 _GRAPH_SEP = "#"
+#: Longest a closing client waits for its last frames (the cancel) to be written.
+DRAIN_SECONDS = 5.0
 #: Keys per Release/Cancel frame sent for futures nobody holds any more.
 LET_GO_BATCH = 10_000
 #: Seconds ``balance()``, ``providers()`` and other questions wait for the gateway's answer.
 QUERY_TIMEOUT = 30.0
-
-
-class Balance(float):
-    """An account's balance in tokens: the value is what is *available* to spend; ``held`` is
-    what open tasks hold in escrow right now (it comes back, less what they cost)."""
-
-    available: float
-    held: float
-
-    def __new__(cls, available: float, held: float = 0.0) -> Balance:
-        self = super().__new__(cls, available)
-        self.available = float(available)
-        self.held = float(held)
-        return self
-
-    @classmethod
-    def from_reply(cls, data: Any) -> Balance:
-        """The gateway's answer: ``{"available": t, "held": t}`` (or a plain number, from a
-        gateway that predates escrow reporting)."""
-        if isinstance(data, dict):
-            return cls(float(data.get("available", 0.0)), float(data.get("held", 0.0)))
-        return cls(float(data))
-
-    def __repr__(self) -> str:
-        return f"Balance({self.available:.6g} available, {self.held:.6g} held)"
-
-    def __reduce__(self) -> tuple:
-        return (Balance, (self.available, self.held))
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,11 +138,8 @@ class Client:
         self._close_lock = threading.Lock()
         self._give_up: asyncio.TimerHandle | None = None
         self._warned = False
-        self._let_go_lock = threading.RLock()  # a GC finalizer may re-enter on this thread
-        self._releases: list[str] = []
-        self._cancels: list[str] = []
-        self._let_go_scheduled = False
-        self._failures: dict[str, tuple[str, BaseException]] = {}
+        self._let_go = LetGo(self._flush_let_go_soon)
+        self._failures = FirstFailures()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="decompute-client")
@@ -188,8 +158,7 @@ class Client:
         self.account: str = welcome.account
         self.gateway_key: str = welcome.gateway.hex()
         self.max_message: int = welcome.max_message
-        self._shuffle_default = _prefer_task_shuffle()
-        _OPEN.add(self)
+        self._shuffle_default = lifetime.opened(self)
 
     # ------------------------------------------------------------------ lifetime
 
@@ -210,7 +179,6 @@ class Client:
             if self._closed:
                 return
             self._closed = True
-        _OPEN.discard(self)
         pending = self._book.take_all()
         try:
             if pending:
@@ -224,12 +192,12 @@ class Client:
             for fut in pending:  # nobody will answer them now: never leave result() hanging
                 fut._cancel_locally()
             self._book.fail_waiters(ConnectionError("this Client was closed"))
-            _restore_shuffle(self._shuffle_default)
+            lifetime.closed(self, self._shuffle_default)
 
     async def _drain_and_close(self) -> None:
         if self._give_up is not None:
             self._give_up.cancel()
-        await asyncio.sleep(0)  # let queued frames (the cancel) reach the writer
+        await self._link.drain(DRAIN_SECONDS)  # the cancel of what still runs goes out first
         await self._link.close()
 
     def _stop_loop(self) -> None:
@@ -369,40 +337,29 @@ class Client:
 
     def _release_key(self, key: str) -> None:
         """A kept result's future was collected: the providers may free it (GC thread)."""
-        self._let_go(key, release=True)
+        self._let_go.add(key, release=True)
 
     def _abandoned(self, key: str, keep: bool) -> None:
         """A task's future was collected before it ended: nobody can want its result."""
         if not keep:  # graph tasks are released by their finalizer, once no dependent needs them
-            self._let_go(key, release=False)
-
-    def _let_go(self, key: str, *, release: bool) -> None:
-        """Queue a release or cancel; one frame per loop turn carries all of them (a Dask graph
-        drops thousands of intermediate futures at once: one message each would hit the
-        gateway's rate limit)."""
-        with self._let_go_lock:
-            (self._releases if release else self._cancels).append(key)
-            if self._let_go_scheduled:
-                return
-            self._let_go_scheduled = True
-        if self._closed:
-            return
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            self._loop.call_soon_threadsafe(self._flush_let_go)
+            self._let_go.add(key, release=False)
 
     def _reap_soon(self) -> None:
         """Futures were collected (called from a GC callback): forget them on the loop."""
+        self._on_loop(self._book.reap)
+
+    def _flush_let_go_soon(self) -> None:
+        self._on_loop(self._flush_let_go)
+
+    def _on_loop(self, callback: Callable[[], None]) -> None:
         if self._closed:
             return
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            self._loop.call_soon_threadsafe(self._book.reap)
+            self._loop.call_soon_threadsafe(callback)
 
     def _flush_let_go(self) -> None:
         """Loop thread: send the queued releases and cancels, batched."""
-        with self._let_go_lock:
-            releases, self._releases = self._releases, []
-            cancels, self._cancels = self._cancels, []
-            self._let_go_scheduled = False
+        releases, cancels = self._let_go.take()
         for keys, message in ((releases, p.Release), (cancels, p.Cancel)):
             for start in range(0, len(keys), LET_GO_BATCH):
                 self._link.send(p.encode(message(keys=keys[start:start + LET_GO_BATCH])))
@@ -451,15 +408,7 @@ class Client:
         budget = opts.get("budget")
         if budget is None or n == 0 or not self._link.connected:
             return
-        need = float(budget) * n * max(1, int(opts.get("redundancy") or 1))
-        balance = self.balance()
-        if need > balance.available:
-            raise errors.InsufficientFunds(
-                f"{n} task(s) with budget={budget:g} (x redundancy) need {need:g} tokens in "
-                f"escrow, but account {self.account} has {balance.available:g} available "
-                f"({balance.held:g} held by running tasks); nothing was sent. Lower budget=, "
-                f"wait for running tasks to finish, or top up with `decompute-gateway mint "
-                f"{self.account} AMOUNT --db FILE`")
+        refuse_unaffordable(self.balance(), budget, n, opts.get("redundancy") or 1, self.account)
 
     def _send_batch(self, specs: list[p.TaskSpec], payloads: list[list], func_hash: str,
                     blob: bytes, trust: bool | None) -> list[Future]:
@@ -642,20 +591,13 @@ class Client:
             fut._fail(rebuild_error(result.error, result.code))
 
     def _note_failure(self, result: p.Result) -> None:
-        """Keep the first failure of each graph submission (keys ``...#token``): a graph's
-        intermediate futures are dropped at once, and when one fails (or is refused) the
-        outputs only hear that an input is missing; :meth:`first_failure` tells why."""
+        """Keep the first failure of each graph submission (see :class:`FirstFailures`)."""
         token = result.key.rpartition(_GRAPH_SEP)[2]
-        with self._let_go_lock:
-            if token not in self._failures:
-                self._failures[token] = (result.key, rebuild_error(result.error, result.code))
-                while len(self._failures) > 256:
-                    self._failures.pop(next(iter(self._failures)))
+        self._failures.note(token, result.key, rebuild_error(result.error, result.code))
 
     def first_failure(self, token: str) -> tuple[str, BaseException] | None:
         """The first task failure of the graph submission ``token`` (its key and error)."""
-        with self._let_go_lock:
-            return self._failures.get(token)
+        return self._failures.get(token)
 
     def _on_event(self, event: p.Event) -> None:
         fut = self._book.get(event.key)
@@ -744,51 +686,3 @@ def _opts(providers: Sequence[str] | None, resources: dict | None, max_price: fl
 
 def _name(fn: Any) -> str:
     return getattr(fn, "__name__", type(fn).__name__).replace("<", "").replace(">", "")
-
-
-# --------------------------------------------------------------------------- process-wide
-
-#: Open clients, closed at interpreter exit so a script that ends cancels its tasks.
-_OPEN: weakref.WeakSet[Client] = weakref.WeakSet()
-_SHUFFLE_KEY = "dataframe.shuffle.method"
-#: The ``dask.config.set`` that made task shuffles the default, and how many open clients use it.
-_shuffle_setting: list[Any] = []
-_shuffle_users = 0
-_shuffle_lock = threading.Lock()
-
-
-@atexit.register
-def _close_open_clients() -> None:
-    for client in list(_OPEN):
-        with contextlib.suppress(Exception):
-            client.close(timeout=3.0)
-
-
-def _prefer_task_shuffle() -> bool:
-    """While a client is open, Dask shuffles through tasks unless the user chose a method, as
-    with ``distributed.Client``: a disk shuffle cannot span providers, and Dask picks the method
-    when a collection is optimized, before any scheduler sees it. Never at import; undone when
-    the last client closes. Returns whether this client counts as a user of that default."""
-    global _shuffle_users
-    if importlib.util.find_spec("dask") is None:
-        return False
-    import dask.config
-
-    with _shuffle_lock:
-        if _shuffle_users == 0:
-            if dask.config.get(_SHUFFLE_KEY, None) is not None:
-                return False
-            _shuffle_setting.append(dask.config.set({_SHUFFLE_KEY: "tasks"}))
-        _shuffle_users += 1
-        return True
-
-
-def _restore_shuffle(counted: bool) -> None:
-    """The last open client closed: Dask's shuffle setting is what it was before."""
-    global _shuffle_users
-    if not counted:
-        return
-    with _shuffle_lock:
-        _shuffle_users -= 1
-        if _shuffle_users == 0 and _shuffle_setting:
-            _shuffle_setting.pop().__exit__(None, None, None)

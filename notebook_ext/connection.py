@@ -84,6 +84,14 @@ class GatewayLink:
             return "connecting"
         return "lost" if now - self.down_since > LOST_AFTER else "reconnecting"
 
+    async def drain(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) until every queued frame is written: a client that closes
+        must not lose its last words (the cancel of its running tasks)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self._writer is not None and self._writer.queue:
+                    await asyncio.sleep(0.005)
+
     async def close(self) -> None:
         self.closed = True
         if self._runner is not None:

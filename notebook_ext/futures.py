@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import contextlib
-import datetime
 import html
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from notebook_ext.money import Receipt
 
 if TYPE_CHECKING:
     from notebook_ext.client import Client
@@ -34,37 +35,6 @@ class StoredResult:
 
     key: str
     nbytes: int
-
-
-class Receipt(dict):
-    """A signed settlement receipt: the gateway's raw dict, unchanged, so
-    ``verify_receipt(fut.receipt, client.gateway_key)`` checks it as signed; it only *shows*
-    itself readably (tokens instead of micro-tokens, ISO times instead of epoch seconds)."""
-
-    def readable(self) -> dict[str, Any]:
-        """The receipt as a person reads it: tokens, UTC ISO-8601 time, short ids."""
-        settled = self.get("settled_at")
-        when = (datetime.datetime.fromtimestamp(settled, datetime.UTC).isoformat(timespec="seconds")
-                if isinstance(settled, (int, float)) else settled)
-        return {
-            "task": self.get("task_id"),
-            "charged_tokens": self.get("amount_micro", 0) / 1e6,
-            "fee_tokens": self.get("fee_micro", 0) / 1e6,
-            "provider": str(self.get("provider", ""))[:16],
-            "usage": dict(self.get("usage") or {}),
-            "prices": dict(self.get("prices") or {}),
-            "settled_at": when,
-            "gateway": str(self.get("gateway", ""))[:16],
-        }
-
-    def __repr__(self) -> str:
-        r = self.readable()
-        return (f"Receipt(task {r['task']}: {r['charged_tokens']:.6g} tokens charged "
-                f"(fee {r['fee_tokens']:.6g}) by provider {r['provider']} at {r['settled_at']}; "
-                f"signed by gateway {r['gateway']}; verify_receipt(receipt, key) checks it)")
-
-    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
-        printer.text(repr(self))
 
 
 class Future(cf.Future):

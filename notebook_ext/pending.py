@@ -178,3 +178,57 @@ class TaskBook:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(exc)
+
+
+class LetGo:
+    """Keys to release (kept results nobody needs) or cancel (tasks nobody waits for), sent
+    in batches: a Dask graph drops thousands of intermediate futures at once, and one message
+    each would hit the gateway's rate limit. ``add`` may run in a GC callback on any thread
+    (hence the re-entrant lock); ``take`` runs on the loop thread and empties the queues."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._lock = threading.RLock()
+        self._releases: list[str] = []
+        self._cancels: list[str] = []
+        self._asked = False
+        self._wake = wake
+
+    def add(self, key: str, *, release: bool) -> None:
+        with self._lock:
+            (self._releases if release else self._cancels).append(key)
+            if self._asked:
+                return
+            self._asked = True
+        self._wake()
+
+    def take(self) -> tuple[list[str], list[str]]:
+        """``(releases, cancels)`` queued so far."""
+        with self._lock:
+            releases, self._releases = self._releases, []
+            cancels, self._cancels = self._cancels, []
+            self._asked = False
+        return releases, cancels
+
+
+class FirstFailures:
+    """The first failure of each graph submission (keys ``...#token``), for the last 256.
+
+    A graph's intermediate futures are dropped as soon as it is submitted; when one fails (or is
+    refused) its dependents only hear that an input is missing. This tells the real cause."""
+
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._first: dict[str, tuple[str, BaseException]] = {}
+
+    def note(self, token: str, key: str, exc: BaseException) -> None:
+        with self._lock:
+            if token not in self._first:
+                self._first[token] = (key, exc)
+                while len(self._first) > self.LIMIT:
+                    self._first.pop(next(iter(self._first)))
+
+    def get(self, token: str) -> tuple[str, BaseException] | None:
+        with self._lock:
+            return self._first.get(token)
