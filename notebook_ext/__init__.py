@@ -5,6 +5,8 @@ when something needs them (``%load_ext notebook_ext``, the panel, ``progress``, 
 no Dask configuration is changed by the import.
 """
 
+import sys
+import types
 from typing import Any
 
 from gateway.receipts import verify_receipt
@@ -50,6 +52,20 @@ def unload_ipython_extension(ipython: Any) -> None:
     from notebook_ext import magics
 
     magics.unload_ipython_extension(ipython)
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``notebook_ext.progress`` (the panel does) would rebind the
+    package's ``progress`` to that module; ``from notebook_ext import progress`` must stay the
+    function. The submodule stays importable (``from notebook_ext.progress import ...``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "progress" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -73,6 +73,17 @@ def test_load_ext_still_works_lazily() -> None:
     assert done.stdout.strip().splitlines()[-1] == "True"
 
 
+def test_progress_stays_the_function_after_its_module_is_imported() -> None:
+    code = ("import notebook_ext, notebook_ext.progress, types\n"
+            "from notebook_ext import progress\n"
+            "from notebook_ext.progress import ProgressState\n"
+            "print(isinstance(progress, types.FunctionType), ProgressState.__name__)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "ProgressState"]
+
+
 # --------------------------------------------------------------------------- signatures
 
 
