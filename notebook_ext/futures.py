@@ -110,7 +110,7 @@ class Future(cf.Future):
 
     def _printed(self, stream: str, text: str) -> None:
         with self._condition:
-            self.output = [*self.output, (stream, text)]  # readers may iterate the old list
+            self.output.append((stream, text))  # a list: readers iterating it never break
 
     def _settled(self, provider: str | None, usage: dict | None, cost: float,
                  receipt: dict | None) -> None:
