@@ -42,11 +42,11 @@ def inc(x: int) -> int:
     return x + 1
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(300)
 def test_a_100_000_task_graph_computes_correctly(client: Client) -> None:
     """100,501 tasks: 50,000 increments, 50,000 more on their results, 500 partial sums of
-    100 each (their inputs spread over the providers) and the total. Its time is the gateway's
-    graph throughput (a few hundred tasks/s on a loaded 2-core machine), hence the timeout."""
+    100 each (their inputs spread over the providers) and the total. Its time is set by the
+    gateway's throughput on a wide graph: the client lowers and sends it in ~10-20 s."""
     n, group = 50_000, 100
     dsk: dict = {}
     for i in range(n):
