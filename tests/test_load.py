@@ -8,6 +8,7 @@ Latency is submit -> result arrival per task; it is printed, not asserted, becau
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import statistics
@@ -18,10 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
+import psutil
 import pytest
 from conftest import Gateway, http_get, start_gateway
 
 from notebook_ext import Client
+from provider.pool import WorkerPool
+from provider.sandbox import Limits, probe_isolation
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -86,13 +90,19 @@ def test_20_clients_x_250_tasks_over_4_providers(load_gateway: Gateway, tmp_path
                for i in range(CLIENTS)]
     for t in threads:
         t.start()
-    connected.wait()
+    try:
+        connected.wait()
+    except threading.BrokenBarrierError:
+        raise AssertionError(f"a client failed: {failures[:5]}") from None
     assert len({c.account for c in clients}) == CLIENTS  # 20 identities
     providers = clients[0].providers()
     assert len(providers) == PROVIDERS
     assert {info.cpus for info in providers} == {max(1, (os.cpu_count() or 1) // PROVIDERS)}
     started = time.perf_counter()
-    finished.wait()
+    try:
+        finished.wait()
+    except threading.BrokenBarrierError:
+        raise AssertionError(f"a client failed: {failures[:5]}") from None
     elapsed = time.perf_counter() - started
     for t in threads:
         t.join(30)
@@ -114,3 +124,82 @@ def test_20_clients_x_250_tasks_over_4_providers(load_gateway: Gateway, tmp_path
     print(f"latency submit->result: p50 {percentile(latencies, 0.50) * 1e3:.0f} ms, "
           f"p99 {percentile(latencies, 0.99) * 1e3:.0f} ms, "
           f"mean {statistics.fmean(latencies) * 1e3:.0f} ms, max {latencies[-1] * 1e3:.0f} ms")
+
+
+# ---------------------------------------------------------------- warm workers per account
+# Interleaved accounts on one provider: each account's tasks must find its own warm worker (a
+# sandboxed start costs hundreds of ms of CPU), and no worker ever serves two accounts.
+
+
+def _process_token() -> str:
+    """A token that names the process that ran the task (a pid is 2 in every PID namespace)."""
+    import os
+    import uuid
+
+    return os.environ.setdefault("LOAD_TEST_TOKEN", uuid.uuid4().hex)
+
+
+async def _run_as(pool: WorkerPool, account: str, n: int) -> tuple[str, int]:
+    """Run a task for ``account`` on a pool worker: its process's token and host pid."""
+    blob = memoryview(cloudpickle.dumps(_process_token))
+    payload = [memoryview(cloudpickle.dumps(((), {})))]
+    worker = await pool.acquire(account)
+    pid = worker.ps.pid
+    try:
+        outcome = await pool.run(worker, f"{account}/t{n}", "pid-func", blob, payload,
+                                 lambda stream, text: None)
+    finally:
+        await pool.release(worker)
+    assert outcome.status == "finished", outcome.error
+    return cloudpickle.loads(outcome.buffers[0], buffers=outcome.buffers[1:]), pid
+
+
+async def _interleave(pool: WorkerPool, accounts: int, rounds: int) -> tuple[dict, list]:
+    """Round-robin tasks of ``accounts`` accounts: (token, pid) -> accounts it served, and the
+    processes started so far after each round."""
+    served: dict[tuple[str, int], set[str]] = {}
+    spawned = []
+    for r in range(rounds):
+        for a in range(accounts):
+            served.setdefault(await _run_as(pool, f"acct-{a}", r), set()).add(f"acct-{a}")
+        await pool.settled()
+        spawned.append(pool.spawned)
+    return served, spawned
+
+
+@pytest.mark.timeout(120)
+def test_interleaved_accounts_each_keep_a_warm_worker_of_their_own() -> None:
+    async def main() -> tuple[dict, list, int]:
+        pool = WorkerPool(1, Limits(), probe_isolation())
+        await pool.start()
+        try:
+            served, spawned = await _interleave(pool, accounts=5, rounds=4)
+            return served, spawned, len(pool.workers)
+        finally:
+            await pool.close()
+
+    served, spawned, alive = asyncio.run(main())
+    assert all(len(accounts) == 1 for accounts in served.values()), served  # never shared
+    assert len(served) == 5  # one warm process per account, reused every round
+    assert spawned[1:] == [spawned[0]] * 3, spawned  # after the first round, no start at all
+    assert spawned[0] <= 2 + 5  # the two started warm, then one per new account (or its spare)
+    assert alive == 5 + 1  # the five bound workers and a fresh spare
+
+
+@pytest.mark.timeout(120)
+def test_more_interleaved_accounts_than_kept_workers_never_share_one() -> None:
+    async def main() -> tuple[dict, int, set[int]]:
+        pool = WorkerPool(1, Limits(), probe_isolation(), keep=3)
+        await pool.start()
+        try:
+            served, _ = await _interleave(pool, accounts=4, rounds=3)
+            return served, len(pool.workers), {w.pid for w in pool.workers}
+        finally:
+            await pool.close()
+
+    served, alive, last = asyncio.run(main())
+    assert all(len(accounts) == 1 for accounts in served.values()), served
+    assert alive <= 3  # the least recently used idle worker made room each time
+    assert len(served) == 12  # 4 accounts cycling through 3 kept workers: a fresh one per task
+    for pid in {pid for _, pid in served} - last:  # retired workers are gone, not left idle
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
