@@ -3,9 +3,12 @@
 Workers are started before work arrives, so a trivial task costs no process start. A worker that
 ran a task for account A only ever runs tasks of A again; a task of another account gets a fresh
 process, so no client can leave something behind for the next. To keep that cheap when accounts
-interleave, the pool holds a spare unbound worker beyond its ``size`` slots: when the spare is
-taken, the least recently used idle worker of another account is recycled into a new spare in
-the background. A worker that was killed (cancel, timeout, a limit) is replaced at once.
+interleave (a sandboxed worker takes a few hundred ms of CPU to start: unshare, mounts, Python and
+its preload), the pool keeps up to ``keep`` workers: the ``size`` slots, a spare unbound worker
+started in the background whenever the spare is taken, and idle workers still bound to the
+accounts they served, so an account's next task finds its own warm process. Past ``keep`` the
+least recently used idle worker is killed (in the background) to make room. A worker that was
+killed (cancel, timeout, a limit) is replaced at once.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import socket
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -44,6 +48,11 @@ log = logging.getLogger(__name__)
 
 #: Seconds a new worker has to import its runtime and say it is ready.
 START_TIMEOUT = 60.0
+
+#: Idle workers kept bound to their accounts (besides the slots and the spare), at least: as many
+#: tasks as the gateway hands a provider beyond its slots (its prefetch, gateway.registry), so the
+#: accounts of the tasks in hand each find a warm worker of their own (~25 MB each, idle).
+KEEP_IDLE_MIN = 8
 
 OnOutput = Callable[[str, str], None]
 
@@ -118,22 +127,27 @@ class WorkerPool:
     """``size`` warm workers; :meth:`acquire` one for an account, :meth:`release` it after."""
 
     def __init__(self, size: int, limits: Limits, isolation: Isolation,
-                 hide_paths: Sequence[Path] = (), spares: int = 1) -> None:
+                 hide_paths: Sequence[Path] = (), spares: int = 1, keep: int | None = None) -> None:
         self.size = size
         self.spares = spares
-        self._slots = asyncio.Semaphore(size)  # tasks running at once; workers = size + spares
+        #: Workers kept at most (slots, spares and idle ones bound to their accounts).
+        self.keep = keep if keep is not None else size + spares + max(size, KEEP_IDLE_MIN)
+        self._slots = asyncio.Semaphore(size)  # tasks running at once
         self.limits = limits
         self.isolation = isolation
         self.hide_paths = list(hide_paths)
         self.workers: list[WorkerProc] = []
+        self._starting = 0  # workers being started (counted against ``keep``)
         self._changed = asyncio.Condition()
         self._background: set[asyncio.Future] = set()
+        self.spawned = 0  # workers started over the pool's life (for tests and measurements)
 
     async def start(self) -> None:
         count = self.size + self.spares
         self.workers = list(await asyncio.gather(*(self._spawn() for _ in range(count))))
 
     async def _spawn(self) -> WorkerProc:
+        self.spawned += 1
         parent, child = socket.socketpair()
         program = [sys.executable, "-m", "provider.worker", str(child.fileno())]
         spec = sandbox_spec(program, limits=self.limits, isolation=self.isolation,
@@ -145,6 +159,10 @@ class WorkerPool:
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=None,
             )
+        except BaseException:
+            parent.close()
+            cleanup(spec)
+            raise
         finally:
             child.close()
         parent.setblocking(False)
@@ -156,13 +174,17 @@ class WorkerPool:
             await self._kill(worker)
             raise RuntimeError(f"task process failed to start: {exit_description(proc.returncode)}"
                                ) from exc
+        except BaseException:
+            await asyncio.shield(self._kill(worker))
+            raise
         if header.get("t") != "ready":
+            await self._kill(worker)
             raise RuntimeError(f"task process said {header.get('t')!r} instead of ready")
         worker.ps = psutil.Process(worker_pid(spec, proc.pid))  # below unshare --fork, if any
         return worker
 
     async def acquire(self, account: str) -> WorkerProc:
-        """An idle worker for ``account``: its own, else a fresh one, else a recycled one.
+        """An idle worker for ``account``: its own, else the spare, else a fresh one.
 
         Waits for a free slot first; :meth:`release` gives the slot back.
         """
@@ -175,59 +197,102 @@ class WorkerPool:
         self._refill_spare()
         return worker
 
+    def _total(self) -> int:
+        return len(self.workers) + self._starting
+
+    def _lru_idle(self) -> WorkerProc | None:
+        """The least recently used idle worker bound to an account (the one to give up)."""
+        idle = [w for w in self.workers if not w.busy and w.account is not None]
+        return min(idle, key=lambda w: w.last_used) if idle else None
+
     async def _take(self, account: str) -> WorkerProc:
         async with self._changed:
-            await self._changed.wait_for(lambda: any(not w.busy for w in self.workers))
+            def ready() -> bool:
+                return self._total() < self.keep or any(not w.busy for w in self.workers)
+            await self._changed.wait_for(ready)
             idle = [w for w in self.workers if not w.busy]
             worker = next((w for w in idle if w.account == account), None)
             worker = worker or next((w for w in idle if w.account is None), None)
-            if worker is None:  # only other accounts' workers are idle: never share one
-                worker = idle[0]
+            if worker is not None:
                 worker.busy = True
-                replacing = asyncio.ensure_future(self._replace(worker))
-                try:
-                    worker = await asyncio.shield(replacing)
-                except asyncio.CancelledError:  # the fresh worker must not stay busy for good
-                    replacing.add_done_callback(self._free_when_ready)
-                    raise
-            worker.busy = True
-            worker.account = account
-            return worker
+                worker.account = account
+                return worker
+            # Only other accounts' workers are idle (never share one): start a fresh one, giving
+            # up the least recently used idle one if the pool is full.
+            if self._total() >= self.keep and (victim := self._lru_idle()) is not None:
+                self._retire(victim)
+            self._starting += 1
+        starting = asyncio.ensure_future(self._spawn())
+        try:
+            worker = await asyncio.shield(starting)
+        except asyncio.CancelledError:  # the fresh worker is clean: it becomes a spare
+            starting.add_done_callback(self._adopt)
+            raise
+        except BaseException:
+            self._starting -= 1
+            self._background_task(self._notify())
+            raise
+        worker.busy = True
+        worker.account = account
+        self.workers.append(worker)
+        self._starting -= 1
+        return worker
 
-    def _refill_spare(self) -> None:
-        """No unbound idle worker left: recycle the least recently used idle one, off the
-        critical path, so the next account's task finds a fresh process waiting."""
-        if any(not w.busy and w.account is None for w in self.workers):
-            return
-        idle = sorted((w for w in self.workers if not w.busy), key=lambda w: w.last_used)
-        if not idle:
-            return
-        victim = idle[0]
-        victim.busy = True  # out of service while it is recycled
-        task = asyncio.ensure_future(self._recycle(victim))
+    def _background_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _recycle(self, victim: WorkerProc) -> None:
+    def _retire(self, victim: WorkerProc) -> None:
+        """Take an idle worker out of service and kill it off the critical path."""
+        victim.busy = True
+        self._background_task(self._kill_and_drop(victim))
+
+    async def _kill_and_drop(self, victim: WorkerProc) -> None:
+        await self._kill(victim)
+        async with self._changed:
+            if victim in self.workers:
+                self.workers.remove(victim)
+            self._changed.notify_all()
+
+    def _refill_spare(self) -> None:
+        """No unbound worker left or coming: start one in the background, so the next account's
+        task finds a fresh process waiting; past ``keep``, the least recently used idle worker
+        makes room for it."""
+        if self._starting or any(not w.busy and w.account is None for w in self.workers):
+            return
+        if self._total() >= self.keep:
+            victim = self._lru_idle()
+            if victim is None:
+                return  # all busy: the next release refills
+            self._retire(victim)
+        self._starting += 1
+        self._background_task(self._add_spare())
+
+    async def _add_spare(self) -> None:
         try:
             fresh = await self._spawn()
         except Exception:
             log.exception("could not start a spare task process")
             fresh = None
-        await self._kill(victim)
+        finally:
+            self._starting -= 1
         async with self._changed:
-            if fresh is not None and victim in self.workers:
-                self.workers[self.workers.index(victim)] = fresh
-            elif victim in self.workers:
-                self.workers.remove(victim)
+            if fresh is not None:
+                self.workers.append(fresh)
             self._changed.notify_all()
 
-    def _free_when_ready(self, replacing: asyncio.Future) -> None:
-        if not replacing.cancelled() and replacing.exception() is None:
-            replacing.result().busy = False
-            task = asyncio.ensure_future(self._notify())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+    async def settled(self) -> None:
+        """Wait until the spares being started and the workers being retired are done."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def _adopt(self, starting: asyncio.Future) -> None:
+        """A fresh worker whose task was cancelled while it started joins the pool unbound."""
+        self._starting -= 1
+        if not starting.cancelled() and starting.exception() is None:
+            self.workers.append(starting.result())
+        self._background_task(self._notify())
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -246,6 +311,7 @@ class WorkerPool:
                 self._changed.notify_all()
         finally:
             self._slots.release()
+        self._refill_spare()
 
     def _tainted(self, worker: WorkerProc) -> bool:
         """A worker that must not serve again: its task left a process running (all of them die
@@ -343,6 +409,7 @@ class WorkerPool:
         cleanup(worker.spec)
 
     async def close(self) -> None:
+        log.info("worker pool: %d task processes started over its life", self.spawned)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
