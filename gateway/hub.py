@@ -11,7 +11,7 @@ import logging
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from gateway import protocol as p
 from gateway.billing import (
@@ -84,6 +84,9 @@ class Batch:
     tasks: int = 0
     nbytes: int = 0
     graph: int = 0
+    #: Placement constraints some online provider meets: the rest of a 10,000-task batch that
+    #: shares them needs no scan of the providers.
+    fits: set = field(default_factory=set)
 
     def add(self, spec: p.TaskSpec, payload: Sequence[memoryview]) -> None:
         self.tasks += spec.redundancy
@@ -335,9 +338,13 @@ class Hub:
                            f"this account already has {self.limits.graph_tasks} graph tasks on "
                            f"the gateway, its cap; release results you no longer need (or let "
                            f"running graphs finish), then submit again")
-        why = no_match_message(spec, session.account, self.registry)
-        if why is not None:
-            return failure(spec.key, p.ErrorCode.NO_MATCH, why)
+        needs = (tuple(spec.providers or ()), spec.runtime, tuple(sorted(spec.resources.items())),
+                 spec.max_price)
+        if needs not in batch.fits:
+            why = no_match_message(spec, session.account, self.registry)
+            if why is not None:
+                return failure(spec.key, p.ErrorCode.NO_MATCH, why)
+            batch.fits.add(needs)
         if spec.redundancy > 1:
             if spec.deps is not None:
                 return failure(spec.key, p.ErrorCode.SCHEMA,
