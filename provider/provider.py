@@ -427,7 +427,20 @@ class Provider:
             log.warning("provider %s: refused task %s: %s", self.ad.name, a.key, why)
             self._finish(a, refusal(a.key, why))
             return
-        self._running[a.key] = tg.create_task(self._execute(a, payload))
+        task = tg.create_task(self._execute(a, payload))
+        self._running[a.key] = task
+        task.add_done_callback(lambda t, a=a: self._cancelled_unstarted(a, t))
+
+    def _cancelled_unstarted(self, a: p.Assignment, task: asyncio.Task) -> None:
+        """A task cancelled before its first step never enters ``_execute`` (asyncio throws
+        the cancellation into the unstarted coroutine), so nothing there reports it: answer its
+        cancel here, as the gateway's slot accounting needs every cancelled key confirmed."""
+        if self._running.get(a.key) is not task:
+            return  # _execute ran and reported (or a new assignment of the key took over)
+        self._running.pop(a.key, None)
+        if a.key in self._cancelled:
+            self._cancelled.discard(a.key)
+            self._finish(a, p.Result(key=a.key, status="cancelled", code="cancelled"))
 
     def _refusal(self, a: p.Assignment) -> str | None:
         """Why this provider cannot run ``a``, or None."""
