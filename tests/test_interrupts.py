@@ -81,6 +81,8 @@ def interrupt_during(kernel: Kernel, code: str) -> tuple[dict, int]:
         if reply["parent_header"].get("msg_id") == msg_id:
             break
     assert reply["content"]["status"] == "error", reply["content"]
+    # ipykernel aborts requests that reach it before it has finished aborting after an error
+    wait_for(lambda: kernel.execute("pass").status == "ok", 30, "the kernel to take cells again")
     return reply["content"], pid_in(printed)  # type: ignore[return-value]
 
 
