@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from gateway.identity import Identity
 from gateway.ledger import MAX_MICRO, Ledger, LedgerError, to_micro, to_tokens
 from gateway.protocol import ProviderAd, Result, TaskSpec
-from gateway.receipts import make_receipt
+from gateway.receipt_log import ReceiptLog, settlement_entry
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,39 @@ def failure_hash(result: Result) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Share:
+    """One provider's part in a final settlement: its ballot, capped usage, prices and pay."""
+
+    account: str
+    result_hash: str
+    usage: dict
+    prices: dict
+    paid_micro: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """A final settlement to log: one leaf of the receipt log (see :mod:`gateway.receipt_log`)."""
+
+    task_id: str
+    client: str
+    function_hash: str
+    input_hash: str
+    shares: tuple[Share, ...]
+    outcome: str
+    amount_micro: int
+    fee_micro: int
+
+    def entry(self, time_ms: int) -> bytes:
+        return settlement_entry(
+            task_id=self.task_id, client=self.client, function_hash=self.function_hash,
+            input_hash=self.input_hash, outcome=self.outcome, amount_micro=self.amount_micro,
+            fee_micro=self.fee_micro, time_ms=time_ms,
+            providers=[{"account": s.account, "result_hash": s.result_hash, "usage": s.usage,
+                        "prices": s.prices, "paid_micro": s.paid_micro} for s in self.shares])
+
+
+@dataclass(frozen=True, slots=True)
 class Charge:
     """One settlement's outcome for the hub: the running cost and whether the escrow is spent."""
 
@@ -159,10 +192,19 @@ class Charge:
 class Billing:
     """Prices, escrows and receipts for one gateway."""
 
-    def __init__(self, ledger: Ledger, identity: Identity, default_escrow: float = 1.0) -> None:
+    def __init__(self, ledger: Ledger, identity: Identity, default_escrow: float = 1.0,
+                 receipt_log: ReceiptLog | None = None) -> None:
         self.ledger = ledger
         self.identity = identity
         self.default_escrow_micro = to_micro(default_escrow)
+        self._log = receipt_log
+
+    @property
+    def log(self) -> ReceiptLog:
+        """The receipt log, in the ledger's database file (opened on first use)."""
+        if self._log is None:
+            self._log = ReceiptLog(self.ledger.path)
+        return self._log
 
     def escrow_for(self, spec: TaskSpec) -> int:
         if spec.budget is not None:
@@ -205,13 +247,26 @@ class Billing:
                 charges[i] = charge
         return charges
 
-    def receipt(self, charge: Charge, task_id: str, client: str, provider: str, usage: dict,
-                prices: dict, digest: str) -> dict:
-        """The signed record of a final settlement."""
-        return make_receipt(self.identity, task_id=task_id, client=client, provider=provider,
-                            usage=usage, prices=prices, amount_micro=charge.charged_micro,
-                            fee_micro=charge.fee_micro, result_hash=digest,
-                            settled_at=time.time())
+    def receipts(self, settled: Sequence[Settled]) -> list[dict | None]:
+        """Log a batch of final settlements as leaves, sign ONE tree head over them, and return
+        each one's receipt ``{entry, index, proof, head}``. A settlement that cannot be logged
+        (logged as an error) gets None: its money already moved, the client just has no proof.
+        """
+        now_ms = int(time.time() * 1000)
+        entries: list[bytes | None] = []
+        for s in settled:
+            try:
+                entries.append(s.entry(now_ms))
+            except ValueError as exc:
+                log.error("settlement of %s cannot be logged: %s", s.task_id, exc)
+                entries.append(None)
+        good = [e for e in entries if e is not None]
+        if not good:
+            return [None] * len(entries)
+        first = self.log.append(good)
+        head = self.log.sign_head(self.identity, now_ms=now_ms)
+        made = iter(self.log.receipts(first, first + len(good), head))
+        return [None if e is None else next(made) for e in entries]
 
     def refund(self, task_ids: Sequence[str]) -> None:
         """Close these escrows, returning what is left to the client; an id with no open escrow

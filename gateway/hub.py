@@ -16,7 +16,10 @@ from dataclasses import dataclass, field, replace
 from gateway import protocol as p
 from gateway.billing import (
     Billing,
+    Charge,
     Grant,
+    Settled,
+    Share,
     Unfundable,
     cap_usage,
     failure_hash,
@@ -520,6 +523,9 @@ class Hub:
             [(t.bill_id, conn.account, t.usage, conn.ad.prices, True) for t in funded]),
             strict=True))
         out: dict[str, list[tuple[p.Result, list[memoryview]]]] = defaultdict(list)
+        settled: list[Settled] = []
+        sessions: list[str] = []
+        logged: list[int] = []
         for task, result, bufs in mine:
             charge = charges.get(id(task))
             cost = charge.cost if charge else 0.0
@@ -529,16 +535,22 @@ class Hub:
                     self._send_events(task, p.Event(key=task.key, kind="usage",
                                                     usage=task.usage, cost=cost))
                 continue
-            receipt = None
             if charge is not None:
                 digest = result_hash(bufs) if result.status == "finished" else failure_hash(result)
-                receipt = self.billing.receipt(charge, task.bill_id, task.account, conn.account,
-                                               task.usage, conn.ad.prices, digest)
+                logged.append(len(out[task.session]))
+                settled.append(_settled(task, charge, digest, [(conn.account, digest, task.usage,
+                                        conn.ad.prices, charge)]))
             self._end(task, TaskState(result.status))
             self._graph_outcome(task, conn, result)
             out[task.session].append((replace(result, key=task.key, provider=conn.id,
-                                              usage=task.usage, cost=cost,
-                                              receipt=receipt), bufs))
+                                              usage=task.usage, cost=cost), bufs))
+            if charge is not None:
+                sessions.append(task.session)
+        # one batch of leaves and one signed tree head for every settlement in this message
+        for session_id, i, receipt in zip(sessions, logged, self.billing.receipts(settled),
+                                          strict=True):
+            result, bufs = out[session_id][i]
+            out[session_id][i] = (replace(result, receipt=receipt), bufs)
         for session_id, items in out.items():
             session = self.sessions.get(session_id)
             if session is not None:
@@ -616,8 +628,9 @@ class Hub:
         receipt = None
         if charge is not None:
             cost = charge.cost
-            receipt = self.billing.receipt(charge, task.bill_id, task.account, conn.account,
-                                           task.usage, conn.ad.prices, "budget-exceeded")
+            receipt = self.billing.receipts([_settled(
+                task, charge, "budget-exceeded",
+                [(conn.account, "budget-exceeded", task.usage, conn.ad.prices, charge)])])[0]
         what = (f"its budget of {task.spec.budget:g} tokens" if task.spec.budget is not None
                 else "its escrow (the gateway's default; pass budget= to allow more)")
         message = f"task {task.key} was stopped after using {what}; charged {cost:g} tokens"
@@ -759,10 +772,9 @@ class Hub:
         if win is None:
             return
         charge = next((c for b, c in zip(paid, charges, strict=True) if b is win), None)
-        receipt = None if charge is None else self.billing.receipt(
-            charge, win.task.bill_id, win.task.account, win.provider_account, win.task.usage,
-            win.prices, win.digest)
         cost = sum(c.cost for c in charges if c is not None)
+        receipt = None if charge is None else self.billing.receipts([_vote_settled(
+            win, decision.unpaid, list(zip(paid, charges, strict=True)))])[0]
         session = self.sessions.get(task.session)
         if session is not None:
             self._send_results(session, [(replace(
@@ -1078,6 +1090,30 @@ class Hub:
             "graph_bytes_produced": self.graph.bytes_produced,
             "graph_bytes_moved": self.graph.bytes_moved,
         }
+
+
+def _settled(task: Task, charge: Charge, outcome: str,
+             shares: list[tuple[str, str, dict, dict, Charge | None]]) -> Settled:
+    """The leaf of a final settlement: ``shares`` are ``(provider account, its result hash,
+    usage, prices, its charge)``; ``charge`` is what the client paid in all."""
+    return Settled(
+        task_id=task.bill_id, client=task.account, function_hash=task.spec.func,
+        input_hash=result_hash(task.payload), outcome=outcome,
+        amount_micro=charge.charged_micro, fee_micro=charge.fee_micro,
+        shares=tuple(Share(account, digest, dict(usage), dict(prices),
+                           c.charged_micro - c.fee_micro if c is not None else 0)
+                     for account, digest, usage, prices, c in shares))
+
+
+def _vote_settled(win: Ballot, unpaid: Sequence[Ballot],
+                  paid: list[tuple[Ballot, Charge | None]]) -> Settled:
+    """A decided vote's leaf: every ballot (the out-voted paid nothing), the outcome, and the
+    sum of what the agreeing replicas were paid."""
+    shares = [(b.provider_account, b.digest, b.task.usage, b.prices, c) for b, c in paid]
+    shares += [(b.provider_account, b.digest, b.task.usage, b.prices, None) for b in unpaid]
+    total = Charge(sum(c.charged_micro for _, c in paid if c is not None),
+                   sum(c.fee_micro for _, c in paid if c is not None), spent=False)
+    return _settled(win.task, total, win.digest, shares)
 
 
 #: A task the gateway fails itself: (task, code, message, exception type for the client).

@@ -780,3 +780,5 @@ def log_http(log_: ReceiptLog, target: str) -> tuple[int, dict[str, Any]] | None
         return exc.status, {"error": str(exc)}
     except merkle.MerkleError as exc:
         return 400, {"error": str(exc)}
+    except LogCorrupted as exc:  # the stored log is damaged: say where, never a bare 500
+        return 500, {"error": str(exc)}

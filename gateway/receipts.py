@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway.identity import Identity, verify
+from gateway.receipt_log import verify_log_receipt
 
 RECEIPT_VERSION = 1
 RECEIPT_CONTEXT = b"decompute-receipt-v1\n"
@@ -89,8 +90,13 @@ def signed_bytes(receipt: Mapping[str, Any]) -> bytes:
 def verify_receipt(receipt: object, gateway_public_key: str | bytes) -> bool:
     """True only for a well-formed receipt signed by ``gateway_public_key`` (hex or 32 raw bytes).
 
+    A receipt of the log (``{entry, index, proof, head}``, what gateways issue now) is checked by
+    :func:`gateway.receipt_log.check_log_receipt`: signed head, inclusion proof, canonical entry
+    that adds up. A per-task signed receipt of the older format still verifies as before.
     Never raises: anything malformed, tampered with or signed by another key is just False.
     """
+    if isinstance(receipt, Mapping) and "entry" in receipt:
+        return verify_log_receipt(receipt, gateway_public_key)
     try:
         if not isinstance(receipt, dict) or set(receipt) != RECEIPT_FIELDS or _problem(receipt):
             return False

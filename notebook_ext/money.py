@@ -8,6 +8,7 @@ unchanged, so ``verify_receipt`` checks exactly what was signed.
 from __future__ import annotations
 
 import datetime
+import json
 from typing import Any
 
 from notebook_ext import errors
@@ -59,6 +60,28 @@ class Receipt(dict):
     """A signed settlement receipt: the gateway's raw dict, unchanged, so
     ``verify_receipt(fut.receipt, client.gateway_key)`` checks it as signed; it only *shows*
     itself readably (tokens instead of micro-tokens, ISO times instead of epoch seconds)."""
+
+    def __missing__(self, name: str) -> Any:
+        """A receipt of the log reads like the settlement it proves: ``receipt["amount_micro"]``,
+        ``["task_id"]``, ``["provider"]`` (the first provider), ``["usage"]``, ... come from its
+        entry. Reading only: the dict's own keys, what verifies, stay exactly as signed."""
+        entry = dict.get(self, "entry")
+        if not isinstance(entry, str):
+            raise KeyError(name)
+        settled = json.loads(entry)
+        first = (settled.get("providers") or [{}])[0]
+        view = {**settled, "provider": first.get("account"), "usage": first.get("usage"),
+                "prices": first.get("prices"), "result_hash": settled.get("outcome"),
+                "settled_at": settled.get("time_ms", 0) / 1000}
+        if name not in view:
+            raise KeyError(name)
+        return view[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            return default
 
     def readable(self) -> dict[str, Any]:
         """The receipt as a person reads it: tokens, UTC ISO-8601 time, short ids."""

@@ -452,38 +452,51 @@ def test_receipt_of_a_real_task_verifies_and_any_tampering_fails(priced: Gateway
         receipt = fut.receipt
     assert receipt is not None
     key = priced.health()["gateway_key"]
-    assert key == client.gateway_key == receipt["gateway"]
+    assert key == client.gateway_key
+    assert set(receipt) == {"entry", "index", "proof", "head"}  # a leaf of the receipt log
     assert verify_receipt(receipt, key)
     assert verify_receipt(json.loads(json.dumps(receipt)), bytes.fromhex(key))
-    assert receipt["amount_micro"] > 0
-    assert receipt["result_hash"] == result_hash(cf.Future.result(fut).buffers)
-    row = escrow(ledger_of(priced), receipt["task_id"])
+    settled = json.loads(receipt["entry"])
+    assert settled["amount_micro"] > 0 and settled["client"] == client.account
+    assert settled["outcome"] == result_hash(cf.Future.result(fut).buffers)
+    assert settled["providers"][0]["result_hash"] == settled["outcome"]
+    row = escrow(ledger_of(priced), settled["task_id"])
     assert row is not None
-    assert (row["charged"], row["fee"]) == (receipt["amount_micro"], receipt["fee_micro"])
+    assert (row["charged"], row["fee"]) == (settled["amount_micro"], settled["fee_micro"])
 
-    def tampered(**changes: Any) -> dict[str, Any]:
-        forged = copy.deepcopy(receipt)
-        for name, value in changes.items():
-            forged[name] = value(forged[name]) if callable(value) else value
+    def forged_entry(change: Any) -> dict[str, Any]:
+        entry = copy.deepcopy(settled)
+        change(entry)
+        text = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+        return {**copy.deepcopy(dict(receipt)), "entry": text}
+
+    def forged_head(**changes: Any) -> dict[str, Any]:
+        forged = copy.deepcopy(dict(receipt))
+        forged["head"].update(changes)
         return forged
 
-    usage = {**receipt["usage"], "cpu_seconds": receipt["usage"]["cpu_seconds"] / 2}
-    sig = receipt["signature"]
+    def paid_less(e: dict) -> None:
+        e["amount_micro"] -= 1
+        e["fee_micro"] -= 1  # still adds up, but it is not the leaf that was logged
+
+    def usage_halved(e: dict) -> None:
+        e["providers"][0]["usage"]["cpu_seconds"] /= 2
+
+    sig = receipt["head"]["signature"]
     flipped = sig[:10] + ("0" if sig[10] != "0" else "1") + sig[11:]
-    for forged in (tampered(amount_micro=lambda a: a - 1),
-                   tampered(amount_micro=lambda a: a + 1_000_000),
-                   tampered(fee_micro=lambda f: f + 1),
-                   tampered(usage=usage),
-                   tampered(prices={**receipt["prices"], "cpu": PRICE_CPU / 10}),
-                   tampered(client="c" * 64),
-                   tampered(provider=receipt["client"]),
-                   tampered(result_hash="0" * 64),
-                   tampered(signature=flipped),
-                   tampered(signature=sig[:-2])):
+    root = receipt["head"]["root"]
+    for forged in (forged_entry(paid_less), forged_entry(usage_halved),
+                   forged_entry(lambda e: e.update(client="c" * 64)),
+                   forged_entry(lambda e: e.update(outcome="0" * 64)),
+                   forged_entry(lambda e: e.update(amount_micro=e["amount_micro"] + 1)),
+                   {**receipt, "index": receipt["index"] + 1},
+                   {**receipt, "proof": [*receipt["proof"], "00" * 32]},
+                   forged_head(signature=flipped), forged_head(size=receipt["head"]["size"] + 1),
+                   forged_head(root=("0" if root[0] != "0" else "1") + root[1:]),
+                   forged_head(time=receipt["head"]["time"] + 1)):
         assert not verify_receipt(forged, key), forged
     other = Identity.generate()
     assert not verify_receipt(receipt, other.account)
-    assert not verify_receipt(tampered(gateway=other.account), other.account)
     assert verify_receipt(receipt, key)  # the original was never touched
 
 
