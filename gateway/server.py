@@ -11,6 +11,7 @@ the same port.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from gateway.hub import Hub
 from gateway.identity import Identity, auth_message, verify
 from gateway.limits import TokenBucket
 from gateway.metrics import render_prometheus
+from gateway.receipt_log import log_http
 from gateway.registry import ProviderConn
 from gateway.transport import PING_INTERVAL, PING_TIMEOUT, FrameWriter
 
@@ -130,7 +132,22 @@ class GatewayServer:
         if path == "/metrics":
             text = render_prometheus(self.hub.counters, self.hub.gauges())
             return _respond(connection, text, "text/plain; version=0.0.4")
+        if path.startswith("/log/"):
+            return self._log_http(connection, request.path)
         return None
+
+    def _log_http(self, connection: ServerConnection, target: str) -> Response | None:
+        """``/log/head``, ``/log/inclusion``, ``/log/consistency``, ``/log/entries``: the receipt
+        log, read-only, for anyone (JSON; an error is ``{"error": ...}`` with its status)."""
+        answer = log_http(self.hub.billing.log, target)
+        if answer is None:
+            return None
+        status, body = answer
+        response = _respond(connection, json.dumps(body) + "\n", "application/json")
+        if status != HTTPStatus.OK:
+            response = dataclasses.replace(response, status_code=status,
+                                           reason_phrase=HTTPStatus(status).phrase)
+        return response
 
     def health(self) -> dict:
         gauges = self.hub.gauges()
