@@ -9,6 +9,7 @@ import sys
 import types
 from typing import Any
 
+from gateway.receipt_log import ForkDetected
 from gateway.receipts import verify_receipt
 from notebook_ext.client import Client, ProviderInfo
 from notebook_ext.errors import (
@@ -26,7 +27,8 @@ from notebook_ext.futures import Future, as_completed, wait
 from notebook_ext.money import Balance, Receipt
 
 __all__ = [
-    "Balance", "BudgetExceeded", "Client", "DecomputeError", "Future", "GatewayRefused",
+    "Balance", "BudgetExceeded", "Client", "DecomputeError", "ForkDetected", "Future",
+    "GatewayRefused",
     "InsufficientFunds", "NoMatchingProvider", "ProviderInfo", "ProviderLost", "Receipt",
     "RemoteError",
     "UntrustedResultError", "VerificationFailed", "as_completed", "progress", "verify_receipt",

@@ -30,6 +30,7 @@ from notebook_ext.connection import GatewayLink
 from notebook_ext.futures import Future, RawResult, StoredResult
 from notebook_ext.money import Balance, refuse_unaffordable
 from notebook_ext.pending import FirstFailures, LetGo, TaskBook
+from notebook_ext.receipt_book import ReceiptBook, fetch_json
 from notebook_ext.serialize import (
     dumps_args,
     dumps_function,
@@ -157,6 +158,7 @@ class Client:
             ) from exc
         self.account: str = welcome.account
         self.gateway_key: str = welcome.gateway.hex()
+        self._receipt_book = ReceiptBook(self.gateway_key, self.address)
         self.max_message: int = welcome.max_message
         self._shuffle_default = lifetime.opened(self)
 
@@ -192,6 +194,7 @@ class Client:
             for fut in pending:  # nobody will answer them now: never leave result() hanging
                 fut._cancel_locally()
             self._book.fail_waiters(ConnectionError("this Client was closed"))
+            self._receipt_book.close()  # its receipts stay readable and savable
             lifetime.closed(self, self._shuffle_default)
 
     async def _drain_and_close(self) -> None:
@@ -509,6 +512,24 @@ class Client:
         ``.held`` (escrow held by this account's open tasks)."""
         return Balance.from_reply(self._request("balance"))
 
+    def receipts(self) -> list[dict]:
+        """Every settlement receipt this client holds, oldest first (``verify_receipt`` and
+        ``decompute-audit`` check them). Raises ``ForkDetected`` if the gateway's log forked."""
+        self._receipt_book.check()
+        return self._receipt_book.receipts()
+
+    def save_receipts(self, path: str | os.PathLike) -> int:
+        """Write :meth:`receipts` to ``path`` as JSON lines (``decompute-audit PATH`` reads it);
+        returns how many."""
+        self._receipt_book.check()
+        return self._receipt_book.save(path)
+
+    def check_log(self, timeout: float = 30.0) -> None:
+        """Fetch the gateway's ``/log/head`` and check it, and every head seen in receipts so far,
+        against the newest head seen: ``ForkDetected`` names both heads if the log forked."""
+        self._receipt_book.check(timeout)
+        self._receipt_book.observe(fetch_json(f"{self._receipt_book.base}/log/head"))
+
     def trust_types(self, *types: type | str) -> None:
         """Allow results that contain these exact types (besides the safe allow-list).
 
@@ -575,6 +596,8 @@ class Client:
                 waiter.set_result(buffers)
             else:
                 waiter.set_exception(rebuild_error(result.error, result.code))
+        if result.receipt:
+            self._receipt_book.add(result.receipt)
         fut = self._book.take(result.key)
         if result.status == "error" and _GRAPH_SEP in result.key:
             self._note_failure(result)
