@@ -6,6 +6,15 @@ placement takes them round-robin across accounts, so one account's backlog (howe
 however much of it no provider can take now) never starves another's. Removing a task from a queue
 is O(1): its entry is forgotten and dropped when the queue reaches it. A task no online provider
 could ever take is reported at once rather than left waiting.
+
+An account's tasks stay on its *home* provider when they can: a provider reuses a warm worker
+only for the same account, and starting a sandboxed one costs far more than a trivial task. So when
+an account's turn comes and its home is full, it lets the next account in turn take the room and
+keeps its own place; it goes elsewhere when nobody else wants the room, or once it has let
+``HOME_PATIENCE`` times as many tasks be placed since its last one as there are queued accounts (in
+a fair round-robin about that many pass between two of its own). Homes are kept balanced (queued
+accounts per slot): an account moves home only where that evens the groups out, so each provider
+takes turns among about as many accounts as any other and every account keeps its fair share.
 """
 
 from __future__ import annotations
@@ -64,6 +73,11 @@ TRANSFER_BYTES_PER_S = 300e6
 SCAN_LIMIT = 256
 #: Forgotten (cancelled, failed) entries dropped per placement round, at most.
 STALE_LIMIT = 50_000
+#: How long an account waits for its full home provider: placements since its own last one, per
+#: queued account (1 is a fair round-robin's gap; past it, the account is behind its share).
+HOME_PATIENCE = 4.0
+#: Homes remembered (accounts with nothing queued included) before those without a queue go.
+HOMES_KEPT = 100_000
 
 Entry = tuple[int, Task]
 
@@ -86,10 +100,15 @@ class Scheduler:
         self.graph = graph
         self.standing = standing or Standing()
         self.queues: dict[str, deque[Entry]] = {}  # by client account
-        self._turn: deque[str] = deque()  # accounts with a queue, in round-robin order
+        self._turn: dict[str, None] = {}  # accounts with a queue, served longest ago first
         self._tokens: dict[str, int] = {}  # task id -> its live entry (a task is queued once)
         self._live: Counter[str] = Counter()  # live entries by account
         self._seq = itertools.count()
+        self._home: dict[str, str] = {}  # account -> its home provider's id (kept a while
+        # after its queue empties: a notebook's next cell finds its warm worker)
+        self._homed: Counter[str] = Counter()  # provider id -> queued accounts homed there
+        self._home_since: dict[str, int] = {}  # account -> self._placements at its last one
+        self._placements = 0
         #: Moving average of task run time, the unit of expected waiting.
         self.avg_duration = 0.05
         #: The money rule, set by the hub's billing: may this task be placed on that provider
@@ -116,7 +135,9 @@ class Scheduler:
         queue = self.queues.get(task.account)
         if queue is None:
             queue = self.queues[task.account] = deque()
-            self._turn.append(task.account)
+            self._turn[task.account] = None
+            if (home := self._home.get(task.account)) is not None:
+                self._homed[home] += 1
         (queue.appendleft if front else queue.append)((token, task))
 
     def discard(self, task: Task) -> None:
@@ -139,7 +160,12 @@ class Scheduler:
     def _drop_queue(self, account: str) -> None:
         del self.queues[account]
         del self._live[account]
-        self._turn.remove(account)  # one entry per account with a queue: short
+        if (home := self._home.get(account)) is not None:
+            self._homed[home] -= 1
+        self._home_since.pop(account, None)
+        del self._turn[account]
+        if len(self._home) > HOMES_KEPT:  # forget the homes of accounts with nothing queued
+            self._home = {a: home for a, home in self._home.items() if a in self._turn}
 
     def observe(self, seconds: float) -> None:
         self.avg_duration = 0.9 * self.avg_duration + 0.1 * max(seconds, 1e-4)
@@ -157,6 +183,7 @@ class Scheduler:
         placed: list[tuple[ProviderConn, Task]] = []
         skipped: dict[str, list[Entry]] = {}
         active = list(self._turn)
+        waiting: list[str] = []  # accounts whose home is full: they pass this round, in order
         stale = 0
         while active and room.any():
             for account in list(active):
@@ -173,6 +200,11 @@ class Scheduler:
                         active.clear()
                         break
                     continue
+                if waiting is not active and self._waits_for_home(task, room):
+                    self.queues[account].appendleft(entry)  # keeps its place
+                    active.remove(account)
+                    waiting.append(account)
+                    continue
                 best = self._best(task, room)
                 if best is None:
                     held = skipped.setdefault(account, [])
@@ -184,12 +216,17 @@ class Scheduler:
                 room.take(best, task)
                 best.running.add(task.task_id)
                 placed.append((best, task))
+                self._move_home(account, best)
+                del self._turn[account]  # served: the others go first (it is queued, so in it)
+                self._turn[account] = None
+                self._placements += 1
+                self._home_since[account] = self._placements
                 for sibling in task.siblings:  # replicas must land on distinct accounts
                     sibling.avoid.add(best.account)
+            if not active and waiting is not active and stale <= STALE_LIMIT:  # nobody else
+                active = waiting  # wants the room: the accounts that passed take it in turn
         for account, held in skipped.items():  # they keep their place in the queue
             self.queues[account].extendleft(reversed(held))
-        if self._turn:
-            self._turn.rotate(-1)  # the next round starts with the next account
         return placed
 
     def _next(self, account: str) -> Entry | None:
@@ -209,6 +246,37 @@ class Scheduler:
             del self._tokens[task.task_id]
             self._live[task.account] -= 1
 
+    def _move_home(self, account: str, to: ProviderConn) -> None:
+        """Make ``to`` the account's home if it has none, its home left, or it evens the groups."""
+        old = self._home.get(account)
+        if old == to.id:
+            return
+        if old is not None:
+            home = self.registry.get(old)
+            if home is not None and (self._homed[to.id] + 1) / to.ad.slots >= \
+                    self._homed[old] / home.ad.slots:
+                return
+            self._homed[old] -= 1
+            if not self._homed[old]:
+                del self._homed[old]
+        self._home[account] = to.id
+        self._homed[to.id] += 1
+
+    def _waits_for_home(self, task: Task, room: Room) -> bool:
+        """Whether the task passes its turn: its account's home could run it but is full now
+        (and is not home to more accounts per slot than its share: those move out)."""
+        home = self.registry.get(self._home.get(task.account, ""))
+        if (home is None or task.spec.deps is not None or home.id not in room.free
+                or room.fits(home, task) or not room.usable(home) or home.account in task.avoid
+                or why_ineligible(task.spec, task.account, home) is not None
+                or not self.admits(task, home)):
+            return False
+        share = -(-len(self._turn) * home.ad.slots // max(1, room.total_slots))  # rounded up
+        if self._homed[home.id] > share:
+            return False
+        passed = self._placements - self._home_since.get(task.account, self._placements)
+        return passed < HOME_PATIENCE * len(self._turn)
+
     def _best(self, task: Task, room: Room) -> ProviderConn | None:
         """The eligible provider with the lowest cost that has room for the task now; untried
         accounts first after a loss. A graph task waits for its best provider when that one is
@@ -227,7 +295,11 @@ class Scheduler:
             moved = self.graph.local_bytes(task, p.id)[1] if graph_task else 0
             queued = max(0, len(p.running) - p.ad.slots + 1) / p.ad.slots
             cost = moved / TRANSFER_BYTES_PER_S + queued * self.avg_duration
-            score = (p.account not in task.tried, -cost, p.free / p.capacity)
+            # A plain task takes an idle slot first, then its home (a warm worker), then the
+            # shortest wait.
+            home = not graph_task and self._home.get(task.account) == p.id
+            idle = not graph_task and queued == 0
+            score = (p.account not in task.tried, idle, home, -cost, p.free / p.capacity)
             if best_score is None or score > best_score:
                 best, best_score = p, score
         if best is not None and graph_task and not room.fits(best, task):
@@ -243,6 +315,7 @@ class Room:
         self.standing = standing
         self.free = {p.id: p.free for p in self.providers}
         self.slots = {p.id: p.ad.slots - len(p.running) for p in self.providers}
+        self.total_slots = sum(p.ad.slots for p in self.providers)
         self.benched = {p.account for p in self.providers if standing.benched(p.account)}
         self.account_free: dict[str, int] = {}
         for p in self.providers:

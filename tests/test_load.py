@@ -203,3 +203,62 @@ def test_more_interleaved_accounts_than_kept_workers_never_share_one() -> None:
     assert len(served) == 12  # 4 accounts cycling through 3 kept workers: a fresh one per task
     for pid in {pid for _, pid in served} - last:  # retired workers are gone, not left idle
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+# ---------------------------------------------------------------- placement: homes, fairness
+# The gateway keeps an account's tasks on its home provider (where a warm worker of the account
+# waits) without giving up round-robin fairness across accounts.
+
+
+def _saturated_placement(accounts: int, providers: int, tasks: int) -> tuple[set, list[str]]:
+    """Saturate ``providers`` one-slot providers with ``accounts`` x ``tasks`` queued tasks; finish
+    one task at a time on a provider picked at random (its oldest), placing after each: the
+    (provider, account) pairs that ran something, and the accounts in the order they finished."""
+    import random
+
+    from gateway.graph import Graph
+    from gateway.protocol import ProviderAd, Runtime, TaskSpec
+    from gateway.registry import ProviderConn, Registry
+    from gateway.scheduler import Scheduler
+    from gateway.standing import Standing
+    from gateway.tasks import Task
+
+    rt = Runtime("3.11", "3.1")
+    registry, standing = Registry(), Standing()
+    standing.of("local").allowance = accounts * tasks
+    conns = [ProviderConn(id=f"p{i}", account="local", send=lambda frame: None, ad=ProviderAd(
+        name=f"p{i}", cpus=1, memory=2**30, runtime=rt, slots=1)) for i in range(providers)]
+    for conn in conns:
+        registry.add(conn)
+    scheduler = Scheduler(registry, Graph(), standing)
+    for j in range(tasks):
+        for a in range(accounts):
+            scheduler.enqueue(Task(TaskSpec(key=f"a{a}-{j}", func="f", nb=0, runtime=rt),
+                                   f"a{a}", "s", memoryview(b""), []))
+    held: dict[str, list] = {conn.id: [] for conn in conns}
+    pairs: set[tuple[str, str]] = set()
+    order: list[str] = []
+    pick = random.Random(7)
+    for _ in range(accounts * tasks):
+        for conn, task in scheduler.place():
+            held[conn.id].append(task)
+        conn = pick.choice([c for c in conns if held[c.id]])
+        task = held[conn.id].pop(0)
+        conn.running.discard(task.task_id)
+        pairs.add((conn.id, task.account))
+        order.append(task.account)
+    return pairs, order
+
+
+def test_saturated_providers_keep_each_account_home_and_every_account_its_share() -> None:
+    pairs, order = _saturated_placement(accounts=20, providers=4, tasks=60)
+    # Without homes every provider runs every account (a fresh worker per task, interleaved).
+    assert len(pairs) <= 2 * 20, sorted(pairs)
+    # Round-robin across accounts holds: at every point, no account is far ahead of another.
+    served = dict.fromkeys(set(order), 0)
+    worst = 0
+    for i, account in enumerate(order[:-80]):  # the tail drains unevenly, as any queue does
+        served[account] += 1
+        if i % 20 == 19:
+            worst = max(worst, max(served.values()) - min(served.values()))
+    assert worst <= 12, worst
