@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from gateway.identity import Identity
 from gateway.ledger import MAX_MICRO, Ledger, LedgerError, to_micro, to_tokens
 from gateway.protocol import ProviderAd, Result, TaskSpec
-from gateway.receipt_log import ReceiptLog, settlement_entry
+from gateway.receipt_log import ReceiptLog, ReceiptLogError, settlement_entry
 
 log = logging.getLogger(__name__)
 
@@ -263,9 +264,14 @@ class Billing:
         good = [e for e in entries if e is not None]
         if not good:
             return [None] * len(entries)
-        first = self.log.append(good)
-        head = self.log.sign_head(self.identity, now_ms=now_ms)
-        made = iter(self.log.receipts(first, first + len(good), head))
+        try:
+            first = self.log.append(good)
+            head = self.log.sign_head(self.identity, now_ms=now_ms)
+            made = iter(self.log.receipts(first, first + len(good), head))
+        except (ReceiptLogError, sqlite3.Error) as exc:  # never leave a result unanswered
+            log.error("receipt log: %d settlements were not logged (their results go out"
+                      " without receipts): %s", len(good), exc)
+            return [None] * len(entries)
         return [None if e is None else next(made) for e in entries]
 
     def refund(self, task_ids: Sequence[str]) -> None:

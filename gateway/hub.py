@@ -118,6 +118,8 @@ class Hub:
         #: Bulk work deferred in slices (the failures of a long chain); the shell calls
         #: :meth:`work` until it is empty, serving connections between slices, after ``wake``.
         self.later: deque[Callable[[], None]] = deque()
+        #: Final settlements waiting to be logged, with the results that carry their receipts.
+        self._unlogged: list[tuple[str, p.Result, list[memoryview], Settled]] = []
         self.wake: Callable[[], None] = lambda: None
         self._empty_since = time.monotonic()  # when the last provider left (or the start)
         self.sessions: dict[str, ClientSession] = {}
@@ -523,9 +525,6 @@ class Hub:
             [(t.bill_id, conn.account, t.usage, conn.ad.prices, True) for t in funded]),
             strict=True))
         out: dict[str, list[tuple[p.Result, list[memoryview]]]] = defaultdict(list)
-        settled: list[Settled] = []
-        sessions: list[str] = []
-        logged: list[int] = []
         for task, result, bufs in mine:
             charge = charges.get(id(task))
             cost = charge.cost if charge else 0.0
@@ -535,22 +534,15 @@ class Hub:
                     self._send_events(task, p.Event(key=task.key, kind="usage",
                                                     usage=task.usage, cost=cost))
                 continue
-            if charge is not None:
-                digest = result_hash(bufs) if result.status == "finished" else failure_hash(result)
-                logged.append(len(out[task.session]))
-                settled.append(_settled(task, charge, digest, [(conn.account, digest, task.usage,
-                                        conn.ad.prices, charge)]))
             self._end(task, TaskState(result.status))
             self._graph_outcome(task, conn, result)
-            out[task.session].append((replace(result, key=task.key, provider=conn.id,
-                                              usage=task.usage, cost=cost), bufs))
-            if charge is not None:
-                sessions.append(task.session)
-        # one batch of leaves and one signed tree head for every settlement in this message
-        for session_id, i, receipt in zip(sessions, logged, self.billing.receipts(settled),
-                                          strict=True):
-            result, bufs = out[session_id][i]
-            out[session_id][i] = (replace(result, receipt=receipt), bufs)
+            answer = replace(result, key=task.key, provider=conn.id, usage=task.usage, cost=cost)
+            if charge is None:
+                out[task.session].append((answer, bufs))
+                continue
+            digest = result_hash(bufs) if result.status == "finished" else failure_hash(result)
+            self._send_logged(task.session, answer, bufs, _settled(
+                task, charge, digest, [(conn.account, digest, task.usage, conn.ad.prices, charge)]))
         for session_id, items in out.items():
             session = self.sessions.get(session_id)
             if session is not None:
@@ -625,20 +617,19 @@ class Hub:
         charge = self.billing.settle([(task.bill_id, conn.account, task.usage, conn.ad.prices,
                                        True)])[0]
         task.billed = True
-        receipt = None
         if charge is not None:
             cost = charge.cost
-            receipt = self.billing.receipts([_settled(
-                task, charge, "budget-exceeded",
-                [(conn.account, "budget-exceeded", task.usage, conn.ad.prices, charge)])])[0]
         what = (f"its budget of {task.spec.budget:g} tokens" if task.spec.budget is not None
                 else "its escrow (the gateway's default; pass budget= to allow more)")
         message = f"task {task.key} was stopped after using {what}; charged {cost:g} tokens"
-        session = self.sessions.get(task.session)
-        if session is not None:
-            result = failure(task.key, p.ErrorCode.BUDGET, message, "BudgetExceeded")
-            self._send_results(session, [(replace(result, cost=cost, usage=task.usage,
-                                                  receipt=receipt), [])])
+        result = replace(failure(task.key, p.ErrorCode.BUDGET, message, "BudgetExceeded"),
+                         cost=cost, usage=task.usage)
+        if charge is None:
+            self._send_results_to(task.session, [(result, [])])
+        else:
+            self._send_logged(task.session, result, [], _settled(
+                task, charge, "budget-exceeded",
+                [(conn.account, "budget-exceeded", task.usage, conn.ad.prices, charge)]))
 
     def _stop_vote_over_budget(self, task: Task) -> None:
         """A replica used up its escrow before the vote was decided: the whole task stops, and,
@@ -773,13 +764,13 @@ class Hub:
             return
         charge = next((c for b, c in zip(paid, charges, strict=True) if b is win), None)
         cost = sum(c.cost for c in charges if c is not None)
-        receipt = None if charge is None else self.billing.receipts([_vote_settled(
-            win, decision.unpaid, list(zip(paid, charges, strict=True)))])[0]
-        session = self.sessions.get(task.session)
-        if session is not None:
-            self._send_results(session, [(replace(
-                win.result, key=task.key, provider=win.provider_id, usage=win.task.usage,
-                cost=cost, receipt=receipt), win.buffers)])
+        answer = replace(win.result, key=task.key, provider=win.provider_id,
+                         usage=win.task.usage, cost=cost)
+        if charge is None:
+            self._send_results_to(task.session, [(answer, win.buffers)])
+        else:
+            self._send_logged(task.session, answer, win.buffers, _vote_settled(
+                win, decision.unpaid, list(zip(paid, charges, strict=True))))
 
     def _send_failure(self, task: Task, code: p.ErrorCode, message: str, type_: str) -> None:
         session = self.sessions.get(task.session)
@@ -1072,6 +1063,31 @@ class Hub:
                 self.cancel(session, [self.tasks[t].key for t in session.tasks
                                       if t in self.tasks])
                 return
+
+    def _send_results_to(self, session_id: str,
+                         items: list[tuple[p.Result, list[memoryview]]]) -> None:
+        session = self.sessions.get(session_id)
+        if session is not None:
+            self._send_results(session, items)
+
+    def _send_logged(self, session_id: str, result: p.Result, bufs: list[memoryview],
+                     settled: Settled) -> None:
+        """Answer a final settlement once it is a leaf of the receipt log: the settlements of
+        one turn of the shell's loop are appended and covered by ONE signed tree head
+        (:meth:`_log_settled`, deferred), not a signature per task."""
+        if not self._unlogged:
+            self._defer(self._log_settled)
+        self._unlogged.append((session_id, result, bufs, settled))
+
+    def _log_settled(self) -> None:
+        """Log the settlements made since the last call and send each result its receipt."""
+        batch, self._unlogged = self._unlogged, []
+        receipts = self.billing.receipts([settled for *_, settled in batch])
+        out: dict[str, list[tuple[p.Result, list[memoryview]]]] = defaultdict(list)
+        for (session_id, result, bufs, _), receipt in zip(batch, receipts, strict=True):
+            out[session_id].append((replace(result, receipt=receipt), bufs))
+        for session_id, items in out.items():
+            self._send_results_to(session_id, items)
 
     def _send_events(self, task: Task, event: p.Event) -> None:
         session = self.sessions.get(task.session)

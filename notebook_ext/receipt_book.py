@@ -53,6 +53,7 @@ class ReceiptBook:
         self.error: ReceiptLogError | None = None
         self._receipts: list[dict] = []
         self._lock = threading.Lock()
+        self._witnessing = threading.Lock()  # one head checked at a time (background or caller)
         self._last: tuple[int, str] | None = None  # the head last queued for a check
         self._checks = cf.ThreadPoolExecutor(1, thread_name_prefix="decompute-log-witness")
 
@@ -74,14 +75,15 @@ class ReceiptBook:
         """Check ``head`` against the newest seen, now, on the caller's thread; raises and
         records :class:`ForkDetected` naming both heads when they cannot both be true."""
         parsed = head if isinstance(head, TreeHead) else TreeHead.from_json(head)
-        span = self.witness.needs_proof(parsed)
-        proof = consistency_proof(self.base, *span) if span else []
-        try:
-            self.witness.observe(parsed, proof)
-        except ReceiptLogError as exc:
-            self.error = self.error or exc
-            log.error("decompute receipt log: %s", exc)
-            raise
+        with self._witnessing:  # the proof fetched must be for the newest head it is checked at
+            span = self.witness.needs_proof(parsed)
+            proof = consistency_proof(self.base, *span) if span else []
+            try:
+                self.witness.observe(parsed, proof)
+            except ReceiptLogError as exc:
+                self.error = self.error or exc
+                log.error("decompute receipt log: %s", exc)
+                raise
 
     def _observe(self, head: dict) -> None:
         try:
