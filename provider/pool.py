@@ -264,7 +264,7 @@ class WorkerPool:
         if self._total() >= self.keep:
             victim = self._lru_idle()
             if victim is None:
-                return  # all busy: the next release refills
+                return  # all busy: the next acquire refills
             self._retire(victim)
         self._starting += 1
         self._background_task(self._add_spare())
@@ -311,7 +311,6 @@ class WorkerPool:
                 self._changed.notify_all()
         finally:
             self._slots.release()
-        self._refill_spare()
 
     def _tainted(self, worker: WorkerProc) -> bool:
         """A worker that must not serve again: its task left a process running (all of them die
