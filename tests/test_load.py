@@ -262,3 +262,31 @@ def test_saturated_providers_keep_each_account_home_and_every_account_its_share(
         if i % 20 == 19:
             worst = max(worst, max(served.values()) - min(served.values()))
     assert worst <= 12, worst
+
+
+def test_an_account_whose_home_is_full_still_takes_a_room_nobody_else_wants() -> None:
+    from gateway.graph import Graph
+    from gateway.protocol import ProviderAd, Runtime, TaskSpec
+    from gateway.registry import ProviderConn, Registry
+    from gateway.scheduler import Scheduler
+    from gateway.tasks import Task
+
+    rt = Runtime("3.11", "3.1")
+    registry = Registry()
+    p0, p1 = (ProviderConn(id=name, account=f"acct-{name}", send=lambda frame: None, ad=ProviderAd(
+        name=name, cpus=1, memory=2**30, runtime=rt, slots=1)) for name in ("p0", "p1"))
+    registry.add(p0)
+    scheduler = Scheduler(registry, Graph())
+
+    def queue(n: int) -> None:
+        tasks = [Task(TaskSpec(key=f"a-{n}-{i}", func="f", nb=0, runtime=rt), "a", "s",
+                      memoryview(b""), []) for i in range(p0.capacity)]
+        for task in tasks:
+            scheduler.enqueue(task)
+
+    queue(0)
+    assert {conn.id for conn, _ in scheduler.place()} == {"p0"}  # its home, now full
+    registry.add(p1)
+    queue(1)  # p0 full, p1 empty: waiting for the warm worker would leave p1 idle
+    placed = scheduler.place()
+    assert placed and {conn.id for conn, _ in placed} == {"p1"}
