@@ -21,6 +21,7 @@ from gateway.identity import Identity, decompute_home
 from gateway.ledger import Ledger, to_micro, to_tokens
 from gateway.limits import Limits
 from gateway.names import Names
+from gateway.receipt_log import ReceiptLog
 from gateway.server import DEFAULT_MAX_MESSAGE, GatewayServer
 
 log = logging.getLogger("gateway")
@@ -144,7 +145,11 @@ async def run(args: argparse.Namespace) -> None:
     names = Names(args.db)  # provider names' owners, beside the ledger in its database
     limits = Limits(lease_seconds=args.lease_seconds, cancel_grace=args.cancel_grace,
                     rejoin_grace=args.rejoin_grace, no_provider_wait=2 * args.rejoin_grace)
-    hub = Hub(Billing(ledger, identity, default_escrow=args.default_escrow), limits, names=names)
+    receipt_log = ReceiptLog(args.db)  # the public log of settlements, beside the ledger
+    if receipt_log.size():  # leaves committed just before a crash are covered at once
+        receipt_log.sign_head(identity)
+    hub = Hub(Billing(ledger, identity, default_escrow=args.default_escrow,
+                      receipt_log=receipt_log), limits, names=names)
     server = GatewayServer(hub, identity, args.host, args.port, args.max_message_mib * 2**20)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -165,6 +170,7 @@ async def run(args: argparse.Namespace) -> None:
     finally:
         stop_processes(procs)
         names.close()
+        receipt_log.close()
         ledger.close()
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import cloudpickle
 import pytest
 from conftest import REPO, Gateway, descendants, kill_tree, start_gateway
-from helpers import wait_for
+from helpers import http_get, wait_for
 
 from gateway.ledger import Ledger
 from gateway.receipt_log import ForkDetected, TreeHead, check_log_receipt, money_in
@@ -234,3 +234,21 @@ def test_receipts_from_before_a_sigkill_verify_against_the_restarted_gateways_he
         assert leaves_agree_with_ledger(db_of(gw)) >= len(before) + 5
     finally:
         gw.stop()
+
+
+def test_the_log_is_served_over_http_to_anyone(priced: Any) -> None:
+    gw, client, futs, _ = priced
+    receipt = futs[10].receipt
+    size, index = receipt["head"]["size"], receipt["index"]
+    status, body = http_get(gw.port, f"/log/inclusion?index={index}&size={size}")
+    assert status == 200 and json.loads(body)["proof"] == receipt["proof"]
+    status, body = http_get(gw.port, "/log/head")
+    assert status == 200 and json.loads(body)["size"] >= 1000
+    status, body = http_get(gw.port, f"/log/entries?start={index}&end={index + 1}")
+    assert status == 200 and json.loads(body)["entries"] == [receipt["entry"]]
+    status, body = http_get(gw.port, f"/log/consistency?first={size}&second=1000")
+    assert status == 200 and isinstance(json.loads(body)["proof"], list)
+    status, body = http_get(gw.port, "/log/inclusion?index=-1&size=x")
+    assert status == 400 and "index must be an integer" in json.loads(body)["error"]
+    status, body = http_get(gw.port, "/log/entries?start=5000&end=5001")
+    assert status == 400 and "not within the log" in json.loads(body)["error"]
