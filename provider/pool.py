@@ -223,6 +223,8 @@ class WorkerPool:
                 self._retire(victim)
             self._starting += 1
         starting = asyncio.ensure_future(self._spawn())
+        self._background.add(starting)  # close() ends it too
+        starting.add_done_callback(self._background.discard)
         try:
             worker = await asyncio.shield(starting)
         except asyncio.CancelledError:  # the fresh worker is clean: it becomes a spare
@@ -271,16 +273,12 @@ class WorkerPool:
 
     async def _add_spare(self) -> None:
         try:
-            fresh = await self._spawn()
+            self.workers.append(await self._spawn())
         except Exception:
             log.exception("could not start a spare task process")
-            fresh = None
         finally:
             self._starting -= 1
-        async with self._changed:
-            if fresh is not None:
-                self.workers.append(fresh)
-            self._changed.notify_all()
+        await self._notify()
 
     async def settled(self) -> None:
         """Wait until the spares being started and the workers being retired are done."""
