@@ -3,7 +3,9 @@
 Every receipt that arrives is kept (oldest first) and its signed tree head is checked against the
 newest head this client has seen: a newer head must come with a consistency proof, fetched from
 the gateway's ``/log/consistency`` over HTTP on a background thread (never the user's, never the
-client's event loop). A gateway that rewrote or forked its log is caught: the
+client's event loop), for the newest head met at most every ``MIN_CHECK_INTERVAL`` s; the heads
+passed over are checked when the receipts are taken out (``client.receipts()``,
+``save_receipts``, ``check_log``). A gateway that rewrote or forked its log is caught: the
 :class:`ForkDetected` naming both heads is kept and raised by :meth:`ReceiptBook.check`.
 """
 
@@ -14,6 +16,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,9 @@ from gateway.receipt_log import ForkDetected, HeadWitness, ReceiptLogError, Tree
 log = logging.getLogger(__name__)
 
 HTTP_TIMEOUT = 10.0
+#: The background check fetches at most one consistency proof this often (seconds): a map
+#: settles in many batches, and a proof per batch would cost the user's work CPU.
+MIN_CHECK_INTERVAL = 0.1
 
 
 def http_base(address: str) -> str:
@@ -54,22 +60,45 @@ class ReceiptBook:
         self._receipts: list[dict] = []
         self._lock = threading.Lock()
         self._witnessing = threading.Lock()  # one head checked at a time (background or caller)
-        self._last: tuple[int, str] | None = None  # the head last queued for a check
+        self._unchecked: dict[tuple, dict] = {}  # heads met, not yet checked
+        self._checked: set[tuple] = set()
+        self._draining = False
+        self._closed = False
+        self._last_check = 0.0
         self._checks = cf.ThreadPoolExecutor(1, thread_name_prefix="decompute-log-witness")
 
     def add(self, receipt: dict) -> None:
-        """Keep ``receipt``; check its head (once per distinct head) in the background."""
+        """Keep ``receipt``; its head is checked in the background (see :meth:`_drain`)."""
         with self._lock:
             self._receipts.append(receipt)
             head = receipt.get("head") if isinstance(receipt, dict) else None
             if not isinstance(head, dict) or "entry" not in receipt:
                 return  # an old-format receipt carries no head
             seen = (head.get("size"), head.get("root"))
-            if seen == self._last:
+            if seen in self._checked or seen in self._unchecked:
                 return
-            self._last = seen  # type: ignore[assignment]
+            self._unchecked[seen] = head
+            if self._draining:
+                return
+            self._draining = True
         with contextlib.suppress(RuntimeError):  # closed: no more checks
-            self._checks.submit(self._observe, head)
+            self._checks.submit(self._drain)
+
+    def _drain(self) -> None:
+        """Check the NEWEST unchecked head against the newest seen, at most every
+        :data:`MIN_CHECK_INTERVAL` s: one proof fetched however many heads a busy map brings.
+        The heads it passed over are checked by :meth:`check` (``client.receipts()``)."""
+        wait = self._last_check + MIN_CHECK_INTERVAL - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)  # a rate limit on a background thread, not a synchronisation
+        with self._lock:
+            self._draining = False
+            if not self._unchecked or self._closed:
+                return
+            newest = max(self._unchecked, key=lambda seen: seen[0])
+            head = self._unchecked.pop(newest)
+        self._last_check = time.monotonic()
+        self._observe(head)
 
     def observe(self, head: dict | TreeHead) -> None:
         """Check ``head`` against the newest seen, now, on the caller's thread; raises and
@@ -86,6 +115,8 @@ class ReceiptBook:
                 raise
 
     def _observe(self, head: dict) -> None:
+        with self._lock:
+            self._checked.add((head.get("size"), head.get("root")))
         try:
             self.observe(head)
         except ReceiptLogError:
@@ -94,9 +125,14 @@ class ReceiptBook:
             log.warning("decompute receipt log: could not check %s: %r", head.get("size"), exc)
 
     def check(self, timeout: float = 30.0) -> None:
-        """Wait for the head checks queued so far; raise the fork (or bad head) found, if any."""
+        """Check every head met so far (the background passed over some); raise the fork (or
+        bad head) found, if any."""
         with contextlib.suppress(RuntimeError):  # closed: the checks already ran or were dropped
             self._checks.submit(lambda: None).result(timeout)
+        with self._lock:
+            heads, self._unchecked = list(self._unchecked.values()), {}
+        for head in sorted(heads, key=lambda h: h.get("size", 0)):
+            self._observe(head)
         if self.error is not None:
             raise self.error
 
@@ -113,6 +149,8 @@ class ReceiptBook:
         return len(held)
 
     def close(self) -> None:
+        """Stop checking in the background (the client closed); receipts stay readable."""
+        self._closed = True
         self._checks.shutdown(wait=False, cancel_futures=True)
 
 
