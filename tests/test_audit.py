@@ -18,6 +18,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,19 @@ import pytest
 from conftest import REPO, Gateway, descendants, kill_tree, start_gateway
 from helpers import http_get, wait_for
 
+from gateway.identity import Identity
 from gateway.ledger import Ledger
-from gateway.receipt_log import ForkDetected, TreeHead, check_log_receipt, money_in
+from gateway.receipt_log import (
+    ForkDetected,
+    ReceiptLog,
+    TreeHead,
+    check_log_receipt,
+    log_http,
+    money_in,
+    settlement_entry,
+)
 from notebook_ext import Client, verify_receipt
+from notebook_ext.receipt_book import ReceiptBook
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tasks are defined here
 
@@ -252,3 +264,68 @@ def test_the_log_is_served_over_http_to_anyone(priced: Any) -> None:
     assert status == 400 and "index must be an integer" in json.loads(body)["error"]
     status, body = http_get(gw.port, "/log/entries?start=5000&end=5001")
     assert status == 400 and "not within the log" in json.loads(body)["error"]
+
+
+class LogServer:
+    """A gateway's ``/log/...`` over real HTTP for one :class:`ReceiptLog` (the honest branch)."""
+
+    def __init__(self, rl: ReceiptLog) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's spelling)
+                status, body = log_http(rl, self.path) or (404, {"error": "no such path"})
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"ws://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def entry(i: int, branch: str = "main") -> bytes:
+    return settlement_entry(task_id=f"{branch}-{i}", client="c" * 64, function_hash="f",
+                            input_hash="i", outcome="r", amount_micro=3, fee_micro=1, time_ms=i,
+                            providers=[{"account": "p" * 64, "result_hash": "r", "usage": {},
+                                        "prices": {}, "paid_micro": 2}])
+
+
+def test_a_fork_in_a_head_the_background_passed_over_is_caught_when_receipts_are_taken(
+        tmp_path: Path) -> None:
+    gateway = Identity.generate()
+    honest, forked = ReceiptLog(tmp_path / "honest.sqlite"), ReceiptLog(tmp_path / "fork.sqlite")
+    server = LogServer(honest)
+    try:
+        receipts = []
+        for rl, branch, n in ((honest, "main", 2), (forked, "main", 2), (forked, "fork", 1),
+                              (honest, "main", 2)):
+            first = rl.append([entry(rl.size() + i, branch) for i in range(n)])
+            head = rl.sign_head(gateway)
+            if rl is honest or branch == "fork":
+                receipts.append(rl.receipt(first, head))
+        # heads met: honest size 2, forked size 3, honest size 4 (all signed by the gateway)
+        assert [r["head"]["size"] for r in receipts] == [2, 3, 4]
+        book = ReceiptBook(gateway.account, server.url)
+        try:
+            for receipt in receipts:  # all at once: the background checks the newest only
+                assert verify_receipt(receipt, gateway.account)  # each is fine on its own
+                book.add(receipt)
+            with pytest.raises(ForkDetected, match=r"head \(size 4.*head \(size 3|"
+                                                   r"head \(size 3.*head \(size 4"):
+                book.check()
+            assert isinstance(book.error, ForkDetected)
+        finally:
+            book.close()
+    finally:
+        server.close()
+        honest.close()
+        forked.close()
