@@ -26,7 +26,7 @@ from typing import Any
 import cloudpickle
 import pytest
 from conftest import REPO, Gateway, descendants, kill_tree, start_gateway
-from helpers import http_get, wait_for
+from helpers import http_get, spawn, wait_for
 
 from gateway.identity import Identity
 from gateway.ledger import Ledger
@@ -170,6 +170,21 @@ def test_a_changed_or_deleted_leaf_fails_the_audit_naming_it(priced: Any) -> Non
     assert audit(path, "--gateway", gw.url).returncode == 0  # put back: it all holds again
 
 
+def restart_on(port: int, tmp: Path) -> Gateway:
+    """The gateway of ``tmp`` (its key, its database) again on ``port``, one priced provider."""
+    log = tmp / "gateway-again.log"
+    cmd = [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(port),
+           "--db", str(tmp / "ledger.sqlite"), "--faucet", "1000", "--local-providers", "1",
+           *PRICED]
+    gw = Gateway(spawn(cmd, tmp / "gateway-home", log, REPO), port, tmp / "gateway-home", log)
+    try:
+        gw.wait_providers(1)
+    except BaseException:
+        gw.stop()
+        raise
+    return gw
+
+
 def test_a_forked_log_is_caught_by_the_audit_and_by_a_connected_client(tmp_path: Path) -> None:
     gw = start_gateway(tmp_path, local_providers=1, extra=PRICED)
     client = Client(gw.url, home=tmp_path / "client", stream_output=False)
@@ -189,7 +204,7 @@ def test_a_forked_log_is_caught_by_the_audit_and_by_a_connected_client(tmp_path:
             db_of(gw).with_name(db_of(gw).name + suffix).unlink(missing_ok=True)
         snapshot.rename(db_of(gw))
 
-        gw = start_gateway(tmp_path, local_providers=1, extra=PRICED)  # same key, forked log
+        gw = restart_on(gw.port, tmp_path)  # same address, same key, a forked log
         other = Client(gw.url, home=tmp_path / "other", stream_output=False)
         with other:
             other.gather(other.map(square, range(100, 104), budget=0.05))  # leaves 3..6, forked
@@ -198,12 +213,13 @@ def test_a_forked_log_is_caught_by_the_audit_and_by_a_connected_client(tmp_path:
         assert run.returncode == 1
         assert "saved head (size 6" in run.stderr and "head (size 7" in run.stderr, run.stderr
 
-        client.close()
-        client = Client(gw.url, home=tmp_path / "client", stream_output=False)
-        client._receipt_book.observe(json.loads((tmp_path / "head.json").read_text()))
-        with pytest.raises(ForkDetected, match=r"head \(size 7.*head \(size 6"):
+        # the client that saw the head of 6 leaves is still open, and reconnects to the fork
+        with pytest.raises(ForkDetected, match=r"head \(size 7.*does not extend head \(size 6"):
             client.check_log()
-        with pytest.raises(ForkDetected):
+        wait_for(lambda: client.status == "connected", 30, message="the client reconnected")
+        fut = client.submit(square, 7, budget=0.05)
+        assert fut.result(30) == 49 and verify_receipt(fut.receipt, client.gateway_key)
+        with pytest.raises(ForkDetected, match="size 6"):  # its receipt's head: still a fork
             client.receipts()
     finally:
         client.close()
