@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 
+from gateway.billing import Billing, Settled, Share
+from gateway.hub import Hub
 from gateway.identity import Identity
+from gateway.ledger import Ledger
+from gateway.receipt_log import check_log_receipt
 from gateway.receipts import (
     RECEIPT_CONTEXT,
     RECEIPT_FIELDS,
@@ -17,6 +25,7 @@ from gateway.receipts import (
     signed_bytes,
     verify_receipt,
 )
+from notebook_ext.money import Receipt
 
 GATEWAY = Identity.generate()
 
@@ -158,3 +167,89 @@ def test_numpy_numbers_become_plain_numbers() -> None:
     assert type(receipt["usage"]["max_rss_bytes"]) is int
     assert type(receipt["usage"]["cpu_seconds"]) is float
     assert verify_receipt(msgpack.unpackb(msgpack.packb(receipt)), GATEWAY.account)
+
+
+# ------------------------------------------------------------------ receipts of the log (billing)
+
+
+def _settled(i: int, **changes: Any) -> Settled:
+    fields: dict[str, Any] = dict(
+        task_id=f"s/task-{i}", client="c" * 64, function_hash="f" * 64, input_hash="i" * 64,
+        shares=(Share("p" * 64, "r" * 64, {"cpu_seconds": 0.25}, {"cpu": 0.5}, 113),),
+        outcome="r" * 64, amount_micro=125, fee_micro=12)
+    return Settled(**{**fields, **changes})
+
+
+@pytest.fixture
+def billing(tmp_path: Path) -> Iterator[Billing]:
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    b = Billing(ledger, GATEWAY)
+    yield b
+    b.log.close()
+    ledger.close()
+
+
+def test_a_batch_of_settlements_is_one_signed_head_and_each_receipt_verifies(
+        billing: Billing) -> None:
+    receipts = billing.receipts([_settled(i) for i in range(5)])
+    assert [r["index"] for r in receipts] == list(range(5))
+    assert len({json.dumps(r["head"], sort_keys=True) for r in receipts}) == 1  # one signature
+    assert len(billing.log.heads()) == 1
+    for i, r in enumerate(receipts):
+        assert verify_receipt(r, GATEWAY.account)  # the one verify_receipt, both formats
+        assert verify_receipt(msgpack.unpackb(msgpack.packb(r)), GATEWAY.public_bytes)
+        settled = check_log_receipt(r, GATEWAY.account)
+        assert settled["task_id"] == f"s/task-{i}" and settled["amount_micro"] == 125
+        assert settled["providers"][0]["paid_micro"] + settled["fee_micro"] == 125
+        readable = Receipt(r)  # the client's view reads the leaf, and stays the signed dict
+        assert (readable["amount_micro"], readable["provider"]) == (125, "p" * 64)
+        assert dict(readable) == r and verify_receipt(readable, GATEWAY.account)
+    assert not verify_receipt(receipts[0], Identity.generate().account)
+    assert billing.receipts([_settled(9)])[0]["head"]["size"] == 6  # the next batch extends it
+
+
+def test_a_settlement_that_does_not_add_up_gets_no_receipt_and_spoils_no_other(
+        billing: Billing) -> None:
+    receipts = billing.receipts([_settled(0), _settled(1, fee_micro=13), _settled(2)])
+    assert receipts[1] is None
+    assert [r["index"] for r in (receipts[0], receipts[2])] == [0, 1]
+    assert all(verify_receipt(r, GATEWAY.account) for r in (receipts[0], receipts[2]))
+
+
+def test_a_log_edited_under_the_gateway_is_refused_and_results_still_go_out(
+        billing: Billing, tmp_path: Path) -> None:
+    billing.receipts([_settled(i) for i in range(4)])
+    with contextlib.closing(sqlite3.connect(tmp_path / "ledger.sqlite")) as db:
+        db.execute("UPDATE log_nodes SET hash = ? WHERE level = 2 AND idx = 0", (b"\0" * 32,))
+        db.commit()  # the attack: rewrite history under a running gateway
+    assert billing.receipts([_settled(4), _settled(5)]) == [None, None]  # never a forked head
+    assert billing.log.head().size == 4
+
+
+def test_a_hub_whose_log_refuses_to_sign_still_answers_every_result(tmp_path: Path) -> None:
+    from test_hub_money import client, finish, provider, submit  # the hub, driven as the shell
+
+    ledger = Ledger(tmp_path / "ledger.sqlite", faucet_micro=10_000_000)
+    hub = Hub(Billing(ledger, GATEWAY))
+    try:
+        conn, _ = provider(hub)
+        session, peer = client(hub)
+        for key in ("a", "b"):
+            submit(hub, session, key, budget=1.0)
+        a, b = sorted(hub.tasks.values(), key=lambda t: t.key)
+        a.assigned_at -= 1.0
+        finish(hub, conn, a.task_id, cpu=0.5)
+        assert verify_receipt(peer.results()[0].receipt, GATEWAY.account)
+        with contextlib.closing(sqlite3.connect(tmp_path / "ledger.sqlite")) as db:
+            db.execute("UPDATE log_nodes SET hash = ? WHERE level = 0 AND idx = 0",
+                       (b"\0" * 32,))
+            db.commit()
+        b.assigned_at -= 1.0
+        finish(hub, conn, b.task_id, cpu=0.5)
+        done = peer.results()[1]
+        assert done.key == "b" and done.status == "finished" and done.receipt is None
+        assert done.cost == 0.5 and ledger.open_escrows() == {}
+        ledger.check(live=())
+    finally:
+        hub.billing.log.close()
+        ledger.close()
