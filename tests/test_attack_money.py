@@ -24,7 +24,9 @@ from fakes import FakeProvider, result_buffers
 from helpers import http_get, wait_for
 
 from gateway import protocol as p
+from gateway.billing import result_hash
 from gateway.ledger import Ledger, to_micro
+from gateway.receipt_log import check_log_receipt
 from notebook_ext import BudgetExceeded, Client, NoMatchingProvider, verify_receipt
 from notebook_ext.client import GraphTask
 
@@ -251,6 +253,11 @@ def _vote(gw: Gateway, client: Client, a: FakeProvider, b: FakeProvider,
     assert balance(gw, lying.account) == before[lying.account]
     paid = sum(balance(gw, f.account) - before[f.account] for f in (a, b))
     assert paid == lost and all(balance(gw, f.account) > before[f.account] for f in (a, b))
+    settled = check_log_receipt(fut.receipt, client.gateway_key)  # one leaf for the whole vote
+    shares = {s["account"]: s["paid_micro"] for s in settled["providers"]}
+    assert settled["amount_micro"] == lost and shares.get(lying.account, 0) == 0
+    assert {a.account, b.account} <= shares.keys() and settled["outcome"] == result_hash(
+        [memoryview(b) for b in result_buffers(36)])
 
 
 def test_a_replica_over_its_budget_stops_the_vote_and_nobody_is_paid(
