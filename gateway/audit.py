@@ -13,6 +13,7 @@ Usage::
 
     decompute-audit RECEIPTS.jsonl --gateway http://HOST:PORT [--head HEAD.json] [--save-head F]
     decompute-audit RECEIPTS.jsonl --gateway-key HEX --log LOG.jsonl [--head HEAD.json]
+    decompute-audit RECEIPTS.jsonl --gateway URL --ledger DB   # the operator's, with the database
     decompute-audit export (--gateway URL | --db FILE) -o LOG.jsonl
 
 ``RECEIPTS.jsonl`` is what ``client.save_receipts(path)`` writes. ``LOG.jsonl`` holds one JSON
@@ -36,7 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from gateway import merkle
-from gateway.ledger import to_tokens
+from gateway.ledger import Ledger, LedgerError, to_tokens
 from gateway.receipt_log import (
     MAX_ENTRIES_PER_READ,
     EntryError,
@@ -46,6 +47,7 @@ from gateway.receipt_log import (
     check_head,
     check_head_consistency,
     check_log_receipt,
+    decode_entry,
     money_in,
 )
 
@@ -233,6 +235,39 @@ def check_money(receipts: list[dict], the_log: Log) -> tuple[list[str], dict[str
     return problems, totals
 
 
+def check_ledger(path: str | Path, the_log: Log) -> list[str]:
+    """The operator's audit (it needs the gateway's database): the stored log matches its own
+    leaves (:meth:`ReceiptLog.check`), the ledger is conserved, and each one-provider leaf is
+    exactly its escrow's final settlement. (A vote's leaf sums several replicas' escrows, whose
+    ids it does not name; the ledger's conservation still covers them.)"""
+    if not Path(path).exists():
+        raise AuditError(f"no database at {path}; pass the gateway's --db FILE")
+    problems = []
+    with ReceiptLog(path) as rl:
+        try:
+            rl.check(the_log.key)
+        except ReceiptLogError as exc:
+            problems.append(f"{path}: {exc}")
+    settled = {}
+    for i, entry in enumerate(the_log.entries):
+        with contextlib.suppress(EntryError):  # a malformed leaf is reported by check_money
+            leaf = decode_entry(entry)
+            if len(leaf["providers"]) == 1:
+                settled[i] = leaf
+    with Ledger(path) as ledger:
+        try:
+            ledger.check()
+        except LedgerError as exc:
+            problems.append(f"{path}: the ledger does not add up: {exc}")
+        charged = ledger.charged_of([leaf["task_id"] for leaf in settled.values()])
+    for i, leaf in settled.items():
+        want, got = (leaf["amount_micro"], leaf["fee_micro"]), charged.get(leaf["task_id"])
+        if got != want:
+            problems.append(f"leaf {i}: task {leaf['task_id']} settled (amount, fee) {want} in"
+                            f" the log but {got} in the ledger {path}")
+    return problems
+
+
 def audit(receipts: list[dict], the_log: Log, *, saved: TreeHead | None = None,
           base: str | None = None) -> tuple[list[str], dict[str, Any]]:
     """Every check; returns the problems found (empty: all holds) and the money totals."""
@@ -260,6 +295,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--log", help="an exported LOG.jsonl (decompute-audit export), offline")
     ap.add_argument("--head", help="a signed head saved earlier (JSON) the log must extend")
     ap.add_argument("--save-head", help="write the latest signed head here (for --head later)")
+    ap.add_argument("--ledger", help="the operator's check: the gateway's database (--db) must"
+                    " hold exactly the log's leaves and settlements")
     return ap
 
 
@@ -310,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                  if args.head else None)
         problems, totals = audit(receipts, the_log, saved=saved,
                                  base=http_base(args.gateway) if args.gateway else None)
+        if args.ledger:
+            problems += check_ledger(args.ledger, the_log)
     except AuditError as exc:
         print(f"decompute-audit: {exc}", file=sys.stderr)
         return 2

@@ -170,6 +170,33 @@ def test_a_changed_or_deleted_leaf_fails_the_audit_naming_it(priced: Any) -> Non
     assert audit(path, "--gateway", gw.url).returncode == 0  # put back: it all holds again
 
 
+def test_a_settled_row_changed_in_the_ledger_fails_the_operators_audit_naming_the_leaf(
+        priced: Any) -> None:
+    gw, client, futs, tmp = priced
+    path = tmp / "receipts-ledger.jsonl"
+    client.save_receipts(path)
+    assert audit(path, "--gateway", gw.url, "--ledger", db_of(gw)).returncode == 0
+    victim = futs[700].receipt
+    task = json.loads(victim["entry"])["task_id"]
+    with contextlib.closing(connect(db_of(gw))) as db:
+        db.execute("UPDATE escrows SET charged = charged + 5 WHERE task_id = ?", (task,))
+        try:
+            run = audit(path, "--gateway", gw.url, "--ledger", db_of(gw))
+            assert run.returncode == 1
+            assert f"leaf {victim['index']}: task {task} settled" in run.stderr, run.stderr
+            assert audit(path, "--gateway", gw.url).returncode == 0  # the log alone is intact
+        finally:
+            db.execute("UPDATE escrows SET charged = charged - 5 WHERE task_id = ?", (task,))
+        db.execute("UPDATE log_leaves SET entry = entry || ' ' WHERE idx = ?", (victim["index"],))
+        try:  # the stored log against its own nodes: names the leaf too
+            run = audit(path, "--gateway", gw.url, "--ledger", db_of(gw))
+            assert f"leaf {victim['index']}: its entry does not match" in run.stderr, run.stderr
+        finally:
+            db.execute("UPDATE log_leaves SET entry = rtrim(entry, ' ') WHERE idx = ?",
+                       (victim["index"],))
+    assert audit(path, "--gateway", gw.url, "--ledger", db_of(gw)).returncode == 0
+
+
 def restart_on(port: int, tmp: Path) -> Gateway:
     """The gateway of ``tmp`` (its key, its database) again on ``port``, one priced provider."""
     log = tmp / "gateway-again.log"
