@@ -74,20 +74,30 @@ _TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"  # where we look for unshare & co, 
 _UID_RANGE = range(61184, 65520)  # systemd's DynamicUser range: mapped even in most containers
 _PROBE_TIMEOUT = 5.0
 _COPIED_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # OpenBLAS misdetects some CPUs here
-# Runs inside the new mount namespace: $1 is mount(8), then paths up to "--", then the program.
 # Runs inside the new mount namespace: $1 is mount(8), $2 the size of each private temp dir, then
-# paths to hide up to "--", then the program. /tmp, /var/tmp and /dev/shm get a fresh tmpfs each
-# (no unix socket or file of the host's is reachable there); a workdir they covered is bound back
-# in place from an fd opened before (-c: the kernel follows /proc/self/fd/3, mount(8) would not).
+# the paths to keep visible up to "--", the paths to hide up to "--", then the program.
+# /tmp, /var/tmp and /dev/shm get a fresh tmpfs each (no unix socket or file of the host's is
+# reachable there). What must stay visible although it lives under one of them (the interpreter,
+# the installed packages, the workdir) is bound back in place from an fd opened before (-c: the
+# kernel follows /proc/self/fd/N, mount(8) would not). Hiding comes last, so a path kept visible
+# never uncovers a hidden one; a hidden path that the temp mounts already removed is skipped.
 _HIDE_SCRIPT = (
-    'm=$1; s=$2; shift 2; while [ "$1" != "--" ]; do if [ -d "$1" ]; then '
-    '"$m" -t tmpfs -o size=4k,mode=0,nosuid,nodev,noexec hidden "$1" || exit 125; '
-    'else "$m" --bind /dev/null "$1" || exit 125; fi; shift; done; shift; '
-    'w=$(pwd -P); exec 3<.; for d in /tmp /var/tmp /dev/shm; do if [ -d "$d" ]; then '
+    'm=$1; s=$2; shift 2; w=$(pwd -P); exec 3<.; n=4; k=""; '
+    r'while [ "$1" != "--" ]; do eval "exec $n<\"\$1\"" || exit 125; eval "p$n=\$1"; '
+    'k="$k $n"; n=$((n+1)); shift; done; shift; '
+    'for d in /tmp /var/tmp /dev/shm; do if [ -d "$d" ]; then '
     '"$m" -t tmpfs -o "size=$s,mode=1777,nosuid,nodev" decompute-tmp "$d" || exit 125; fi; done; '
+    r'for i in $k; do eval "p=\$p$i"; [ -d "$p" ] || mkdir -p "$p" || exit 125; '
+    '"$m" -c --bind "/proc/self/fd/$i" "$p" || exit 125; eval "exec $i<&-"; done; '
     '[ -d "$w" ] || { mkdir -p "$w" && "$m" -c --bind /proc/self/fd/3 "$w" || exit 125; }; '
-    'cd "$w" || exit 125; exec 3<&-; unset PWD OLDPWD; exec "$@"'
+    'cd "$w" || exit 125; exec 3<&-; '
+    'while [ "$1" != "--" ]; do if [ -d "$1" ]; then '
+    '"$m" -t tmpfs -o size=4k,mode=0,nosuid,nodev,noexec hidden "$1" || exit 125; '
+    'elif [ -e "$1" ]; then "$m" --bind /dev/null "$1" || exit 125; fi; shift; done; shift; '
+    'unset PWD OLDPWD; exec "$@"'
 )
+#: The host's temp dirs, which a task sees as fresh empty tmpfs mounts.
+PRIVATE_TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 # The init of a task's PID namespace: runs the worker as its child, reaps orphans, and exits with
 # the worker's status (128+N for signal N). The worker must not be init itself: init ignores the
 # signals it sends itself and never reaps, and util-linux 2.38's unshare(1) reports an init's
@@ -389,6 +399,22 @@ def _allocate_uid() -> int:
     raise RuntimeError("no free sandbox uid left; clean up finished workers")
 
 
+@cache
+def _kept_under_private_tmp() -> tuple[str, ...]:
+    """The interpreter's and decompute's own folders that live under a temp dir the sandbox
+    replaces (a checkout or venv under /tmp): bound back in place so that the worker can start.
+    Shallowest first, so a folder inside another is bound over its parent's binding."""
+    places = [sys.prefix, sys.base_prefix, os.path.dirname(sys.executable),
+              *_package_path().split(os.pathsep)]
+    kept: set[str] = set()
+    for place in places:
+        for path in {os.path.normpath(os.path.abspath(place)), os.path.realpath(place)}:
+            if any(path == d or path.startswith(d + "/") for d in PRIVATE_TMP_DIRS) \
+                    and os.path.isdir(path):
+                kept.add(path)
+    return tuple(sorted(kept, key=lambda p: (p.count("/"), p)))
+
+
 def _wrap(program: list[str], iso: Isolation, hidden: list[str], uid: int | None,
           nproc: int | None, tmp_bytes: int) -> list[str]:
     if not iso.network:
@@ -402,7 +428,7 @@ def _wrap(program: list[str], iso: Isolation, hidden: list[str], uid: int | None
         argv += ["/bin/sh", "-c", _INIT_SCRIPT, "decompute-init"]
     if iso.hide:
         argv += ["/bin/sh", "-c", _HIDE_SCRIPT, "decompute-hide", _tool("mount") or "mount",
-                 str(tmp_bytes), *hidden, "--"]
+                 str(tmp_bytes), *_kept_under_private_tmp(), "--", *hidden, "--"]
     if setpriv := _tool("setpriv"):
         # No capabilities left, so the hiding mounts cannot be undone; uid switch for root.
         argv += [setpriv, "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
