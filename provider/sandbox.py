@@ -75,7 +75,8 @@ _UID_RANGE = range(61184, 65520)  # systemd's DynamicUser range: mapped even in 
 _PROBE_TIMEOUT = 5.0
 _COPIED_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # OpenBLAS misdetects some CPUs here
 # Runs inside the new mount namespace: $1 is mount(8), $2 the size of each private temp dir, then
-# the paths to keep visible up to "--", the paths to hide up to "--", then the program.
+# the paths to keep visible up to "--" (mount points made traversable by anyone), the paths to
+# hide up to "--", then the program.
 # /tmp, /var/tmp and /dev/shm get a fresh tmpfs each (no unix socket or file of the host's is
 # reachable there). What must stay visible although it lives under one of them (the interpreter,
 # the installed packages, the workdir) is bound back in place from an fd opened before (-c: the
@@ -87,7 +88,7 @@ _HIDE_SCRIPT = (
     'k="$k $n"; n=$((n+1)); shift; done; shift; '
     'for d in /tmp /var/tmp /dev/shm; do if [ -d "$d" ]; then '
     '"$m" -t tmpfs -o "size=$s,mode=1777,nosuid,nodev" decompute-tmp "$d" || exit 125; fi; done; '
-    r'for i in $k; do eval "p=\$p$i"; [ -d "$p" ] || mkdir -p "$p" || exit 125; '
+    r'for i in $k; do eval "p=\$p$i"; [ -d "$p" ] || (umask 022; mkdir -p "$p") || exit 125; '
     '"$m" -c --bind "/proc/self/fd/$i" "$p" || exit 125; eval "exec $i<&-"; done; '
     '[ -d "$w" ] || { mkdir -p "$w" && "$m" -c --bind /proc/self/fd/3 "$w" || exit 125; }; '
     'cd "$w" || exit 125; exec 3<&-; '
