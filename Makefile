@@ -29,7 +29,7 @@ test: $(STAMP) chromium
 
 # JupyterLab from this .venv, on notebooks/: where your own notebooks start. LAB_ARGS passes flags.
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py

@@ -43,11 +43,20 @@ def walkthrough(readme: str) -> list[str]:
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the gateway binds it
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
             return False
     return True
+
+
+def serves(port: int, path: str) -> bool:
+    """True once ``path`` answers 200 on loopback ``port`` (refused while it starts)."""
+    try:
+        return http_get(port, path, timeout=2)[0] == 200
+    except OSError:
+        return False
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -97,7 +106,7 @@ def run_line(line: str, clone: Path, env: dict[str, str], background: list[subpr
         lab = subprocess.Popen(["make", *KEEP_VENV, "lab", args], cwd=clone, env=env,
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            wait_for(lambda: http_get(port, "/api")[0] == 200, 90, "JupyterLab to serve")
+            wait_for(lambda: serves(port, "/api"), 90, "JupyterLab to serve")
             assert http_get(port, "/api/contents/quickstart.ipynb")[0] == 200
         finally:
             stop(lab)
@@ -117,10 +126,10 @@ def run_line(line: str, clone: Path, env: dict[str, str], background: list[subpr
             def ready() -> bool:
                 assert proc.poll() is None, (tmp / f"bg-{len(background) - 1}.log").read_text()
                 try:
-                    status, body = http_get(8765, "/health", timeout=2)
+                    body = http_get(8765, "/health", timeout=2)[1]
                 except OSError:
                     return False
-                return status == 200 and '"providers": 2' in body
+                return '"providers": 2' in body
             wait_for(ready, 90, "the walkthrough's gateway and its 2 providers")
         return
     out = subprocess.run(words, cwd=clone, env=env, capture_output=True, text=True, timeout=120)
