@@ -135,6 +135,7 @@ def settled_charges(db: Path, session: str) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.soak
 @pytest.mark.timeout(OUTAGE_SECONDS + 240)
 def test_a_gateway_crash_mid_map_and_a_restart_90_s_later_finish_the_map_paid_once(
         tmp_path: Path, outage_log) -> None:

@@ -42,7 +42,8 @@ def inc(x: int) -> int:
     return x + 1
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.soak
+@pytest.mark.timeout(600)
 def test_a_100_000_task_graph_computes_correctly(client: Client) -> None:
     """100,501 tasks: 50,000 increments, 50,000 more on their results, 500 partial sums of
     100 each (their inputs spread over the providers) and the total. Its time is set by the
