@@ -28,7 +28,7 @@ test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q tests -m "not soak"
 
 # The acceptance runs at full scale (100,000-task map and Dask graph, a gateway away for 90 s):
-# minutes each, so outside `make test`; CI runs them after it.
+# minutes each, so outside `make test`; `make bench` and CI run them too.
 soak: $(STAMP)
 	$(BIN)/python -m pytest -q tests -m soak
 
@@ -38,6 +38,7 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+	$(MAKE) soak
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway provider notebook_ext tests benchmarks notebooks
