@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,7 +73,11 @@ def stop(proc: subprocess.Popen) -> None:
 def test_readme_walkthrough_runs_from_a_fresh_clone(tmp_path: Path) -> None:
     if not port_free(8765):
         pytest.skip("port 8765 (the walkthrough's default gateway port) is in use here")
-    clone = tmp_path / "decompute"
+    # beside this checkout (git-ignored build/), not in pytest's private 0700 temp folder: a
+    # user's clone sits in a folder others can traverse, and sandboxed task processes run as
+    # their own uid
+    clone = ROOT / "build" / f"walkthrough-{os.getpid()}" / "decompute"
+    shutil.rmtree(clone.parent, ignore_errors=True)
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
     (clone / ".venv").symlink_to(ROOT / ".venv")
     lines = walkthrough((clone / "README.md").read_text())
@@ -86,6 +91,7 @@ def test_readme_walkthrough_runs_from_a_fresh_clone(tmp_path: Path) -> None:
     finally:
         for proc in background:
             stop(proc)
+        shutil.rmtree(clone.parent, ignore_errors=True)
 
 
 def run_line(line: str, clone: Path, env: dict[str, str], background: list[subprocess.Popen],

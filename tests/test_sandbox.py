@@ -411,6 +411,14 @@ def test_a_setsid_daemon_is_found_metered_and_killed_with_its_worker(name: str) 
         cleanup(spec)
 
 
+def kept_names() -> set[str]:
+    """Top-level names the sandbox binds back into a private temp dir (a checkout or venv that
+    lives under /tmp): the task sees them there, and nothing else of the host's."""
+    from provider.sandbox import PRIVATE_TMP_DIRS, _kept_under_private_tmp
+    return {Path(p).relative_to(d).parts[0] for p in _kept_under_private_tmp()
+            for d in PRIVATE_TMP_DIRS if Path(p).is_relative_to(d) and Path(p) != Path(d)}
+
+
 def test_tmp_var_tmp_and_dev_shm_are_private_and_writable(tmp_path: Path) -> None:
     if not ISO.hide:
         pytest.skip(f"no mount namespace here: {ISO.reason}")
@@ -419,12 +427,14 @@ def test_tmp_var_tmp_and_dev_shm_are_private_and_writable(tmp_path: Path) -> Non
     code = """
 import os, sys
 print(os.path.exists(sys.argv[1]), os.getcwd() == os.environ["HOME"])
+kept = sys.argv[3].split(",")  # the interpreter's or checkout's folders, bound back in place
 for d in ("/tmp", "/var/tmp", "/dev/shm"):
     open(os.path.join(d, sys.argv[2]), "w").write("x")
-    print(d, [n for n in os.listdir(d) if not n.startswith("decompute-task-")] == [sys.argv[2]])
+    seen = [n for n in os.listdir(d) if not n.startswith("decompute-task-") and n not in kept]
+    print(d, seen == [sys.argv[2]])
 """
     try:
-        out = run_once(code, str(planted), mine)
+        out = run_once(code, str(planted), mine, ",".join(kept_names()))
     finally:
         planted.rmdir()
     assert out.stdout.split() == ["False", "True", "/tmp", "True", "/var/tmp", "True",
