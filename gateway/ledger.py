@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import sqlite3
 import threading
@@ -37,103 +36,40 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from decimal import Decimal
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from gateway.escrow import (  # re-exported: the ledger's public names, as before
+    ESCROW_PREFIX,
+    ESCROW_TRANSITIONS,
+    FEES,
+    MAX_MICRO,
+    MICRO,
+    MINT,
+    Escrow,
+    EscrowEvent,
+    EscrowState,
+    EscrowStateError,
+    InsufficientFunds,
+    LedgerError,
+    LedgerInvariantError,
+    Share,
+    Step,
+    escrow_transition,
+    refund_step,
+    settle_step,
+    to_micro,
+    to_tokens,
+)
+
+__all__ = [
+    "ESCROW_PREFIX", "ESCROW_TRANSITIONS", "FEES", "MAX_MICRO", "MICRO", "MINT", "EscrowEvent",
+    "EscrowState", "EscrowStateError", "InsufficientFunds", "Ledger", "LedgerError",
+    "LedgerInvariantError", "LedgerTotals", "SettleResult", "Transfer", "escrow_transition",
+    "to_micro", "to_tokens",
+]
+
 log = logging.getLogger(__name__)
-
-MICRO = 1_000_000
-MINT, FEES, ESCROW_PREFIX = "mint", "fees", "escrow:"
-#: Largest amount one call may move: 2**53 micro (~9e9 tokens) is exact as a float and keeps
-#: every SUM in SQLite's 64-bit integers far from overflow.
-MAX_MICRO = 2**53
-
-
-def to_micro(tokens: float) -> int:
-    """Tokens as users type them to micro-tokens, rounded half-even to the nearest micro-token.
-
-    Goes through the float's shortest repr, so ``to_micro(0.1) == 100_000`` exactly.
-    """
-    if isinstance(tokens, bool) or not isinstance(tokens, int | float | Decimal):
-        raise TypeError(f"tokens must be a number, not {type(tokens).__name__}")
-    if isinstance(tokens, float):
-        if not math.isfinite(tokens):
-            raise ValueError(f"tokens must be finite, not {tokens}")
-        tokens = Decimal(float.__repr__(tokens))  # float subclasses may repr otherwise
-    return int((Decimal(tokens) * MICRO).to_integral_value())
-
-
-def to_tokens(micro: int) -> float:
-    """Micro-tokens to float tokens, for display and the client API only."""
-    return micro / MICRO
-
-
-class LedgerError(Exception):
-    """Base of every error the ledger raises on purpose."""
-
-
-class InsufficientFunds(LedgerError):
-    """The client's balance cannot cover the hold; nothing was moved."""
-
-    def __init__(self, account: str, balance_micro: int, needed_micro: int, task_id: str) -> None:
-        self.account, self.balance_micro, self.needed_micro = account, balance_micro, needed_micro
-        super().__init__(
-            f"account {account} has {to_tokens(balance_micro):g} tokens available but task"
-            f" {task_id.split('~', 1)[0]} needs {to_tokens(needed_micro):g} held in escrow; lower"
-            f" budget= or max_price=, or get tokens: a development gateway's --faucet, or its"
-            f" operator runs `decompute-gateway mint {account} AMOUNT --db FILE`"
-        )
-
-
-class EscrowStateError(LedgerError):
-    """A transition the escrow table forbids, or a task with no (or already an) escrow."""
-
-
-class LedgerInvariantError(LedgerError):
-    """``check()`` found the books inconsistent; the message lists every discrepancy."""
-
-
-class EscrowState(StrEnum):
-    HELD = "held"
-    SETTLED = "settled"
-    REFUNDED = "refunded"
-
-
-class EscrowEvent(StrEnum):
-    PAY = "pay"  # a partial settlement: tokens move from escrow to a provider
-    SETTLE = "settle"  # final: pay what is due, refund the leftover, close
-    REFUND = "refund"  # close with nothing ever paid: everything goes back to the client
-    REPLAY = "replay"  # moves no tokens: a repeated heartbeat or refund, or usage past the cap
-
-
-# Every allowed escrow transition, in one place (h11's _state.py style); anything else raises.
-# refund() after a partial payment is the SETTLE event: that escrow ends settled, not refunded.
-ESCROW_TRANSITIONS: dict[EscrowState, dict[EscrowEvent, EscrowState]] = {
-    EscrowState.HELD: {
-        EscrowEvent.PAY: EscrowState.HELD,
-        EscrowEvent.SETTLE: EscrowState.SETTLED,
-        EscrowEvent.REFUND: EscrowState.REFUNDED,
-        EscrowEvent.REPLAY: EscrowState.HELD,
-    },
-    EscrowState.SETTLED: {EscrowEvent.REPLAY: EscrowState.SETTLED},
-    EscrowState.REFUNDED: {EscrowEvent.REPLAY: EscrowState.REFUNDED},
-}
-
-
-def escrow_transition(task_id: str, state: EscrowState, event: EscrowEvent) -> EscrowState:
-    """The state after ``event``, or ``EscrowStateError`` when the table forbids it."""
-    new = ESCROW_TRANSITIONS[state].get(event)
-    if new is None:
-        raise EscrowStateError(
-            f"task {task_id}: escrow is {state}, it cannot take a {event}; a closed escrow only"
-            " accepts repeats of what it already settled (new usage after final is not paid)"
-        )
-    if new is not state:
-        log.debug("escrow %s: %s --%s--> %s", task_id, state, event, new)
-    return new
-
 
 @dataclass(frozen=True, slots=True)
 class SettleResult:
@@ -429,38 +365,12 @@ class Ledger:
                 cumulative_micro: int, final: bool, now: float) -> SettleResult:
         _check_name(provider, "account")
         _check_micro(cumulative_micro, "cumulative_micro", allow_zero=True)
-        client, held, charged, refunded, state = self._escrow(db, task_id)
-        row = _one(db, "SELECT reported, charged, fee FROM escrow_usage"
-                   " WHERE task_id = ? AND provider = ?", task_id, provider)
-        reported, p_charged, p_fee = row or (0, 0, 0)
-        if state is not EscrowState.HELD:
-            more = cumulative_micro > reported
-            escrow_transition(task_id, state, EscrowEvent.PAY if more else EscrowEvent.REPLAY)
-            return self._result(db, task_id)
-        reported = max(reported, cumulative_micro)
-        delta = min(reported - p_charged, held - charged - refunded)
-        event = (EscrowEvent.SETTLE if final
-                 else EscrowEvent.PAY if delta else EscrowEvent.REPLAY)
-        new_state = escrow_transition(task_id, state, event)
-        escrow, fee_delta = ESCROW_PREFIX + task_id, 0
-        if delta:
-            self._ensure(db, provider, now)
-            fee_delta = (p_charged + delta) * self._fee_ppm // MICRO - p_fee
-            self._move(db, escrow, provider, delta - fee_delta, "pay", task_id, now)
-            self._move(db, escrow, FEES, fee_delta, "fee", task_id, now)
-        if row is None or delta or reported != row[0]:
-            db.execute("INSERT INTO escrow_usage(task_id, provider, reported, charged, fee)"
-                       " VALUES (?, ?, ?, ?, ?) ON CONFLICT(task_id, provider) DO UPDATE SET"
-                       " reported = excluded.reported, charged = excluded.charged,"
-                       " fee = excluded.fee",
-                       (task_id, provider, reported, p_charged + delta, p_fee + fee_delta))
-        leftover = held - charged - delta - refunded if final else 0
-        self._move(db, escrow, client, leftover, "refund", task_id, now)
-        db.execute("UPDATE escrows SET charged = charged + ?, fee = fee + ?, refunded ="
-                   " refunded + ?, state = ?, closed = ?, final = ? WHERE task_id = ?",
-                   (delta, fee_delta, leftover, new_state.value, now if final else None,
-                    int(final), task_id))
-        return self._result(db, task_id)
+        escrow = self._escrow(db, task_id, provider)
+        was_held = escrow.state is EscrowState.HELD
+        step = settle_step(escrow, provider, cumulative_micro, final, self._fee_ppm)
+        if was_held:  # a closed escrow only takes repeats, which change nothing
+            self._write(db, escrow, provider, step, now, final=final)
+        return _result(escrow)
 
     def refund(self, task_id: str) -> int:
         """Return all that is still held to the client and close the escrow; micro refunded.
@@ -610,32 +520,58 @@ class Ledger:
         db.execute("UPDATE accounts SET balance = balance + ? WHERE name = ?", (amount, credit))
 
     @staticmethod
-    def _escrow(db: sqlite3.Connection, task_id: str) -> tuple[str, int, int, int, EscrowState]:
-        row = _one(db, "SELECT client, held, charged, refunded, state FROM escrows"
+    def _escrow(db: sqlite3.Connection, task_id: str, provider: str | None = None) -> Escrow:
+        """The escrow's record, with ``provider``'s share (the one a settlement touches)."""
+        row = _one(db, "SELECT client, held, charged, fee, refunded, state FROM escrows"
                    " WHERE task_id = ?", task_id)
         if row is None:
             raise EscrowStateError(f"task {task_id} has no escrow; hold() must come first")
-        return (*row[:4], EscrowState(row[4]))
+        escrow = Escrow(task_id, row[0], row[1], row[2], row[3], row[4], EscrowState(row[5]))
+        capped = _one(db, "SELECT EXISTS(SELECT 1 FROM escrow_usage WHERE task_id = ?"
+                      " AND reported > charged)", task_id)[0]
+        escrow.other_capped = bool(capped)  # the result says so, whichever share it is
+        if provider is not None:
+            share = _one(db, "SELECT reported, charged, fee FROM escrow_usage"
+                         " WHERE task_id = ? AND provider = ?", task_id, provider)
+            if share is not None:
+                escrow.shares[provider] = Share(*share)
+        return escrow
+
+    def _write(self, db: sqlite3.Connection, escrow: Escrow, provider: str | None, step: Step,
+               now: float, *, final: bool = False) -> None:
+        """Record ``step`` of ``escrow``: its movements, its provider's share, its new totals."""
+        name = ESCROW_PREFIX + escrow.task_id
+        if step.pay or step.fee:
+            self._ensure(db, provider, now)
+        self._move(db, name, provider, step.pay, "pay", escrow.task_id, now)
+        self._move(db, name, FEES, step.fee, "fee", escrow.task_id, now)
+        self._move(db, name, escrow.client, step.refund, "refund", escrow.task_id, now)
+        if provider is not None and step.share_changed:
+            s = escrow.shares[provider]
+            db.execute("INSERT INTO escrow_usage(task_id, provider, reported, charged, fee)"
+                       " VALUES (?, ?, ?, ?, ?) ON CONFLICT(task_id, provider) DO UPDATE SET"
+                       " reported = excluded.reported, charged = excluded.charged,"
+                       " fee = excluded.fee", (escrow.task_id, provider, s.reported, s.charged,
+                                               s.fee))
+        closed = escrow.state is not EscrowState.HELD
+        db.execute("UPDATE escrows SET charged = ?, fee = ?, refunded = ?, state = ?,"
+                   " closed = COALESCE(closed, ?), final = MAX(final, ?) WHERE task_id = ?",
+                   (escrow.charged, escrow.fee, escrow.refunded, escrow.state.value,
+                    now if closed else None, int(final), escrow.task_id))
 
     def _refund(self, db: sqlite3.Connection, task_id: str, now: float) -> int:
-        client, held, charged, refunded, state = self._escrow(db, task_id)
-        if state is not EscrowState.HELD:
-            escrow_transition(task_id, state, EscrowEvent.REPLAY)
-            return 0
-        new_state = escrow_transition(
-            task_id, state, EscrowEvent.SETTLE if charged else EscrowEvent.REFUND)
-        left = held - charged - refunded
-        self._move(db, ESCROW_PREFIX + task_id, client, left, "refund", task_id, now)
-        db.execute("UPDATE escrows SET refunded = refunded + ?, state = ?, closed = ?"
-                   " WHERE task_id = ?", (left, new_state.value, now, task_id))
-        return left
+        escrow = self._escrow(db, task_id)
+        was_held = escrow.state is EscrowState.HELD
+        step = refund_step(escrow)
+        if was_held:
+            self._write(db, escrow, None, step, now)
+        return step.refund
 
-    @staticmethod
-    def _result(db: sqlite3.Connection, task_id: str) -> SettleResult:
-        charged, fee, refunded, state, capped = _one(
-            db, "SELECT charged, fee, refunded, state, EXISTS(SELECT 1 FROM escrow_usage"
-            " WHERE task_id = ?1 AND reported > charged) FROM escrows WHERE task_id = ?1", task_id)
-        return SettleResult(task_id, charged, charged - fee, fee, refunded, bool(capped), state)
+
+def _result(escrow: Escrow) -> SettleResult:
+    """Task-level totals of ``escrow`` as a settle's answer."""
+    return SettleResult(escrow.task_id, escrow.charged, escrow.charged - escrow.fee, escrow.fee,
+                        escrow.refunded, escrow.capped, escrow.state.value)
 
 
 def _one(db: sqlite3.Connection, sql: str, *args: Any) -> Any:
