@@ -27,6 +27,7 @@ from gateway.schema import (  # noqa: F401  (re-exported: the protocol's vocabul
     MAX_BATCH,
     MAX_BUFFERS,
     MAX_HEADER_BYTES,
+    MAX_ITEMS,
     MAX_KEY_LEN,
     MAX_TEXT_LEN,
     Check,
@@ -85,6 +86,24 @@ class Runtime(Record):
         return f"python {self.python} / cloudpickle {self.cloudpickle}"
 
 
+def chunk_problem(items: int, parts: Sequence[int], nb: int, deps: list | None,
+                  keep: bool) -> str | None:
+    """Why a task's chunk fields do not fit together, or None.
+
+    ``items`` 0 is a plain task (no ``parts``); a chunk of ``items`` runs the function on each
+    item in turn, item ``i``'s argument stream being the next ``parts[i]`` of the ``nb``
+    buffers. Graph tasks are never chunks."""
+    if not items:
+        return "parts is for chunks only (items > 0)" if parts else None
+    if len(parts) != items:
+        return f"a chunk of {items} items needs {items} parts, got {len(parts)}"
+    if sum(parts) != nb:
+        return f"a chunk's parts add up to {sum(parts)} buffers, but nb is {nb}"
+    if deps is not None or keep:
+        return "a graph task (deps, keep) cannot be a chunk"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class TaskSpec(Record):
     """One task as the client submits it. ``nb`` buffers of payload follow in the frame.
@@ -93,7 +112,8 @@ class TaskSpec(Record):
     this session) whose results it takes as its first argument, a ``{key: value}`` dict.
     ``keep`` leaves the result on the provider that made it, for dependents and later fetches;
     ``send`` says whether the result's bytes also come to the client (a kept-only result
-    arrives as metadata, ``stored=True``).
+    arrives as metadata, ``stored=True``). ``items`` > 0 makes it a chunk of a ``map``
+    (:func:`chunk_problem`): one task, one escrow, one result with an outcome per item.
     """
 
     key: str
@@ -110,14 +130,21 @@ class TaskSpec(Record):
     deps: list | None = None
     keep: bool = False
     send: bool = True
+    items: int = 0
+    parts: list = field(default_factory=list)
     SCHEMA: ClassVar[dict[str, Check]] = {
         "key": string(), "func": string(128), "nb": integer(0, MAX_BUFFERS),
         "runtime": record(Runtime), "resources": resource_map, "send": boolean,
         "providers": optional(list_of(string(), 256)), "timeout": optional(number(0, 1e7)),
         "retries": integer(0, 100), "budget": optional(number()), "max_price": optional(number()),
         "redundancy": integer(1, 16), "deps": optional(list_of(string(), 100_000)),
-        "keep": boolean,
+        "keep": boolean, "items": integer(0, MAX_ITEMS),
+        "parts": list_of(integer(1, MAX_BUFFERS), MAX_ITEMS),
     }
+    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"items", "parts"})
+
+    def problem(self) -> str | None:
+        return chunk_problem(self.items, self.parts, self.nb, self.deps, self.keep)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +160,18 @@ class Assignment(Record):
     deps: list | None = None
     keep: bool = False
     send: bool = True
+    items: int = 0
+    parts: list = field(default_factory=list)
     SCHEMA: ClassVar[dict[str, Check]] = {
         "key": string(), "func": string(128), "nb": integer(0, MAX_BUFFERS), "account": string(),
         "resources": resource_map, "timeout": optional(number(0, 1e7)),
         "deps": optional(list_of(string(), 100_000)), "keep": boolean, "send": boolean,
+        "items": integer(0, MAX_ITEMS), "parts": list_of(integer(1, MAX_BUFFERS), MAX_ITEMS),
     }
+    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"items", "parts"})
+
+    def problem(self) -> str | None:
+        return chunk_problem(self.items, self.parts, self.nb, self.deps, self.keep)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +190,13 @@ class RemoteFailure(Record):
 
 @dataclass(frozen=True, slots=True)
 class Result(Record):
-    """A task's outcome. ``finished`` carries ``nb`` result buffers; others carry ``error``."""
+    """A task's outcome. ``finished`` carries ``nb`` result buffers; others carry ``error``.
+
+    A chunk's ``finished`` result has an outcome per item: item ``i``'s result is the next
+    ``parts[i]`` buffers; the items listed in ``failed`` raised (their ``parts`` are 0) and
+    ``errors`` holds their exceptions, in the same order. A chunk that did not run to its end
+    (cancelled, timed out, its process died) is an ``error`` or ``cancelled`` result without
+    ``parts``: every item of it ends so."""
 
     key: str
     status: str
@@ -169,13 +209,51 @@ class Result(Record):
     receipt: dict | None = None
     stored: bool = False
     nbytes: int = 0
+    parts: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
     SCHEMA: ClassVar[dict[str, Check]] = {
         "stored": boolean, "nbytes": integer(0, 2**60),
         "key": string(), "status": one_of("finished", "error", "cancelled"),
         "nb": integer(0, MAX_BUFFERS), "error": optional(record(RemoteFailure)),
         "code": optional(string(64)), "provider": optional(string()),
         "usage": mapping(16, number()), "cost": number(), "receipt": optional(mapping(32)),
+        "parts": list_of(integer(0, MAX_BUFFERS), MAX_ITEMS),
+        "failed": list_of(integer(0, MAX_ITEMS - 1), MAX_ITEMS),
+        "errors": list_of(record(RemoteFailure), MAX_ITEMS),
     }
+    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"parts", "failed", "errors"})
+
+    @property
+    def items(self) -> int:
+        """Items this result answers for: 0 for a plain task's (or a chunk's that did not run)."""
+        return len(self.parts)
+
+    def problem(self) -> str | None:
+        return item_outcomes_problem(self)
+
+
+def item_outcomes_problem(result: Result) -> str | None:
+    """Why a result's per-item outcomes do not fit together (or its buffers), or None."""
+    parts, failed = result.parts, result.failed
+    if not parts:
+        return "failed and errors are for chunk results only" if failed or result.errors else None
+    if result.status != "finished":
+        return f"a {result.status} result has no per-item outcomes (parts)"
+    if result.stored:
+        return "a chunk's result is never stored on its provider"
+    if sum(parts) != result.nb:
+        return f"parts add up to {sum(parts)} buffers, but nb is {result.nb}"
+    if len(result.errors) != len(failed):
+        return f"{len(failed)} failed items but {len(result.errors)} errors"
+    last = -1
+    for i in failed:
+        if i <= last or i >= len(parts):
+            return "failed must list item indexes in increasing order, each below the items"
+        if parts[i]:
+            return f"failed item {i} has result buffers"
+        last = i
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,10 +341,14 @@ class Welcome(Message):
     session: str
     gateway: bytes
     max_message: int = 0
+    #: What this gateway does beyond the base protocol: ``"chunks"`` (it passes a chunk's
+    #: ``items``/``parts`` to providers and checks their per-item outcomes).
+    features: list = field(default_factory=list)
     SCHEMA: ClassVar[dict[str, Check]] = {
         "account": string(), "session": string(64), "gateway": blob(32),
-        "max_message": integer(0, 2**62),
+        "max_message": integer(0, 2**62), "features": list_of(string(32), 64),
     }
+    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"features"})
 
 
 @dataclass(frozen=True, slots=True)

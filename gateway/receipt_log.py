@@ -24,7 +24,9 @@ shortest round-trip repr. :func:`decode_entry` accepts only that one spelling. T
      "time_ms": int}  # settlement time, Unix milliseconds
 
 with ``amount_micro == fee_micro + sum(paid_micro)`` (the money in a leaf adds up on its own)
-and each provider account named once.
+and each provider account named once. The leaf of a chunk of a ``map`` (one task that ran the
+function on several items) may add ``"items": [hex, ...]``, each item's result hash (or its
+failure's hash), in item order; a leaf without it has exactly the fields above, byte for byte.
 
 **Signed tree head.** ``{"size": int, "root": hex, "time": int, "signature": hex}``, ``time`` in
 Unix milliseconds. The Ed25519 signature covers ``b"decompute-tree-head-v1\\x00" ||
@@ -33,6 +35,8 @@ separation, so no head signature passes for a receipt or an authentication answe
 
 **Receipt.** ``{"entry": str (the entry's ASCII text), "index": int, "proof": [hex, ...],
 "head": signed tree head}``: JSON- and msgpack-safe, checkable offline with the gateway's key.
+An *item receipt* is a chunk's receipt plus ``"item": int``, the item's index in the chunk: it
+proves the chunk's leaf, and the leaf's ``items[item]`` names that item's result.
 
 The SQLite interface is narrow (:class:`ReceiptLog`; :func:`append_leaves` inside a caller's
 transaction) so a PostgreSQL module can replace it method for method.
@@ -65,6 +69,9 @@ HEAD_CONTEXT = b"decompute-tree-head-v1\x00"
 #: One leaf's entry: a settlement with a few providers is well under 4 KiB; the cap keeps a bug
 #: from writing megabytes per task into a table every auditor downloads.
 MAX_ENTRY_BYTES = 64 * 1024
+#: Item result hashes one chunk's leaf may list (``gateway.schema.MAX_ITEMS``): 512 hashes of 64
+#: hex digits keep a leaf far under ``MAX_ENTRY_BYTES``.
+MAX_LEAF_ITEMS = 512
 #: ``/log/entries`` answers at most this many leaves per request (at most ~64 MiB, usually
 #: ~1 MiB); a client pages through the rest, as with CT's get-entries.
 MAX_ENTRIES_PER_READ = 1000
@@ -111,12 +118,14 @@ def _canonical(value: Mapping[str, Any]) -> bytes:
 
 def settlement_entry(*, task_id: str, client: str, function_hash: str, input_hash: str,
                      providers: Sequence[Mapping[str, Any]], outcome: str, amount_micro: int,
-                     fee_micro: int, time_ms: int) -> bytes:
+                     fee_micro: int, time_ms: int, items: Sequence[str] | None = None) -> bytes:
     """The canonical bytes of one final settlement (see the module docstring).
 
     ``providers`` holds one mapping per provider that ran the task: ``account``,
-    ``result_hash``, ``usage``, ``prices``, ``paid_micro``. Raises :class:`EntryError` naming
-    the field when the settlement could never verify or does not add up.
+    ``result_hash``, ``usage``, ``prices``, ``paid_micro``. ``items`` (a chunk's) lists each
+    item's result hash (:func:`gateway.chunks.item_hashes`); without it the entry has the
+    fields it always had. Raises :class:`EntryError` naming the field when the settlement could
+    never verify or does not add up.
     """
     if isinstance(providers, str | bytes) or not all(isinstance(p, Mapping) for p in providers):
         raise EntryError(f"cannot log the settlement of task {task_id!r}: providers must be a"
@@ -133,6 +142,8 @@ def settlement_entry(*, task_id: str, client: str, function_hash: str, input_has
         "outcome": outcome, "amount_micro": amount_micro, "fee_micro": fee_micro,
         "time_ms": time_ms,
     }
+    if items is not None:
+        entry["items"] = list(items) if isinstance(items, list | tuple) else items
     problem = _entry_problem(entry)
     if problem:
         raise EntryError(f"cannot log the settlement of task {task_id!r}: {problem}")
@@ -165,8 +176,12 @@ _PROVIDER_KEYS = frozenset({"account", "result_hash", "usage", "prices", "paid_m
 
 def _entry_problem(entry: Mapping[str, Any]) -> str | None:
     """What makes ``entry`` malformed, or None."""
-    if set(entry) != _ENTRY_KEYS:
-        return f"entry fields must be exactly {sorted(_ENTRY_KEYS)}"
+    if set(entry) - {"items"} != _ENTRY_KEYS:
+        return f"entry fields must be exactly {sorted(_ENTRY_KEYS)} (and items, a chunk's)"
+    if "items" in entry:
+        problem = _items_problem(entry["items"])
+        if problem:
+            return problem
     if entry["v"] != ENTRY_VERSION or not _is_int(entry["v"]):
         return f"v must be {ENTRY_VERSION}"
     for name in ("task_id", "client", "function_hash", "input_hash", "outcome"):
@@ -189,6 +204,15 @@ def _entry_problem(entry: Mapping[str, Any]) -> str | None:
     if entry["amount_micro"] != entry["fee_micro"] + paid:
         return (f"amount_micro {entry['amount_micro']} != fee_micro {entry['fee_micro']}"
                 f" + paid to providers {paid}")
+    return None
+
+
+def _items_problem(items: object) -> str | None:
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_LEAF_ITEMS:
+        return f"items must be a list of 1 to {MAX_LEAF_ITEMS} result hashes"
+    for i, h in enumerate(items):
+        if not isinstance(h, str) or len(h) != 64 or h.strip("0123456789abcdef"):
+            return f"items[{i}] must be a result hash (64 lowercase hex digits)"
     return None
 
 
@@ -316,8 +340,10 @@ def check_log_receipt(receipt: object, gateway_key: str | bytes) -> dict[str, An
     that failed.
     """
     index = receipt.get("index") if isinstance(receipt, Mapping) else None
-    if not isinstance(receipt, Mapping) or set(receipt) != {"entry", "index", "proof", "head"}:
-        raise ReceiptInvalid(index, "a receipt is exactly {entry, index, proof, head}")
+    if not isinstance(receipt, Mapping) or (
+            set(receipt) - {"item"} != {"entry", "index", "proof", "head"}):
+        raise ReceiptInvalid(index, "a receipt is exactly {entry, index, proof, head} (and item,"
+                                    " an item receipt's)")
     if not _is_int(index) or index < 0:
         raise ReceiptInvalid(index, "index must be an int >= 0")
     try:
@@ -333,6 +359,43 @@ def check_log_receipt(receipt: object, gateway_key: str | bytes) -> dict[str, An
                                 hashes, head.root)
     except (ReceiptLogError, merkle.MerkleError, ValueError, TypeError) as exc:
         raise ReceiptInvalid(index, str(exc)) from None
+    if "item" in receipt:
+        _item_index(receipt, settlement)
+    return settlement
+
+
+def _item_index(receipt: Mapping[str, Any], settlement: Mapping[str, Any]) -> int:
+    """An item receipt's index, checked against its leaf's item list (when the leaf has one:
+    leaves logged before the gateway listed items prove the chunk, not each item)."""
+    item, index = receipt["item"], receipt["index"]
+    if not _is_int(item) or not 0 <= item < MAX_LEAF_ITEMS:
+        raise ReceiptInvalid(index, f"item must be an int in [0, {MAX_LEAF_ITEMS})")
+    items = settlement.get("items")
+    if items is not None and item >= len(items):
+        raise ReceiptInvalid(index, f"item {item} is not in this chunk of {len(items)} items")
+    return item
+
+
+def check_item_result(receipt: object, gateway_key: str | bytes,
+                      result_hash: str) -> dict[str, Any]:
+    """Check an item receipt (:func:`check_log_receipt`) and that its leaf names
+    ``result_hash`` (:func:`gateway.billing.result_hash` of the item's result buffers, or its
+    failure's hash) as the item's outcome. Raises :class:`ReceiptInvalid` saying which check
+    failed; a leaf that lists no items cannot vouch for one item's bytes, and says so."""
+    settlement = check_log_receipt(receipt, gateway_key)
+    index = receipt.get("index") if isinstance(receipt, Mapping) else None
+    if not isinstance(receipt, Mapping) or "item" not in receipt:
+        raise ReceiptInvalid(index, "not an item receipt (no item index): compare the result's"
+                                    " hash with the leaf's outcome instead")
+    item = _item_index(receipt, settlement)
+    items = settlement.get("items")
+    if items is None:
+        raise ReceiptInvalid(index, "this chunk's leaf lists no item result hashes (its gateway"
+                                    " did not log them): it proves the chunk's settlement, not"
+                                    f" item {item}'s bytes")
+    if items[item] != result_hash:
+        raise ReceiptInvalid(index, f"item {item}'s result hash {result_hash[:16]}... differs"
+                                    f" from the logged {items[item][:16]}...")
     return settlement
 
 

@@ -24,11 +24,11 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway.identity import Identity, verify
-from gateway.receipt_log import verify_log_receipt
+from gateway.receipt_log import check_item_result, verify_log_receipt
 
 RECEIPT_VERSION = 1
 RECEIPT_CONTEXT = b"decompute-receipt-v1\n"
@@ -87,16 +87,30 @@ def signed_bytes(receipt: Mapping[str, Any]) -> bytes:
     return RECEIPT_CONTEXT + text.encode("ascii")
 
 
-def verify_receipt(receipt: object, gateway_public_key: str | bytes) -> bool:
+def verify_receipt(receipt: object, gateway_public_key: str | bytes,
+                   result: Sequence[bytes | bytearray | memoryview] | None = None) -> bool:
     """True only for a well-formed receipt signed by ``gateway_public_key`` (hex or 32 raw bytes).
 
     A receipt of the log (``{entry, index, proof, head}``, what gateways issue now) is checked by
     :func:`gateway.receipt_log.check_log_receipt`: signed head, inclusion proof, canonical entry
-    that adds up. A per-task signed receipt of the older format still verifies as before.
-    Never raises: anything malformed, tampered with or signed by another key is just False.
+    that adds up. An item receipt (a chunk's receipt plus ``item``, what each future of a
+    chunked ``map`` holds) verifies as its chunk's; given ``result``, the item's result buffers
+    as they arrived, its leaf must also list their hash as the item's outcome (a leaf that lists
+    no items cannot, so that is False). A per-task signed receipt of the older format still
+    verifies as before. Never raises: anything malformed, tampered with or signed by another key
+    is just False.
     """
     if isinstance(receipt, Mapping) and "entry" in receipt:
-        return verify_log_receipt(receipt, gateway_public_key)
+        if result is None:
+            return verify_log_receipt(receipt, gateway_public_key)
+        try:
+            from gateway.billing import result_hash  # the gateway's own hashing of results
+
+            digest = result_hash([memoryview(b) for b in result])
+            check_item_result(receipt, gateway_public_key, digest)
+        except Exception:  # a verifier's promise: malformed input is invalid, never an exception
+            return False
+        return True
     try:
         if not isinstance(receipt, dict) or set(receipt) != RECEIPT_FIELDS or _problem(receipt):
             return False

@@ -23,6 +23,10 @@ MAX_BATCH = 10_000
 MAX_KEY_LEN = 256
 #: Free-text fields (error messages, tracebacks, streamed output chunks).
 MAX_TEXT_LEN = 1024 * 1024
+#: Items in one chunk of a ``map`` (one task that runs ``fn`` on each in turn). Bounds the
+#: per-item lists a chunk's spec, assignment and result carry, and its receipt leaf's item
+#: hashes (``gateway.receipt_log.MAX_LEAF_ITEMS``).
+MAX_ITEMS = 512
 
 
 class ErrorCode(StrEnum):
@@ -201,12 +205,28 @@ class Record:
                 kwargs[name] = cls.SCHEMA[name](f"{where}.{name}" if where else name, data[name])
             elif required:
                 raise ProtocolError(ErrorCode.SCHEMA, f"{where or cls.__name__}: missing {name!r}")
-        return cls(**kwargs)
+        obj = cls(**kwargs)
+        problem = obj.problem()
+        if problem:
+            raise ProtocolError(ErrorCode.SCHEMA, f"{where or cls.__name__}: {problem}")
+        return obj
+
+    def problem(self) -> str | None:
+        """What makes the fields inconsistent with each other (each is valid alone), or None;
+        records whose fields depend on each other override it."""
+        return None
+
+    #: Fields left out of the wire form while empty (0, [], None): newer optional fields, so a
+    #: header that does not use them keeps its bytes and its size.
+    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset()
 
     def to_wire(self) -> dict:
         out = {}
+        omit = self.OMIT_EMPTY
         for name, _ in _field_table(type(self)):
             value = getattr(self, name)
+            if omit and name in omit and not value:
+                continue
             if isinstance(value, Record):
                 value = value.to_wire()
             elif isinstance(value, list) and value and isinstance(value[0], Record):
