@@ -27,7 +27,7 @@ from gateway.identity import Identity
 from gateway.units import parse_size
 from notebook_ext import errors, lifetime, safe_pickle
 from notebook_ext.connection import GatewayLink
-from notebook_ext.futures import Future, RawResult, StoredResult
+from notebook_ext.futures import Chunk, Future, RawResult, StoredResult
 from notebook_ext.money import Balance, refuse_unaffordable
 from notebook_ext.pending import FirstFailures, LetGo, TaskBook
 from notebook_ext.receipt_book import ReceiptBook, fetch_json
@@ -44,6 +44,19 @@ log = logging.getLogger(__name__)
 DEFAULT_GATEWAY = "ws://127.0.0.1:8765"
 #: Tasks per Submit frame in ``map``: bounds one frame's header to a few hundred KiB.
 MAP_BATCH = 1000
+#: Argument buffers per Submit frame of a chunked ``map`` (a frame carries at most 65,536).
+MAP_FRAME_BUFFERS = 50_000
+#: ``chunksize="auto"``: chunks per provider slot online, at least (as ``multiprocessing``'s
+#: ``Pool.map``: enough chunks that every slot stays busy and the last ones end together).
+CHUNKS_PER_SLOT = 4
+#: ``chunksize="auto"``: run time a chunk aims at once the function's has been measured (as
+#: joblib's ``batch_size="auto"``: long enough that per-task costs vanish, short enough that
+#: progress, cancel and load balancing stay fine-grained).
+CHUNK_TARGET_SECONDS = 0.05
+#: ``chunksize="auto"``: items per chunk at most.
+MAX_AUTO_CHUNK = 256
+#: Seconds the count of provider slots online is reused between ``map`` calls.
+SLOTS_TTL = 5.0
 #: Separates a graph key from its submission token (``notebook_ext.dask_integration``).
 _GRAPH_SEP = "#"
 #: Longest a closing client waits for its last frames (the cancel) to be written.
@@ -141,6 +154,9 @@ class Client:
         self._warned = False
         self._let_go = LetGo(self._flush_let_go_soon)
         self._failures = FirstFailures()
+        #: Seconds per item of each function, as its chunks ran (``chunksize="auto"``).
+        self._per_item: dict[str, float] = {}
+        self._slots: tuple[int, float] = (1, float("-inf"))  # slots online, when counted
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="decompute-client")
@@ -279,15 +295,23 @@ class Client:
             resources: dict | None = None, max_price: float | None = None,
             budget: float | None = None, redundancy: int = 1, timeout: float | None = None,
             retries: int = 2, trust: bool | None = None, pure: bool | None = None,
-            **kwargs: Any) -> list[Future]:
+            chunksize: int | str = "auto", **kwargs: Any) -> list[Future]:
         """``submit(fn, *items, **kwargs)`` for each item of ``zip(*iterables)``, in order.
 
         Batched on the wire (one frame per 1,000 tasks). ``key`` is a list of keys (one per
         task) or a prefix (keys become ``"<prefix>-<i>"``; default ``"<fn name>-<random>"``).
         Every other reserved keyword is :meth:`submit`'s, with the same units and defaults
-        (``budget`` is per task). Raises as :meth:`submit` does, before anything is sent;
-        ``InsufficientFunds`` at once when ``budget`` x ``redundancy`` x tasks exceeds the
-        available balance.
+        (``budget`` and ``timeout`` are per item). Raises as :meth:`submit` does, before anything
+        is sent; ``InsufficientFunds`` at once when ``budget`` x ``redundancy`` x tasks exceeds
+        the available balance.
+
+        ``chunksize``: items run as one remote task (one escrow, one process hand-off, one
+        settlement), each item keeping its own future, result, error, cancel, cost share and
+        receipt. ``"auto"`` (default) makes at least 4 chunks per provider slot online, and once
+        this function's run time is known, chunks of about 50 ms of work (at most 256 items);
+        ``1`` runs each item as its own task. A chunk's items share one output stream (each
+        item's ``output`` holds the chunk's), and ``timeout`` applies to a chunk as ``timeout``
+        x its items. Chunks need a gateway that runs them; otherwise each item is its own task.
         """
         opts = _opts(providers, resources, max_price, budget, redundancy, timeout, retries)
         self._check_ready()
@@ -296,6 +320,11 @@ class Client:
         func_hash, blob = dumps_function(fn)
         prefix = key if isinstance(key, str) else f"{_name(fn)}-{uuid.uuid4().hex[:12]}"
         keys = key if key is not None and not isinstance(key, str) else None
+        size = self._chunk_size(chunksize, func_hash, len(items))
+        if size > 1:
+            task_keys = [keys[i] if keys is not None else f"{prefix}-{i}"
+                         for i in range(len(items))]
+            return self._map_chunks(func_hash, blob, items, kwargs, task_keys, size, opts, trust)
         futures: list[Future] = []
         for start in range(0, len(items), MAP_BATCH):
             specs, payloads = [], []
@@ -306,6 +335,119 @@ class Client:
                 payloads.append(payload)
             futures += self._send_batch(specs, payloads, func_hash, blob, trust)
         return futures
+
+    # ------------------------------------------------------------------ chunks
+
+    def _chunk_size(self, chunksize: int | str, func_hash: str, n: int) -> int:
+        """Items per chunk for a map of ``n`` items (1: no chunks)."""
+        if chunksize != "auto" and (not isinstance(chunksize, int) or isinstance(chunksize, bool)
+                                    or not 1 <= chunksize <= p.MAX_ITEMS):
+            raise ValueError(f"chunksize must be 'auto' or an int from 1 to {p.MAX_ITEMS}, got "
+                             f"{chunksize!r}")
+        welcome = self._link.welcome
+        if n <= 1 or welcome is None or "chunks" not in welcome.features:
+            if chunksize not in ("auto", 1) and n > 1:
+                log.warning("the gateway at %s does not run chunks of a map; each item runs as "
+                            "its own task", self.address)
+            return 1
+        if chunksize != "auto":
+            return min(int(chunksize), n)
+        size = -(-n // (CHUNKS_PER_SLOT * self._slots_online()))
+        per_item = self._per_item.get(func_hash)
+        if per_item:
+            size = min(size, int(CHUNK_TARGET_SECONDS / per_item))
+        return max(1, min(size, MAX_AUTO_CHUNK))
+
+    def _slots_online(self) -> int:
+        """Task slots of the providers online (cached a few seconds; 1 if unknown)."""
+        now = self._loop.time()
+        if now - self._slots[1] > SLOTS_TTL:
+            try:
+                slots = sum(max(1, info.slots) for info in self.providers() if info.online)
+            except (ConnectionError, errors.GatewayRefused) as exc:
+                log.debug("provider slots unknown (%s); chunks sized for one", exc)
+                slots = 1
+            self._slots = (max(1, slots), now)
+        return self._slots[0]
+
+    def _map_chunks(self, func_hash: str, blob: bytes, items: list[tuple], kwargs: dict,
+                    keys: list[str], size: int, opts: dict, trust: bool | None) -> list[Future]:
+        """Submit ``items`` in chunks of ``size``: a future per item, a task per chunk."""
+        if self._closed:
+            raise RuntimeError("this Client is closed; create a new one")
+        trust = self.trust if trust is None else trust
+        futures = [Future(self, k, trust) for k in keys]
+        batch: list[tuple[Chunk, p.TaskSpec, list]] = []
+        buffers = 0
+        for start in range(0, len(items), size):
+            group = futures[start:start + size]
+            args = [dumps_args(item, kwargs) for item in items[start:start + size]]
+            chunk = Chunk(f"{keys[start]}~{len(group)}", func_hash, group)
+            spec, payload = self._chunk_task(chunk.key, func_hash, args, opts)
+            if batch and (len(batch) >= MAP_BATCH or buffers + len(payload) > MAP_FRAME_BUFFERS):
+                self._send_chunks(batch, func_hash, blob)
+                batch, buffers = [], 0
+            batch.append((chunk, spec, payload))
+            buffers += len(payload)
+        if batch:
+            self._send_chunks(batch, func_hash, blob)
+        return futures
+
+    def _chunk_task(self, key: str, func_hash: str, args: list[list], opts: dict
+                    ) -> tuple[p.TaskSpec, list]:
+        """One chunk's spec: its items' argument streams back to back (``parts`` says where
+        each starts); ``budget`` and ``timeout`` per item become the chunk's."""
+        n = len(args)
+        per_chunk = dict(opts)
+        if opts.get("budget") is not None:
+            per_chunk["budget"] = opts["budget"] * n
+        if opts.get("timeout") is not None:
+            per_chunk["timeout"] = min(opts["timeout"] * n, 1e7)
+        payload = [b for a in args for b in a]
+        spec, _ = self._task(key, func_hash, payload, per_chunk)
+        return replace(spec, items=n, parts=[len(a) for a in args]), payload
+
+    def _send_chunks(self, batch: list[tuple[Chunk, p.TaskSpec, list]], func_hash: str,
+                     blob: bytes) -> None:
+        chunks, specs, payloads = (list(x) for x in zip(*batch, strict=True))
+        frame = self._submit_frame(specs, payloads, {func_hash: blob})
+        self._book.add(chunks, specs, payloads, {func_hash: blob})
+        self._send_soon(frame)
+        futures = [f for chunk in chunks for f in chunk.live()]
+        for listener in self._submit_listeners:
+            listener(futures)
+
+    def _on_chunk_result(self, chunk: Chunk, result: p.Result, buffers: list[memoryview]) -> None:
+        """A chunk's one result: each item's future gets its own outcome and its share."""
+        chunk._settled(result.provider, result.usage, result.cost, result.receipt)
+        wall = result.usage.get("wall_seconds")
+        if result.status == "finished" and wall:  # joblib-style: remember the time per item
+            old = self._per_item.get(chunk.func)
+            now = wall / chunk.n
+            self._per_item[chunk.func] = now if old is None else (old + now) / 2
+        if result.status == "cancelled":
+            chunk._cancel_locally()
+            return
+        live = {f._item: f for f in chunk.live()}
+        if result.status != "finished" or result.items != chunk.n:
+            for fut in live.values():
+                fut._fail(rebuild_error(result.error, result.code) if result.status != "finished"
+                          else errors.GatewayRefused(
+                              f"the gateway answered chunk {chunk.key} of {chunk.n} items with "
+                              f"{result.items} item outcomes; its items' results are unknown. "
+                              f"Map with chunksize=1 on this gateway"))
+            return
+        failed = dict(zip(result.failed, result.errors, strict=True))
+        pos = 0
+        for i, n in enumerate(result.parts):
+            fut = live.get(i)
+            if fut is not None and not fut.done():
+                if i in failed:
+                    fut._fail(rebuild_error(failed[i], None))
+                else:
+                    bufs = buffers[pos:pos + n]
+                    fut._finish(RawResult(bufs), sum(b.nbytes for b in bufs))
+            pos += n
 
     def submit_graph(self, tasks: Sequence[GraphTask], send: Iterable[str] = (),
                      **opts: Any) -> dict[str, Future]:
@@ -471,10 +613,13 @@ class Client:
     def cancel(self, futures: Iterable[Future]) -> None:
         """Cancel these tasks (one message); running ones have their remote process killed."""
         waiting = [f for f in futures if isinstance(f, Future) and not f.done()]
-        if waiting:
-            self._cancel_keys([f.key for f in waiting])
         for f in waiting:
             f._cancel_locally()
+        chunks = {id(f._chunk): f._chunk for f in waiting if f._chunk is not None}
+        keys = [f.key for f in waiting if f._chunk is None]
+        keys += [c.key for c in chunks.values() if c.all_cancelled()]
+        if keys:
+            self._cancel_keys(keys)
 
     def _cancel_keys(self, keys: list[str], *, closing: bool = False) -> None:
         for start in range(0, len(keys), LET_GO_BATCH):  # the wire's list limit
@@ -599,6 +744,9 @@ class Client:
         if result.receipt:
             self._receipt_book.add(result.receipt)
         fut = self._book.take(result.key)
+        if isinstance(fut, Chunk):
+            self._on_chunk_result(fut, result, buffers)
+            return
         if result.status == "error" and _GRAPH_SEP in result.key:
             self._note_failure(result)
         if fut is None or fut.done():

@@ -12,7 +12,8 @@ import concurrent.futures as cf
 import contextlib
 import html
 import threading
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,9 @@ class Future(cf.Future):
         self._remote_status = "pending"
         self._decoded: list[Any] = []
         self._decode_lock = threading.Lock()
+        #: The chunk of a ``map`` this item runs in (None: a task of its own), and its index.
+        self._chunk: Chunk | None = None
+        self._item = 0
 
     # --------------------------------------------------------------- state
 
@@ -70,11 +74,18 @@ class Future(cf.Future):
         return self._remote_status
 
     def cancel(self) -> bool:
-        """Cancel the task; if it runs, its remote process is killed."""
+        """Cancel the task; if it runs, its remote process is killed. An item of a chunked
+        ``map`` is cancelled here at once; its chunk is cancelled on the providers once every
+        item of it is."""
         if self.done():
             return False
-        self.client._cancel_keys([self.key])
-        return self._cancel_locally()
+        if self._chunk is None:
+            self.client._cancel_keys([self.key])
+            return self._cancel_locally()
+        cancelled = self._cancel_locally()
+        if self._chunk.all_cancelled():
+            self.client._cancel_keys([self._chunk.key])
+        return cancelled
 
     def _cancel_locally(self) -> bool:
         """Cancelled, and said so to ``wait``/``as_completed`` waiters (which ``cancel`` alone
@@ -194,6 +205,87 @@ class Future(cf.Future):
         return (f"<b>Future</b> {html.escape(self.key)} <span style='color:{colour}'>"
                 f"{self.status}</span> provider={html.escape(str(self.provider))} "
                 f"cpu={cpu:.2f}s cost={self.cost:.3g} tokens")
+
+
+def split_micro(cost: float, n: int) -> list[float]:
+    """``cost`` (tokens) split over ``n`` items in whole micro-tokens, the ledger's unit: the
+    first ``remainder`` items pay one micro-token more, so the parts add up to the charge."""
+    base, extra = divmod(round(cost * 1_000_000), n)
+    return [(base + (i < extra)) / 1_000_000 for i in range(n)]
+
+
+class Chunk:
+    """The items of a chunked ``map`` that run as one gateway task (key ``key``).
+
+    The client's books hold it (weakly) in place of a future: what the gateway says of the task
+    (running, usage, output, its result) is passed on to each item's own future. It holds its
+    items weakly and they hold it, so it lives as long as someone holds one of its items; once
+    none does, the books see it collected and cancel the task, as for a dropped future.
+    """
+
+    __slots__ = ("__weakref__", "func", "key", "n", "_items", "_cancel_sent")
+
+    def __init__(self, key: str, func: str, items: Sequence[Future]) -> None:
+        self.key = key
+        self.func = func
+        self.n = len(items)
+        self._items = [weakref.ref(f) for f in items]
+        self._cancel_sent = False
+        for i, fut in enumerate(items):
+            fut._chunk, fut._item = self, i
+
+    def live(self) -> list[Future]:
+        """The item futures someone still holds, in item order."""
+        return [f for f in (r() for r in self._items) if f is not None]
+
+    def done(self) -> bool:
+        return all(f.done() for f in self.live())
+
+    def all_cancelled(self) -> bool:
+        """True once (and only the first time) every item still held is cancelled: then the
+        chunk itself is cancelled on the gateway."""
+        if self._cancel_sent or not all(f.cancelled() for f in self.live()):
+            return False
+        self._cancel_sent = True
+        return True
+
+    # What the gateway says of the task, passed on to every item (loop thread).
+
+    def _started(self, provider: str | None) -> None:
+        for f in self.live():
+            f._started(provider)
+
+    def _requeued(self) -> None:
+        for f in self.live():
+            f._requeued()
+
+    def _metered(self, usage: dict | None, cost: float | None) -> None:
+        share = {k: v / self.n for k, v in (usage or {}).items()}
+        costs = split_micro(cost, self.n) if cost is not None else None
+        for f in self.live():
+            f._metered(share, None if costs is None else costs[f._item])
+
+    def _printed(self, stream: str, text: str) -> None:
+        """A chunk's items print into one stream (they ran in one process, one after another):
+        each item's ``output`` holds the chunk's."""
+        for f in self.live():
+            f._printed(stream, text)
+
+    def _settled(self, provider: str | None, usage: dict | None, cost: float,
+                 receipt: dict | None) -> None:
+        """Each item's share: the usage and cost split evenly (:func:`split_micro`), and the
+        chunk's receipt with the item's index (``verify_receipt`` checks it)."""
+        share = {k: v / self.n for k, v in (usage or {}).items()}
+        costs = split_micro(cost, self.n)
+        for f in self.live():
+            f._settled(provider, share, costs[f._item],
+                       dict(receipt, item=f._item) if receipt else None)
+
+    def _cancel_locally(self) -> bool:
+        return any([f._cancel_locally() for f in self.live()])
+
+    def _fail(self, exc: BaseException) -> bool:
+        return any([f._fail(exc) for f in self.live()])
 
 
 def as_completed(futures: Iterable[cf.Future], timeout: float | None = None) -> Iterator[Future]:

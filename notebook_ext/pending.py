@@ -5,6 +5,9 @@ gateway restart, and the waiters for query replies and fetched results. Every re
 takes one lock, so the user's thread (submitting, closing) and the loop thread (results) never
 see a dict change under an iteration; callers get snapshots, never the dicts themselves.
 
+A chunk of a ``map`` is one task here (its key, spec and payload), held as its
+:class:`~notebook_ext.futures.Chunk`, which passes what arrives on to its items' futures.
+
 Futures are held *weakly*, as Dask does: a task whose future nobody holds any more is abandoned
 (``on_abandoned(key, keep)``: the client cancels it). What the books hold strongly is the
 submission itself (spec, argument bytes, function blob), until the task's result arrives.
@@ -23,7 +26,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from gateway import protocol as p
-from notebook_ext.futures import Future
+from notebook_ext.futures import Chunk, Future
+
+#: What the books hold per task: its future, or the chunk whose items' futures it answers.
+Tracked = Future | Chunk
 
 
 @dataclass(slots=True)
@@ -59,7 +65,7 @@ class TaskBook:
 
     # ------------------------------------------------------------------ tasks
 
-    def add(self, futures: list[Future], specs: list[p.TaskSpec], payloads: list[list],
+    def add(self, futures: list[Tracked], specs: list[p.TaskSpec], payloads: list[list],
             funcs: dict[str, bytes]) -> None:
         """Record a batch; ValueError (nothing recorded) if a key is still in flight."""
         with self._lock:
@@ -97,12 +103,12 @@ class TaskBook:
         for key, keep in gone:
             self._on_abandoned(key, keep)
 
-    def get(self, key: str) -> Future | None:
+    def get(self, key: str) -> Tracked | None:
         with self._lock:
             entry = self._entries.get(key)
         return None if entry is None else entry.ref()
 
-    def take(self, key: str) -> Future | None:
+    def take(self, key: str) -> Tracked | None:
         """The task ended: forget it; its future, if someone still holds it."""
         with self._lock:
             entry = self._entries.pop(key, None)
@@ -113,11 +119,18 @@ class TaskBook:
             return list(self._entries)
 
     def futures(self) -> list[Future]:
+        """The futures of unfinished tasks (a chunk's: its items still held)."""
         with self._lock:
             refs = [e.ref for e in self._entries.values()]
-        return [f for f in (r() for r in refs) if f is not None]
+        out: list[Future] = []
+        for f in (r() for r in refs):
+            if isinstance(f, Chunk):
+                out += f.live()
+            elif f is not None:
+                out.append(f)
+        return out
 
-    def take_all(self) -> list[Future]:
+    def take_all(self) -> list[Tracked]:
         """Forget every task (the client closes); their futures that are still held."""
         with self._lock:
             entries, self._entries = self._entries, {}

@@ -27,10 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import psutil
 
-from gateway.protocol import frame_parts, frame_size
-from provider.channel import ChannelClosed, ChannelError, Done, Failed, parse_reply, read_frame
+from gateway.protocol import MAX_BUFFERS, MAX_ITEMS, frame_parts, frame_size
+from provider.channel import (
+    ChannelClosed,
+    ChannelError,
+    Done,
+    Failed,
+    parse_reply,
+    read_frame,
+    sanitize_error,
+)
 from provider.metering import Meter, read_stat
 from provider.sandbox import (
     Isolation,
@@ -42,7 +51,7 @@ from provider.sandbox import (
     strays,
     worker_pid,
 )
-from provider.worker import FUNCS_KEPT, LENGTH
+from provider.worker import CHUNK_ERROR_CHARS, FUNCS_KEPT, LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +76,10 @@ class Outcome:
     code: str | None = None
     usage: dict[str, float] = field(default_factory=dict)
     dropped: int = 0  # output bytes the worker dropped over its cap (shown in the output)
+    #: A chunk's per-item outcomes: result buffer counts, the items that raised, their errors.
+    parts: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
 
 
 @dataclass(slots=True, eq=False)
@@ -121,6 +134,44 @@ def exit_description(code: int | None) -> str:
         }.get(sig, "")
         return f"the task process was ended by {sig.name}{hint}"
     return f"the task process exited with code {code}"
+
+
+def chunk_outcome(worker: WorkerProc, done: Done, items: int) -> Outcome:
+    """A chunk's ``done``: its manifest checked against the chunk (as a frame from the task
+    process is: anything malformed is the task's channel breaking, and ends its worker)."""
+    assert worker.meter is not None
+    usage = worker.meter.sample()
+    try:
+        parts, failed, errors = _manifest(done.buffers, items)
+    except (ChannelError, ValueError, TypeError) as exc:
+        return WorkerPool._broken(worker, f"the task broke its channel to the provider: {exc}; "
+                                          f"its process was killed")
+    return Outcome("finished", done.buffers[1:], usage=usage, dropped=done.dropped,
+                   parts=parts, failed=failed, errors=errors)
+
+
+def _manifest(buffers: list[memoryview], items: int) -> tuple[list[int], list[int], list[dict]]:
+    """``(parts, failed, errors)`` of a chunk's ``done``, or ChannelError saying what is wrong."""
+    if not buffers:
+        raise ChannelError("a chunk's result came without its manifest")
+    data = msgpack.unpackb(buffers[0], raw=False, strict_map_key=True,
+                           max_array_len=MAX_ITEMS, max_map_len=8)
+    if not isinstance(data, dict):
+        raise ChannelError("a chunk's manifest is not a map")
+    parts, failed, errors = data.get("parts"), data.get("failed"), data.get("errors")
+    if not (isinstance(parts, list) and len(parts) == items
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in parts)
+            and sum(parts) == len(buffers) - 1 and len(buffers) - 1 <= MAX_BUFFERS):
+        raise ChannelError(f"a chunk's manifest does not describe its {items} items' buffers")
+    if not (isinstance(failed, list) and isinstance(errors, list)
+            and len(failed) == len(errors) and failed == sorted(set(failed))
+            and all(isinstance(i, int) and 0 <= i < items and not parts[i] for i in failed)):
+        raise ChannelError("a chunk's manifest names its failed items wrongly")
+    room = CHUNK_ERROR_CHARS // max(1, 2 * len(errors))  # a result header stays small
+    errors = [sanitize_error(e) for e in errors]
+    for e in errors:
+        e["message"], e["traceback"] = e["message"][:room], e["traceback"][-room:]
+    return parts, failed, errors
 
 
 class WorkerPool:
@@ -334,16 +385,21 @@ class WorkerPool:
                   payload: Sequence[memoryview], on_output: OnOutput,
                   memory: int | None = None,
                   deps: Sequence[tuple[str, Sequence[bytes]]] | None = None,
-                  gpus: float = 0.0, output_limit: int | None = None) -> Outcome:
+                  gpus: float = 0.0, output_limit: int | None = None,
+                  parts: Sequence[int] = ()) -> Outcome:
         """Run one task on ``worker``; cancellation of this coroutine is the caller's kill.
 
-        ``deps`` (graph tasks) are ``(key, result buffers)`` pairs handed to the task. Whatever
-        the task does to its channel ends here as an ``error`` outcome (code ``worker_died``:
-        the caller replaces the worker), never as an exception.
+        ``deps`` (graph tasks) are ``(key, result buffers)`` pairs handed to the task; ``parts``
+        (a chunk's) the argument buffers of each item. Whatever the task does to its channel
+        ends here as an ``error`` outcome (code ``worker_died``: the caller replaces the
+        worker), never as an exception.
         """
         has_func = func_blob is not None and worker.needs_func(func)
         header = {"t": "run", "key": key, "func": func, "has_func": has_func, "memory": memory,
                   "nb": len(payload), "output_limit": output_limit}
+        items = len(parts)
+        if items:
+            header["parts"] = list(parts)
         parts = [func_blob, *payload] if has_func else list(payload)
         if deps is not None:
             header["deps"] = [k for k, _ in deps]
@@ -359,6 +415,8 @@ class WorkerPool:
                 await loop.sock_sendall(worker.sock, part)
             while True:
                 reply = parse_reply(*await read_frame(worker.sock), key)
+                if isinstance(reply, Done) and items:
+                    return chunk_outcome(worker, reply, items)
                 if isinstance(reply, Done):
                     return Outcome("finished", reply.buffers, usage=worker.meter.sample(),
                                    dropped=reply.dropped)

@@ -447,6 +447,9 @@ class Provider:
         if a.func not in self._funcs:
             return (f"function {a.func} was never sent to this provider (or was evicted from "
                     f"its cache of {FUNC_BLOBS_KEPT}); the gateway should resend it")
+        if a.items and self.dask_scheduler:
+            return (f"provider {self.ad.name} fronts a Dask cluster, which runs no chunks of a "
+                    f"map; submit with chunksize=1 or choose another provider")
         for name, offered in (("cpus", self.cpus), ("memory", self.memory),
                               ("gpus", self.ad.gpus)):
             asked = a.resources.get(name, 0) or 0
@@ -510,7 +513,7 @@ class Provider:
                     lambda stream, text: self._output(a.key, started, stream, text),
                     memory=a.resources.get("memory"), deps=deps,
                     gpus=min(a.resources.get("gpus", 0), self.ad.gpus),
-                    output_limit=self.output_limit)
+                    output_limit=self.output_limit, **({"parts": a.parts} if a.items else {}))
         except TimeoutError:
             usage = await self._stop_worker(slot)
             outcome = Outcome("error", code="timeout", usage=usage, error={
@@ -542,6 +545,11 @@ class Provider:
             if too_big is not None:  # the task's own error: the user catches a ValueError
                 error = p.RemoteFailure(type="ValueError", module="builtins", message=too_big)
                 return p.Result(key=a.key, status="error", usage=outcome.usage, error=error), []
+        if outcome.parts:  # a chunk: one outcome per item, never kept here
+            return p.Result(key=a.key, status="finished", nb=len(buffers), code=outcome.code,
+                            usage=outcome.usage, parts=outcome.parts, failed=outcome.failed,
+                            errors=[p.RemoteFailure.from_wire(e) for e in outcome.errors]
+                            ), buffers
         if a.keep and outcome.status == "finished":
             self.store.put(a.key, buffers)
             stored, nbytes = True, sum(b.nbytes for b in buffers)

@@ -8,6 +8,11 @@ Channel frames are ``u64 length | protocol frame`` (see :func:`gateway.protocol.
 provider -> worker ``run`` (buffers: function blob if new, then the argument payload) and
 ``exit``; worker -> provider ``ready``, ``out`` (stdout/stderr text), ``done`` (buffers: the
 result) and ``fail`` (a structured error, never a pickle).
+
+A ``run`` with ``parts`` is a chunk of a ``map``: the function runs on each item in turn (item
+``i``'s argument stream is the next ``parts[i]`` buffers), an item that raises does not stop the
+others, and ``done`` carries a manifest first (msgpack ``{"parts", "failed", "errors"}``: each
+item's result buffer count, the items that raised and their errors), then the items' buffers.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ OUTPUT_LIMIT = 1024 * 1024
 #: A result pickled with more out-of-band buffers than this is pickled again in-band: one message
 #: carries at most 65,536 buffers.
 MAX_RESULT_BUFFERS = 4096
+#: Error text (message and traceback) one chunk's failed items may send in all: a chunk's
+#: result header must stay far under the protocol's header limit however many items raise.
+CHUNK_ERROR_CHARS = 512 * 1024
 
 
 class Channel:
@@ -255,6 +263,12 @@ class Worker:
         try:
             fn = self._function(header["func"], buffers[0] if header.get("has_func") else None)
             rest = buffers[1:] if header.get("has_func") else buffers
+            if header.get("parts"):
+                del buffers
+                result = self._run_chunk(fn, header["parts"], rest, limit)
+                dropped = self._end_output(out, err)
+                self.channel.send({"t": "done", "key": key, "dropped": dropped}, result)
+                return
             nb = header.get("nb", len(rest))
             payload, dep_buffers = rest[:nb], rest[nb:]
             args, kwargs = cloudpickle.loads(payload[0], buffers=payload[1:])
@@ -276,6 +290,43 @@ class Worker:
         finally:
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
             apply_memory_limit(None)
+
+    @staticmethod
+    def _run_chunk(fn: Any, parts: list[int], payload: list[memoryview],
+                   limit: int | None) -> list:
+        """Run ``fn`` on each item of a chunk; the manifest, then every item's result buffers.
+        Each item's failure is its own (the next item runs); output and memory caps are the
+        chunk's, as they are a task's."""
+        import cloudpickle
+        import msgpack
+
+        counts, failed, errors, out = [], [], [], []
+        pos = 0
+        for i, n in enumerate(parts):
+            stream = payload[pos:pos + n]
+            pos += n
+            try:
+                args, kwargs = cloudpickle.loads(stream[0], buffers=stream[1:])
+                del stream
+                item = dumps_result(fn(*args, **kwargs))
+                del args, kwargs
+            except BaseException as exc:  # noqa: BLE001 - an item's failure is its result
+                error = describe_error(exc)
+                if isinstance(exc, MemoryError):
+                    error.update(type="MemoryError", module="builtins",
+                                 message=memory_message(limit, error["message"]))
+                counts.append(0)
+                failed.append(i)
+                errors.append(error)
+                continue
+            counts.append(len(item))
+            out += item
+        room = CHUNK_ERROR_CHARS // max(1, 2 * len(errors))
+        for error in errors:
+            error["message"] = error["message"][:room]
+            error["traceback"] = error["traceback"][-room:]
+        manifest = msgpack.packb({"parts": counts, "failed": failed, "errors": errors})
+        return [manifest, *out]
 
     def _end_output(self, out: StreamToChannel, err: StreamToChannel) -> int:
         """Flush and close the task's streams (threads it left behind print nowhere)."""
