@@ -14,10 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.protocol import MAX_HEADER_BYTES, MAX_KEY_LEN, ProtocolError, decode_frame
+from gateway.protocol import (
+    MAX_HEADER_BYTES,
+    MAX_KEY_LEN,
+    Buffer,
+    ProtocolError,
+    decode_frame,
+    frame_size,
+)
 from provider.worker import LENGTH
 
 #: Largest frame a worker may send: a result must fit in one gateway message (512 MiB by
@@ -31,6 +39,8 @@ PREALLOC_BYTES = 1024 * 1024
 STALL_SECONDS = 10.0
 #: Text kept of a failure's message and traceback (a result header must stay small).
 ERROR_TEXT_CHARS = 100_000
+#: Parts one ``sendmsg`` may carry (Linux's IOV_MAX is 1024); a frame with more goes part by part.
+IOV_MAX = 1024
 
 
 class ChannelError(Exception):
@@ -62,6 +72,36 @@ class Failed:
 Reply = Output | Done | Failed
 
 
+async def send_frame(sock: socket.socket, frame: Sequence[Buffer]) -> None:
+    """Write ``u64 length | frame`` to a worker: one ``sendmsg`` system call when the socket takes
+    it all (any frame that fits its buffer, i.e. every small task), no copy of large parts, and
+    the event loop's awaited writes only for what did not fit."""
+    views = [memoryview(LENGTH.pack(frame_size(frame))),
+             *(v for v in (memoryview(part).cast("B") for part in frame) if v.nbytes)]
+    sent = 0
+    if len(views) <= IOV_MAX:
+        try:
+            sent = sock.sendmsg(views)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+    loop = asyncio.get_running_loop()
+    for view in views:
+        if sent >= view.nbytes:
+            sent -= view.nbytes
+            continue
+        await loop.sock_sendall(sock, view[sent:])
+        sent = 0
+
+
+def _recv_now(sock: socket.socket, view: memoryview) -> int | None:
+    """Bytes read without waiting, or None when nothing has arrived yet (no timer, no future:
+    a worker's reply is usually already there when the provider looks)."""
+    try:
+        return sock.recv_into(view)
+    except (BlockingIOError, InterruptedError):
+        return None
+
+
 async def recv_exactly(sock: socket.socket, n: int, stall: float | None = STALL_SECONDS,
                        first_wait: float | None = None) -> bytearray:
     """``n`` bytes. Waits up to ``first_wait`` (None: forever) for the first, then at most
@@ -75,8 +115,10 @@ async def recv_exactly(sock: socket.socket, n: int, stall: float | None = STALL_
         wait = first_wait if pos == 0 else stall
         with memoryview(buf) as view:
             try:
-                async with asyncio.timeout(wait):
-                    got = await loop.sock_recv_into(sock, view[pos:])
+                got = _recv_now(sock, view[pos:])
+                if got is None:
+                    async with asyncio.timeout(wait):
+                        got = await loop.sock_recv_into(sock, view[pos:])
             except TimeoutError:
                 raise ChannelError(f"the task process sent {pos} of a {n}-byte message and then "
                                    f"nothing for {stall:g} s") from None
