@@ -178,6 +178,15 @@ class Future(cf.Future):
                 self._decoded.append(self.client._decode(buffers, self.trust))
             return self._decoded[0]
 
+    def raw_buffers(self, timeout: float | None = None) -> list[memoryview]:
+        """The result's bytes as they arrived, not unpickled: what its receipt's result hash
+        covers (``verify_receipt(fut.receipt, key, result=fut.raw_buffers())``)."""
+        raw = super().result(timeout)
+        if not isinstance(raw, RawResult):
+            raise ValueError(f"task {self.key}'s result stayed on its provider; its bytes are "
+                             f"fetched by result()")
+        return list(raw.buffers)
+
     def __await__(self):
         # Wait for completion without copying the result into an asyncio future (that would
         # decode it inside a loop callback, where a decode error is only logged); decode after.
