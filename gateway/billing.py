@@ -1,7 +1,10 @@
-"""Billing: metered usage -> prices -> ledger movements -> signed receipts.
+"""Billing: metered usage -> prices -> escrow movements -> receipt-log leaves.
 
-The hub calls this; :mod:`gateway.ledger` records. Escrow is held at submit (``budget``, else
-``max_price`` x cpus x ``timeout``, else the gateway's default escrow), providers' CUMULATIVE usage
+The hub calls this; the core's books (:mod:`gateway.accounts`) decide at once, in memory, and
+the accounting worker (:mod:`gateway.accounting_worker`) records their journal in
+:mod:`gateway.ledger` and the receipt log in group commits, off the event loop. Escrow is held
+at submit (``budget``, else ``max_price`` x cpus x ``timeout``, else the gateway's default
+escrow), providers' CUMULATIVE usage
 is settled as it arrives (idempotent, so a repeated heartbeat moves nothing), and the final
 settlement refunds the leftover and yields the receipt. A task whose charge reaches its escrow is
 stopped: the client is never charged more than it reserved.
@@ -17,15 +20,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gateway.accounts import Accounts
 from gateway.identity import Identity
+from gateway.journal import Leaf
 from gateway.ledger import MAX_MICRO, Ledger, LedgerError, to_micro, to_tokens
 from gateway.protocol import ProviderAd, Result, TaskSpec
-from gateway.receipt_log import ReceiptLog, ReceiptLogError, settlement_entry
+from gateway.receipt_log import ReceiptLog, settlement_entry
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +195,16 @@ class Charge:
 
 
 class Billing:
-    """Prices, escrows and receipts for one gateway."""
+    """Prices, escrows and receipt-log leaves for one gateway: the core's side of the money."""
 
     def __init__(self, ledger: Ledger, identity: Identity, default_escrow: float = 1.0,
                  receipt_log: ReceiptLog | None = None) -> None:
-        self.ledger = ledger
+        self.ledger = ledger  # read by the shell (loads, lookups after a restart), never here
         self.identity = identity
         self.default_escrow_micro = to_micro(default_escrow)
+        self.accounts = Accounts(ledger.fee_ppm)
         self._log = receipt_log
+        self._tokens = 0
 
     @property
     def log(self) -> ReceiptLog:
@@ -217,62 +223,36 @@ class Billing:
     def hold(self, items: Sequence[tuple[str, str, TaskSpec]]) -> list[LedgerError | None]:
         """Escrow for each ``(task_id, account, spec)``: None, or why it was refused
         (:class:`InsufficientFunds` when the balance is short)."""
-        if not items:  # a batch of free tasks: no transaction at all
-            return []
-        return self.ledger.hold_many(
-            [(task_id, account, self.escrow_for(spec)) for task_id, account, spec in items])
+        return [self.accounts.hold(task_id, account, self.escrow_for(spec))
+                for task_id, account, spec in items]
 
     def settle(self, items: Sequence[tuple[str, str, dict, dict, bool]]) -> list[Charge | None]:
-        """Settle ``(task_id, provider_account, usage, prices, final)`` cumulatively, in one
-        transaction; None for a task the ledger refused (logged). A refused FINAL settlement
-        still closes its escrow (what was paid stays paid, the rest goes back to the client), so
-        no escrow outlives its task; its charge is then what the escrow ended at."""
-        if not items:
-            return []
-        results = self.ledger.settle_many(
-            [(tid, acct, price_micro(usage, prices), final)
-             for tid, acct, usage, prices, final in items])
+        """Settle ``(task_id, provider_account, usage, prices, final)`` cumulatively; None for a
+        task the books refused (logged). A refused FINAL settlement still closes its escrow
+        (what was paid stays paid, the rest goes back to the client), so no escrow outlives its
+        task; its charge is then what the escrow ended at."""
         charges: list[Charge | None] = []
-        refused: list[int] = []
-        for i, ((tid, *_, final), res) in enumerate(zip(items, results, strict=True)):
+        for tid, acct, usage, prices, final in items:
+            res = self.accounts.settle(tid, acct, price_micro(usage, prices), final)
             if isinstance(res, LedgerError):
                 log.error("settlement of %s refused: %s", tid, res)
-                charges.append(None)
-                if final:
-                    refused.append(i)
+                charges.append(self.close([tid])[0] if final else None)
             else:
                 charges.append(Charge(res.charged_micro, res.fee_micro, res.capped))
-        if refused:
-            closed = self.close([items[i][0] for i in refused])
-            for i, charge in zip(refused, closed, strict=True):
-                charges[i] = charge
         return charges
 
-    def receipts(self, settled: Sequence[Settled]) -> list[dict | None]:
-        """Log a batch of final settlements as leaves, sign ONE tree head over them, and return
-        each one's receipt ``{entry, index, proof, head}``. A settlement that cannot be logged
-        (logged as an error) gets None: its money already moved, the client just has no proof.
-        """
-        now_ms = int(time.time() * 1000)
-        entries: list[bytes | None] = []
-        for s in settled:
-            try:
-                entries.append(s.entry(now_ms))
-            except ValueError as exc:
-                log.error("settlement of %s cannot be logged: %s", s.task_id, exc)
-                entries.append(None)
-        good = [e for e in entries if e is not None]
-        if not good:
-            return [None] * len(entries)
+    def log_leaf(self, settled: Settled, escrows: Sequence[str]) -> int | None:
+        """Queue a final settlement's leaf (committed with the settlement, in the accounting
+        worker's next group); returns its token, or None if it cannot be logged (its money
+        moved all the same; the client just gets no proof)."""
         try:
-            first = self.log.append(good)
-            head = self.log.sign_head(self.identity, now_ms=now_ms)
-            made = iter(self.log.receipts(first, first + len(good), head))
-        except (ReceiptLogError, sqlite3.Error) as exc:  # never leave a result unanswered
-            log.error("receipt log: %d settlements were not logged (their results go out"
-                      " without receipts): %s", len(good), exc)
-            return [None] * len(entries)
-        return [None if e is None else next(made) for e in entries]
+            entry = settled.entry(int(time.time() * 1000))
+        except ValueError as exc:
+            log.error("settlement of %s cannot be logged: %s", settled.task_id, exc)
+            return None
+        self._tokens += 1
+        self.accounts.log(Leaf(self._tokens, entry, tuple(escrows)))
+        return self._tokens
 
     def refund(self, task_ids: Sequence[str]) -> None:
         """Close these escrows, returning what is left to the client; an id with no open escrow
@@ -282,20 +262,16 @@ class Billing:
     def close(self, task_ids: Sequence[str]) -> list[Charge | None]:
         """:meth:`refund`, saying for each id what its escrow charged in all (None: no escrow):
         what the client's balance lost for that task, so its result can say so."""
-        if not task_ids:
-            return []
-        held = self.ledger.held_among(task_ids)
-        todo = [t for t in task_ids if t in held]
-        for tid, res in zip(todo, self.ledger.refund_many(todo) if todo else [], strict=True):
-            if isinstance(res, LedgerError):
-                log.error("refund of %s refused: %s", tid, res)
-        totals = self.ledger.charged_of(task_ids)
-        return [Charge(*totals[t], spent=False) if t in totals else None for t in task_ids]
+        out: list[Charge | None] = []
+        for task_id in task_ids:
+            totals = self.accounts.close(task_id)
+            out.append(None if totals is None else Charge(*totals, spent=False))
+        return out
 
     def balance(self, account: str) -> dict[str, float]:
         """``{"available": tokens, "held": tokens}``: spendable now, and in open escrow."""
-        return {"available": to_tokens(self.ledger.balance(account)),
-                "held": to_tokens(self.ledger.held_by(account))}
+        return {"available": to_tokens(self.accounts.balance(account)),
+                "held": to_tokens(self.accounts.held[account])}
 
     def earnings(self, account: str) -> float:
-        return to_tokens(self.ledger.earnings(account))
+        return to_tokens(self.accounts.earnings[account])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from enum import StrEnum
 
@@ -109,6 +109,19 @@ def escrow_transition(task_id: str, state: EscrowState, event: EscrowEvent) -> E
     return new
 
 
+@dataclass(frozen=True, slots=True)
+class SettleResult:
+    """Task-level totals after a settle or refund; ``charged == provider + fee`` always."""
+
+    task_id: str
+    charged_micro: int  # taken from the client's escrow so far, all providers together
+    provider_micro: int  # paid to the task's providers so far, all together
+    fee_micro: int  # kept as fees so far
+    refunded_micro: int  # returned to the client (non-zero only once the escrow is closed)
+    capped: bool  # some provider's cumulative usage exceeded what the hold could pay
+    state: str = EscrowState.HELD.value
+
+
 @dataclass(slots=True)
 class Share:
     """One provider's part of one escrow: its highest reported cost, and what it was paid."""
@@ -137,6 +150,10 @@ class Escrow:
     def left(self) -> int:
         """Micro-tokens still in escrow."""
         return self.held - self.charged - self.refunded
+
+    def copy(self) -> Escrow:
+        """A snapshot (its shares copied too)."""
+        return replace(self, shares={k: replace(v) for k, v in self.shares.items()})
 
     @property
     def capped(self) -> bool:
@@ -204,3 +221,9 @@ def refund_step(escrow: Escrow) -> Step:
     left = escrow.left
     escrow.refunded += left
     return Step(refund=left)
+
+
+def result_of(escrow: Escrow) -> SettleResult:
+    """Task-level totals of ``escrow``: a settlement's answer."""
+    return SettleResult(escrow.task_id, escrow.charged, escrow.charged - escrow.fee, escrow.fee,
+                        escrow.refunded, escrow.capped, escrow.state.value)

@@ -30,6 +30,7 @@ from gateway.billing import (
 )
 from gateway.deadlines import TIMEOUT_GRACE, Deadlines, Due, Kind
 from gateway.graph import Graph
+from gateway.journal import Committed
 from gateway.ledger import InsufficientFunds
 from gateway.limits import Limits
 from gateway.metrics import Counters
@@ -118,8 +119,9 @@ class Hub:
         #: Bulk work deferred in slices (the failures of a long chain); the shell calls
         #: :meth:`work` until it is empty, serving connections between slices, after ``wake``.
         self.later: deque[Callable[[], None]] = deque()
-        #: Final settlements waiting to be logged, with the results that carry their receipts.
-        self._unlogged: list[tuple[str, p.Result, list[memoryview], Settled]] = []
+        #: Results waiting for their settlement's leaf to be committed (by leaf token): session
+        #: id, result, buffers, and the escrows the leaf records.
+        self._unlogged: dict[int, tuple[str, p.Result, list[memoryview], tuple[str, ...]]] = {}
         self.wake: Callable[[], None] = lambda: None
         self._empty_since = time.monotonic()  # when the last provider left (or the start)
         self.sessions: dict[str, ClientSession] = {}
@@ -139,15 +141,17 @@ class Hub:
         session = self.sessions.get(session_id)
         return session is None or session.account == account
 
-    def attach_client(self, account: str, session_id: str, send: p.Send) -> ClientSession:
-        """A client (re)connects; a known session gets what finished while it was away."""
+    def attach_client(self, account: str, session_id: str, send: p.Send,
+                      cut_by_restart: bool = False) -> ClientSession:
+        """A client (re)connects; a known session gets what finished while it was away. The
+        shell loaded the account's books first, and says whether the ledger has escrows of this
+        session's (``cut_by_restart``: a gateway restart lost its tasks)."""
         session = self.sessions.get(session_id)
         if session is None or session.account != account:
             if session is not None:  # a forged or colliding session id: never hand it over
                 raise PermissionError("session belongs to another account")
             session = self.sessions[session_id] = ClientSession(id=session_id, account=account)
-            self.billing.ledger.ensure_account(account)  # the faucet, once per account
-            if self.billing.ledger.has_tasks_under(f"{session_id}/"):
+            if cut_by_restart:
                 self._ledger_sessions.add(session_id)
         flushed = session.attach(send)
         if flushed:
@@ -270,7 +274,8 @@ class Hub:
 
     def _prepaid(self, session: ClientSession, tasks: list[Task]) -> set[str]:
         """Task ids of this batch whose earlier submission was settled for good (a restart lost
-        the result, the client resubmitted it): only looked up for sessions a restart cut."""
+        the result, the client resubmitted it): only looked up for sessions a restart cut (the
+        one read of the ledger file the core makes, once per such batch)."""
         if session.id not in self._ledger_sessions or not tasks:
             return set()
         return self.billing.ledger.settled_tasks({t.task_id for t in tasks})
@@ -542,7 +547,8 @@ class Hub:
                 continue
             digest = result_hash(bufs) if result.status == "finished" else failure_hash(result)
             self._send_logged(task.session, answer, bufs, _settled(
-                task, charge, digest, [(conn.account, digest, task.usage, conn.ad.prices, charge)]))
+                task, charge, digest, [(conn.account, digest, task.usage, conn.ad.prices, charge)]),
+                [task.bill_id])
         for session_id, items in out.items():
             session = self.sessions.get(session_id)
             if session is not None:
@@ -629,7 +635,8 @@ class Hub:
         else:
             self._send_logged(task.session, result, [], _settled(
                 task, charge, "budget-exceeded",
-                [(conn.account, "budget-exceeded", task.usage, conn.ad.prices, charge)]))
+                [(conn.account, "budget-exceeded", task.usage, conn.ad.prices, charge)]),
+                [task.bill_id])
 
     def _stop_vote_over_budget(self, task: Task) -> None:
         """A replica used up its escrow before the vote was decided: the whole task stops, and,
@@ -770,7 +777,8 @@ class Hub:
             self._send_results_to(task.session, [(answer, win.buffers)])
         else:
             self._send_logged(task.session, answer, win.buffers, _vote_settled(
-                win, decision.unpaid, list(zip(paid, charges, strict=True))))
+                win, decision.unpaid, list(zip(paid, charges, strict=True))),
+                [b.task.bill_id for b in paid])
 
     def _send_failure(self, task: Task, code: p.ErrorCode, message: str, type_: str) -> None:
         session = self.sessions.get(task.session)
@@ -1071,23 +1079,58 @@ class Hub:
             self._send_results(session, items)
 
     def _send_logged(self, session_id: str, result: p.Result, bufs: list[memoryview],
-                     settled: Settled) -> None:
-        """Answer a final settlement once it is a leaf of the receipt log: the settlements of
-        one turn of the shell's loop are appended and covered by ONE signed tree head
-        (:meth:`_log_settled`, deferred), not a signature per task."""
-        if not self._unlogged:
-            self._defer(self._log_settled)
-        self._unlogged.append((session_id, result, bufs, settled))
+                     settled: Settled, escrows: Sequence[str]) -> None:
+        """Answer a final settlement once it is on disk as a leaf of the receipt log: the
+        accounting worker commits it with its settlement and signs one tree head per group
+        (:meth:`committed` sends the result with its receipt)."""
+        token = self.billing.log_leaf(settled, escrows)
+        if token is None:
+            self._send_results_to(session_id, [(result, bufs)])
+        else:
+            self._unlogged[token] = (session_id, result, bufs, tuple(escrows))
 
-    def _log_settled(self) -> None:
-        """Log the settlements made since the last call and send each result its receipt."""
-        batch, self._unlogged = self._unlogged, []
-        receipts = self.billing.receipts([settled for *_, settled in batch])
+    def committed(self, done: Committed) -> None:
+        """The accounting worker committed a group: results go out with their receipts. An
+        escrow the ledger failed is put back as the disk has it and closed; its task fails with
+        the reason (nothing charged beyond what the disk recorded), and the gateway serves on."""
+        accounts = self.billing.accounts
+        for escrow_id, why in done.failed.items():
+            accounts.undo(escrow_id)
+            accounts.recover(escrow_id)
+            self._ledger_failed(escrow_id, why)
         out: dict[str, list[tuple[p.Result, list[memoryview]]]] = defaultdict(list)
-        for (session_id, result, bufs, _), receipt in zip(batch, receipts, strict=True):
-            out[session_id].append((replace(result, receipt=receipt), bufs))
+        for token in [t for t, w in self._unlogged.items() if set(w[3]) & done.failed.keys()]:
+            session_id, result, _, escrows = self._unlogged.pop(token)
+            why = next(done.failed[e] for e in escrows if e in done.failed)
+            out[session_id].append((_ledger_failure(result.key, why), []))
+        for token, receipt in done.receipts.items():
+            waiting = self._unlogged.pop(token, None)
+            if waiting is not None:
+                session_id, result, bufs, _ = waiting
+                out[session_id].append((replace(result, receipt=receipt), bufs))
+        accounts.confirmed(done.seq)
+        accounts.external(done.external)
         for session_id, items in out.items():
             self._send_results_to(session_id, items)
+
+    def _ledger_failed(self, escrow_id: str, why: str) -> None:
+        """A live task whose escrow the ledger failed: stop it and fail it (its result, if one
+        is waiting for a receipt, is failed by :meth:`committed`)."""
+        task = self.tasks.get(escrow_id.split("~", 1)[0])
+        if task is None or task.bill_id != escrow_id or task.state in TERMINAL:
+            return
+        task.escrow_micro = 0  # closed by the recovery: nothing more to settle or refund
+        if task.state is TaskState.RUNNING:
+            task.cancelling = True
+            task.move(TaskState.ERROR)
+            self.counters.tasks[TaskState.ERROR.value] += 1
+            self.send_cancel(task.provider or "", [task])
+            self._send_results_to(task.session, [(_ledger_failure(task.key, why), [])])
+            return
+        self.scheduler.discard(task)
+        self.verifier.of.pop(task.task_id, None)
+        self._end(task, TaskState.ERROR)
+        self._send_results_to(task.session, [(_ledger_failure(task.key, why), [])])
 
     def _send_events(self, task: Task, event: p.Event) -> None:
         session = self.sessions.get(task.session)
@@ -1106,6 +1149,15 @@ class Hub:
             "graph_bytes_produced": self.graph.bytes_produced,
             "graph_bytes_moved": self.graph.bytes_moved,
         }
+
+
+def _ledger_failure(key: str, why: str) -> p.Result:
+    """A task the ledger could not record: the client is told, and nothing was charged for it
+    beyond what the ledger had recorded before."""
+    return failure(key, p.ErrorCode.INTERNAL,
+                   f"the gateway's ledger could not record task {key} ({why}); its escrow was "
+                   f"returned as the ledger had it, and the task was stopped. Submit it again; "
+                   f"if this repeats, tell the gateway's operator", "LedgerError")
 
 
 def _settled(task: Task, charge: Charge, outcome: str,

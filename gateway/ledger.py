@@ -33,11 +33,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence, Set
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from gateway.escrow import (  # re-exported: the ledger's public names, as before
     ESCROW_PREFIX,
@@ -53,10 +53,12 @@ from gateway.escrow import (  # re-exported: the ledger's public names, as befor
     InsufficientFunds,
     LedgerError,
     LedgerInvariantError,
+    SettleResult,
     Share,
     Step,
     escrow_transition,
     refund_step,
+    result_of,
     settle_step,
     to_micro,
     to_tokens,
@@ -69,19 +71,23 @@ __all__ = [
     "to_micro", "to_tokens",
 ]
 
+from gateway.journal import Hold, LedgerOp, Refund, Settle
+
 log = logging.getLogger(__name__)
 
-@dataclass(frozen=True, slots=True)
-class SettleResult:
-    """Task-level totals after a settle or refund; ``charged == provider + fee`` always."""
+T = TypeVar("T")
 
-    task_id: str
-    charged_micro: int  # taken from the client's escrow so far, all providers together
-    provider_micro: int  # paid to the task's providers so far, all together
-    fee_micro: int  # kept as fees so far
-    refunded_micro: int  # returned to the client (non-zero only once the escrow is closed)
-    capped: bool  # some provider's cumulative usage exceeded what the hold could pay
-    state: str = EscrowState.HELD.value
+@dataclass(frozen=True, slots=True)
+class Applied(Generic[T]):
+    """What :meth:`Ledger.apply` did: failed escrows (id -> why), movements others wrote (account
+    -> micro-tokens), loaded accounts (-> balance, earnings), the newest transfer id, ``then``'s
+    value."""
+
+    failed: dict[str, str]
+    external: dict[str, int]
+    loaded: dict[str, tuple[int, int]]
+    last: int
+    extra: T | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +216,11 @@ class Ledger:
             os.umask(old_umask)
         _private(self.path)
         self._db: sqlite3.Connection | None = db
+
+    @property
+    def fee_ppm(self) -> int:
+        """The gateway's fee in parts per million of each charge."""
+        return self._fee_ppm
 
     def close(self) -> None:
         with self._lock:
@@ -370,7 +381,7 @@ class Ledger:
         step = settle_step(escrow, provider, cumulative_micro, final, self._fee_ppm)
         if was_held:  # a closed escrow only takes repeats, which change nothing
             self._write(db, escrow, provider, step, now, final=final)
-        return _result(escrow)
+        return result_of(escrow)
 
     def refund(self, task_id: str) -> int:
         """Return all that is still held to the client and close the escrow; micro refunded.
@@ -383,6 +394,62 @@ class Ledger:
     def refund_many(self, task_ids: Iterable[str]) -> list[int | LedgerError]:
         """``refund`` for each task in ONE transaction."""
         return self._batch(self._refund, ((t,) for t in task_ids))
+
+    def apply(self, ops: Sequence[LedgerOp], *, seen: int, refused: Set[str] = frozenset(),
+              loads: Sequence[str] = (),
+              then: Callable[[sqlite3.Connection, set[str]], T] | None = None) -> Applied[T]:
+        """Apply the core's journal in ONE transaction (the accounting worker's group commit).
+
+        First, movements others wrote since transfer row ``seen`` (an operator's mint) are
+        collected, and ``loads`` are created (faucet) and read. Then each op runs in a savepoint:
+        one that fails is rolled back alone and fails every later op of its escrow, as do the
+        ops of escrows in ``refused`` (a failure the core has not acknowledged yet) except their
+        recovery refund. ``then(db, failed escrows)`` runs last in the same transaction (the
+        receipt log's leaves), so a settlement and its leaf commit together.
+        """
+        now, failed = time.time(), {}
+        with self._tx() as db:
+            external: dict[str, int] = {}
+            for debit, credit, amount in db.execute(
+                    "SELECT debit, credit, amount FROM transfers WHERE id > ?", (seen,)):
+                external[credit] = external.get(credit, 0) + amount
+                external[debit] = external.get(debit, 0) - amount
+            loaded = {}
+            for account in loads:
+                self._ensure(db, account, now)
+                loaded[account] = (
+                    _one(db, "SELECT balance FROM accounts WHERE name = ?", account)[0],
+                    _one(db, "SELECT COALESCE(SUM(amount), 0) FROM transfers WHERE credit = ?"
+                         " AND reason = 'pay'", account)[0])
+            for op in ops:
+                if op.task_id in failed or (op.task_id in refused and not (
+                        isinstance(op, Refund) and op.recovery)):
+                    failed.setdefault(op.task_id, "an earlier ledger operation on this escrow"
+                                                  " failed")
+                    continue
+                db.execute("SAVEPOINT op")
+                try:
+                    self._apply_one(db, op, now)
+                except (LedgerError, ValueError, sqlite3.Error) as exc:
+                    db.execute("ROLLBACK TO op")
+                    failed[op.task_id] = f"{type(exc).__name__}: {exc}"
+                db.execute("RELEASE op")
+            extra = then(db, set(failed)) if then is not None else None
+            last = _one(db, "SELECT COALESCE(MAX(id), 0) FROM transfers")[0]
+        return Applied(failed, {a: d for a, d in external.items() if d}, loaded, last, extra)
+
+    def _apply_one(self, db: sqlite3.Connection, op: LedgerOp, now: float) -> None:
+        if isinstance(op, Hold):
+            self._hold(db, op.task_id, op.client, op.amount, now)
+        elif isinstance(op, Settle):
+            self._settle(db, op.task_id, op.provider, op.cumulative, op.final, now)
+        elif not op.recovery or _one(db, "SELECT 1 FROM escrows WHERE task_id = ?", op.task_id):
+            self._refund(db, op.task_id, now)  # a recovery of a hold never made: nothing to do
+
+    def last_transfer(self) -> int:
+        """The newest transfer row's id (the worker's starting point for outside movements)."""
+        with self._tx(write=False) as db:
+            return _one(db, "SELECT COALESCE(MAX(id), 0) FROM transfers")[0]
 
     def recover(self) -> list[str]:
         """At gateway start: refund every open escrow, since no task survives a restart."""
@@ -566,12 +633,6 @@ class Ledger:
         if was_held:
             self._write(db, escrow, None, step, now)
         return step.refund
-
-
-def _result(escrow: Escrow) -> SettleResult:
-    """Task-level totals of ``escrow`` as a settle's answer."""
-    return SettleResult(escrow.task_id, escrow.charged, escrow.charged - escrow.fee, escrow.fee,
-                        escrow.refunded, escrow.capped, escrow.state.value)
 
 
 def _one(db: sqlite3.Connection, sql: str, *args: Any) -> Any:

@@ -26,11 +26,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from gateway import protocol as p
+from gateway.accounting_worker import AccountingWorker
 from gateway.hub import Hub
 from gateway.identity import Identity, auth_message, verify
 from gateway.limits import TokenBucket
 from gateway.metrics import render_prometheus
-from gateway.receipt_log import log_http
+from gateway.receipt_log import ReceiptLog, log_http
 from gateway.registry import ProviderConn
 from gateway.transport import PING_INTERVAL, PING_TIMEOUT, FrameWriter
 
@@ -70,6 +71,7 @@ class GatewayServer:
     def __init__(self, hub: Hub, identity: Identity, host: str = "127.0.0.1", port: int = 8765,
                  max_message: int = DEFAULT_MAX_MESSAGE) -> None:
         self.hub = hub
+        self.accounting: AccountingWorker | None = None
         self.identity = identity
         self.host = host
         self.port = port
@@ -86,7 +88,23 @@ class GatewayServer:
         self._stop.set()
 
     async def serve(self) -> None:
-        """Accept connections until stopped; then close every connection (1001) and return."""
+        """Accept connections until stopped; then close every connection (1001), commit what
+        the accounting worker still holds, and return."""
+        loop = asyncio.get_running_loop()
+        billing = self.hub.billing
+        self.accounting = AccountingWorker(
+            billing.ledger, ReceiptLog(billing.ledger.path), self.identity,
+            lambda done: loop.call_soon_threadsafe(self._react, "committed", self.hub.committed,
+                                                   done))
+        self.accounting.start()
+        try:
+            await self._serve()
+        finally:
+            self._flush()
+            await asyncio.to_thread(self.accounting.stop)
+            self.accounting.log.close()
+
+    async def _serve(self) -> None:
         async with serve(
             self._handle, self.host, self.port, process_request=self._http,
             compression=None, max_size=self.max_message, ping_interval=PING_INTERVAL,
@@ -110,6 +128,7 @@ class GatewayServer:
         while True:
             await asyncio.sleep(1.0)
             self._react("sweep", self.hub.sweep)
+            self._flush(idle=True)  # also picks up an operator's mint while nothing runs
 
     async def _work_forever(self) -> None:
         """The hub's deferred bulk work (a long chain failing), a slice at a time, with every
@@ -210,12 +229,28 @@ class GatewayServer:
             ws.transport.abort()
 
     def _react(self, what: str, react: Any, *args: Any) -> None:
-        """Call the hub; a bug in handling one message is logged, and the connection lives on."""
+        """Call the hub; a bug in handling one message is logged, and the connection lives on.
+        The ledger work it decided goes to the accounting worker."""
         try:
             react(*args)
         except Exception:
             self.hub.counters.refused[p.ErrorCode.INTERNAL.value] += 1
             log.exception("internal error handling %s", what)
+        self._flush()
+
+    def _flush(self, idle: bool = False) -> None:
+        """Hand the core's journal to the accounting worker (an empty one too when ``idle``:
+        the worker then looks for movements written from outside)."""
+        accounts = self.hub.billing.accounts
+        if self.accounting is not None and (accounts.journal or idle):
+            self.accounting.submit(*accounts.take_journal())
+
+    async def _load(self, account: str) -> None:
+        """The account's books, read from the ledger (off the loop) the first time it is seen."""
+        accounts = self.hub.billing.accounts
+        if not accounts.loaded(account) and self.accounting is not None:
+            balance, earnings = await asyncio.wrap_future(self.accounting.load(account))
+            accounts.load(account, balance, earnings)
 
     async def _authenticate(self, ws: ServerConnection) -> p.Hello:
         nonce = secrets.token_bytes(32)
@@ -299,11 +334,18 @@ class GatewayServer:
         account = hello.key.hex()
         if not self.hub.may_attach(account, hello.session):
             raise p.ProtocolError(p.ErrorCode.AUTH, "that session belongs to another account")
+        await self._load(account)
+        cut = False
+        if hello.session not in self.hub.sessions:  # a restart may have cut it: ask the ledger
+            cut = await asyncio.to_thread(self.hub.billing.ledger.has_tasks_under,
+                                          f"{hello.session}/")
+        if not self.hub.may_attach(account, hello.session):  # raced while we waited
+            raise p.ProtocolError(p.ErrorCode.AUTH, "that session belongs to another account")
         # the welcome goes first: attaching flushes results that waited for this session
         out.send(p.encode(p.Welcome(account=account, session=hello.session,
                                     gateway=self.identity.public_bytes,
                                     max_message=self.max_message)))
-        session = self.hub.attach_client(account, hello.session, out.send)
+        session = self.hub.attach_client(account, hello.session, out.send, cut)
         try:
             async for msg, buffers in self._messages(ws, CLIENT_TYPES, out):
                 if isinstance(msg, p.Submit):
@@ -330,12 +372,12 @@ class GatewayServer:
     async def _serve_provider(self, ws: ServerConnection, hello: p.Hello, out: FrameWriter) -> None:
         assert hello.ad is not None
         account = hello.key.hex()
+        await self._load(account)
         conn = ProviderConn(id=self.hub.registry.free_id(hello.ad.name, account), account=account,
                             ad=hello.ad, send=out.send)
         out.send(p.encode(p.Welcome(account=conn.account, session=conn.id,
                                     gateway=self.identity.public_bytes,
                                     max_message=self.max_message)))
-        self.hub.billing.ledger.ensure_account(conn.account)
         self.hub.join_provider(conn)
         try:
             async for msg, buffers in self._messages(ws, PROVIDER_TYPES, out):

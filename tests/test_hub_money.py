@@ -15,6 +15,7 @@ restart on the same ledger, which needs no process to kill:
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from gateway.ledger import MICRO, Ledger, to_micro
 from gateway.registry import ProviderConn
 from gateway.sessions import ClientSession
 from provider.provider import local_runtime
+from tests.core_driver import Books
 
 FAUCET = 10 * MICRO
 CLIENT = "c" * 64
@@ -56,17 +58,33 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "ledger.sqlite"
 
 
-def gateway(db: Path) -> tuple[Hub, Ledger]:
+BOOKS: weakref.WeakKeyDictionary[Hub, Books] = weakref.WeakKeyDictionary()
+
+
+def gateway(db: Path, identity: Identity | None = None) -> tuple[Hub, Ledger]:
     ledger = Ledger(db, faucet_micro=FAUCET)
-    return Hub(Billing(ledger, Identity.generate())), ledger
+    hub = Hub(Billing(ledger, identity or Identity.generate()))
+    BOOKS[hub] = Books(hub)
+    return hub, ledger
+
+
+def commit(hub: Hub) -> None:
+    """The shell's turn ends: the accounting worker commits what the hub decided."""
+    BOOKS[hub].commit()
+
+
+def stop(hub: Hub, ledger: Ledger) -> None:
+    BOOKS.pop(hub).close()
+    ledger.close()
 
 
 @pytest.fixture
 def hub(db: Path) -> Iterator[Hub]:
     h, ledger = gateway(db)
     yield h
+    commit(h)
     ledger.check(live=h.live_escrows())
-    ledger.close()
+    stop(h, ledger)
 
 
 def provider(hub: Hub, name: str = "paid", price: float = 1.0, account: str = PROVIDER,
@@ -75,28 +93,30 @@ def provider(hub: Hub, name: str = "paid", price: float = 1.0, account: str = PR
     ad = p.ProviderAd(name=name, cpus=cpus, memory=2**30, runtime=local_runtime(),
                       prices={"cpu": price}, slots=cpus)
     conn = ProviderConn(id=f"{name}-{account[:8]}", account=account, ad=ad, send=peer.send)
-    hub.billing.ledger.ensure_account(account)
+    BOOKS[hub].load(account)
     hub.join_provider(conn)
     return conn, peer
 
 
 def client(hub: Hub, session: str = "s1") -> tuple[ClientSession, Peer]:
     peer = Peer()
-    return hub.attach_client(CLIENT, session, peer.send), peer
+    BOOKS[hub].load(CLIENT)
+    cut = hub.billing.ledger.has_tasks_under(f"{session}/")
+    return hub.attach_client(CLIENT, session, peer.send, cut), peer
 
 
 def submit(hub: Hub, session: ClientSession, key: str, **fields: object) -> None:
     spec = p.TaskSpec(key=key, func="f", nb=1, runtime=local_runtime(), **fields)
     hub.submit(session, p.Submit(tasks=[spec], funcs=["f"]),
                [memoryview(b"function"), memoryview(b"payload")])
+    commit(hub)
 
 
 def finish(hub: Hub, conn: ProviderConn, key: str, cpu: float = 0.0) -> None:
     hub.results(conn, p.Results(results=[p.Result(key=key, status="finished", nb=1,
                                                   usage={"cpu_seconds": cpu})]),
                 [memoryview(b"result")])
-    while hub.later:  # as the shell does: a paid result goes out once its leaf is logged
-        hub.work()
+    commit(hub)  # as the shell does: a paid result goes out once its leaf is committed
 
 
 def test_a_replica_that_cannot_be_funded_refuses_the_whole_task(hub: Hub) -> None:
@@ -115,6 +135,7 @@ def test_a_replica_that_cannot_be_funded_refuses_the_whole_task(hub: Hub) -> Non
         for task_id in list(conn.running):
             hub.results(conn, p.Results(results=[p.Result(key=task_id, status="cancelled")]),
                         [])
+    commit(hub)
     assert hub.billing.ledger.balance(CLIENT) == FAUCET
 
 
@@ -127,6 +148,7 @@ def test_a_vanished_providers_failure_costs_what_the_client_lost(hub: Hub) -> No
     a.assigned_at -= 2.0  # as if the gateway had seen it run for two seconds
     hub.heartbeat(conn, p.Heartbeat(usage={a.task_id: {"cpu_seconds": 1.5}}))
     hub.leave_provider(conn.id)
+    commit(hub)
     [failure] = peer.results()
     assert failure.error.type == "ProviderLost"
     lost = FAUCET - hub.billing.ledger.balance(CLIENT)
@@ -143,7 +165,7 @@ def test_a_resubmission_after_a_restart_is_not_charged_twice(db: Path) -> None:
     finish(first, conn, task.task_id, cpu=0.8)
     [done] = peer.results()
     assert to_micro(done.cost) == to_micro(0.8)
-    ledger.close()  # the gateway dies; the client never got that result
+    stop(first, ledger)  # the gateway dies; the client never got that result
 
     again, ledger = gateway(db)  # restarted on the same ledger
     try:
@@ -167,7 +189,7 @@ def test_a_resubmission_after_a_restart_is_not_charged_twice(db: Path) -> None:
         assert ledger.open_escrows() == {}
         ledger.check(live=())
     finally:
-        ledger.close()
+        stop(again, ledger)
 
 
 def test_balance_says_what_is_available_and_what_is_held(hub: Hub) -> None:

@@ -613,15 +613,26 @@ def test_any_usage_figure_settles_and_closes_the_escrow(tmp_path: Path,
                                                         usage: dict[str, float]) -> None:
     from gateway.billing import Billing
     from gateway.identity import Identity
+    from gateway.protocol import Runtime, TaskSpec
 
+    RUNTIME = Runtime(python="3.11", cloudpickle="3")  # noqa: N806
     with Ledger(tmp_path / "b.sqlite", faucet_micro=FAUCET) as ledger:
         billing = Billing(ledger, Identity.generate())
-        ledger.hold("t~1", "alice", MICRO)
+        for account in ("alice", "prov", "other"):  # what the shell loads before serving them
+            ledger.ensure_account(account)
+            billing.accounts.load(account, ledger.balance(account), 0)
+        assert billing.hold([("t~1", "alice", TaskSpec(key="t", func="f", nb=0,
+                                                       runtime=RUNTIME, budget=1.0))]) == [None]
         charge = billing.settle([("t~1", "prov", usage, {"cpu": 1.0, "memory": 1.0}, True)])[0]
         assert charge is not None and 0 <= charge.charged_micro <= MICRO
-        assert ledger.open_escrows() == {}
-        # a final settlement the ledger refuses (the escrow is already closed) closes nothing
+        # a final settlement the books refuse (the escrow is already closed) closes nothing
         # twice and answers with what the escrow charged
         again = billing.settle([("t~1", "other", {"cpu_seconds": 1.0}, {"cpu": 1.0}, True)])[0]
         assert again is not None and again.charged_micro == charge.charged_micro
+        # the journal, applied as the accounting worker does, leaves the same books on disk
+        _, ops = billing.accounts.take_journal()
+        assert ledger.apply(ops, seen=ledger.last_transfer()).failed == {}
+        assert ledger.open_escrows() == {}
+        assert ledger.balance("alice") == billing.accounts.balance("alice")
+        assert ledger.balance("prov") == billing.accounts.balance("prov")
         checked(ledger)

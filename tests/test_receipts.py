@@ -5,17 +5,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import queue
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 
+from gateway.accounting_worker import AccountingWorker
 from gateway.billing import Billing, Settled, Share
-from gateway.hub import Hub
 from gateway.identity import Identity
+from gateway.journal import Committed
 from gateway.ledger import Ledger
 from gateway.receipt_log import check_log_receipt
 from gateway.receipts import (
@@ -189,9 +191,27 @@ def billing(tmp_path: Path) -> Iterator[Billing]:
     ledger.close()
 
 
+@pytest.fixture
+def receipts_of(billing: Billing) -> Iterator[Callable[[list[Settled]], list[dict | None]]]:
+    """Log settlements as the gateway does: leaves queued by the core, committed and signed by
+    the real accounting worker in one group; each one's receipt, or None."""
+    answers: queue.Queue[Committed] = queue.Queue()
+    worker = AccountingWorker(billing.ledger, billing.log, GATEWAY, answers.put)
+    worker.start()
+
+    def log(settled: list[Settled]) -> list[dict | None]:
+        tokens = [billing.log_leaf(s, ()) for s in settled]
+        worker.submit(*billing.accounts.take_journal())
+        done = answers.get(timeout=30)
+        return [None if t is None else done.receipts.get(t) for t in tokens]
+
+    yield log
+    worker.stop()
+
+
 def test_a_batch_of_settlements_is_one_signed_head_and_each_receipt_verifies(
-        billing: Billing) -> None:
-    receipts = billing.receipts([_settled(i) for i in range(5)])
+        billing: Billing, receipts_of: Callable) -> None:
+    receipts = receipts_of([_settled(i) for i in range(5)])
     assert [r["index"] for r in receipts] == list(range(5))
     assert len({json.dumps(r["head"], sort_keys=True) for r in receipts}) == 1  # one signature
     assert len(billing.log.heads()) == 1
@@ -205,32 +225,31 @@ def test_a_batch_of_settlements_is_one_signed_head_and_each_receipt_verifies(
         assert (readable["amount_micro"], readable["provider"]) == (125, "p" * 64)
         assert dict(readable) == r and verify_receipt(readable, GATEWAY.account)
     assert not verify_receipt(receipts[0], Identity.generate().account)
-    assert billing.receipts([_settled(9)])[0]["head"]["size"] == 6  # the next batch extends it
+    assert receipts_of([_settled(9)])[0]["head"]["size"] == 6  # the next batch extends it
 
 
 def test_a_settlement_that_does_not_add_up_gets_no_receipt_and_spoils_no_other(
-        billing: Billing) -> None:
-    receipts = billing.receipts([_settled(0), _settled(1, fee_micro=13), _settled(2)])
+        receipts_of: Callable) -> None:
+    receipts = receipts_of([_settled(0), _settled(1, fee_micro=13), _settled(2)])
     assert receipts[1] is None
     assert [r["index"] for r in (receipts[0], receipts[2])] == [0, 1]
     assert all(verify_receipt(r, GATEWAY.account) for r in (receipts[0], receipts[2]))
 
 
 def test_a_log_edited_under_the_gateway_is_refused_and_results_still_go_out(
-        billing: Billing, tmp_path: Path) -> None:
-    billing.receipts([_settled(i) for i in range(4)])
+        billing: Billing, receipts_of: Callable, tmp_path: Path) -> None:
+    receipts_of([_settled(i) for i in range(4)])
     with contextlib.closing(sqlite3.connect(tmp_path / "ledger.sqlite")) as db:
         db.execute("UPDATE log_nodes SET hash = ? WHERE level = 2 AND idx = 0", (b"\0" * 32,))
         db.commit()  # the attack: rewrite history under a running gateway
-    assert billing.receipts([_settled(4), _settled(5)]) == [None, None]  # never a forked head
+    assert receipts_of([_settled(4), _settled(5)]) == [None, None]  # never a forked head
     assert billing.log.head().size == 4
 
 
 def test_a_hub_whose_log_refuses_to_sign_still_answers_every_result(tmp_path: Path) -> None:
-    from test_hub_money import client, finish, provider, submit  # the hub, driven as the shell
+    from test_hub_money import client, finish, gateway, provider, stop, submit  # as the shell
 
-    ledger = Ledger(tmp_path / "ledger.sqlite", faucet_micro=10_000_000)
-    hub = Hub(Billing(ledger, GATEWAY))
+    hub, ledger = gateway(tmp_path / "ledger.sqlite", GATEWAY)
     try:
         conn, _ = provider(hub)
         session, peer = client(hub)
@@ -252,4 +271,4 @@ def test_a_hub_whose_log_refuses_to_sign_still_answers_every_result(tmp_path: Pa
         ledger.check(live=())
     finally:
         hub.billing.log.close()
-        ledger.close()
+        stop(hub, ledger)
