@@ -40,7 +40,7 @@ from gateway.relay import Relay
 from gateway.scheduler import Scheduler, no_match_message, why_ineligible
 from gateway.sessions import ClientSession
 from gateway.standing import Standing
-from gateway.tasks import TERMINAL, Task, TaskState
+from gateway.tasks import ANSWERED, Task, TaskState
 from gateway.verify import Ballot, Decision, Verifier
 
 log = logging.getLogger(__name__)
@@ -284,9 +284,7 @@ class Hub:
         """Escrow ids of tasks still open here (on the gateway, or replicas whose ballots wait
         for their vote): ``Ledger.check(live=...)`` reports any other held escrow as stale."""
         live = {t.bill_id for t in self.tasks.values() if t.escrow_micro}
-        for vote in self.verifier.votes.values():
-            live.update(b.task.bill_id for b in vote.ballots if b.task.escrow_micro)
-        return live
+        return live | self.verifier.live_escrows()
 
     def _fundable_here(self, task: Task) -> bool:
         """Whether some provider online that fits the task would also take it for its escrow."""
@@ -376,18 +374,16 @@ class Hub:
         first = [self.tasks.get(f"{session.id}/{key}") for key in keys]
         for task in [t for f in first if f is not None for t in (f, *f.siblings)]:
             key = task.key
-            if task.state in TERMINAL:
+            if task.state in ANSWERED:
                 continue
-            self.verifier.of.pop(task.task_id, None)
+            self.verifier.forget(task)
             if task.state is TaskState.PENDING:
                 self.scheduler.discard(task)
                 if task.escrow_micro:  # a free task holds none: no ledger work at all
                     refunds.append(task.bill_id)
                 self._end(task, TaskState.CANCELLED)
             else:
-                task.cancelling = True
-                task.move(TaskState.CANCELLED)
-                self.counters.tasks[TaskState.CANCELLED.value] += 1
+                self._answered(task, TaskState.CANCELLING, TaskState.CANCELLED)
                 by_provider[task.provider].append(task)
             if task.replica == 0:
                 done.append((p.Result(key=key, status="cancelled", code="cancelled"), []))
@@ -461,10 +457,10 @@ class Hub:
             task = self.tasks.get(task_id)
             if task is None:
                 continue
-            if task.cancelling or task.state in TERMINAL:
-                if not task.billed and task.escrow_micro:
+            if task.state in ANSWERED:
+                if task.state is TaskState.CANCELLING and task.escrow_micro:
                     refunds.append(task.bill_id)  # paid up to its last reported usage
-                self._forget(task)
+                self._end(task)
                 continue
             lost += 1
             self._retry_or_fail(task, conn, f"provider {conn_id} was lost", fails)
@@ -488,7 +484,7 @@ class Hub:
         if task.attempts > task.spec.retries:
             msg = (f"{what} while running task {task.key}, {task.attempts} times in all "
                    f"(retries={task.spec.retries})")
-            if task.task_id in self.verifier.of:
+            if self.verifier.voting(task):
                 self._replica_lost(task, msg)
             else:
                 fails.append((task, p.ErrorCode.LOST, msg, "ProviderLost"))
@@ -517,14 +513,14 @@ class Hub:
             if result.usage:
                 task.usage = self._observed(task, conn, result.usage)
                 self.scheduler.observe(task.usage.get("wall_seconds", 0.0))
-            if task.task_id in self.verifier.of and not task.cancelling:
+            if self.verifier.voting(task) and task.state is TaskState.RUNNING:
                 self._vote(task, conn, result, bufs)
                 continue
             mine.append((task, result, bufs))
         for task, _, _ in mine:
-            if task.billed:  # stopped over budget: settled and answered already
-                self._forget(task)
-        mine = [m for m in mine if not m[0].billed]
+            if task.state is TaskState.STOPPING:  # settled (or refunded) and answered already
+                self._end(task)
+        mine = [m for m in mine if m[0].billable]
         funded = [t for t, _, _ in mine if t.escrow_micro]
         charges = dict(zip(map(id, funded), self.billing.settle(
             [(t.bill_id, conn.account, t.usage, conn.ad.prices, True) for t in funded]),
@@ -533,8 +529,8 @@ class Hub:
         for task, result, bufs in mine:
             charge = charges.get(id(task))
             cost = charge.cost if charge else 0.0
-            if task.cancelling:  # the client already has its answer; this was the final bill
-                self._forget(task)
+            if task.state is TaskState.CANCELLING:  # the client has its answer; the final bill
+                self._end(task)
                 if charge is not None:  # what the cancelled task cost in the end
                     self._send_events(task, p.Event(key=task.key, kind="usage",
                                                     usage=task.usage, cost=cost))
@@ -573,7 +569,7 @@ class Hub:
             if task is None or task.provider != conn.id:
                 self._dropped("event_not_assigned", event.key, conn)
                 continue
-            if task.state in TERMINAL:
+            if task.state in ANSWERED:
                 continue
             task.lease_until = now + self.limits.lease_seconds
             if event.kind == "running" and task.started is None:
@@ -593,13 +589,13 @@ class Hub:
             if task is None or task.provider != conn.id:
                 self._dropped("usage_not_assigned", task_id, conn)
                 continue
-            if task.state in TERMINAL or not usage:  # a cancelled one's final bill comes later
-                continue
+            if task.state is not TaskState.RUNNING or not usage:  # a cancelled one's final bill
+                continue  # comes with its result
             task.usage = self._observed(task, conn, usage)
             live.append(task)
-        voting = [t for t in live if t.task_id in self.verifier.of]
-        paying = [t for t in live if t.escrow_micro and not t.billed and not is_free(conn.ad)
-                  and t.task_id not in self.verifier.of]  # a free provider is never paid
+        voting = [t for t in live if self.verifier.voting(t)]
+        paying = [t for t in live if t.escrow_micro and not is_free(conn.ad)
+                  and not self.verifier.voting(t)]  # a free provider is never paid
         charges = dict(zip(map(id, paying), self.billing.settle(
             [(t.bill_id, conn.account, t.usage, conn.ad.prices, False) for t in paying]),
             strict=True))
@@ -616,13 +612,10 @@ class Hub:
     def _stop_over_budget(self, task: Task, conn: ProviderConn, cost: float) -> None:
         """The escrow is spent: kill the task and fail it, settled for good at the escrow (work
         past it is not paid), with the receipt of that settlement."""
-        task.cancelling = True
-        task.move(TaskState.ERROR)
-        self.counters.tasks[TaskState.ERROR.value] += 1
+        self._answered(task, TaskState.STOPPING, TaskState.ERROR)
         self.send_cancel(conn.id, [task])
         charge = self.billing.settle([(task.bill_id, conn.account, task.usage, conn.ad.prices,
                                        True)])[0]
-        task.billed = True
         if charge is not None:
             cost = charge.cost
         what = (f"its budget of {task.spec.budget:g} tokens" if task.spec.budget is not None
@@ -644,14 +637,11 @@ class Hub:
         replicas, ballots = self.verifier.abandon(task)
         by_provider: dict[str, list[Task]] = defaultdict(list)
         for replica in replicas:
-            replica.billed = True
             if replica.state is TaskState.PENDING:
                 self.scheduler.discard(replica)
                 self._end(replica, TaskState.ERROR)
             elif replica.state is TaskState.RUNNING:
-                replica.cancelling = True
-                replica.move(TaskState.ERROR)
-                self.counters.tasks[TaskState.ERROR.value] += 1
+                self._answered(replica, TaskState.STOPPING, TaskState.ERROR)
                 by_provider[replica.provider or ""].append(replica)
         self.billing.refund([t.bill_id for t in replicas] + [b.task.bill_id for b in ballots])
         for provider_id, tasks in by_provider.items():
@@ -745,13 +735,11 @@ class Hub:
         exactly what its balance lost."""
         by_provider: dict[str, list[Task]] = defaultdict(list)
         for sibling in decision.cancel:  # decided: the other replicas are not needed, nor paid
-            sibling.billed = True
             if sibling.state is TaskState.PENDING:
                 self.scheduler.discard(sibling)
                 self._end(sibling, TaskState.CANCELLED)
             elif sibling.state is TaskState.RUNNING:
-                sibling.cancelling = True
-                sibling.move(TaskState.CANCELLED)
+                self._answered(sibling, TaskState.STOPPING, TaskState.CANCELLED)
                 by_provider[sibling.provider or ""].append(sibling)
         self.billing.refund([t.bill_id for t in decision.cancel]
                             + [b.task.bill_id for b in decision.unpaid])
@@ -898,13 +886,13 @@ class Hub:
             if later > now:
                 self.deadlines.at(later, task.task_id, task.assignment, due.kind)
                 continue
-            if task.cancelling:
+            if task.state in ANSWERED:
                 if due.kind is Kind.TIMEOUT:
                     continue  # a cancelled task's slot is governed by the cancel grace
                 conn.running.discard(task.task_id)
-                if not task.billed and task.escrow_micro:
+                if task.state is TaskState.CANCELLING and task.escrow_micro:
                     refunds.append(task.bill_id)  # paid up to its last reported usage
-                self._forget(task)
+                self._end(task)
                 self.standing.lost(conn.account, "never reported a cancelled task", now)
                 continue
             conn.running.discard(task.task_id)
@@ -939,7 +927,7 @@ class Hub:
             self.standing.lost(conn.account, "held a task past its timeout")
             msg = (f"task {task.key} ran past its timeout of {task.spec.timeout:g} s; provider "
                    f"{conn.id} did not report it, so the gateway took it back")
-            if task.task_id in self.verifier.of:
+            if self.verifier.voting(task):
                 self._replica_lost(task, msg)
             else:
                 fails.append((task, p.ErrorCode.TIMEOUT, msg, "TimeoutError"))
@@ -1048,10 +1036,21 @@ class Hub:
             if session is not None:
                 self._send_results(session, results)
 
-    def _end(self, task: Task, state: TaskState) -> None:
-        task.move(state)
-        self.counters.tasks[state.value] += 1
+    def _end(self, task: Task, state: TaskState | None = None) -> None:
+        """The task ends in ``state`` (counted), or, if the client was answered already
+        (cancelling, stopping), in the ending it was told (counted then)."""
+        if task.state in (TaskState.CANCELLING, TaskState.STOPPING):
+            task.move(task.ending or TaskState.ERROR)
+        else:
+            assert state is not None
+            task.move(state)
+            self.counters.tasks[state.value] += 1
         self._forget(task)
+
+    def _answered(self, task: Task, waiting: TaskState, ending: TaskState) -> None:
+        """The client is answered (``ending``, counted now) while the provider still holds it."""
+        task.wait_for_provider(waiting, ending)
+        self.counters.tasks[ending.value] += 1
 
     def _forget(self, task: Task) -> None:
         if self.tasks.pop(task.task_id, None) is not None:
@@ -1117,18 +1116,16 @@ class Hub:
         """A live task whose escrow the ledger failed: stop it and fail it (its result, if one
         is waiting for a receipt, is failed by :meth:`committed`)."""
         task = self.tasks.get(escrow_id.split("~", 1)[0])
-        if task is None or task.bill_id != escrow_id or task.state in TERMINAL:
+        if task is None or task.bill_id != escrow_id or task.state in ANSWERED:
             return
         task.escrow_micro = 0  # closed by the recovery: nothing more to settle or refund
         if task.state is TaskState.RUNNING:
-            task.cancelling = True
-            task.move(TaskState.ERROR)
-            self.counters.tasks[TaskState.ERROR.value] += 1
+            self._answered(task, TaskState.STOPPING, TaskState.ERROR)
             self.send_cancel(task.provider or "", [task])
             self._send_results_to(task.session, [(_ledger_failure(task.key, why), [])])
             return
         self.scheduler.discard(task)
-        self.verifier.of.pop(task.task_id, None)
+        self.verifier.forget(task)
         self._end(task, TaskState.ERROR)
         self._send_results_to(task.session, [(_ledger_failure(task.key, why), [])])
 
