@@ -130,9 +130,9 @@ class Hub:
         self.tasks: dict[str, Task] = {}
         self.counters = Counters()
         self.scheduler.admits = self._may_place
-        #: Sessions that had escrows in the ledger when they (re)attached: a gateway restart
-        #: lost them, and their resubmitted tasks are checked for an earlier final settlement.
-        self._ledger_sessions: set[str] = set()
+        #: Per session a restart cut: its task ids settled for good before the restart (read
+        #: from the ledger by the shell at attach); resubmitted, they are charged nothing.
+        self._prepaid_ids: dict[str, set[str]] = {}
 
     # ------------------------------------------------------------------ clients
 
@@ -142,24 +142,26 @@ class Hub:
         return session is None or session.account == account
 
     def attach_client(self, account: str, session_id: str, send: p.Send,
-                      cut_by_restart: bool = False) -> ClientSession:
+                      prepaid: set[str] | None = None) -> ClientSession:
         """A client (re)connects; a known session gets what finished while it was away. The
-        shell loaded the account's books first, and says whether the ledger has escrows of this
-        session's (``cut_by_restart``: a gateway restart lost its tasks)."""
+        shell loaded the account's books first and, for a session new here, read from the
+        ledger which of its tasks were settled for good before a restart lost their results
+        (``prepaid``: resubmitted, they run again, charged nothing)."""
         session = self.sessions.get(session_id)
         if session is None or session.account != account:
             if session is not None:  # a forged or colliding session id: never hand it over
                 raise PermissionError("session belongs to another account")
             session = self.sessions[session_id] = ClientSession(id=session_id, account=account)
-            if cut_by_restart:
-                self._ledger_sessions.add(session_id)
+            if prepaid:
+                self._prepaid_ids[session_id] = set(prepaid)
         flushed = session.attach(send)
         if flushed:
             log.info("session %s resumed: %d waiting frames delivered", session_id, flushed)
         return session
 
-    def detach_client(self, session: ClientSession) -> None:
-        session.detach()
+    def detach_client(self, session: ClientSession, unsent: Sequence[p.Frame] = ()) -> None:
+        """The client's connection closed; ``unsent`` frames wait for its reconnect."""
+        session.detach(unsent)
 
     def submit(self, session: ClientSession, msg: p.Submit, buffers: Sequence[memoryview]) -> None:
         """Accept a batch of tasks; refuse single tasks with an error result, never the batch."""
@@ -274,11 +276,11 @@ class Hub:
 
     def _prepaid(self, session: ClientSession, tasks: list[Task]) -> set[str]:
         """Task ids of this batch whose earlier submission was settled for good (a restart lost
-        the result, the client resubmitted it): only looked up for sessions a restart cut (the
-        one read of the ledger file the core makes, once per such batch)."""
-        if session.id not in self._ledger_sessions or not tasks:
+        the result, the client resubmitted it): known for sessions a restart cut."""
+        settled = self._prepaid_ids.get(session.id)
+        if not settled or not tasks:
             return set()
-        return self.billing.ledger.settled_tasks({t.task_id for t in tasks})
+        return {t.task_id for t in tasks} & settled
 
     def live_escrows(self) -> set[str]:
         """Escrow ids of tasks still open here (on the gateway, or replicas whose ballots wait

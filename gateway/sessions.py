@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gateway.protocol import Frame, Send, frame_size
@@ -55,9 +56,12 @@ class ClientSession:
         self.outbox_bytes = 0
         return flushed
 
-    def detach(self) -> None:
+    def detach(self, unsent: Sequence[Frame] = ()) -> None:
+        """The connection is gone; ``unsent`` frames (its writer's queue) wait, first in line."""
         self.send_fn = None
         self.away_since = time.monotonic()
+        self.outbox.extendleft(reversed(unsent))
+        self.outbox_bytes += sum(frame_size(f) for f in unsent)
 
     def expired(self, now: float) -> bool:
         return self.away_since is not None and now - self.away_since > LINGER_SECONDS
