@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, defaultdict, deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -40,6 +40,7 @@ from gateway.relay import Relay
 from gateway.scheduler import Scheduler, no_match_message, why_ineligible
 from gateway.sessions import ClientSession
 from gateway.standing import Standing
+from gateway.task_table import TaskTable
 from gateway.tasks import ANSWERED, Task, TaskState
 from gateway.verify import Ballot, Decision, Verifier
 
@@ -105,8 +106,6 @@ class Hub:
                  names: Names | None = None) -> None:
         self.billing = billing
         self.limits = limits or Limits()
-        self.open_tasks: Counter[str] = Counter()  # by account
-        self.queued_bytes: Counter[str] = Counter()  # by account: payloads held here
         self.registry = Registry()
         self.graph = Graph()
         self.standing = Standing()
@@ -127,7 +126,7 @@ class Hub:
         self.sessions: dict[str, ClientSession] = {}
         self.relay = Relay(self.registry, self.graph, self.sessions, self._recompute)
         self.verifier = Verifier()
-        self.tasks: dict[str, Task] = {}
+        self.tasks = TaskTable()
         self.counters = Counters()
         self.scheduler.admits = self._may_place
         #: Per session a restart cut: its task ids settled for good before the restart (read
@@ -310,12 +309,7 @@ class Hub:
         return replicas
 
     def _admit(self, task: Task) -> None:
-        self.tasks[task.task_id] = task
-        self.open_tasks[task.account] += 1
-        self.queued_bytes[task.account] += task.payload_bytes
-        session = self.sessions.get(task.session)
-        if session is not None:
-            session.tasks.add(task.task_id)
+        self.tasks.admit(task)
 
     def _refusal(self, spec: p.TaskSpec, session: ClientSession, task_id: str,
                  funcs: dict[str, memoryview], batch: Batch) -> p.Result | None:
@@ -334,11 +328,11 @@ class Hub:
                            f"{fits} characters")
         if task_id in self.tasks or task_id in self.graph.nodes:
             return failure(spec.key, p.ErrorCode.SCHEMA, f"task key {spec.key!r} already in use")
-        if self.open_tasks[session.account] + batch.tasks >= self.limits.open_tasks:
+        if self.tasks.open_count(session.account) + batch.tasks >= self.limits.open_tasks:
             return failure(spec.key, p.ErrorCode.LIMIT,
                            f"this account already has {self.limits.open_tasks} open tasks, the "
                            f"gateway's cap; wait for some to finish, then submit again")
-        if self.queued_bytes[session.account] + batch.nbytes >= self.limits.queued_bytes:
+        if self.tasks.queued_bytes(session.account) + batch.nbytes >= self.limits.queued_bytes:
             return failure(spec.key, p.ErrorCode.LIMIT,
                            f"this account already has {self.limits.queued_bytes} bytes of "
                            f"arguments waiting on the gateway, its cap; wait, then submit again")
@@ -867,7 +861,7 @@ class Hub:
         for session in list(self.sessions.values()):
             if session.expired(now):
                 log.warning("session %s gone for good; cancelling its tasks", session.id)
-                self.cancel(session, [self.tasks[t].key for t in session.tasks if t in self.tasks])
+                self.cancel(session, self.tasks.keys_of_session(session.id))
                 del self.sessions[session.id]
         self._expire(now)
         self._recheck_slice(now)
@@ -1055,12 +1049,7 @@ class Hub:
         self.counters.tasks[ending.value] += 1
 
     def _forget(self, task: Task) -> None:
-        if self.tasks.pop(task.task_id, None) is not None:
-            self.open_tasks[task.account] -= 1
-            self.queued_bytes[task.account] -= task.payload_bytes
-        session = self.sessions.get(task.session)
-        if session is not None:
-            session.tasks.discard(task.task_id)
+        self.tasks.forget(task)
 
     def _send_results(self, session: ClientSession,
                       items: list[tuple[p.Result, list[memoryview]]]) -> None:
@@ -1069,8 +1058,7 @@ class Hub:
                                    [b for _, bufs in chunk for b in bufs])
             if not session.send(frame):
                 log.error("session %s: outbox over its bound; giving the session up", session.id)
-                self.cancel(session, [self.tasks[t].key for t in session.tasks
-                                      if t in self.tasks])
+                self.cancel(session, self.tasks.keys_of_session(session.id))
                 return
 
     def _send_results_to(self, session_id: str,

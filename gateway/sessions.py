@@ -28,7 +28,6 @@ class ClientSession:
     id: str
     account: str
     send_fn: Send | None = None
-    tasks: set[str] = field(default_factory=set)
     outbox: deque[Frame] = field(default_factory=deque)
     outbox_bytes: int = 0
     away_since: float | None = None
