@@ -29,6 +29,7 @@ from gateway.billing import (
     why_unaffordable,
 )
 from gateway.deadlines import TIMEOUT_GRACE, Deadlines, Due, Kind
+from gateway.delivery import Delivery
 from gateway.graph import Graph
 from gateway.journal import Committed
 from gateway.ledger import InsufficientFunds
@@ -59,11 +60,6 @@ START_GRACE = 10.0
 RECHECK_SLICE = 5_000
 #: Dependents of a failed graph task failed in one go; the rest wait for the next slice.
 FAIL_SLICE = 2_000
-#: Results per frame the gateway makes itself (failures of a whole chain, cancels).
-RESULTS_PER_FRAME = 1_000
-#: Bytes of error text per such frame: keeps its header far under the decoder's limit.
-RESULT_TEXT_PER_FRAME = 1024 * 1024
-
 
 def failure(key: str, code: p.ErrorCode, message: str, type_: str = "") -> p.Result:
     """A gateway-made error result; ``type_`` names the exception the client should raise."""
@@ -118,12 +114,11 @@ class Hub:
         #: Bulk work deferred in slices (the failures of a long chain); the shell calls
         #: :meth:`work` until it is empty, serving connections between slices, after ``wake``.
         self.later: deque[Callable[[], None]] = deque()
-        #: Results waiting for their settlement's leaf to be committed (by leaf token): session
-        #: id, result, buffers, and the escrows the leaf records.
-        self._unlogged: dict[int, tuple[str, p.Result, list[memoryview], tuple[str, ...]]] = {}
         self.wake: Callable[[], None] = lambda: None
         self._empty_since = time.monotonic()  # when the last provider left (or the start)
-        self.sessions: dict[str, ClientSession] = {}
+        self.delivery = Delivery(
+            lambda session: self.cancel(session, self.tasks.keys_of_session(session.id)))
+        self.sessions = self.delivery.sessions
         self.relay = Relay(self.registry, self.graph, self.sessions, self._recompute)
         self.verifier = Verifier()
         self.tasks = TaskTable()
@@ -765,9 +760,7 @@ class Hub:
                 [b.task.bill_id for b in paid])
 
     def _send_failure(self, task: Task, code: p.ErrorCode, message: str, type_: str) -> None:
-        session = self.sessions.get(task.session)
-        if session is not None:
-            self._send_results(session, [(failure(task.key, code, message, type_), [])])
+        self._send_results_to(task.session, [(failure(task.key, code, message, type_), [])])
 
     # ------------------------------------------------------------------ graphs
 
@@ -1051,21 +1044,11 @@ class Hub:
     def _forget(self, task: Task) -> None:
         self.tasks.forget(task)
 
-    def _send_results(self, session: ClientSession,
-                      items: list[tuple[p.Result, list[memoryview]]]) -> None:
-        for chunk in _frames_of(items):
-            frame = p.encode_parts(p.Results(results=[r for r, _ in chunk]),
-                                   [b for _, bufs in chunk for b in bufs])
-            if not session.send(frame):
-                log.error("session %s: outbox over its bound; giving the session up", session.id)
-                self.cancel(session, self.tasks.keys_of_session(session.id))
-                return
+    def _send_results(self, session: ClientSession, items: list[tuple[p.Result, list]]) -> None:
+        self.delivery.send(session, items)
 
-    def _send_results_to(self, session_id: str,
-                         items: list[tuple[p.Result, list[memoryview]]]) -> None:
-        session = self.sessions.get(session_id)
-        if session is not None:
-            self._send_results(session, items)
+    def _send_results_to(self, session_id: str, items: list[tuple[p.Result, list]]) -> None:
+        self.delivery.send_to(session_id, items)
 
     def _send_logged(self, session_id: str, result: p.Result, bufs: list[memoryview],
                      settled: Settled, escrows: Sequence[str]) -> None:
@@ -1076,7 +1059,7 @@ class Hub:
         if token is None:
             self._send_results_to(session_id, [(result, bufs)])
         else:
-            self._unlogged[token] = (session_id, result, bufs, tuple(escrows))
+            self.delivery.wait_for_receipt(token, session_id, result, bufs, escrows)
 
     def committed(self, done: Committed) -> None:
         """The accounting worker committed a group: results go out with their receipts. An
@@ -1087,20 +1070,9 @@ class Hub:
             accounts.undo(escrow_id)
             accounts.recover(escrow_id)
             self._ledger_failed(escrow_id, why)
-        out: dict[str, list[tuple[p.Result, list[memoryview]]]] = defaultdict(list)
-        for token in [t for t, w in self._unlogged.items() if set(w[3]) & done.failed.keys()]:
-            session_id, result, _, escrows = self._unlogged.pop(token)
-            why = next(done.failed[e] for e in escrows if e in done.failed)
-            out[session_id].append((_ledger_failure(result.key, why), []))
-        for token, receipt in done.receipts.items():
-            waiting = self._unlogged.pop(token, None)
-            if waiting is not None:
-                session_id, result, bufs, _ = waiting
-                out[session_id].append((replace(result, receipt=receipt), bufs))
         accounts.confirmed(done.seq)
         accounts.external(done.external)
-        for session_id, items in out.items():
-            self._send_results_to(session_id, items)
+        self.delivery.committed(done.receipts, done.failed, _ledger_failure)
 
     def _ledger_failed(self, escrow_id: str, why: str) -> None:
         """A live task whose escrow the ledger failed: stop it and fail it (its result, if one
@@ -1120,9 +1092,7 @@ class Hub:
         self._send_results_to(task.session, [(_ledger_failure(task.key, why), [])])
 
     def _send_events(self, task: Task, event: p.Event) -> None:
-        session = self.sessions.get(task.session)
-        if session is not None and session.connected:
-            session.send(p.encode(p.Events(events=[event])))
+        self.delivery.event(task.session, event)
 
     def gauges(self) -> dict[str, float]:
         running = sum(len(c.running) for c in self.registry)
@@ -1173,22 +1143,3 @@ def _vote_settled(win: Ballot, unpaid: Sequence[Ballot],
 
 #: A task the gateway fails itself: (task, code, message, exception type for the client).
 Failing = tuple[Task, p.ErrorCode, str, str]
-
-
-def _frames_of(items: list[tuple[p.Result, list[memoryview]]]
-               ) -> list[list[tuple[p.Result, list[memoryview]]]]:
-    """Results cut into frames of at most ``RESULTS_PER_FRAME`` results and about
-    ``RESULT_TEXT_PER_FRAME`` bytes of error text (a chain's failures share one long message)."""
-    if len(items) <= 1:
-        return [items]
-    out: list[list[tuple[p.Result, list[memoryview]]]] = [[]]
-    text = 0
-    for item in items:
-        err = item[0].error
-        size = len(err.message) + len(err.traceback) if err is not None else 0
-        if out[-1] and (len(out[-1]) >= RESULTS_PER_FRAME or text + size > RESULT_TEXT_PER_FRAME):
-            out.append([])
-            text = 0
-        out[-1].append(item)
-        text += size
-    return out

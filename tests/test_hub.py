@@ -21,13 +21,17 @@ gateway had seen it run for N seconds", so reported usage is believed.
 from __future__ import annotations
 
 import logging
+import math
 import re
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import gateway.escrow as escrow_module
 from gateway import protocol as p
@@ -523,3 +527,167 @@ def test_handshake_reaches_every_transition(caplog: pytest.LogCaptureFixture) ->
     table = {(ph.value, st_.value, new.value) for ph, steps in HANDSHAKE_TRANSITIONS.items()
              for st_, new in steps.items()}
     assert seen == table, table ^ seen
+
+
+# ---------------------------------------------------------------------- property: random traffic
+
+CLIENTS = (CLIENT, "f" * 64)
+#: name, account, price per CPU-second (0: a free provider)
+PROVIDERS = (("paid", "a" * 64, 1.0), ("cheap", "b" * 64, 0.25), ("free", "e" * 64, 0.0),
+             ("paid2", "9" * 64, 1.0))
+HOSTILE = (math.nan, math.inf, -math.inf, -1.0, 1e300, 0.0, 0.01, 0.4, 2.0, 30.0)
+
+submits = st.tuples(
+    st.just("submit"), st.integers(0, len(CLIENTS) - 1),
+    st.sampled_from([None, 0.0, 0.5, 1.0, 3.0, 9.0, 25.0]),  # budget (None: default escrow)
+    st.sampled_from([1, 1, 1, 2, 3]),  # redundancy
+    st.integers(0, 2),  # retries
+    st.sampled_from([None, None, 5.0]),  # timeout
+    st.sampled_from([{}, {}, {"cpus": 0}, {"cpus": 2}]))  # resources
+results = st.tuples(st.just("result"), st.integers(0, len(PROVIDERS) - 1), st.integers(0, 50),
+                    st.sampled_from(["finished", "finished", "error", "cancelled"]),
+                    st.sampled_from(HOSTILE), st.sampled_from([0.0, 1.0, 10.0]),
+                    st.booleans())  # the same bytes as other replicas, or its own
+heartbeats = st.tuples(st.just("heartbeat"), st.integers(0, len(PROVIDERS) - 1),
+                       st.integers(0, 50), st.sampled_from(HOSTILE),
+                       st.sampled_from([0.0, 1.0, 10.0, 100.0]),
+                       st.integers(1, 2))  # sent once or twice (a repeat)
+steps = st.one_of(
+    submits, submits, submits, results, results, results, heartbeats, heartbeats,
+    st.tuples(st.just("join"), st.integers(0, len(PROVIDERS) - 1)),
+    st.tuples(st.just("leave"), st.integers(0, len(PROVIDERS) - 1)),
+    st.tuples(st.just("cancel"), st.integers(0, len(CLIENTS) - 1), st.integers(0, 50)),
+    st.tuples(st.just("sweep"), st.sampled_from([0.0, 11.0, 31.0, 61.0, 200.0])),
+    st.tuples(st.just("commit")),
+)
+
+
+class Traffic:
+    """Random clients and providers on one world; checks the invariants as it goes."""
+
+    def __init__(self, w: World, online: list[bool]) -> None:
+        self.w = w
+        self.sessions = [w.client(f"s{i}", account) for i, account in enumerate(CLIENTS)]
+        self.keys: list[list[str]] = [[] for _ in CLIENTS]
+        self.conns: dict[int, ProviderConn] = {}
+        self.skew = 0.0  # how far the test's clock is ahead of the monotonic one
+        self.n = 0
+        for i, up in enumerate(online):
+            if up:
+                self.join(i)
+
+    def run(self, step: tuple) -> None:
+        getattr(self, step[0])(*step[1:])
+        self.check_states()
+
+    def submit(self, c: int, budget, redundancy, retries, timeout, resources) -> None:
+        session, _ = self.sessions[c]
+        self.n += 1
+        key = f"k{self.n}"
+        self.keys[c].append(key)
+        spec = p.TaskSpec(key=key, func="f", nb=1, runtime=local_runtime(), budget=budget,
+                          redundancy=redundancy, retries=retries, timeout=timeout,
+                          resources=resources)
+        self.w.hub.submit(session, p.Submit(tasks=[spec], funcs=["f"]),
+                          [memoryview(b"function"), memoryview(b"payload")])
+
+    def join(self, i: int) -> None:
+        if i not in self.conns:
+            name, account, price = PROVIDERS[i]
+            peer = Peer()
+            ad = p.ProviderAd(name=name, cpus=4, memory=2**30, runtime=local_runtime(),
+                              prices={"cpu": price}, slots=4)
+            conn = ProviderConn(id=f"{name}-{i}", account=account, ad=ad, send=peer.send)
+            self.w.books.load(account)  # as the shell does before attaching
+            self.w.hub.join_provider(conn)
+            self.conns[i] = conn
+
+    def leave(self, i: int) -> None:
+        conn = self.conns.pop(i, None)
+        if conn is not None:
+            self.w.hub.leave_provider(conn.id)
+
+    def _held(self, i: int, pick: int):
+        conn = self.conns.get(i)
+        if conn is None or not conn.running:
+            return conn, None
+        task_id = sorted(conn.running)[pick % len(conn.running)]
+        return conn, self.w.hub.tasks.get(task_id)
+
+    def result(self, i: int, pick: int, status: str, cpu: float, ran: float,
+               agree: bool) -> None:
+        conn, task = self._held(i, pick)
+        if task is None:
+            return
+        if ran and task.assigned_at is not None:
+            ran_for(task, ran)
+        nb = 1 if status == "finished" else 0
+        error = None if nb else p.RemoteFailure(type="ValueError", module="m", message="x")
+        result = p.Result(key=task.task_id, status=status, nb=nb, error=error,
+                          usage={"cpu_seconds": cpu, "wall_seconds": cpu})
+        body = b"result" if agree else conn.id.encode()
+        self.w.hub.results(conn, p.Results(results=[result]), [memoryview(body)] * nb)
+
+    def heartbeat(self, i: int, pick: int, cpu: float, ran: float, times: int) -> None:
+        conn, task = self._held(i, pick)
+        if conn is None:
+            return
+        usage = {"cpu_seconds": cpu, "memory_gib_seconds": cpu}
+        key = task.task_id if task is not None else "s0/not-mine"
+        if task is not None and ran and task.assigned_at is not None:
+            ran_for(task, ran)
+        for _ in range(times):
+            self.w.hub.heartbeat(conn, p.Heartbeat(usage={key: usage}))
+
+    def cancel(self, c: int, pick: int) -> None:
+        if self.keys[c]:
+            session, _ = self.sessions[c]
+            self.w.hub.cancel(session, [self.keys[c][pick % len(self.keys[c])]])
+
+    def sweep(self, advance: float) -> None:
+        self.skew += advance
+        self.w.hub.sweep(time.monotonic() + self.skew)
+
+    def commit(self) -> None:
+        self.w.agree()
+
+    def check_states(self) -> None:
+        for task in self.w.hub.tasks.values():
+            assert task.state in TRANSITIONS
+            assert task.state not in (R.FINISHED, R.ERROR, R.CANCELLED), task
+
+    def finish(self) -> None:
+        """Every provider leaves; sweeps pass every grace: every key has one answer."""
+        for i in list(self.conns):
+            self.leave(i)
+        self.w.commit()
+        for _ in range(3):
+            self.sweep(1000.0)
+            self.w.commit()
+        self.w.agree()
+        assert not self.w.hub.tasks.values(), self.w.hub.tasks.values()
+        assert self.w.ledger.open_escrows() == {}
+        assert not self.w.hub.billing.accounts.open_escrows()
+        assert not self.w.hub.live_escrows()
+        for c, (_, peer) in enumerate(self.sessions):
+            answers = Counter(r.key for r in peer.results())
+            assert all(r.status in FINAL for r in peer.results())
+            missing = [k for k in self.keys[c] if answers[k] != 1]
+            assert not missing, {k: answers[k] for k in missing}
+            assert set(answers) == set(self.keys[c])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.booleans(), min_size=len(PROVIDERS), max_size=len(PROVIDERS)),
+       st.lists(steps, min_size=5, max_size=50))
+def test_random_traffic_keeps_the_books_and_answers_every_key_once(
+        online: list[bool], run: list[tuple]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        w = World(Path(tmp) / "ledger.sqlite")
+        try:
+            traffic = Traffic(w, online)
+            for step in run:
+                traffic.run(step)
+            traffic.finish()
+        finally:
+            w.close()
