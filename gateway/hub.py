@@ -26,10 +26,10 @@ from gateway.billing import (
     is_free,
     price_micro,
     result_hash,
-    why_unaffordable,
 )
 from gateway.deadlines import TIMEOUT_GRACE, Deadlines, Due, Kind
 from gateway.delivery import Delivery
+from gateway.funding import Funding
 from gateway.graph import Graph
 from gateway.journal import Committed
 from gateway.ledger import InsufficientFunds
@@ -123,10 +123,8 @@ class Hub:
         self.verifier = Verifier()
         self.tasks = TaskTable()
         self.counters = Counters()
-        self.scheduler.admits = self._may_place
-        #: Per session a restart cut: its task ids settled for good before the restart (read
-        #: from the ledger by the shell at attach); resubmitted, they are charged nothing.
-        self._prepaid_ids: dict[str, set[str]] = {}
+        self.funding = Funding(billing, self.registry)
+        self.scheduler.admits = self.funding.may_place
 
     # ------------------------------------------------------------------ clients
 
@@ -146,8 +144,7 @@ class Hub:
             if session is not None:  # a forged or colliding session id: never hand it over
                 raise PermissionError("session belongs to another account")
             session = self.sessions[session_id] = ClientSession(id=session_id, account=account)
-            if prepaid:
-                self._prepaid_ids[session_id] = set(prepaid)
+            self.funding.settled_before(session_id, prepaid or set())
         flushed = session.attach(send)
         if flushed:
             log.info("session %s resumed: %d waiting frames delivered", session_id, flushed)
@@ -178,7 +175,7 @@ class Hub:
                 batch.add(spec, payload)
                 accepted += self._replicas(Task(spec, session.account, session.id,
                                                 funcs[spec.func], payload))
-        holds = self._fund(session, accepted)
+        holds = self.funding.fund(session.id, accepted)
         failed = {t.task_id: why for t, why in zip(accepted, holds, strict=True) if why}
         unfunded: list[str] = []
         for task, why in zip(accepted, holds, strict=True):
@@ -213,84 +210,11 @@ class Hub:
 
     # ------------------------------------------------------------------ escrow
 
-    def _fund(self, session: ClientSession, tasks: list[Task]) -> list[Exception | None]:
-        """Hold escrow for accepted tasks by the money rule, in one transaction; returns None or
-        why, per task. A task that can only land on free providers holds none (and writes
-        nothing to the ledger); one that may land on a priced provider holds its escrow, or,
-        if the account cannot fund it and a free provider fits, runs on free ones only. A task
-        already settled for good before a gateway restart lost its result holds none either."""
-        out: list[Exception | None] = [None] * len(tasks)
-        prepaid = self._prepaid(session, tasks)
-        plans: dict[tuple, str | Exception] = {}
-        holding: dict[int, str] = {}  # index -> its plan, "hold" or "try"
-        for i, task in enumerate(tasks):
-            if prepaid and {task.task_id, *(s.task_id for s in task.siblings)} & prepaid:
-                task.prepaid = True
-                continue
-            spec, escrow = task.spec, self.billing.escrow_for(task.spec)
-            sig = (tuple(spec.providers or ()), spec.runtime,
-                   tuple(sorted(spec.resources.items())), spec.max_price, escrow)
-            plan = plans.get(sig)
-            if plan is None:
-                plan = plans[sig] = self._plan(task, escrow)
-            if isinstance(plan, Exception):
-                out[i] = plan
-            elif plan != "free":
-                task.escrow_micro = escrow
-                holding[i] = plan
-        holds = self.billing.hold([(tasks[i].bill_id, tasks[i].account, tasks[i].spec)
-                                   for i in holding])
-        for (i, plan), why in zip(holding.items(), holds, strict=True):
-            if why is None:
-                continue
-            tasks[i].escrow_micro = 0  # unfunded: runs on free providers only, or not at all
-            free_only = plan == "try" and isinstance(why, InsufficientFunds)
-            if not free_only or tasks[i].siblings:  # replicas are funded all alike, or refused
-                out[i] = why
-        return out
-
-    def _plan(self, task: Task, escrow: int) -> str | Exception:
-        """``"free"`` (hold nothing), ``"hold"`` (escrow needed), ``"try"`` (hold if the account
-        can, else run free-only), or why no online provider that fits would ever be paid."""
-        spec = task.spec
-        fits = [c for c in self.registry if why_ineligible(spec, task.account, c) is None]
-        if not fits:  # nobody online yet: hold if it can, so a priced provider may take it
-            return "try" if escrow else "free"
-        paid = any(not is_free(c.ad) and why_unaffordable(escrow, spec, c.ad) is None
-                   for c in fits)
-        free = any(is_free(c.ad) for c in fits)
-        if paid:
-            return "try" if free else "hold"
-        if free:
-            return "free"
-        reasons = "; ".join(f"{c.id}: {why_unaffordable(escrow, spec, c.ad)}" for c in fits[:5])
-        return Unfundable(f"task {spec.key} would run only on priced providers, and none of them "
-                          f"could be paid from it ({reasons}); raise budget= (or give max_price= "
-                          f"with timeout=), ask for cpus >= 1, or pin a free provider")
-
-    def _prepaid(self, session: ClientSession, tasks: list[Task]) -> set[str]:
-        """Task ids of this batch whose earlier submission was settled for good (a restart lost
-        the result, the client resubmitted it): known for sessions a restart cut."""
-        settled = self._prepaid_ids.get(session.id)
-        if not settled or not tasks:
-            return set()
-        return {t.task_id for t in tasks} & settled
-
     def live_escrows(self) -> set[str]:
         """Escrow ids of tasks still open here (on the gateway, or replicas whose ballots wait
         for their vote): ``Ledger.check(live=...)`` reports any other held escrow as stale."""
         live = {t.bill_id for t in self.tasks.values() if t.escrow_micro}
         return live | self.verifier.live_escrows()
-
-    def _fundable_here(self, task: Task) -> bool:
-        """Whether some provider online that fits the task would also take it for its escrow."""
-        return any(why_ineligible(task.spec, task.account, c) is None and self._may_place(task, c)
-                   for c in self.registry)
-
-    def _may_place(self, task: Task, conn: ProviderConn) -> bool:
-        """The scheduler's money rule: a priced provider takes a task only if its escrow pays
-        for one billing interval there (a prepaid rerun pays nobody and goes anywhere)."""
-        return task.prepaid or why_unaffordable(task.escrow_micro, task.spec, conn.ad) is None
 
     def _replicas(self, task: Task) -> list[Task]:
         """``redundancy=k``: k replicas of the task, each knowing its siblings."""
@@ -965,7 +889,7 @@ class Hub:
         why = None if online else "no provider is online"
         if online:
             why = no_match_message(task.spec, task.account, self.registry)
-            if why is None and not self._fundable_here(task):
+            if why is None and not self.funding.fundable_here(task):
                 why = (f"task {task.key} holds too little escrow for the priced providers online "
                        f"(budget=0, cpus=0 or a budget under one billing interval run on free "
                        f"providers only), and no free provider that fits is online")

@@ -535,7 +535,7 @@ CLIENTS = (CLIENT, "f" * 64)
 #: name, account, price per CPU-second (0: a free provider)
 PROVIDERS = (("paid", "a" * 64, 1.0), ("cheap", "b" * 64, 0.25), ("free", "e" * 64, 0.0),
              ("paid2", "9" * 64, 1.0))
-HOSTILE = (math.nan, math.inf, -math.inf, -1.0, 1e300, 0.0, 0.01, 0.4, 2.0, 30.0)
+HOSTILE = (0.0, 0.01, 0.4, 2.0, 30.0, math.nan, math.inf, -math.inf, -1.0, 1e300)
 
 submits = st.tuples(
     st.just("submit"), st.integers(0, len(CLIENTS) - 1),
@@ -544,19 +544,19 @@ submits = st.tuples(
     st.integers(0, 2),  # retries
     st.sampled_from([None, None, 5.0]),  # timeout
     st.sampled_from([{}, {}, {"cpus": 0}, {"cpus": 2}]))  # resources
-results = st.tuples(st.just("result"), st.integers(0, len(PROVIDERS) - 1), st.integers(0, 50),
+results = st.tuples(st.just("result"), st.integers(0, len(PROVIDERS) - 1), st.integers(0, 99),
                     st.sampled_from(["finished", "finished", "error", "cancelled"]),
                     st.sampled_from(HOSTILE), st.sampled_from([0.0, 1.0, 10.0]),
                     st.booleans())  # the same bytes as other replicas, or its own
 heartbeats = st.tuples(st.just("heartbeat"), st.integers(0, len(PROVIDERS) - 1),
-                       st.integers(0, 50), st.sampled_from(HOSTILE),
+                       st.integers(0, 99), st.sampled_from(HOSTILE),
                        st.sampled_from([0.0, 1.0, 10.0, 100.0]),
                        st.integers(1, 2))  # sent once or twice (a repeat)
 steps = st.one_of(
     submits, submits, submits, results, results, results, heartbeats, heartbeats,
     st.tuples(st.just("join"), st.integers(0, len(PROVIDERS) - 1)),
     st.tuples(st.just("leave"), st.integers(0, len(PROVIDERS) - 1)),
-    st.tuples(st.just("cancel"), st.integers(0, len(CLIENTS) - 1), st.integers(0, 50)),
+    st.tuples(st.just("cancel"), st.integers(0, len(CLIENTS) - 1), st.integers(0, 99)),
     st.tuples(st.just("sweep"), st.sampled_from([0.0, 11.0, 31.0, 61.0, 200.0])),
     st.tuples(st.just("commit")),
 )
@@ -608,11 +608,14 @@ class Traffic:
             self.w.hub.leave_provider(conn.id)
 
     def _held(self, i: int, pick: int):
-        conn = self.conns.get(i)
-        if conn is None or not conn.running:
-            return conn, None
-        task_id = sorted(conn.running)[pick % len(conn.running)]
-        return conn, self.w.hub.tasks.get(task_id)
+        """A task some provider holds (picked among all of them), or the provider ``i`` with
+        none (its reports name a task it does not hold)."""
+        held = sorted((conn.id, task_id) for conn in self.conns.values()
+                      for task_id in conn.running)
+        if not held:
+            return self.conns.get(i), None
+        conn_id, task_id = held[pick % len(held)]
+        return self.w.hub.registry.get(conn_id), self.w.hub.tasks.get(task_id)
 
     def result(self, i: int, pick: int, status: str, cpu: float, ran: float,
                agree: bool) -> None:
@@ -677,9 +680,10 @@ class Traffic:
             assert set(answers) == set(self.keys[c])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.booleans(), min_size=len(PROVIDERS), max_size=len(PROVIDERS)),
-       st.lists(steps, min_size=5, max_size=50))
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from([True, True, False]), min_size=len(PROVIDERS),
+                max_size=len(PROVIDERS)),
+       st.lists(steps, min_size=10, max_size=60))
 def test_random_traffic_keeps_the_books_and_answers_every_key_once(
         online: list[bool], run: list[tuple]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
@@ -691,3 +695,55 @@ def test_random_traffic_keeps_the_books_and_answers_every_key_once(
             traffic.finish()
         finally:
             w.close()
+
+
+# ---------------------------------------------------------------------- bugs the traffic found
+
+
+def test_an_unasked_cancelled_report_ends_the_task_once(world: World) -> None:
+    """A provider reports ``cancelled`` (a status the protocol allows) for a running task nobody
+    cancelled. Found by the random traffic: the hub raised ``TaskStateError`` (running ->
+    cancelled) after it had freed the slot, so the task stayed running, held by no provider,
+    its escrow held and its client unanswered, for good."""
+    conn, _ = world.provider("p1")
+    s, peer = world.client()
+    for key in ("k", "replicated"):
+        world.submit(s, key, budget=1.0)
+    world.provider("p2", account="b" * 64)
+    world.submit(s, "voted", budget=1.0, redundancy=2)
+    for key in ("k", "voted"):
+        t = world.task(s, key)
+        ran_for(t, 1.0)
+        world.report(world.providers[t.provider][0], t.task_id, "cancelled", cpu=0.5)
+    world.hub.sweep(time.monotonic() + 1000)
+    world.commit()
+    answers = Counter(r.key for r in peer.results())
+    assert answers["k"] == 1 and answers["voted"] <= 1
+    assert "s1/k" not in world.hub.tasks and "s1/k" not in conn.running
+
+
+def test_replicas_failed_while_pending_answer_once_and_free_the_ballots(world: World) -> None:
+    """Replicas of a vote that no online provider can take are failed by the re-check as if
+    they were plain tasks. Found by the random traffic: (1) each replica sends the client its
+    own answer for the one key; (2) a replica that had already voted keeps its escrow held
+    for good (the vote stays open; ``live_escrows`` keeps it out of the stale check)."""
+    cheap, _ = world.provider("cheap", price=0.25, account="b" * 64)
+    paid, _ = world.provider("paid", price=1.0, account="a" * 64)
+    s, peer = world.client()
+    world.submit(s, "half", budget=0.5, redundancy=2)  # 0.5 pays 1 s on cheap, not on paid
+    first, second = world.task(s, "half", 0), world.task(s, "half", 1)
+    assert first.provider == cheap.id and second.state is PENDING
+    world.report(cheap, first.task_id, cpu=0.0)  # its ballot: the vote waits for the other
+    world.submit(s, "lost", budget=1.0, redundancy=2, retries=1)  # runs on both
+    lost = [world.task(s, "lost", i) for i in range(2)]
+    assert {t.state for t in lost} == {RUNNING}
+    world.hub.leave_provider(cheap.id)  # both go: "lost" is retried (pending), twice
+    world.hub.leave_provider(paid.id)
+    world.commit()
+    assert {t.state for t in lost} == {PENDING}
+    world.hub.sweep(time.monotonic() + 1000)  # past every grace: what cannot run fails
+    world.commit()
+    answers = Counter(r.key for r in peer.results())
+    assert answers == {"half": 1, "lost": 1}, answers
+    assert world.ledger.open_escrows() == {}, "a ballot's escrow is held for a finished task"
+    assert not world.hub.verifier.votes
