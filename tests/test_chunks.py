@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
+import psutil
 import pytest
-from conftest import Gateway, start_gateway
+from conftest import _SEEN, REPO, Gateway, start_gateway, start_provider
 from fakes import FakeProvider, result_buffers
-from helpers import wait_for
+from helpers import spawn, wait_for
 
 from gateway import chunks
 from gateway import protocol as p
@@ -273,6 +274,48 @@ def test_an_item_receipt_verifies(client: Client) -> None:
         checked = verify_receipt(fut.receipt, client.gateway_key, result=fut.raw_buffers())
         assert checked == ("items" in leaf)  # a leaf without items cannot vouch for the bytes
     assert len({f.receipt["index"] for f in futures}) == 2  # one leaf per chunk
+
+
+def test_redundant_chunks_are_voted_on_whole(client: Client) -> None:
+    futures = client.map(picky, range(8), chunksize=4, redundancy=2)
+    for i, fut in enumerate(futures):
+        if i % 5 == 2:
+            with pytest.raises(ValueError, match=f"item {i}"):
+                fut.result(60)
+        else:
+            assert fut.result(60) == i * 10
+    leaf = decode_entry(futures[0].receipt["entry"])
+    assert len(leaf["providers"]) == 2  # both replicas of the chunk are in its one leaf
+
+
+def test_chunks_in_flight_are_submitted_again_after_a_gateway_restart(tmp_path: Path) -> None:
+    gw = start_gateway(tmp_path)
+    prov = start_provider(gw, tmp_path, "steady", cpus=2)
+    again: Gateway | None = None
+    try:
+        gw.wait_providers(1)
+        with Client(gw.url, home=tmp_path / "client", stream_output=False) as c:
+            if "chunks" not in c._link.welcome.features:
+                pytest.skip("this gateway does not run chunks yet")
+            futures = c.map(nap, [0.5] * 8, chunksize=2, retries=5)
+            wait_for(lambda: gw.health()["tasks"]["running"] >= 1, 30, "chunks running")
+            kids = psutil.Process(gw.proc.pid).children(recursive=True)
+            gw.proc.kill()  # a crash: the gateway forgets every chunk in flight
+            gw.proc.wait(10)
+            for kid in kids:
+                kid.kill()
+            cmd = [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port",
+                   str(gw.port), "--db", str(tmp_path / "ledger.sqlite"), "--faucet", "1000",
+                   "--local-providers", "0"]
+            proc = spawn(cmd, gw.home, tmp_path / "gateway-again.log", REPO)
+            _SEEN.append(psutil.Process(proc.pid))
+            again = Gateway(proc, gw.port, gw.home, tmp_path / "gateway-again.log")
+            again.wait_providers(1)
+            assert c.gather(futures) == [0.5] * 8
+    finally:
+        prov.stop()
+        (again or gw).stop()
+        gw.stop()
 
 
 # --------------------------------------------------------------------------- attacks
