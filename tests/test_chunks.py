@@ -233,6 +233,17 @@ def test_an_item_that_raises_raises_its_own_error_and_the_others_succeed(
             assert fut.result(60) == i * 10
 
 
+def shout(x: int) -> int:
+    raise ValueError(f"item {x}: " + "x" * 5000)
+
+
+def test_items_that_all_raise_long_errors_each_get_theirs_clipped(client: Client) -> None:
+    futures = client.map(shout, range(2000), chunksize=256)
+    for i, fut in enumerate(futures):
+        exc = fut.exception(120)
+        assert isinstance(exc, ValueError) and str(exc).startswith(f"item {i}: xxx")
+
+
 def test_a_cancelled_item_is_cancelled_and_the_rest_of_its_chunk_runs(client: Client) -> None:
     futures = client.map(nap, [0.3] * 4, chunksize=4)
     assert futures[1].cancel()
