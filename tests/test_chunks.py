@@ -222,6 +222,12 @@ def test_a_map_of_2000_items_in_auto_chunks_returns_every_item_in_order(
     assert all(f.status == "finished" and f.provider for f in futures)
 
 
+def test_an_items_own_keys_stay_its_own_even_at_the_longest(client: Client) -> None:
+    keys = [f"{'k' * 232}{i:04d}" for i in range(6)]  # the longest the gateway takes
+    futures = client.map(inc, range(6), key=keys, chunksize=3)
+    assert [f.key for f in futures] == keys and client.gather(futures) == [1, 2, 3, 4, 5, 6]
+
+
 def test_an_item_that_raises_raises_its_own_error_and_the_others_succeed(
         client: Client) -> None:
     futures = client.map(picky, range(20), chunksize=10)
