@@ -192,8 +192,9 @@ def test_an_item_receipt_proves_the_items_bytes_in_a_real_log(tmp_path: Path) ->
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    # the default escrow is per item: a 2,000-item map without a budget holds 2,000 tokens
     gateway = start_gateway(tmp_path_factory.mktemp("chunks"), local_providers=2,
-                            extra=("--local-price-cpu", "0.001"))
+                            extra=("--local-price-cpu", "0.001", "--faucet", "100000"))
     yield gateway
     gateway.stop()
 
