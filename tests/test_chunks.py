@@ -41,6 +41,7 @@ from gateway.receipt_log import (
 )
 from notebook_ext import Client, verify_receipt
 from notebook_ext.futures import split_micro
+from provider.pool import _manifest
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tasks are defined here
 
@@ -147,6 +148,41 @@ def test_item_costs_split_in_micro_tokens_add_up() -> None:
     parts = split_micro(0.000107, 4)
     assert sum(round(c * 1e6) for c in parts) == 107
     assert max(parts) - min(parts) <= 1e-6 + 1e-12
+
+
+def test_the_worker_runs_every_item_and_an_items_exception_is_its_own() -> None:
+    from notebook_ext.serialize import dumps_args
+    from provider.worker import Worker
+
+    args = [dumps_args((i,), {}) for i in range(6)]
+    payload = [memoryview(b) for a in args for b in a]
+    out = Worker._run_chunk(picky, [len(a) for a in args], payload, None)
+    parts, failed, errors = _manifest([memoryview(b) for b in out], 6)
+    assert failed == [2] and errors[0]["type"] == "ValueError" and parts[2] == 0
+    assert "item 2 is not welcome" in errors[0]["message"]
+    values, pos = [], 1
+    for n in parts:
+        values.append(cloudpickle.loads(out[pos], buffers=out[pos + 1:pos + n]) if n else None)
+        pos += n
+    assert values == [0, 10, None, 30, 40, 50]
+
+
+@pytest.mark.parametrize(("manifest", "buffers", "why"), [
+    ({"parts": [1, 1], "failed": [], "errors": []}, 2, "describe its 3 items"),
+    ({"parts": [1, 1, 1], "failed": [], "errors": []}, 2, "describe its 3 items"),
+    ({"parts": [1, 0, 1], "failed": [1, 1], "errors": [{}, {}]}, 2, "failed items wrongly"),
+    ({"parts": [1, 1, 0], "failed": [1], "errors": [{"type": "E"}]}, 2, "failed items wrongly"),
+    ({"parts": [1, 1, 0], "failed": [2], "errors": [{"type": 5}]}, 2, "not text"),
+    ([1, 2, 3], 0, "not a map"),
+])
+def test_a_task_process_lying_in_its_chunk_manifest_breaks_its_channel(
+        manifest: object, buffers: int, why: str) -> None:
+    import msgpack
+
+    from provider.channel import ChannelError
+
+    with pytest.raises(ChannelError, match=why):
+        _manifest([memoryview(msgpack.packb(manifest))] + [memoryview(b"r")] * buffers, 3)
 
 
 # --------------------------------------------------------------------------- item receipts
