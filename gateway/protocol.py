@@ -229,6 +229,13 @@ class Result(Record):
         """Items this result answers for: 0 for a plain task's (or a chunk's that did not run)."""
         return len(self.parts)
 
+    @property
+    def text_size(self) -> int:
+        """Characters of error text this result carries (its own and its items'): what makes
+        its share of a frame header large, for those who cut results into frames."""
+        return sum(len(e.type) + len(e.module) + len(e.message) + len(e.traceback)
+                   for e in (self.error, *self.errors) if e is not None)
+
     def problem(self) -> str | None:
         return item_outcomes_problem(self)
 

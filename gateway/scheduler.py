@@ -15,11 +15,21 @@ keeps its own place; it goes elsewhere when nobody else wants the room, or once 
 a fair round-robin about that many pass between two of its own). Homes are kept balanced (queued
 accounts per slot): an account moves home only where that evens the groups out, so each provider
 takes turns among about as many accounts as any other and every account keeps its fair share.
+
+Placement must not cost more with more providers online. Providers with room are kept in a heap by
+how loaded they are (the same order the cost function ranks them in), re-ranked only when their
+task set changes (the registry notes which), and rebuilt from scratch at most once a second (to
+pick up standing that changed with no task moving: a bench that ran out). A plain task looks at the
+top of the heap, its home and whoever it skipped, not at every provider; pinned tasks look at the
+providers they pin; graph tasks (data locality) and a fleet where the top ``PROVIDER_SCAN`` do not
+fit a task still score every provider.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 
@@ -55,9 +65,10 @@ def no_match_message(spec: TaskSpec, account: str, registry: Registry) -> str | 
     """Why no provider online can ever run the task, or None if one can (or none is online)."""
     if not len(registry):
         return None
+    candidates = registry.pinned(spec.providers) if spec.providers else registry
+    if any(why_ineligible(spec, account, p) is None for p in candidates):
+        return None  # the common case stops at the first provider that fits
     reasons = {p.ad.name: why_ineligible(spec, account, p) for p in registry}
-    if any(r is None for r in reasons.values()):
-        return None
     detail = "; ".join(f"{name}: {why}" for name, why in list(reasons.items())[:5])
     return (
         f"no online provider can run task {spec.key} ({detail}). Online runtimes: "
@@ -78,8 +89,16 @@ STALE_LIMIT = 50_000
 HOME_PATIENCE = 4.0
 #: Homes remembered (accounts with nothing queued included) before those without a queue go.
 HOMES_KEPT = 100_000
+#: Providers a plain task takes off the top of the load heap before it gives up on the heap and
+#: scores every provider (a fleet where most providers cannot run it).
+PROVIDER_SCAN = 64
+#: Seconds between rebuilds of the load heap from every provider online (standing may change
+#: with no task moving: an allowance that grew, a bench that ran out).
+REBUILD_SECONDS = 1.0
 
 Entry = tuple[int, Task]
+#: A provider in the load heap: its rank (``Scheduler._rank``) when pushed, and itself.
+Ranked = tuple[tuple[float, float, int], int, ProviderConn]
 
 
 class Scheduler:
@@ -114,6 +133,12 @@ class Scheduler:
         #: The money rule, set by the hub's billing: may this task be placed on that provider
         #: (a priced provider only takes a task whose escrow covers a billing interval there)?
         self.admits: Callable[[Task, ProviderConn], bool] = lambda task, provider: True
+        self._pushes = itertools.count()  # ties between two entries of one provider
+        self._heap: list[Ranked] = []  # providers with room, least loaded first (lazy: an
+        # entry whose rank is no longer the provider's own is skipped when it comes up)
+        self._rebuilt = float("-inf")
+        self._short: dict[str, set[str]] = {}  # account -> ids left out of the heap for the
+        # account's allowance: back in when any task of the account moves
 
     def __len__(self) -> int:
         return len(self._tokens)
@@ -178,14 +203,15 @@ class Scheduler:
         if not self._tokens:
             return []
         room = Room(self.registry, self.standing)
-        if not room.any():
+        self._refresh(room)
+        if not self._any_room(room):
             return []
         placed: list[tuple[ProviderConn, Task]] = []
         skipped: dict[str, list[Entry]] = {}
         active = list(self._turn)
         waiting: list[str] = []  # accounts whose home is full: they pass this round, in order
         stale = 0
-        while active and room.any():
+        while active and self._any_room(room):
             for account in list(active):
                 entry = self._next(account)
                 if entry is None:
@@ -215,6 +241,7 @@ class Scheduler:
                 self._forget(entry)
                 room.take(best, task)
                 best.running.add(task.task_id)
+                self._refresh(room)
                 placed.append((best, task))
                 self._move_home(account, best)
                 del self._turn[account]  # served: the others go first (it is queued, so in it)
@@ -264,26 +291,134 @@ class Scheduler:
 
     def _waits_for_home(self, task: Task, room: Room) -> bool:
         """Whether the task passes its turn: its account's home could run it but is full now
-        (and is not home to more accounts per slot than its share: those move out)."""
+        (and is not home to more accounts per slot than its share: those move out). Asked of
+        every queued account in every round: the cheap tests come first, eligibility and the
+        money rule only for an account that would otherwise wait."""
         home = self.registry.get(self._home.get(task.account, ""))
-        if (home is None or task.spec.deps is not None or home.id not in room.free
-                or room.fits(home, task) or not room.usable(home) or home.account in task.avoid
-                or why_ineligible(task.spec, task.account, home) is not None
-                or not self.admits(task, home)):
+        if (home is None or task.spec.deps is not None or room.fits(home, task)
+                or not room.usable(home) or home.account in task.avoid):
             return False
         share = -(-len(self._turn) * home.ad.slots // max(1, room.total_slots))  # rounded up
         if self._homed[home.id] > share:
             return False
         passed = self._placements - self._home_since.get(task.account, self._placements)
-        return passed < HOME_PATIENCE * len(self._turn)
+        if passed >= HOME_PATIENCE * len(self._turn):
+            return False
+        return (why_ineligible(task.spec, task.account, home) is None
+                and self.admits(task, home))
+
+    # ------------------------------------------------------------------ the load heap
+
+    def _rank(self, p: ProviderConn) -> tuple[float, float, int]:
+        """Where a provider stands for a plain task, best first: expected wait for a slot, then
+        the share of its capacity still free, then join order (the cost function's order)."""
+        queued = max(0, len(p.running) - p.ad.slots + 1) / p.ad.slots
+        return (queued, -p.free / p.capacity, self.registry.order.get(p.id, 0))
+
+    def _push(self, p: ProviderConn) -> None:
+        if p.free > 0:
+            heapq.heappush(self._heap, (self._rank(p), next(self._pushes), p))
+
+    def _refresh(self, room: Room) -> None:
+        """Re-rank the providers whose task set changed; rebuild the whole heap now and then
+        (and when stale entries pile up) from every provider online."""
+        now = time.monotonic()
+        if now - self._rebuilt >= REBUILD_SECONDS or len(self._heap) > 4 * len(self.registry) + 64:
+            self._rebuilt = now
+            self.registry.take_changed()
+            self._short.clear()
+            self._heap = [(self._rank(p), next(self._pushes), p) for p in self.registry
+                          if p.free > 0]
+            heapq.heapify(self._heap)
+            return
+        for p in self.registry.take_changed():
+            self._push(p)
+            for sid in self._short.pop(p.account, ()):  # the account's allowance moved
+                if (sibling := self.registry.get(sid)) is not None and sibling is not p:
+                    self._push(sibling)
+
+    def _current(self, ranked: Ranked) -> bool:
+        rank, _, p = ranked
+        return self.registry.get(p.id) is p and rank == self._rank(p)
+
+    def _has_room(self, p: ProviderConn, room: Room) -> bool:
+        """Whether ``p`` may take any task now; if not it leaves the heap (it comes back when its
+        account's tasks move, or at the next rebuild)."""
+        if p.free > 0 and room.usable(p) and room.account_room(p) > 0:
+            return True
+        if p.free > 0 and room.usable(p):
+            self._short.setdefault(p.account, set()).add(p.id)
+        return False
+
+    def _any_room(self, room: Room) -> bool:
+        """Whether some provider online has room (the heap's top, once cleaned)."""
+        while self._heap:
+            top = self._heap[0]
+            if self._current(top) and self._has_room(top[2], room):
+                return True
+            heapq.heappop(self._heap)
+        return False
+
+    # ------------------------------------------------------------------ choosing a provider
 
     def _best(self, task: Task, room: Room) -> ProviderConn | None:
         """The eligible provider with the lowest cost that has room for the task now; untried
         accounts first after a loss. A graph task waits for its best provider when that one is
         full (data locality), so it may get None although another provider has room."""
+        if task.spec.deps is not None:
+            return self._best_of(task, room, room.providers())
+        if task.spec.providers:
+            return self._best_of(task, room, self.registry.pinned(task.spec.providers))
+        candidates = self._from_heap(task, room)
+        if candidates is None:  # the top of the heap could not run it: look at everyone
+            return self._best_of(task, room, room.providers())
+        home = self.registry.get(self._home.get(task.account, ""))
+        if home is not None and home not in candidates:
+            candidates.append(home)
+        candidates.sort(key=lambda p: self.registry.order.get(p.id, 0))
+        return self._best_of(task, room, candidates)
+
+    def _from_heap(self, task: Task, room: Room) -> list[ProviderConn] | None:
+        """The best provider for a plain task by load (and the best of an account it already
+        tried, in case no other fits), from the top of the heap; None past ``PROVIDER_SCAN``
+        providers that could not run it."""
+        seen: list[Ranked] = []
+        found: list[ProviderConn] = []
+        tried: ProviderConn | None = None
+        ids: set[str] = set()
+        try:
+            while self._heap:
+                if len(seen) >= PROVIDER_SCAN:
+                    return None
+                ranked = heapq.heappop(self._heap)
+                p = ranked[2]
+                if p.id in ids or not self._current(ranked) or not self._has_room(p, room):
+                    continue  # a duplicate, stale, or no room: dropped
+                ids.add(p.id)
+                seen.append(ranked)
+                if not self._may_run(task, p, room):
+                    continue
+                if p.account not in task.tried:
+                    found.append(p)
+                    break
+                if tried is None:
+                    tried = p
+            return found + ([tried] if tried is not None else [])
+        finally:
+            for ranked in seen:
+                heapq.heappush(self._heap, ranked)
+
+    def _may_run(self, task: Task, p: ProviderConn, room: Room) -> bool:
+        """Whether a plain task may go to ``p`` now (eligible, paid for, room)."""
+        return (p.account not in task.avoid and room.usable(p) and room.fits(p, task)
+                and why_ineligible(task.spec, task.account, p) is None and self.admits(task, p))
+
+    def _best_of(self, task: Task, room: Room, providers: list[ProviderConn]
+                 ) -> ProviderConn | None:
+        """The cost function over ``providers`` (in join order): the lowest cost wins."""
         best, best_score = None, None
         graph_task = task.spec.deps is not None
-        for p in room.providers:
+        for p in providers:
             if p.account in task.avoid or why_ineligible(task.spec, task.account, p) is not None:
                 continue
             if not self.admits(task, p):
@@ -308,34 +443,46 @@ class Scheduler:
 
 
 class Room:
-    """What each provider (and each provider account) may still take in one placement round."""
+    """What each provider account may still take in one placement round. Built in O(1): a
+    provider's own room is read from its task set (placement adds to it as it goes), an
+    account's allowance is looked up the first time the round meets the account."""
 
     def __init__(self, registry: Registry, standing: Standing) -> None:
-        self.providers = list(registry)
+        self.registry = registry
         self.standing = standing
-        self.free = {p.id: p.free for p in self.providers}
-        self.slots = {p.id: p.ad.slots - len(p.running) for p in self.providers}
-        self.total_slots = sum(p.ad.slots for p in self.providers)
-        self.benched = {p.account for p in self.providers if standing.benched(p.account)}
-        self.account_free: dict[str, int] = {}
-        for p in self.providers:
-            if p.account not in self.account_free:
-                held = sum(len(c.running) for c in registry.of_account(p.account))
-                self.account_free[p.account] = standing.allowance(p.account) - held
+        self._benched: dict[str, bool] = {}
+        self._account_free: dict[str, int] = {}
+        self._providers: list[ProviderConn] | None = None
+
+    @property
+    def total_slots(self) -> int:
+        return self.registry.total_slots
+
+    def providers(self) -> list[ProviderConn]:
+        """Every provider online, in join order (for the passes that score them all)."""
+        if self._providers is None:
+            self._providers = list(self.registry)
+        return self._providers
 
     def usable(self, p: ProviderConn) -> bool:
-        return p.account not in self.benched
+        benched = self._benched.get(p.account)
+        if benched is None:
+            benched = self._benched[p.account] = self.standing.benched(p.account)
+        return not benched
+
+    def account_room(self, p: ProviderConn) -> int:
+        free = self._account_free.get(p.account)
+        if free is None:
+            held = sum(len(c.running) for c in self.registry.of_account(p.account))
+            free = self._account_free[p.account] = self.standing.allowance(p.account) - held
+        return free
 
     def fits(self, p: ProviderConn, task: Task) -> bool:
-        if self.free[p.id] <= 0 or self.account_free[p.account] <= 0:
+        if p.free <= 0 or self.account_room(p) <= 0:
             return False
-        return task.spec.timeout is None or self.slots[p.id] > 0
-
-    def any(self) -> bool:
-        return any(self.free[p.id] > 0 and self.account_free[p.account] > 0
-                   and p.account not in self.benched for p in self.providers)
+        return task.spec.timeout is None or p.ad.slots - len(p.running) > 0
 
     def take(self, p: ProviderConn, task: Task) -> None:
-        self.free[p.id] -= 1
-        self.slots[p.id] -= 1
-        self.account_free[p.account] -= 1
+        """``p`` takes ``task`` (its task set grows by it right after): the account's room
+        shrinks."""
+        self._account_free[p.account] = self.account_room(p) - 1

@@ -382,7 +382,10 @@ class Client:
         for start in range(0, len(items), size):
             group = futures[start:start + size]
             args = [dumps_args(item, kwargs) for item in items[start:start + size]]
-            chunk = Chunk(f"{keys[start]}~{len(group)}", func_hash, group)
+            chunk_key = f"{keys[start]}~{len(group)}"  # an item key of the user's, and more
+            if len(chunk_key) > 200:  # the gateway takes keys of up to 239 characters
+                chunk_key = f"chunk-{uuid.uuid4().hex}~{len(group)}"
+            chunk = Chunk(chunk_key, func_hash, group)
             spec, payload = self._chunk_task(chunk.key, func_hash, args, opts)
             if batch and (len(batch) >= MAP_BATCH or buffers + len(payload) > MAP_FRAME_BUFFERS):
                 self._send_chunks(batch, func_hash, blob)

@@ -49,7 +49,7 @@ OUTPUT_LIMIT = 1024 * 1024
 MAX_RESULT_BUFFERS = 4096
 #: Error text (message and traceback) one chunk's failed items may send in all: a chunk's
 #: result header must stay far under the protocol's header limit however many items raise.
-CHUNK_ERROR_CHARS = 512 * 1024
+CHUNK_ERROR_CHARS = 256 * 1024
 
 
 class Channel:

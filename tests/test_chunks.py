@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
+import psutil
 import pytest
-from conftest import Gateway, start_gateway
+from conftest import _SEEN, REPO, Gateway, start_gateway, start_provider
 from fakes import FakeProvider, result_buffers
-from helpers import wait_for
+from helpers import spawn, wait_for
 
 from gateway import chunks
 from gateway import protocol as p
@@ -40,6 +41,7 @@ from gateway.receipt_log import (
 )
 from notebook_ext import Client, verify_receipt
 from notebook_ext.futures import split_micro
+from provider.pool import _manifest
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tasks are defined here
 
@@ -148,6 +150,41 @@ def test_item_costs_split_in_micro_tokens_add_up() -> None:
     assert max(parts) - min(parts) <= 1e-6 + 1e-12
 
 
+def test_the_worker_runs_every_item_and_an_items_exception_is_its_own() -> None:
+    from notebook_ext.serialize import dumps_args
+    from provider.worker import Worker
+
+    args = [dumps_args((i,), {}) for i in range(6)]
+    payload = [memoryview(b) for a in args for b in a]
+    out = Worker._run_chunk(picky, [len(a) for a in args], payload, None)
+    parts, failed, errors = _manifest([memoryview(b) for b in out], 6)
+    assert failed == [2] and errors[0]["type"] == "ValueError" and parts[2] == 0
+    assert "item 2 is not welcome" in errors[0]["message"]
+    values, pos = [], 1
+    for n in parts:
+        values.append(cloudpickle.loads(out[pos], buffers=out[pos + 1:pos + n]) if n else None)
+        pos += n
+    assert values == [0, 10, None, 30, 40, 50]
+
+
+@pytest.mark.parametrize(("manifest", "buffers", "why"), [
+    ({"parts": [1, 1], "failed": [], "errors": []}, 2, "describe its 3 items"),
+    ({"parts": [1, 1, 1], "failed": [], "errors": []}, 2, "describe its 3 items"),
+    ({"parts": [1, 0, 1], "failed": [1, 1], "errors": [{}, {}]}, 2, "failed items wrongly"),
+    ({"parts": [1, 1, 0], "failed": [1], "errors": [{"type": "E"}]}, 2, "failed items wrongly"),
+    ({"parts": [1, 1, 0], "failed": [2], "errors": [{"type": 5}]}, 2, "not text"),
+    ([1, 2, 3], 0, "not a map"),
+])
+def test_a_task_process_lying_in_its_chunk_manifest_breaks_its_channel(
+        manifest: object, buffers: int, why: str) -> None:
+    import msgpack
+
+    from provider.channel import ChannelError
+
+    with pytest.raises(ChannelError, match=why):
+        _manifest([memoryview(msgpack.packb(manifest))] + [memoryview(b"r")] * buffers, 3)
+
+
 # --------------------------------------------------------------------------- item receipts
 
 
@@ -191,8 +228,9 @@ def test_an_item_receipt_proves_the_items_bytes_in_a_real_log(tmp_path: Path) ->
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    # the default escrow is per item: a 2,000-item map without a budget holds 2,000 tokens
     gateway = start_gateway(tmp_path_factory.mktemp("chunks"), local_providers=2,
-                            extra=("--local-price-cpu", "0.001"))
+                            extra=("--local-price-cpu", "0.001", "--faucet", "100000"))
     yield gateway
     gateway.stop()
 
@@ -221,6 +259,12 @@ def test_a_map_of_2000_items_in_auto_chunks_returns_every_item_in_order(
     assert all(f.status == "finished" and f.provider for f in futures)
 
 
+def test_an_items_own_keys_stay_its_own_even_at_the_longest(client: Client) -> None:
+    keys = [f"{'k' * 232}{i:04d}" for i in range(6)]  # the longest the gateway takes
+    futures = client.map(inc, range(6), key=keys, chunksize=3)
+    assert [f.key for f in futures] == keys and client.gather(futures) == [1, 2, 3, 4, 5, 6]
+
+
 def test_an_item_that_raises_raises_its_own_error_and_the_others_succeed(
         client: Client) -> None:
     futures = client.map(picky, range(20), chunksize=10)
@@ -230,6 +274,17 @@ def test_an_item_that_raises_raises_its_own_error_and_the_others_succeed(
                 fut.result(60)
         else:
             assert fut.result(60) == i * 10
+
+
+def shout(x: int) -> int:
+    raise ValueError(f"item {x}: " + "x" * 5000)
+
+
+def test_items_that_all_raise_long_errors_each_get_theirs_clipped(client: Client) -> None:
+    futures = client.map(shout, range(2000), chunksize=256)
+    for i, fut in enumerate(futures):
+        exc = fut.exception(120)
+        assert isinstance(exc, ValueError) and str(exc).startswith(f"item {i}: xxx")
 
 
 def test_a_cancelled_item_is_cancelled_and_the_rest_of_its_chunk_runs(client: Client) -> None:
@@ -273,6 +328,48 @@ def test_an_item_receipt_verifies(client: Client) -> None:
         checked = verify_receipt(fut.receipt, client.gateway_key, result=fut.raw_buffers())
         assert checked == ("items" in leaf)  # a leaf without items cannot vouch for the bytes
     assert len({f.receipt["index"] for f in futures}) == 2  # one leaf per chunk
+
+
+def test_redundant_chunks_are_voted_on_whole(client: Client) -> None:
+    futures = client.map(picky, range(8), chunksize=4, redundancy=2)
+    for i, fut in enumerate(futures):
+        if i % 5 == 2:
+            with pytest.raises(ValueError, match=f"item {i}"):
+                fut.result(60)
+        else:
+            assert fut.result(60) == i * 10
+    leaf = decode_entry(futures[0].receipt["entry"])
+    assert len(leaf["providers"]) == 2  # both replicas of the chunk are in its one leaf
+
+
+def test_chunks_in_flight_are_submitted_again_after_a_gateway_restart(tmp_path: Path) -> None:
+    gw = start_gateway(tmp_path)
+    prov = start_provider(gw, tmp_path, "steady", cpus=2)
+    again: Gateway | None = None
+    try:
+        gw.wait_providers(1)
+        with Client(gw.url, home=tmp_path / "client", stream_output=False) as c:
+            if "chunks" not in c._link.welcome.features:
+                pytest.skip("this gateway does not run chunks yet")
+            futures = c.map(nap, [0.5] * 8, chunksize=2, retries=5)
+            wait_for(lambda: gw.health()["tasks"]["running"] >= 1, 30, "chunks running")
+            kids = psutil.Process(gw.proc.pid).children(recursive=True)
+            gw.proc.kill()  # a crash: the gateway forgets every chunk in flight
+            gw.proc.wait(10)
+            for kid in kids:
+                kid.kill()
+            cmd = [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port",
+                   str(gw.port), "--db", str(tmp_path / "ledger.sqlite"), "--faucet", "1000",
+                   "--local-providers", "0"]
+            proc = spawn(cmd, gw.home, tmp_path / "gateway-again.log", REPO)
+            _SEEN.append(psutil.Process(proc.pid))
+            again = Gateway(proc, gw.port, gw.home, tmp_path / "gateway-again.log")
+            again.wait_providers(1)
+            assert c.gather(futures) == [0.5] * 8
+    finally:
+        prov.stop()
+        (again or gw).stop()
+        gw.stop()
 
 
 # --------------------------------------------------------------------------- attacks
