@@ -85,8 +85,7 @@ def frames_of(items: list[Item]) -> list[list[Item]]:
     out: list[list[Item]] = [[]]
     text = 0
     for item in items:
-        err = item[0].error
-        size = len(err.message) + len(err.traceback) if err is not None else 0
+        size = item[0].text_size
         if out[-1] and (len(out[-1]) >= RESULTS_PER_FRAME or text + size > RESULT_TEXT_PER_FRAME):
             out.append([])
             text = 0

@@ -13,6 +13,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+from gateway import chunks
 from gateway import protocol as p
 from gateway.billing import (
     Billing,
@@ -417,6 +418,7 @@ class Hub:
         up to what the gateway observed (:meth:`_observed`) before it is priced."""
         groups = p.split_buffers([r.nb for r in msg.results], buffers)
         mine: list[tuple[Task, p.Result, list[memoryview]]] = []
+        fails: list[Failing] = []
         for result, bufs in zip(msg.results, groups, strict=True):
             task = self.tasks.get(result.key)
             if task is None or task.provider != conn.id or task.task_id not in conn.running:
@@ -424,6 +426,10 @@ class Hub:
                 self._dropped("result_not_assigned", result.key, conn)
                 continue
             conn.running.discard(task.task_id)
+            bad = chunks.result_problem(task.spec.items, result)
+            if bad is not None and task.state is TaskState.RUNNING:
+                self._bad_result(task, conn, bad, fails)
+                continue
             conn.served += 1
             if result.usage:
                 task.usage = self._observed(task, conn, result.usage)
@@ -456,15 +462,25 @@ class Hub:
             if charge is None:
                 out[task.session].append((answer, bufs))
                 continue
-            digest = result_hash(bufs) if result.status == "finished" else failure_hash(result)
+            digest = _digest(result, bufs)
             self._send_logged(task.session, answer, bufs, _settled(
-                task, charge, digest, [(conn.account, digest, task.usage, conn.ad.prices, charge)]),
-                [task.bill_id])
+                task, charge, digest, [(conn.account, digest, task.usage, conn.ad.prices, charge)],
+                chunks.item_hashes(result, bufs)), [task.bill_id])
         for session_id, items in out.items():
             session = self.sessions.get(session_id)
             if session is not None:
                 self._send_results(session, items)
+        self._fail_many(fails)
         self.dispatch()
+
+    def _bad_result(self, task: Task, conn: ProviderConn, why: str,
+                    fails: list[Failing]) -> None:
+        """A result that does not answer its assignment (a chunk with another item count):
+        refused, counted against the provider, and the task runs elsewhere (it is paid up to
+        its last heartbeat, as for a provider that vanished)."""
+        self._dropped("result_mismatch", task.task_id, conn)
+        self.standing.lost(conn.account, f"answered task {task.key} wrongly: {why}")
+        self._retry_or_fail(task, conn, f"provider {conn.id} answered wrongly ({why})", fails)
 
     def _observed(self, task: Task, conn: ProviderConn, usage: dict) -> dict[str, float]:
         """A provider's cumulative usage report, capped by what the gateway saw: the wall time
@@ -620,7 +636,7 @@ class Hub:
         return p.Assignment(key=task.task_id, func=task.spec.func, nb=task.spec.nb,
                             account=task.account, resources=task.spec.resources,
                             timeout=task.spec.timeout, deps=deps, keep=task.spec.keep,
-                            send=task.spec.send)
+                            send=task.spec.send, **chunks.assignment_fields(task.spec))
 
     # ------------------------------------------------------------------ verification
 
@@ -628,7 +644,7 @@ class Hub:
               bufs: list[memoryview]) -> None:
         """A replica's outcome is a ballot; the vote decides what the client gets and who is
         paid. Nothing reaches the client before a majority (or a trusted provider) agrees."""
-        digest = result_hash(bufs) if result.status == "finished" else failure_hash(result)
+        digest = _digest(result, bufs)
         self._end(task, TaskState(result.status))
         decision = self.verifier.cast(Ballot(task, conn.id, conn.account, digest, result, bufs,
                                              dict(conn.ad.prices)))
@@ -1041,17 +1057,27 @@ def _ledger_failure(key: str, why: str) -> p.Result:
                    f"if this repeats, tell the gateway's operator", "LedgerError")
 
 
+def _digest(result: p.Result, bufs: Sequence[memoryview]) -> str:
+    """A result's hash as leaves and votes name it: its bytes', its failure's, or (a chunk)
+    one over each item's hash."""
+    if result.status != "finished":
+        return failure_hash(result)
+    return chunks.outcome_hash(result, bufs)
+
+
 def _settled(task: Task, charge: Charge, outcome: str,
-             shares: list[tuple[str, str, dict, dict, Charge | None]]) -> Settled:
+             shares: list[tuple[str, str, dict, dict, Charge | None]],
+             items: list[str] | None = None) -> Settled:
     """The leaf of a final settlement: ``shares`` are ``(provider account, its result hash,
-    usage, prices, its charge)``; ``charge`` is what the client paid in all."""
+    usage, prices, its charge)``; ``charge`` is what the client paid in all; ``items`` a
+    chunk's per-item result hashes."""
     return Settled(
         task_id=task.bill_id, client=task.account, function_hash=task.spec.func,
         input_hash=result_hash(task.payload), outcome=outcome,
         amount_micro=charge.charged_micro, fee_micro=charge.fee_micro,
         shares=tuple(Share(account, digest, dict(usage), dict(prices),
                            c.charged_micro - c.fee_micro if c is not None else 0)
-                     for account, digest, usage, prices, c in shares))
+                     for account, digest, usage, prices, c in shares), items=items)
 
 
 def _vote_settled(win: Ballot, unpaid: Sequence[Ballot],
@@ -1062,7 +1088,8 @@ def _vote_settled(win: Ballot, unpaid: Sequence[Ballot],
     shares += [(b.provider_account, b.digest, b.task.usage, b.prices, None) for b in unpaid]
     total = Charge(sum(c.charged_micro for _, c in paid if c is not None),
                    sum(c.fee_micro for _, c in paid if c is not None), spent=False)
-    return _settled(win.task, total, win.digest, shares)
+    return _settled(win.task, total, win.digest, shares,
+                    chunks.item_hashes(win.result, win.buffers))
 
 
 #: A task the gateway fails itself: (task, code, message, exception type for the client).

@@ -26,6 +26,7 @@ from websockets.http11 import Request, Response
 
 from gateway import protocol as p
 from gateway.accounting_worker import AccountingWorker
+from gateway.chunks import FEATURES
 from gateway.handshake import Handshake
 from gateway.hub import Hub
 from gateway.identity import Identity
@@ -335,7 +336,7 @@ class GatewayServer:
         # the welcome goes first: attaching flushes results that waited for this session
         out.send(p.encode(p.Welcome(account=account, session=hello.session,
                                     gateway=self.identity.public_bytes,
-                                    max_message=self.max_message)))
+                                    max_message=self.max_message, features=FEATURES)))
         hs.welcome()
         session = self.hub.attach_client(account, hello.session, out.send, prepaid)
         try:

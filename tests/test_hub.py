@@ -565,8 +565,11 @@ steps = st.one_of(
 class Traffic:
     """Random clients and providers on one world; checks the invariants as it goes."""
 
-    def __init__(self, w: World, online: list[bool]) -> None:
+    def __init__(self, w: World, online: list[bool], known_bugs: bool = True) -> None:
         self.w = w
+        #: False: steer clear of the bugs this file reports (no votes; a provider reports
+        #: ``cancelled`` only for a task it was asked to cancel), so the rest stays checked
+        self.known_bugs = known_bugs
         self.sessions = [w.client(f"s{i}", account) for i, account in enumerate(CLIENTS)]
         self.keys: list[list[str]] = [[] for _ in CLIENTS]
         self.conns: dict[int, ProviderConn] = {}
@@ -585,6 +588,8 @@ class Traffic:
         self.n += 1
         key = f"k{self.n}"
         self.keys[c].append(key)
+        if not self.known_bugs:
+            redundancy = 1
         spec = p.TaskSpec(key=key, func="f", nb=1, runtime=local_runtime(), budget=budget,
                           redundancy=redundancy, retries=retries, timeout=timeout,
                           resources=resources)
@@ -624,6 +629,8 @@ class Traffic:
             return
         if ran and task.assigned_at is not None:
             ran_for(task, ran)
+        if status == "cancelled" and task.state is RUNNING and not self.known_bugs:
+            status = "error"
         nb = 1 if status == "finished" else 0
         error = None if nb else p.RemoteFailure(type="ValueError", module="m", message="x")
         result = p.Result(key=task.task_id, status=status, nb=nb, error=error,
@@ -680,21 +687,43 @@ class Traffic:
             assert set(answers) == set(self.keys[c])
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.sampled_from([True, True, False]), min_size=len(PROVIDERS),
-                max_size=len(PROVIDERS)),
-       st.lists(steps, min_size=10, max_size=60))
-def test_random_traffic_keeps_the_books_and_answers_every_key_once(
-        online: list[bool], run: list[tuple]) -> None:
+def _traffic(online: list[bool], run: list[tuple], known_bugs: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         w = World(Path(tmp) / "ledger.sqlite")
         try:
-            traffic = Traffic(w, online)
+            traffic = Traffic(w, online, known_bugs)
             for step in run:
                 traffic.run(step)
             traffic.finish()
         finally:
             w.close()
+
+
+online_providers = st.lists(st.sampled_from([True, True, False]), min_size=len(PROVIDERS),
+                            max_size=len(PROVIDERS))
+traffic = st.lists(steps, min_size=10, max_size=60)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(online_providers, traffic)
+def test_random_traffic_keeps_the_books_and_answers_every_key_once(
+        online: list[bool], run: list[tuple]) -> None:
+    """Plain tasks (priced, free, over budget, with timeouts) by two clients on four providers
+    that come and go: nothing raises, the books equal the disk at every commit, and in the
+    end every key has exactly one answer and nothing is held."""
+    _traffic(online, run, known_bugs=False)
+
+
+@pytest.mark.xfail(reason="bugs 1-3 of tests/test_hub.py (an unasked 'cancelled' report raises; "
+                          "pending replicas failed as plain tasks; a cancel leaves a vote's "
+                          "ballots held): drop this mark once gateway/hub.py is fixed",
+                   strict=False)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(online_providers, traffic)
+def test_random_traffic_with_votes_and_unasked_cancels(online: list[bool],
+                                                       run: list[tuple]) -> None:
+    """The same, with redundancy=2/3 votes and providers that report ``cancelled`` unasked."""
+    _traffic(online, run, known_bugs=True)
 
 
 # ---------------------------------------------------------------------- bugs the traffic found
