@@ -52,6 +52,10 @@ READY_DEADLINE_S = 60.0
 TIMEOUT = 120.0
 
 
+#: Tokens per CPU-second the local providers post: every task is escrowed, settled and logged.
+PRICE_CPU = 0.001
+
+
 def inc(x: int) -> int:
     return x + 1
 
@@ -129,6 +133,8 @@ def main() -> None:
         "1000000",
         "--local-providers",
         str(PROVIDERS),
+        "--local-price-cpu",  # priced: escrow, settlement and receipts on every task
+        str(PRICE_CPU),
     ]
     rec.set("command", " ".join(cmd[1:]))
     gateway = None

@@ -276,6 +276,13 @@ def ratio(num: float | None, den: float | None) -> str:
     return f"{num / den:.2f}×"
 
 
+def floor_value(results: dict[str, Any], key: str) -> float | None:
+    """The floor's number for a row (Dask's threaded scheduler for the array row)."""
+    if key == "dask_sum":
+        return value(results.get("dask"), "dask_sum_threaded")
+    return value(results.get("floor"), key)
+
+
 def floor_cell(results: dict[str, Any], key: str) -> str:
     if key == "dask_sum":  # row 4's floor is Dask's threaded scheduler (measured with dask)
         dask = results.get("dask")
@@ -329,6 +336,7 @@ def render(results: dict[str, Any], machine: dict[str, Any], quick: bool) -> str
         "Dask distributed",
         "ipyparallel",
         "decompute",
+        "decompute / floor",
         "decompute / dask",
         "decompute / ipyparallel",
         "DESIGN goal",
@@ -347,6 +355,7 @@ def render(results: dict[str, Any], machine: dict[str, Any], quick: bool) -> str
                     cell(results.get("dask"), key),
                     cell(results.get("ipyparallel"), key),
                     cell(results.get("decompute"), key),
+                    ratio(decompute, floor_value(results, key)),
                     ratio(decompute, value(results.get("dask"), key)),
                     ratio(decompute, value(results.get("ipyparallel"), key)),
                     goal,
