@@ -171,6 +171,7 @@ class Settled:
     outcome: str
     amount_micro: int
     fee_micro: int
+    items: list[str] | None = None  # a chunk's per-item result hashes
 
     def entry(self, time_ms: int) -> bytes:
         return settlement_entry(
@@ -178,7 +179,8 @@ class Settled:
             input_hash=self.input_hash, outcome=self.outcome, amount_micro=self.amount_micro,
             fee_micro=self.fee_micro, time_ms=time_ms,
             providers=[{"account": s.account, "result_hash": s.result_hash, "usage": s.usage,
-                        "prices": s.prices, "paid_micro": s.paid_micro} for s in self.shares])
+                        "prices": s.prices, "paid_micro": s.paid_micro} for s in self.shares],
+            items=self.items)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +220,7 @@ class Billing:
             return to_micro(spec.budget)
         if spec.max_price is not None and spec.timeout is not None:
             return to_micro(spec.max_price * spec.resources.get("cpus", 1) * spec.timeout)
-        return self.default_escrow_micro
+        return self.default_escrow_micro * max(spec.items, 1)  # a chunk's: per item
 
     def hold(self, items: Sequence[tuple[str, str, TaskSpec]]) -> list[LedgerError | None]:
         """Escrow for each ``(task_id, account, spec)``: None, or why it was refused

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, defaultdict, deque
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+from gateway import chunks
 from gateway import protocol as p
 from gateway.billing import (
     Billing,
@@ -26,9 +27,10 @@ from gateway.billing import (
     is_free,
     price_micro,
     result_hash,
-    why_unaffordable,
 )
 from gateway.deadlines import TIMEOUT_GRACE, Deadlines, Due, Kind
+from gateway.delivery import Delivery
+from gateway.funding import Funding
 from gateway.graph import Graph
 from gateway.journal import Committed
 from gateway.ledger import InsufficientFunds
@@ -40,7 +42,8 @@ from gateway.relay import Relay
 from gateway.scheduler import Scheduler, no_match_message, why_ineligible
 from gateway.sessions import ClientSession
 from gateway.standing import Standing
-from gateway.tasks import TERMINAL, Task, TaskState
+from gateway.task_table import TaskTable
+from gateway.tasks import ANSWERED, Task, TaskState
 from gateway.verify import Ballot, Decision, Verifier
 
 log = logging.getLogger(__name__)
@@ -58,11 +61,6 @@ START_GRACE = 10.0
 RECHECK_SLICE = 5_000
 #: Dependents of a failed graph task failed in one go; the rest wait for the next slice.
 FAIL_SLICE = 2_000
-#: Results per frame the gateway makes itself (failures of a whole chain, cancels).
-RESULTS_PER_FRAME = 1_000
-#: Bytes of error text per such frame: keeps its header far under the decoder's limit.
-RESULT_TEXT_PER_FRAME = 1024 * 1024
-
 
 def failure(key: str, code: p.ErrorCode, message: str, type_: str = "") -> p.Result:
     """A gateway-made error result; ``type_`` names the exception the client should raise."""
@@ -105,8 +103,6 @@ class Hub:
                  names: Names | None = None) -> None:
         self.billing = billing
         self.limits = limits or Limits()
-        self.open_tasks: Counter[str] = Counter()  # by account
-        self.queued_bytes: Counter[str] = Counter()  # by account: payloads held here
         self.registry = Registry()
         self.graph = Graph()
         self.standing = Standing()
@@ -119,20 +115,17 @@ class Hub:
         #: Bulk work deferred in slices (the failures of a long chain); the shell calls
         #: :meth:`work` until it is empty, serving connections between slices, after ``wake``.
         self.later: deque[Callable[[], None]] = deque()
-        #: Results waiting for their settlement's leaf to be committed (by leaf token): session
-        #: id, result, buffers, and the escrows the leaf records.
-        self._unlogged: dict[int, tuple[str, p.Result, list[memoryview], tuple[str, ...]]] = {}
         self.wake: Callable[[], None] = lambda: None
         self._empty_since = time.monotonic()  # when the last provider left (or the start)
-        self.sessions: dict[str, ClientSession] = {}
+        self.delivery = Delivery(
+            lambda session: self.cancel(session, self.tasks.keys_of_session(session.id)))
+        self.sessions = self.delivery.sessions
         self.relay = Relay(self.registry, self.graph, self.sessions, self._recompute)
         self.verifier = Verifier()
-        self.tasks: dict[str, Task] = {}
+        self.tasks = TaskTable()
         self.counters = Counters()
-        self.scheduler.admits = self._may_place
-        #: Sessions that had escrows in the ledger when they (re)attached: a gateway restart
-        #: lost them, and their resubmitted tasks are checked for an earlier final settlement.
-        self._ledger_sessions: set[str] = set()
+        self.funding = Funding(billing, self.registry)
+        self.scheduler.admits = self.funding.may_place
 
     # ------------------------------------------------------------------ clients
 
@@ -142,24 +135,25 @@ class Hub:
         return session is None or session.account == account
 
     def attach_client(self, account: str, session_id: str, send: p.Send,
-                      cut_by_restart: bool = False) -> ClientSession:
+                      prepaid: set[str] | None = None) -> ClientSession:
         """A client (re)connects; a known session gets what finished while it was away. The
-        shell loaded the account's books first, and says whether the ledger has escrows of this
-        session's (``cut_by_restart``: a gateway restart lost its tasks)."""
+        shell loaded the account's books first and, for a session new here, read from the
+        ledger which of its tasks were settled for good before a restart lost their results
+        (``prepaid``: resubmitted, they run again, charged nothing)."""
         session = self.sessions.get(session_id)
         if session is None or session.account != account:
             if session is not None:  # a forged or colliding session id: never hand it over
                 raise PermissionError("session belongs to another account")
             session = self.sessions[session_id] = ClientSession(id=session_id, account=account)
-            if cut_by_restart:
-                self._ledger_sessions.add(session_id)
+            self.funding.settled_before(session_id, prepaid or set())
         flushed = session.attach(send)
         if flushed:
             log.info("session %s resumed: %d waiting frames delivered", session_id, flushed)
         return session
 
-    def detach_client(self, session: ClientSession) -> None:
-        session.detach()
+    def detach_client(self, session: ClientSession, unsent: Sequence[p.Frame] = ()) -> None:
+        """The client's connection closed; ``unsent`` frames wait for its reconnect."""
+        session.detach(unsent)
 
     def submit(self, session: ClientSession, msg: p.Submit, buffers: Sequence[memoryview]) -> None:
         """Accept a batch of tasks; refuse single tasks with an error result, never the batch."""
@@ -182,7 +176,7 @@ class Hub:
                 batch.add(spec, payload)
                 accepted += self._replicas(Task(spec, session.account, session.id,
                                                 funcs[spec.func], payload))
-        holds = self._fund(session, accepted)
+        holds = self.funding.fund(session.id, accepted)
         failed = {t.task_id: why for t, why in zip(accepted, holds, strict=True) if why}
         unfunded: list[str] = []
         for task, why in zip(accepted, holds, strict=True):
@@ -217,86 +211,11 @@ class Hub:
 
     # ------------------------------------------------------------------ escrow
 
-    def _fund(self, session: ClientSession, tasks: list[Task]) -> list[Exception | None]:
-        """Hold escrow for accepted tasks by the money rule, in one transaction; returns None or
-        why, per task. A task that can only land on free providers holds none (and writes
-        nothing to the ledger); one that may land on a priced provider holds its escrow, or,
-        if the account cannot fund it and a free provider fits, runs on free ones only. A task
-        already settled for good before a gateway restart lost its result holds none either."""
-        out: list[Exception | None] = [None] * len(tasks)
-        prepaid = self._prepaid(session, tasks)
-        plans: dict[tuple, str | Exception] = {}
-        holding: dict[int, str] = {}  # index -> its plan, "hold" or "try"
-        for i, task in enumerate(tasks):
-            if prepaid and {task.task_id, *(s.task_id for s in task.siblings)} & prepaid:
-                task.prepaid = True
-                continue
-            spec, escrow = task.spec, self.billing.escrow_for(task.spec)
-            sig = (tuple(spec.providers or ()), spec.runtime,
-                   tuple(sorted(spec.resources.items())), spec.max_price, escrow)
-            plan = plans.get(sig)
-            if plan is None:
-                plan = plans[sig] = self._plan(task, escrow)
-            if isinstance(plan, Exception):
-                out[i] = plan
-            elif plan != "free":
-                task.escrow_micro = escrow
-                holding[i] = plan
-        holds = self.billing.hold([(tasks[i].bill_id, tasks[i].account, tasks[i].spec)
-                                   for i in holding])
-        for (i, plan), why in zip(holding.items(), holds, strict=True):
-            if why is None:
-                continue
-            tasks[i].escrow_micro = 0  # unfunded: runs on free providers only, or not at all
-            free_only = plan == "try" and isinstance(why, InsufficientFunds)
-            if not free_only or tasks[i].siblings:  # replicas are funded all alike, or refused
-                out[i] = why
-        return out
-
-    def _plan(self, task: Task, escrow: int) -> str | Exception:
-        """``"free"`` (hold nothing), ``"hold"`` (escrow needed), ``"try"`` (hold if the account
-        can, else run free-only), or why no online provider that fits would ever be paid."""
-        spec = task.spec
-        fits = [c for c in self.registry if why_ineligible(spec, task.account, c) is None]
-        if not fits:  # nobody online yet: hold if it can, so a priced provider may take it
-            return "try" if escrow else "free"
-        paid = any(not is_free(c.ad) and why_unaffordable(escrow, spec, c.ad) is None
-                   for c in fits)
-        free = any(is_free(c.ad) for c in fits)
-        if paid:
-            return "try" if free else "hold"
-        if free:
-            return "free"
-        reasons = "; ".join(f"{c.id}: {why_unaffordable(escrow, spec, c.ad)}" for c in fits[:5])
-        return Unfundable(f"task {spec.key} would run only on priced providers, and none of them "
-                          f"could be paid from it ({reasons}); raise budget= (or give max_price= "
-                          f"with timeout=), ask for cpus >= 1, or pin a free provider")
-
-    def _prepaid(self, session: ClientSession, tasks: list[Task]) -> set[str]:
-        """Task ids of this batch whose earlier submission was settled for good (a restart lost
-        the result, the client resubmitted it): only looked up for sessions a restart cut (the
-        one read of the ledger file the core makes, once per such batch)."""
-        if session.id not in self._ledger_sessions or not tasks:
-            return set()
-        return self.billing.ledger.settled_tasks({t.task_id for t in tasks})
-
     def live_escrows(self) -> set[str]:
         """Escrow ids of tasks still open here (on the gateway, or replicas whose ballots wait
         for their vote): ``Ledger.check(live=...)`` reports any other held escrow as stale."""
         live = {t.bill_id for t in self.tasks.values() if t.escrow_micro}
-        for vote in self.verifier.votes.values():
-            live.update(b.task.bill_id for b in vote.ballots if b.task.escrow_micro)
-        return live
-
-    def _fundable_here(self, task: Task) -> bool:
-        """Whether some provider online that fits the task would also take it for its escrow."""
-        return any(why_ineligible(task.spec, task.account, c) is None and self._may_place(task, c)
-                   for c in self.registry)
-
-    def _may_place(self, task: Task, conn: ProviderConn) -> bool:
-        """The scheduler's money rule: a priced provider takes a task only if its escrow pays
-        for one billing interval there (a prepaid rerun pays nobody and goes anywhere)."""
-        return task.prepaid or why_unaffordable(task.escrow_micro, task.spec, conn.ad) is None
+        return live | self.verifier.live_escrows()
 
     def _replicas(self, task: Task) -> list[Task]:
         """``redundancy=k``: k replicas of the task, each knowing its siblings."""
@@ -310,12 +229,7 @@ class Hub:
         return replicas
 
     def _admit(self, task: Task) -> None:
-        self.tasks[task.task_id] = task
-        self.open_tasks[task.account] += 1
-        self.queued_bytes[task.account] += task.payload_bytes
-        session = self.sessions.get(task.session)
-        if session is not None:
-            session.tasks.add(task.task_id)
+        self.tasks.admit(task)
 
     def _refusal(self, spec: p.TaskSpec, session: ClientSession, task_id: str,
                  funcs: dict[str, memoryview], batch: Batch) -> p.Result | None:
@@ -334,11 +248,11 @@ class Hub:
                            f"{fits} characters")
         if task_id in self.tasks or task_id in self.graph.nodes:
             return failure(spec.key, p.ErrorCode.SCHEMA, f"task key {spec.key!r} already in use")
-        if self.open_tasks[session.account] + batch.tasks >= self.limits.open_tasks:
+        if self.tasks.open_count(session.account) + batch.tasks >= self.limits.open_tasks:
             return failure(spec.key, p.ErrorCode.LIMIT,
                            f"this account already has {self.limits.open_tasks} open tasks, the "
                            f"gateway's cap; wait for some to finish, then submit again")
-        if self.queued_bytes[session.account] + batch.nbytes >= self.limits.queued_bytes:
+        if self.tasks.queued_bytes(session.account) + batch.nbytes >= self.limits.queued_bytes:
             return failure(spec.key, p.ErrorCode.LIMIT,
                            f"this account already has {self.limits.queued_bytes} bytes of "
                            f"arguments waiting on the gateway, its cap; wait, then submit again")
@@ -376,18 +290,16 @@ class Hub:
         first = [self.tasks.get(f"{session.id}/{key}") for key in keys]
         for task in [t for f in first if f is not None for t in (f, *f.siblings)]:
             key = task.key
-            if task.state in TERMINAL:
+            if task.state in ANSWERED:
                 continue
-            self.verifier.of.pop(task.task_id, None)
+            self.verifier.forget(task)
             if task.state is TaskState.PENDING:
                 self.scheduler.discard(task)
                 if task.escrow_micro:  # a free task holds none: no ledger work at all
                     refunds.append(task.bill_id)
                 self._end(task, TaskState.CANCELLED)
             else:
-                task.cancelling = True
-                task.move(TaskState.CANCELLED)
-                self.counters.tasks[TaskState.CANCELLED.value] += 1
+                self._answered(task, TaskState.CANCELLING, TaskState.CANCELLED)
                 by_provider[task.provider].append(task)
             if task.replica == 0:
                 done.append((p.Result(key=key, status="cancelled", code="cancelled"), []))
@@ -461,10 +373,10 @@ class Hub:
             task = self.tasks.get(task_id)
             if task is None:
                 continue
-            if task.cancelling or task.state in TERMINAL:
-                if not task.billed and task.escrow_micro:
+            if task.state in ANSWERED:
+                if task.state is TaskState.CANCELLING and task.escrow_micro:
                     refunds.append(task.bill_id)  # paid up to its last reported usage
-                self._forget(task)
+                self._end(task)
                 continue
             lost += 1
             self._retry_or_fail(task, conn, f"provider {conn_id} was lost", fails)
@@ -488,7 +400,7 @@ class Hub:
         if task.attempts > task.spec.retries:
             msg = (f"{what} while running task {task.key}, {task.attempts} times in all "
                    f"(retries={task.spec.retries})")
-            if task.task_id in self.verifier.of:
+            if self.verifier.voting(task):
                 self._replica_lost(task, msg)
             else:
                 fails.append((task, p.ErrorCode.LOST, msg, "ProviderLost"))
@@ -506,6 +418,7 @@ class Hub:
         up to what the gateway observed (:meth:`_observed`) before it is priced."""
         groups = p.split_buffers([r.nb for r in msg.results], buffers)
         mine: list[tuple[Task, p.Result, list[memoryview]]] = []
+        fails: list[Failing] = []
         for result, bufs in zip(msg.results, groups, strict=True):
             task = self.tasks.get(result.key)
             if task is None or task.provider != conn.id or task.task_id not in conn.running:
@@ -513,18 +426,22 @@ class Hub:
                 self._dropped("result_not_assigned", result.key, conn)
                 continue
             conn.running.discard(task.task_id)
+            bad = chunks.result_problem(task.spec.items, result)
+            if bad is not None and task.state is TaskState.RUNNING:
+                self._bad_result(task, conn, bad, fails)
+                continue
             conn.served += 1
             if result.usage:
                 task.usage = self._observed(task, conn, result.usage)
                 self.scheduler.observe(task.usage.get("wall_seconds", 0.0))
-            if task.task_id in self.verifier.of and not task.cancelling:
+            if self.verifier.voting(task) and task.state is TaskState.RUNNING:
                 self._vote(task, conn, result, bufs)
                 continue
             mine.append((task, result, bufs))
         for task, _, _ in mine:
-            if task.billed:  # stopped over budget: settled and answered already
-                self._forget(task)
-        mine = [m for m in mine if not m[0].billed]
+            if task.state is TaskState.STOPPING:  # settled (or refunded) and answered already
+                self._end(task)
+        mine = [m for m in mine if m[0].billable]
         funded = [t for t, _, _ in mine if t.escrow_micro]
         charges = dict(zip(map(id, funded), self.billing.settle(
             [(t.bill_id, conn.account, t.usage, conn.ad.prices, True) for t in funded]),
@@ -533,8 +450,8 @@ class Hub:
         for task, result, bufs in mine:
             charge = charges.get(id(task))
             cost = charge.cost if charge else 0.0
-            if task.cancelling:  # the client already has its answer; this was the final bill
-                self._forget(task)
+            if task.state is TaskState.CANCELLING:  # the client has its answer; the final bill
+                self._end(task)
                 if charge is not None:  # what the cancelled task cost in the end
                     self._send_events(task, p.Event(key=task.key, kind="usage",
                                                     usage=task.usage, cost=cost))
@@ -545,15 +462,25 @@ class Hub:
             if charge is None:
                 out[task.session].append((answer, bufs))
                 continue
-            digest = result_hash(bufs) if result.status == "finished" else failure_hash(result)
+            digest = _digest(result, bufs)
             self._send_logged(task.session, answer, bufs, _settled(
-                task, charge, digest, [(conn.account, digest, task.usage, conn.ad.prices, charge)]),
-                [task.bill_id])
+                task, charge, digest, [(conn.account, digest, task.usage, conn.ad.prices, charge)],
+                chunks.item_hashes(result, bufs)), [task.bill_id])
         for session_id, items in out.items():
             session = self.sessions.get(session_id)
             if session is not None:
                 self._send_results(session, items)
+        self._fail_many(fails)
         self.dispatch()
+
+    def _bad_result(self, task: Task, conn: ProviderConn, why: str,
+                    fails: list[Failing]) -> None:
+        """A result that does not answer its assignment (a chunk with another item count):
+        refused, counted against the provider, and the task runs elsewhere (it is paid up to
+        its last heartbeat, as for a provider that vanished)."""
+        self._dropped("result_mismatch", task.task_id, conn)
+        self.standing.lost(conn.account, f"answered task {task.key} wrongly: {why}")
+        self._retry_or_fail(task, conn, f"provider {conn.id} answered wrongly ({why})", fails)
 
     def _observed(self, task: Task, conn: ProviderConn, usage: dict) -> dict[str, float]:
         """A provider's cumulative usage report, capped by what the gateway saw: the wall time
@@ -573,7 +500,7 @@ class Hub:
             if task is None or task.provider != conn.id:
                 self._dropped("event_not_assigned", event.key, conn)
                 continue
-            if task.state in TERMINAL:
+            if task.state in ANSWERED:
                 continue
             task.lease_until = now + self.limits.lease_seconds
             if event.kind == "running" and task.started is None:
@@ -593,13 +520,13 @@ class Hub:
             if task is None or task.provider != conn.id:
                 self._dropped("usage_not_assigned", task_id, conn)
                 continue
-            if task.state in TERMINAL or not usage:  # a cancelled one's final bill comes later
-                continue
+            if task.state is not TaskState.RUNNING or not usage:  # a cancelled one's final bill
+                continue  # comes with its result
             task.usage = self._observed(task, conn, usage)
             live.append(task)
-        voting = [t for t in live if t.task_id in self.verifier.of]
-        paying = [t for t in live if t.escrow_micro and not t.billed and not is_free(conn.ad)
-                  and t.task_id not in self.verifier.of]  # a free provider is never paid
+        voting = [t for t in live if self.verifier.voting(t)]
+        paying = [t for t in live if t.escrow_micro and not is_free(conn.ad)
+                  and not self.verifier.voting(t)]  # a free provider is never paid
         charges = dict(zip(map(id, paying), self.billing.settle(
             [(t.bill_id, conn.account, t.usage, conn.ad.prices, False) for t in paying]),
             strict=True))
@@ -616,13 +543,10 @@ class Hub:
     def _stop_over_budget(self, task: Task, conn: ProviderConn, cost: float) -> None:
         """The escrow is spent: kill the task and fail it, settled for good at the escrow (work
         past it is not paid), with the receipt of that settlement."""
-        task.cancelling = True
-        task.move(TaskState.ERROR)
-        self.counters.tasks[TaskState.ERROR.value] += 1
+        self._answered(task, TaskState.STOPPING, TaskState.ERROR)
         self.send_cancel(conn.id, [task])
         charge = self.billing.settle([(task.bill_id, conn.account, task.usage, conn.ad.prices,
                                        True)])[0]
-        task.billed = True
         if charge is not None:
             cost = charge.cost
         what = (f"its budget of {task.spec.budget:g} tokens" if task.spec.budget is not None
@@ -644,14 +568,11 @@ class Hub:
         replicas, ballots = self.verifier.abandon(task)
         by_provider: dict[str, list[Task]] = defaultdict(list)
         for replica in replicas:
-            replica.billed = True
             if replica.state is TaskState.PENDING:
                 self.scheduler.discard(replica)
                 self._end(replica, TaskState.ERROR)
             elif replica.state is TaskState.RUNNING:
-                replica.cancelling = True
-                replica.move(TaskState.ERROR)
-                self.counters.tasks[TaskState.ERROR.value] += 1
+                self._answered(replica, TaskState.STOPPING, TaskState.ERROR)
                 by_provider[replica.provider or ""].append(replica)
         self.billing.refund([t.bill_id for t in replicas] + [b.task.bill_id for b in ballots])
         for provider_id, tasks in by_provider.items():
@@ -715,7 +636,7 @@ class Hub:
         return p.Assignment(key=task.task_id, func=task.spec.func, nb=task.spec.nb,
                             account=task.account, resources=task.spec.resources,
                             timeout=task.spec.timeout, deps=deps, keep=task.spec.keep,
-                            send=task.spec.send)
+                            send=task.spec.send, **chunks.assignment_fields(task.spec))
 
     # ------------------------------------------------------------------ verification
 
@@ -723,7 +644,7 @@ class Hub:
               bufs: list[memoryview]) -> None:
         """A replica's outcome is a ballot; the vote decides what the client gets and who is
         paid. Nothing reaches the client before a majority (or a trusted provider) agrees."""
-        digest = result_hash(bufs) if result.status == "finished" else failure_hash(result)
+        digest = _digest(result, bufs)
         self._end(task, TaskState(result.status))
         decision = self.verifier.cast(Ballot(task, conn.id, conn.account, digest, result, bufs,
                                              dict(conn.ad.prices)))
@@ -745,13 +666,11 @@ class Hub:
         exactly what its balance lost."""
         by_provider: dict[str, list[Task]] = defaultdict(list)
         for sibling in decision.cancel:  # decided: the other replicas are not needed, nor paid
-            sibling.billed = True
             if sibling.state is TaskState.PENDING:
                 self.scheduler.discard(sibling)
                 self._end(sibling, TaskState.CANCELLED)
             elif sibling.state is TaskState.RUNNING:
-                sibling.cancelling = True
-                sibling.move(TaskState.CANCELLED)
+                self._answered(sibling, TaskState.STOPPING, TaskState.CANCELLED)
                 by_provider[sibling.provider or ""].append(sibling)
         self.billing.refund([t.bill_id for t in decision.cancel]
                             + [b.task.bill_id for b in decision.unpaid])
@@ -781,9 +700,7 @@ class Hub:
                 [b.task.bill_id for b in paid])
 
     def _send_failure(self, task: Task, code: p.ErrorCode, message: str, type_: str) -> None:
-        session = self.sessions.get(task.session)
-        if session is not None:
-            self._send_results(session, [(failure(task.key, code, message, type_), [])])
+        self._send_results_to(task.session, [(failure(task.key, code, message, type_), [])])
 
     # ------------------------------------------------------------------ graphs
 
@@ -877,7 +794,7 @@ class Hub:
         for session in list(self.sessions.values()):
             if session.expired(now):
                 log.warning("session %s gone for good; cancelling its tasks", session.id)
-                self.cancel(session, [self.tasks[t].key for t in session.tasks if t in self.tasks])
+                self.cancel(session, self.tasks.keys_of_session(session.id))
                 del self.sessions[session.id]
         self._expire(now)
         self._recheck_slice(now)
@@ -898,13 +815,13 @@ class Hub:
             if later > now:
                 self.deadlines.at(later, task.task_id, task.assignment, due.kind)
                 continue
-            if task.cancelling:
+            if task.state in ANSWERED:
                 if due.kind is Kind.TIMEOUT:
                     continue  # a cancelled task's slot is governed by the cancel grace
                 conn.running.discard(task.task_id)
-                if not task.billed and task.escrow_micro:
+                if task.state is TaskState.CANCELLING and task.escrow_micro:
                     refunds.append(task.bill_id)  # paid up to its last reported usage
-                self._forget(task)
+                self._end(task)
                 self.standing.lost(conn.account, "never reported a cancelled task", now)
                 continue
             conn.running.discard(task.task_id)
@@ -939,7 +856,7 @@ class Hub:
             self.standing.lost(conn.account, "held a task past its timeout")
             msg = (f"task {task.key} ran past its timeout of {task.spec.timeout:g} s; provider "
                    f"{conn.id} did not report it, so the gateway took it back")
-            if task.task_id in self.verifier.of:
+            if self.verifier.voting(task):
                 self._replica_lost(task, msg)
             else:
                 fails.append((task, p.ErrorCode.TIMEOUT, msg, "TimeoutError"))
@@ -988,7 +905,7 @@ class Hub:
         why = None if online else "no provider is online"
         if online:
             why = no_match_message(task.spec, task.account, self.registry)
-            if why is None and not self._fundable_here(task):
+            if why is None and not self.funding.fundable_here(task):
                 why = (f"task {task.key} holds too little escrow for the priced providers online "
                        f"(budget=0, cpus=0 or a budget under one billing interval run on free "
                        f"providers only), and no free provider that fits is online")
@@ -1048,35 +965,30 @@ class Hub:
             if session is not None:
                 self._send_results(session, results)
 
-    def _end(self, task: Task, state: TaskState) -> None:
-        task.move(state)
-        self.counters.tasks[state.value] += 1
+    def _end(self, task: Task, state: TaskState | None = None) -> None:
+        """The task ends in ``state`` (counted), or, if the client was answered already
+        (cancelling, stopping), in the ending it was told (counted then)."""
+        if task.state in (TaskState.CANCELLING, TaskState.STOPPING):
+            task.move(task.ending or TaskState.ERROR)
+        else:
+            assert state is not None
+            task.move(state)
+            self.counters.tasks[state.value] += 1
         self._forget(task)
 
+    def _answered(self, task: Task, waiting: TaskState, ending: TaskState) -> None:
+        """The client is answered (``ending``, counted now) while the provider still holds it."""
+        task.wait_for_provider(waiting, ending)
+        self.counters.tasks[ending.value] += 1
+
     def _forget(self, task: Task) -> None:
-        if self.tasks.pop(task.task_id, None) is not None:
-            self.open_tasks[task.account] -= 1
-            self.queued_bytes[task.account] -= task.payload_bytes
-        session = self.sessions.get(task.session)
-        if session is not None:
-            session.tasks.discard(task.task_id)
+        self.tasks.forget(task)
 
-    def _send_results(self, session: ClientSession,
-                      items: list[tuple[p.Result, list[memoryview]]]) -> None:
-        for chunk in _frames_of(items):
-            frame = p.encode_parts(p.Results(results=[r for r, _ in chunk]),
-                                   [b for _, bufs in chunk for b in bufs])
-            if not session.send(frame):
-                log.error("session %s: outbox over its bound; giving the session up", session.id)
-                self.cancel(session, [self.tasks[t].key for t in session.tasks
-                                      if t in self.tasks])
-                return
+    def _send_results(self, session: ClientSession, items: list[tuple[p.Result, list]]) -> None:
+        self.delivery.send(session, items)
 
-    def _send_results_to(self, session_id: str,
-                         items: list[tuple[p.Result, list[memoryview]]]) -> None:
-        session = self.sessions.get(session_id)
-        if session is not None:
-            self._send_results(session, items)
+    def _send_results_to(self, session_id: str, items: list[tuple[p.Result, list]]) -> None:
+        self.delivery.send_to(session_id, items)
 
     def _send_logged(self, session_id: str, result: p.Result, bufs: list[memoryview],
                      settled: Settled, escrows: Sequence[str]) -> None:
@@ -1087,7 +999,7 @@ class Hub:
         if token is None:
             self._send_results_to(session_id, [(result, bufs)])
         else:
-            self._unlogged[token] = (session_id, result, bufs, tuple(escrows))
+            self.delivery.wait_for_receipt(token, session_id, result, bufs, escrows)
 
     def committed(self, done: Committed) -> None:
         """The accounting worker committed a group: results go out with their receipts. An
@@ -1098,44 +1010,29 @@ class Hub:
             accounts.undo(escrow_id)
             accounts.recover(escrow_id)
             self._ledger_failed(escrow_id, why)
-        out: dict[str, list[tuple[p.Result, list[memoryview]]]] = defaultdict(list)
-        for token in [t for t, w in self._unlogged.items() if set(w[3]) & done.failed.keys()]:
-            session_id, result, _, escrows = self._unlogged.pop(token)
-            why = next(done.failed[e] for e in escrows if e in done.failed)
-            out[session_id].append((_ledger_failure(result.key, why), []))
-        for token, receipt in done.receipts.items():
-            waiting = self._unlogged.pop(token, None)
-            if waiting is not None:
-                session_id, result, bufs, _ = waiting
-                out[session_id].append((replace(result, receipt=receipt), bufs))
         accounts.confirmed(done.seq)
         accounts.external(done.external)
-        for session_id, items in out.items():
-            self._send_results_to(session_id, items)
+        self.delivery.committed(done.receipts, done.failed, _ledger_failure)
 
     def _ledger_failed(self, escrow_id: str, why: str) -> None:
         """A live task whose escrow the ledger failed: stop it and fail it (its result, if one
         is waiting for a receipt, is failed by :meth:`committed`)."""
         task = self.tasks.get(escrow_id.split("~", 1)[0])
-        if task is None or task.bill_id != escrow_id or task.state in TERMINAL:
+        if task is None or task.bill_id != escrow_id or task.state in ANSWERED:
             return
         task.escrow_micro = 0  # closed by the recovery: nothing more to settle or refund
         if task.state is TaskState.RUNNING:
-            task.cancelling = True
-            task.move(TaskState.ERROR)
-            self.counters.tasks[TaskState.ERROR.value] += 1
+            self._answered(task, TaskState.STOPPING, TaskState.ERROR)
             self.send_cancel(task.provider or "", [task])
             self._send_results_to(task.session, [(_ledger_failure(task.key, why), [])])
             return
         self.scheduler.discard(task)
-        self.verifier.of.pop(task.task_id, None)
+        self.verifier.forget(task)
         self._end(task, TaskState.ERROR)
         self._send_results_to(task.session, [(_ledger_failure(task.key, why), [])])
 
     def _send_events(self, task: Task, event: p.Event) -> None:
-        session = self.sessions.get(task.session)
-        if session is not None and session.connected:
-            session.send(p.encode(p.Events(events=[event])))
+        self.delivery.event(task.session, event)
 
     def gauges(self) -> dict[str, float]:
         running = sum(len(c.running) for c in self.registry)
@@ -1160,17 +1057,27 @@ def _ledger_failure(key: str, why: str) -> p.Result:
                    f"if this repeats, tell the gateway's operator", "LedgerError")
 
 
+def _digest(result: p.Result, bufs: Sequence[memoryview]) -> str:
+    """A result's hash as leaves and votes name it: its bytes', its failure's, or (a chunk)
+    one over each item's hash."""
+    if result.status != "finished":
+        return failure_hash(result)
+    return chunks.outcome_hash(result, bufs)
+
+
 def _settled(task: Task, charge: Charge, outcome: str,
-             shares: list[tuple[str, str, dict, dict, Charge | None]]) -> Settled:
+             shares: list[tuple[str, str, dict, dict, Charge | None]],
+             items: list[str] | None = None) -> Settled:
     """The leaf of a final settlement: ``shares`` are ``(provider account, its result hash,
-    usage, prices, its charge)``; ``charge`` is what the client paid in all."""
+    usage, prices, its charge)``; ``charge`` is what the client paid in all; ``items`` a
+    chunk's per-item result hashes."""
     return Settled(
         task_id=task.bill_id, client=task.account, function_hash=task.spec.func,
         input_hash=result_hash(task.payload), outcome=outcome,
         amount_micro=charge.charged_micro, fee_micro=charge.fee_micro,
         shares=tuple(Share(account, digest, dict(usage), dict(prices),
                            c.charged_micro - c.fee_micro if c is not None else 0)
-                     for account, digest, usage, prices, c in shares))
+                     for account, digest, usage, prices, c in shares), items=items)
 
 
 def _vote_settled(win: Ballot, unpaid: Sequence[Ballot],
@@ -1181,27 +1088,9 @@ def _vote_settled(win: Ballot, unpaid: Sequence[Ballot],
     shares += [(b.provider_account, b.digest, b.task.usage, b.prices, None) for b in unpaid]
     total = Charge(sum(c.charged_micro for _, c in paid if c is not None),
                    sum(c.fee_micro for _, c in paid if c is not None), spent=False)
-    return _settled(win.task, total, win.digest, shares)
+    return _settled(win.task, total, win.digest, shares,
+                    chunks.item_hashes(win.result, win.buffers))
 
 
 #: A task the gateway fails itself: (task, code, message, exception type for the client).
 Failing = tuple[Task, p.ErrorCode, str, str]
-
-
-def _frames_of(items: list[tuple[p.Result, list[memoryview]]]
-               ) -> list[list[tuple[p.Result, list[memoryview]]]]:
-    """Results cut into frames of at most ``RESULTS_PER_FRAME`` results and about
-    ``RESULT_TEXT_PER_FRAME`` bytes of error text (a chain's failures share one long message)."""
-    if len(items) <= 1:
-        return [items]
-    out: list[list[tuple[p.Result, list[memoryview]]]] = [[]]
-    text = 0
-    for item in items:
-        err = item[0].error
-        size = len(err.message) + len(err.traceback) if err is not None else 0
-        if out[-1] and (len(out[-1]) >= RESULTS_PER_FRAME or text + size > RESULT_TEXT_PER_FRAME):
-            out.append([])
-            text = 0
-        out[-1].append(item)
-        text += size
-    return out

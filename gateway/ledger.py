@@ -479,6 +479,14 @@ class Ledger:
         return {row[0] for row in self._lookup(
             "SELECT DISTINCT task FROM escrows WHERE final = 1 AND task IN ({})", tasks)}
 
+    def settled_under(self, prefix: str) -> set[str]:
+        """Tasks starting with ``prefix`` (a client session's id) that had a final settlement:
+        after a restart, their resubmissions are charged nothing again."""
+        with self._tx(write=False) as db:
+            return {row[0] for row in db.execute(
+                "SELECT DISTINCT task FROM escrows WHERE final = 1 AND task >= ? AND task < ?",
+                (prefix, prefix + "\U0010ffff"))}
+
     def has_tasks_under(self, prefix: str) -> bool:
         """True if any escrow's task starts with ``prefix`` (e.g. a client session's id)."""
         with self._tx(write=False) as db:

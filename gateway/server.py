@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import os
-import secrets
 import time
 from collections import deque
 from http import HTTPStatus
@@ -27,8 +26,10 @@ from websockets.http11 import Request, Response
 
 from gateway import protocol as p
 from gateway.accounting_worker import AccountingWorker
+from gateway.chunks import FEATURES
+from gateway.handshake import Handshake
 from gateway.hub import Hub
-from gateway.identity import Identity, auth_message, verify
+from gateway.identity import Identity
 from gateway.limits import TokenBucket
 from gateway.metrics import render_prometheus
 from gateway.receipt_log import ReceiptLog, log_http
@@ -71,6 +72,7 @@ class GatewayServer:
     def __init__(self, hub: Hub, identity: Identity, host: str = "127.0.0.1", port: int = 8765,
                  max_message: int = DEFAULT_MAX_MESSAGE) -> None:
         self.hub = hub
+        self.ledger = hub.billing.ledger  # the shell's reads: loads, a restarted session's past
         self.accounting: AccountingWorker | None = None
         self.identity = identity
         self.host = host
@@ -91,9 +93,8 @@ class GatewayServer:
         """Accept connections until stopped; then close every connection (1001), commit what
         the accounting worker still holds, and return."""
         loop = asyncio.get_running_loop()
-        billing = self.hub.billing
         self.accounting = AccountingWorker(
-            billing.ledger, ReceiptLog(billing.ledger.path), self.identity,
+            self.ledger, ReceiptLog(self.ledger.path), self.identity,
             lambda done: loop.call_soon_threadsafe(self._react, "committed", self.hub.committed,
                                                    done))
         self.accounting.start()
@@ -187,33 +188,39 @@ class GatewayServer:
         self.hub.counters.frames_out += 1
 
     async def _handle(self, ws: ServerConnection) -> None:
+        hs = Handshake(str(ws.remote_address))
         try:
-            hello = await self._authenticate(ws)
+            hello = await self._authenticate(ws, hs)
         except p.ProtocolError as exc:
             await self._refuse(ws, exc)
             return
         except ConnectionClosed:
+            hs.leave()
             return
         outbound = FrameWriter(ws, self._count_sent, self.hub.limits.writer_bytes)
         async with asyncio.TaskGroup() as tg:
             writer = tg.create_task(outbound.run())
             try:
-                await self._serve_peer(ws, hello, outbound)
+                await self._serve_peer(ws, hs, hello, outbound)
             finally:
                 writer.cancel()
 
-    async def _serve_peer(self, ws: ServerConnection, hello: p.Hello, out: FrameWriter) -> None:
+    async def _serve_peer(self, ws: ServerConnection, hs: Handshake, hello: p.Hello,
+                          out: FrameWriter) -> None:
         """Serve one authenticated peer; every way it can end is handled here, not raised."""
         try:
             if hello.role == "client":
-                await self._serve_client(ws, hello, out)
+                await self._serve_client(ws, hs, hello, out)
             else:
-                await self._serve_provider(ws, hello, out)
+                await self._serve_provider(ws, hs, hello, out)
+            hs.leave()
         except p.ProtocolError as exc:
+            hs.refuse()
             await self._refuse(ws, exc)
         except ConnectionClosed:
-            pass
+            hs.leave()
         except Exception:  # a bug must cost one connection, never the gateway
+            hs.leave()
             log.exception("internal error on connection %s", ws.remote_address)
             await ws.close(1011, "internal: the gateway hit an error; see its log")
 
@@ -252,31 +259,16 @@ class GatewayServer:
             balance, earnings = await asyncio.wrap_future(self.accounting.load(account))
             accounts.load(account, balance, earnings)
 
-    async def _authenticate(self, ws: ServerConnection) -> p.Hello:
-        nonce = secrets.token_bytes(32)
-        await ws.send(p.encode(p.Challenge(nonce=nonce, gateway=self.identity.public_bytes)))
+    async def _authenticate(self, ws: ServerConnection, hs: Handshake) -> p.Hello:
+        await ws.send(hs.challenge(self.identity.public_bytes))
         try:
             async with asyncio.timeout(AUTH_TIMEOUT):
                 data = await ws.recv()
         except TimeoutError:
+            hs.refuse()
             msg = f"no hello within {AUTH_TIMEOUT:.0f} s"
             raise p.ProtocolError(p.ErrorCode.AUTH, msg) from None
-        if isinstance(data, str):
-            raise p.ProtocolError(p.ErrorCode.BAD_FRAME, "text frames are not accepted")
-        try:
-            msg, _ = p.decode(data, allowed=frozenset({"hello"}))
-        except p.ProtocolError as exc:
-            if exc.code is p.ErrorCode.UNKNOWN_TYPE:
-                raise p.ProtocolError(p.ErrorCode.AUTH, "authenticate first: answer the challenge "
-                                      "with a signed hello") from None
-            raise
-        assert isinstance(msg, p.Hello)
-        if not verify(msg.key, msg.signature, auth_message(nonce, msg.role)):
-            raise p.ProtocolError(p.ErrorCode.AUTH, "bad signature on the challenge")
-        if msg.role == "client" and not msg.session:
-            raise p.ProtocolError(p.ErrorCode.AUTH, "a client hello needs a session id")
-        if msg.role == "provider" and msg.ad is None:
-            raise p.ProtocolError(p.ErrorCode.AUTH, "a provider hello needs its advertisement")
+        msg = hs.receive_hello(data)
         self.hub.counters.connections[msg.role] += 1
         return msg
 
@@ -330,22 +322,23 @@ class GatewayServer:
         out.send(p.encode(p.Error(code=exc.code.value,
                                   message=f"frame dropped: {exc}"[:p.MAX_TEXT_LEN])))
 
-    async def _serve_client(self, ws: ServerConnection, hello: p.Hello, out: FrameWriter) -> None:
+    async def _serve_client(self, ws: ServerConnection, hs: Handshake, hello: p.Hello,
+                            out: FrameWriter) -> None:
         account = hello.key.hex()
         if not self.hub.may_attach(account, hello.session):
             raise p.ProtocolError(p.ErrorCode.AUTH, "that session belongs to another account")
         await self._load(account)
-        cut = False
+        prepaid: set[str] | None = None
         if hello.session not in self.hub.sessions:  # a restart may have cut it: ask the ledger
-            cut = await asyncio.to_thread(self.hub.billing.ledger.has_tasks_under,
-                                          f"{hello.session}/")
+            prepaid = await asyncio.to_thread(self.ledger.settled_under, f"{hello.session}/")
         if not self.hub.may_attach(account, hello.session):  # raced while we waited
             raise p.ProtocolError(p.ErrorCode.AUTH, "that session belongs to another account")
         # the welcome goes first: attaching flushes results that waited for this session
         out.send(p.encode(p.Welcome(account=account, session=hello.session,
                                     gateway=self.identity.public_bytes,
-                                    max_message=self.max_message)))
-        session = self.hub.attach_client(account, hello.session, out.send, cut)
+                                    max_message=self.max_message, features=FEATURES)))
+        hs.welcome()
+        session = self.hub.attach_client(account, hello.session, out.send, prepaid)
         try:
             async for msg, buffers in self._messages(ws, CLIENT_TYPES, out):
                 if isinstance(msg, p.Submit):
@@ -364,12 +357,10 @@ class GatewayServer:
                     out.send(p.encode(self.hub.query(account, session.id, msg)))
         finally:
             if session.send_fn == out.send:
-                self.hub.detach_client(session)
-                unsent = out.take_unsent()  # keep for the reconnect
-                session.outbox.extendleft(reversed(unsent))
-                session.outbox_bytes += sum(p.frame_size(f) for f in unsent)
+                self.hub.detach_client(session, out.take_unsent())  # kept for the reconnect
 
-    async def _serve_provider(self, ws: ServerConnection, hello: p.Hello, out: FrameWriter) -> None:
+    async def _serve_provider(self, ws: ServerConnection, hs: Handshake, hello: p.Hello,
+                              out: FrameWriter) -> None:
         assert hello.ad is not None
         account = hello.key.hex()
         await self._load(account)
@@ -378,6 +369,7 @@ class GatewayServer:
         out.send(p.encode(p.Welcome(account=conn.account, session=conn.id,
                                     gateway=self.identity.public_bytes,
                                     max_message=self.max_message)))
+        hs.welcome()
         self.hub.join_provider(conn)
         try:
             async for msg, buffers in self._messages(ws, PROVIDER_TYPES, out):

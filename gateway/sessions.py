@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gateway.protocol import Frame, Send, frame_size
@@ -27,7 +28,6 @@ class ClientSession:
     id: str
     account: str
     send_fn: Send | None = None
-    tasks: set[str] = field(default_factory=set)
     outbox: deque[Frame] = field(default_factory=deque)
     outbox_bytes: int = 0
     away_since: float | None = None
@@ -55,9 +55,12 @@ class ClientSession:
         self.outbox_bytes = 0
         return flushed
 
-    def detach(self) -> None:
+    def detach(self, unsent: Sequence[Frame] = ()) -> None:
+        """The connection is gone; ``unsent`` frames (its writer's queue) wait, first in line."""
         self.send_fn = None
         self.away_since = time.monotonic()
+        self.outbox.extendleft(reversed(unsent))
+        self.outbox_bytes += sum(frame_size(f) for f in unsent)
 
     def expired(self, now: float) -> bool:
         return self.away_since is not None and now - self.away_since > LINGER_SECONDS

@@ -3,7 +3,17 @@
 A task is ``pending`` until matched, ``running`` once assigned to a provider, and ends
 ``finished``, ``error`` or ``cancelled``. ``running -> pending`` is the retry after a provider is
 lost; ``finished -> pending`` is the recomputation of a kept graph result whose only holder was
-lost (lineage). Any other move raises :class:`TaskStateError`: a bug, never silently absorbed.
+lost (lineage). Two states stand between a running task and its end when the client already has
+its answer but the provider still holds the task:
+
+- ``cancelling``: the client cancelled; the provider's final report is awaited, because it is
+  billed (what ran until the kill is paid), and never forwarded;
+- ``stopping``: the gateway stopped it (its budget was spent and settled for good, a vote was
+  decided without it, the ledger failed it); later reports bill nothing.
+
+Either ends in :attr:`Task.ending` (``cancelled`` or ``error``) when the provider reports, its
+cancel grace runs out, or it leaves. Any other move raises :class:`TaskStateError`: a bug, never
+silently absorbed.
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ log = logging.getLogger(__name__)
 class TaskState(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
+    CANCELLING = "cancelling"
+    STOPPING = "stopping"
     FINISHED = "finished"
     ERROR = "error"
     CANCELLED = "cancelled"
@@ -29,15 +41,21 @@ class TaskState(StrEnum):
 
 TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.PENDING: frozenset({TaskState.RUNNING, TaskState.ERROR, TaskState.CANCELLED}),
-    TaskState.RUNNING: frozenset(
-        {TaskState.PENDING, TaskState.FINISHED, TaskState.ERROR, TaskState.CANCELLED}
-    ),
+    TaskState.RUNNING: frozenset({TaskState.PENDING, TaskState.FINISHED, TaskState.ERROR,
+                                  TaskState.CANCELLING, TaskState.STOPPING}),
+    TaskState.CANCELLING: frozenset({TaskState.CANCELLED}),
+    TaskState.STOPPING: frozenset({TaskState.ERROR, TaskState.CANCELLED}),
     TaskState.FINISHED: frozenset({TaskState.PENDING}),
     TaskState.ERROR: frozenset(),
     TaskState.CANCELLED: frozenset(),
 }
 
 TERMINAL = frozenset({TaskState.FINISHED, TaskState.ERROR, TaskState.CANCELLED})
+#: The client has its answer: the terminal states, and the two that wait for the provider.
+ANSWERED = TERMINAL | {TaskState.CANCELLING, TaskState.STOPPING}
+#: Where each waiting state may end.
+ENDINGS = {TaskState.CANCELLING: frozenset({TaskState.CANCELLED}),
+           TaskState.STOPPING: frozenset({TaskState.ERROR, TaskState.CANCELLED})}
 
 
 class TaskStateError(RuntimeError):
@@ -68,11 +86,8 @@ class Task:
     #: Counts assignments, so a deadline set for an earlier one is recognised as stale.
     assignment: int = 0
     usage: dict[str, float] = field(default_factory=dict)
-    #: Set when the client cancelled while a provider still runs it: its final report is awaited
-    #: (for settlement) but never forwarded, and a provider loss does not retry it.
-    cancelling: bool = False
-    #: The escrow was settled for good already (a budget stop): later reports bill nothing.
-    billed: bool = False
+    #: For a ``cancelling`` or ``stopping`` task: the state it ends in (what the client was told).
+    ending: TaskState | None = None
     #: Micro-tokens held in escrow for it (set by the hub's billing at submit); 0 holds none:
     #: such a task writes nothing to the ledger and runs only on free providers.
     escrow_micro: int = 0
@@ -115,3 +130,17 @@ class Task:
             raise TaskStateError(f"task {self.key}: {self.state.value} -> {new.value} not allowed")
         log.debug("task %s: %s -> %s", self.key, self.state.value, new.value)
         self.state = new
+
+    def wait_for_provider(self, waiting: TaskState, ending: TaskState) -> None:
+        """The client is answered (``ending``) while the provider still holds the task:
+        ``cancelling`` (its final report is billed) or ``stopping`` (nothing more is billed)."""
+        if ending not in ENDINGS[waiting]:
+            raise TaskStateError(f"task {self.key}: {waiting.value} cannot end {ending.value}")
+        self.move(waiting)
+        self.ending = ending
+
+    @property
+    def billable(self) -> bool:
+        """Whether a report of this task still moves money: running, or cancelled while running
+        (its final bill)."""
+        return self.state in (TaskState.RUNNING, TaskState.CANCELLING)

@@ -95,6 +95,19 @@ class Verifier:
         for task in replicas:
             self.of[task.task_id] = vote
 
+    def voting(self, task: Task) -> bool:
+        """Whether ``task`` is a replica whose ballot is still awaited."""
+        return task.task_id in self.of
+
+    def forget(self, task: Task) -> None:
+        """The replica was cancelled by its client: its ballot is no longer awaited."""
+        self.of.pop(task.task_id, None)
+
+    def live_escrows(self) -> set[str]:
+        """Escrow ids of replicas whose ballots are cast and wait for their vote's decision."""
+        return {b.task.bill_id for vote in self.votes.values() for b in vote.ballots
+                if b.task.escrow_micro}
+
     def siblings(self, task: Task) -> list[Task]:
         vote = self.of.get(task.task_id)
         return [] if vote is None else [t for t in vote.replicas if t is not task]

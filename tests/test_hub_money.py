@@ -101,8 +101,8 @@ def provider(hub: Hub, name: str = "paid", price: float = 1.0, account: str = PR
 def client(hub: Hub, session: str = "s1") -> tuple[ClientSession, Peer]:
     peer = Peer()
     BOOKS[hub].load(CLIENT)
-    cut = hub.billing.ledger.has_tasks_under(f"{session}/")
-    return hub.attach_client(CLIENT, session, peer.send, cut), peer
+    prepaid = hub.billing.ledger.settled_under(f"{session}/")  # as the shell reads it
+    return hub.attach_client(CLIENT, session, peer.send, prepaid), peer
 
 
 def submit(hub: Hub, session: ClientSession, key: str, **fields: object) -> None:

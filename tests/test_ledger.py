@@ -569,6 +569,7 @@ def test_lookups_for_billing(ledger: Ledger) -> None:
     ledger.settle("s/a~1", "prov", MICRO, final=True)
     ledger.refund("s/b#1~2")
     assert ledger.settled_tasks(["s/a", "s/b#1", "other/c"]) == {"s/a"}
+    assert ledger.settled_under("s/") == {"s/a"} and ledger.settled_under("t/") == set()
     ledger.recover()  # a restart's recovery is not a final settlement either
     assert ledger.settled_tasks(["other/c"]) == set()
 
