@@ -137,6 +137,9 @@ class Scheduler:
         self._heap: list[Ranked] = []  # providers with room, least loaded first (lazy: an
         # entry whose rank is no longer the provider's own is skipped when it comes up)
         self._rebuilt = float("-inf")
+        #: account -> (its first queued task, its home, whether that home may run the task): the
+        #: task waits at the head of its queue round after round, asked the same question.
+        self._home_ok: dict[str, tuple[Task, ProviderConn, bool]] = {}
         self._short: dict[str, set[str]] = {}  # account -> ids left out of the heap for the
         # account's allowance: back in when any task of the account moves
 
@@ -188,6 +191,7 @@ class Scheduler:
         if (home := self._home.get(account)) is not None:
             self._homed[home] -= 1
         self._home_since.pop(account, None)
+        self._home_ok.pop(account, None)
         del self._turn[account]
         if len(self._home) > HOMES_KEPT:  # forget the homes of accounts with nothing queued
             self._home = {a: home for a, home in self._home.items() if a in self._turn}
@@ -304,8 +308,12 @@ class Scheduler:
         passed = self._placements - self._home_since.get(task.account, self._placements)
         if passed >= HOME_PATIENCE * len(self._turn):
             return False
-        return (why_ineligible(task.spec, task.account, home) is None
-                and self.admits(task, home))
+        cached = self._home_ok.get(task.account)
+        if cached is not None and cached[0] is task and cached[1] is home:
+            return cached[2]
+        ok = why_ineligible(task.spec, task.account, home) is None and self.admits(task, home)
+        self._home_ok[task.account] = (task, home, ok)  # asked again each round it waits
+        return ok
 
     # ------------------------------------------------------------------ the load heap
 

@@ -259,6 +259,29 @@ def test_a_map_of_2000_items_in_auto_chunks_returns_every_item_in_order(
     assert all(f.status == "finished" and f.provider for f in futures)
 
 
+def slow(x: int) -> int:
+    time.sleep(0.02)
+    return x
+
+
+def test_auto_chunks_shrink_to_about_50_ms_once_the_function_is_measured(
+        client: Client) -> None:
+    first = client.map(slow, range(16), chunksize=8)
+    assert client.gather(first) == list(range(16))
+    measured = client._per_item[first[0]._chunk.func]
+    assert 0.015 < measured < 0.2
+    futures = client.map(slow, range(64))
+    assert client.gather(futures) == list(range(64))
+    sizes = {f._chunk.n for f in futures}
+    assert max(sizes) <= max(1, int(0.05 / measured)) + 1  # not 64 / (4 x 2 slots) = 8
+
+
+def test_chunksize_must_be_auto_or_a_count_of_items(client: Client) -> None:
+    for bad in (0, -1, p.MAX_ITEMS + 1, "big", 2.5, True):
+        with pytest.raises(ValueError, match="chunksize must be 'auto' or an int"):
+            client.map(inc, range(4), chunksize=bad)
+
+
 def test_an_items_own_keys_stay_its_own_even_at_the_longest(client: Client) -> None:
     keys = [f"{'k' * 232}{i:04d}" for i in range(6)]  # the longest the gateway takes
     futures = client.map(inc, range(6), key=keys, chunksize=3)

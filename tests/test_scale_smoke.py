@@ -31,7 +31,7 @@ def test_scale_bench_runs_to_completion_at_a_tiny_size(tmp_path: Path) -> None:
         assert row["phase"]["done"] == 300 and row["phase"]["errors"] == 0, row["phase"]
         assert row["value"] > 0
     for key in ("rss_per_idle_connection", "tasks_per_s", "latency_p50", "latency_p99",
-                "cpu_ratio"):
+                "cpu_ratio", "cpu_ratio_net_of_idle"):
         assert rows[key]["error"] is None and rows[key]["value"] is not None, (key, rows[key])
     assert "gateway CPU per task, 20 providers" in proc.stdout
     assert not any("stray" in note for note in data["notes"]), data["notes"]
