@@ -333,6 +333,9 @@ class Hub:
                 for c in self.registry])
         if q.what == "resume":
             keys = q.args.get("keys", [])
+            if not isinstance(keys, list):
+                return p.Reply(id=q.id, error="resume: keys must be a list of task keys",
+                               code=p.ErrorCode.SCHEMA.value)
             unknown = [k for k in keys if isinstance(k, str)
                        and f"{session_id}/{k}" not in self.tasks]
             return p.Reply(id=q.id, data={"unknown": unknown})

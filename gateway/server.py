@@ -245,6 +245,16 @@ class GatewayServer:
             log.exception("internal error handling %s", what)
         self._flush()
 
+    def _answer(self, account: str, peer: str, q: p.Query) -> p.Reply:
+        """The core's answer to a query; a bug answering it is an error reply, not a close."""
+        try:
+            return self.hub.query(account, peer, q)
+        except Exception:
+            self.hub.counters.refused[p.ErrorCode.INTERNAL.value] += 1
+            log.exception("internal error answering query %r", q.what)
+            return p.Reply(id=q.id, error="internal: the gateway could not answer; see its log",
+                           code=p.ErrorCode.INTERNAL.value)
+
     def _flush(self, idle: bool = False) -> None:
         """Hand the core's journal to the accounting worker (an empty one too when ``idle``:
         the worker then looks for movements written from outside)."""
@@ -354,7 +364,7 @@ class GatewayServer:
                 elif isinstance(msg, p.Release):
                     self._react("release", self.hub.release, session, msg.keys)
                 elif isinstance(msg, p.Query):
-                    out.send(p.encode(self.hub.query(account, session.id, msg)))
+                    out.send(p.encode(self._answer(account, session.id, msg)))
         finally:
             if session.send_fn == out.send:
                 self.hub.detach_client(session, out.take_unsent())  # kept for the reconnect
@@ -385,7 +395,7 @@ class GatewayServer:
                     self._react("leases", self.hub.renew, conn, msg.usage)
                     self._react("heartbeat", self.hub.heartbeat, conn, msg)
                 elif isinstance(msg, p.Query):
-                    out.send(p.encode(self.hub.query(conn.account, conn.id, msg)))
+                    out.send(p.encode(self._answer(conn.account, conn.id, msg)))
                 elif isinstance(msg, p.Error):
                     log.warning("provider %s could not read a message: %s: %s", conn.id,
                                 msg.code, msg.message[:500])

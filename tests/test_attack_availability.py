@@ -301,3 +301,19 @@ def test_a_100000_task_storm_does_not_stall_another_client(tmp_path: Path, gate:
     finally:
         victim_provider.stop()
         gw.stop()
+
+
+def test_a_malformed_query_gets_an_error_reply_and_the_connection_lives(
+        plain_gateway: Gateway, tmp_path: Path) -> None:
+    """Found by the fuzzer: a ``resume`` query whose ``keys`` is a float once closed the client's
+    connection with an internal error. Now it is answered with an error, and the same
+    connection keeps being served."""
+    with FakeClient(plain_gateway.url, tmp_path / "hostile").start() as hostile:
+        for i, keys in enumerate([float("nan"), 7, "abc", {"a": 1}]):
+            hostile.send(p.Query(id=i, what="resume", args={"keys": keys}))
+            reply = hostile.other.get(timeout=20)
+            assert isinstance(reply, p.Reply) and reply.id == i
+            assert reply.error and "keys must be a list" in reply.error
+        hostile.send(p.Query(id=99, what="resume", args={"keys": ["k"]}))
+        reply = hostile.other.get(timeout=20)
+        assert isinstance(reply, p.Reply) and reply.data == {"unknown": ["k"]}

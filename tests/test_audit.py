@@ -98,7 +98,7 @@ def priced(tmp_path_factory: pytest.TempPathFactory) -> Any:
     gw = start_gateway(tmp, local_providers=2, extra=PRICED)
     client = Client(gw.url, home=tmp / "client", stream_output=False)
     try:
-        futs = client.map(square, range(1000), budget=0.05)
+        futs = client.map(square, range(1000), budget=0.05, chunksize=1)
         assert client.gather(futs) == [x * x for x in range(1000)]
         yield gw, client, futs, tmp
     finally:
@@ -216,12 +216,12 @@ def test_a_forked_log_is_caught_by_the_audit_and_by_a_connected_client(tmp_path:
     gw = start_gateway(tmp_path, local_providers=1, extra=PRICED)
     client = Client(gw.url, home=tmp_path / "client", stream_output=False)
     try:
-        client.gather(client.map(square, range(3), budget=0.05))
+        client.gather(client.map(square, range(3), budget=0.05, chunksize=1))
         snapshot = tmp_path / "rolled-back.sqlite"
         with contextlib.closing(connect(db_of(gw))) as db, \
                 contextlib.closing(sqlite3.connect(snapshot)) as copy:
             db.backup(copy)  # the history the gateway will pretend it always had
-        client.gather(client.map(square, range(3, 6), budget=0.05))
+        client.gather(client.map(square, range(3, 6), budget=0.05, chunksize=1))
         client.check_log()  # the newest head this client has seen: 6 leaves
         assert client.save_receipts(tmp_path / "receipts.jsonl") == 6
         assert audit(tmp_path / "receipts.jsonl", "--gateway", gw.url, "--save-head",
@@ -234,7 +234,8 @@ def test_a_forked_log_is_caught_by_the_audit_and_by_a_connected_client(tmp_path:
         gw = restart_on(gw.port, tmp_path)  # same address, same key, a forked log
         other = Client(gw.url, home=tmp_path / "other", stream_output=False)
         with other:
-            other.gather(other.map(square, range(100, 104), budget=0.05))  # leaves 3..6, forked
+            other.gather(other.map(square, range(100, 104), budget=0.05,
+                                   chunksize=1))  # leaves 3..6, forked
         run = audit(tmp_path / "receipts.jsonl", "--gateway", gw.url,
                     "--head", tmp_path / "head.json")
         assert run.returncode == 1
@@ -258,7 +259,7 @@ def test_receipts_from_before_a_sigkill_verify_against_the_restarted_gateways_he
     gw = start_gateway(tmp_path, local_providers=2, extra=PRICED)
     client = Client(gw.url, home=tmp_path / "client", stream_output=False)
     try:
-        futs = client.map(nap, range(400), budget=0.05)
+        futs = client.map(nap, range(400), budget=0.05, chunksize=1)
         wait_for(lambda: sum(f.receipt is not None for f in futs) >= 60, 60,
                  message="60 receipts before the kill")
         procs = descendants(gw.proc.pid)
@@ -277,7 +278,7 @@ def test_receipts_from_before_a_sigkill_verify_against_the_restarted_gateways_he
     gw = start_gateway(tmp_path, local_providers=2, extra=PRICED)  # same database, same key
     try:
         with Client(gw.url, home=tmp_path / "again", stream_output=False) as again:
-            after = again.gather(again.map(square, range(5), budget=0.05))
+            after = again.gather(again.map(square, range(5), budget=0.05, chunksize=1))
             assert after == [0, 1, 4, 9, 16]
             again._receipt_book.observe(newest)  # the old head, then the new ones: consistent
             again.check_log()

@@ -147,7 +147,7 @@ def test_a_gateway_crash_mid_map_and_a_restart_90_s_later_finish_the_map_paid_on
     try:
         gw.wait_providers(2)
         with Client(gw.url, home=tmp_path / "client", stream_output=False) as c:
-            futs = c.map(square, range(2000), budget=0.05, retries=5)
+            futs = c.map(square, range(2000), budget=0.05, chunksize=1, retries=5)
             wait_for(lambda: sum(f.done() for f in futs) >= 200, 120,
                      message="a good part of the map done")
             sigkill(gw)

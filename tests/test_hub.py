@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from core_driver import Books
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -45,7 +46,6 @@ from gateway.registry import ProviderConn
 from gateway.sessions import ClientSession
 from gateway.tasks import TRANSITIONS, TaskState
 from provider.provider import local_runtime
-from tests.core_driver import Books
 
 FAUCET = 10 * MICRO
 CLIENT = "c" * 64

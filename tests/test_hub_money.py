@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from core_driver import Books
 
 from gateway import protocol as p
 from gateway.billing import Billing
@@ -29,7 +30,6 @@ from gateway.ledger import MICRO, Ledger, to_micro
 from gateway.registry import ProviderConn
 from gateway.sessions import ClientSession
 from provider.provider import local_runtime
-from tests.core_driver import Books
 
 FAUCET = 10 * MICRO
 CLIENT = "c" * 64

@@ -520,7 +520,7 @@ def test_a_thousand_concurrent_settlements_keep_the_ledger_exact(priced: Gateway
         # (worker start-up, not the ledger, would then set this test's pace)
         batches = []
         for c in clients:
-            batches.append(c.map(square, range(250), providers=["mem"]))
+            batches.append(c.map(square, range(250), providers=["mem"], chunksize=1))
             assert [f.result(120) for f in batches[-1]] == [i * i for i in range(250)]
 
         total = 0
