@@ -125,6 +125,12 @@ class Probe:
         self._finalizer()
 
 
+def process_cpu(proc: psutil.Process) -> float:
+    """CPU seconds of the process itself and the children it reaped (its lifetime CPU limit
+    counts these), read through its kept-open probe."""
+    return _stat_values(os.pread(probe_of(proc).stat, 4096, 0))[0]
+
+
 #: One probe per live worker process (psutil.Process hashes by PID *and* start time), closed when
 #: the worker's Process object is gone.
 _PROBES: weakref.WeakKeyDictionary[psutil.Process, Probe] = weakref.WeakKeyDictionary()
@@ -156,6 +162,7 @@ class Meter:
         self.cpu0 = self._safe(self._cpu, 0.0)
         self.cpu = 0.0
         self.max_rss = 0
+        self.rss = 0  # resident bytes at the last sample (of the whole tree on heartbeats)
         self.gib_seconds = 0.0
         self._last = (self.wall0, 0)
 
@@ -192,6 +199,7 @@ class Meter:
         if cpu is not None:
             self.cpu = max(self.cpu, cpu - self.cpu0)
         rss = self._safe(lambda: self._rss(tree), 0)
+        self.rss = rss
         self.max_rss = max(self.max_rss, rss)
         now = time.monotonic()
         last_t, last_rss = self._last

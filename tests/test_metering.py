@@ -18,7 +18,7 @@ import psutil
 import pytest
 from helpers import wait_for
 
-from provider.metering import _PROBES, Meter, probe_of
+from provider.metering import _PROBES, Meter, probe_of, process_cpu, read_stat
 from provider.sandbox import Limits, cleanup, kill_cgroup, probe_isolation, sandbox_spec, worker_pid
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -60,6 +60,8 @@ def test_the_per_task_sample_bills_the_task_cpu(idle_child) -> None:
     assert idle_child.stdout.readline().strip() == "done"
     usage = meter.sample()
     assert 0.35 <= usage["cpu_seconds"] < 2.0 and usage["max_rss_bytes"] > 1 << 20
+    assert meter.rss == usage["max_rss_bytes"]
+    assert abs(process_cpu(psutil.Process(idle_child.pid)) - read_stat(idle_child.pid)[0]) < 0.05
     assert Meter(psutil.Process(idle_child.pid)).sample()["cpu_seconds"] < 0.1  # a new task
 
 
