@@ -16,12 +16,15 @@ Every header field is checked against a schema before a message object is built;
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 
 from gateway.schema import (  # noqa: F401  (re-exported: the protocol's vocabulary)
     MAX_BATCH,
@@ -65,6 +68,61 @@ def resource_map(name: str, value: Any) -> dict:
         if k not in RESOURCE_CHECKS:
             raise ProtocolError(ErrorCode.SCHEMA, f"{name}: unknown resource {k!r}")
         RESOURCE_CHECKS[k](f"{name}.{k}", v)
+    return value
+
+
+#: Requirements one task may declare. Each is parsed on the gateway at every provider it is
+#: matched against (cached), so this bounds a spec's matching work and its share of a header.
+MAX_REQUIREMENTS = 64
+#: Characters of one PEP 508 requirement string ("scikit-learn>=1.5,<2; python_version>'3.9'").
+MAX_REQUIREMENT_LEN = 200
+#: Distributions one provider may advertise. A large scientific environment has a few hundred;
+#: 2,000 bounds the advertisement to about 60 KiB of header and the matching table it builds.
+MAX_PACKAGES = 2_000
+#: Characters of a distribution name and of a version string in an advertisement.
+MAX_PACKAGE_NAME = 100
+MAX_VERSION_LEN = 64
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_requirement(text: str) -> Requirement:
+    """A PEP 508 requirement, parsed once per distinct string (specs repeat them per task).
+
+    Direct references (``name @ URL``) are refused: a provider installs only from its own index,
+    never from an address a client names."""
+    req = Requirement(text)
+    if req.url:
+        raise InvalidRequirement(f"{text!r} names a URL; a provider installs only from its own "
+                                 f"index: give a name and a version range instead")
+    return req
+
+
+def requirement_list(name: str, value: Any) -> list:
+    """Up to ``MAX_REQUIREMENTS`` PEP 508 strings, each parsed (not just length-checked)."""
+    value = list_of(string(MAX_REQUIREMENT_LEN), MAX_REQUIREMENTS)(name, value)
+    for i, text in enumerate(value):
+        try:
+            parse_requirement(text)
+        except InvalidRequirement as exc:
+            raise ProtocolError(ErrorCode.SCHEMA, f"{name}[{i}]: not a PEP 508 requirement "
+                                f"({exc})") from None
+    return value
+
+
+def package_map(name: str, value: Any) -> dict:
+    """``{canonical distribution name: version}``, bounded in entries and lengths."""
+    if not isinstance(value, dict):
+        raise ProtocolError(ErrorCode.SCHEMA, f"field {name!r} must be a map")
+    if len(value) > MAX_PACKAGES:
+        raise ProtocolError(ErrorCode.TOO_BIG, f"field {name!r} has over {MAX_PACKAGES} entries")
+    for k, v in value.items():
+        if not isinstance(k, str) or not 0 < len(k) <= MAX_PACKAGE_NAME \
+                or canonicalize_name(k) != k:
+            raise ProtocolError(ErrorCode.SCHEMA, f"{name}: {str(k)[:40]!r} is not a canonical "
+                                f"distribution name of at most {MAX_PACKAGE_NAME} characters")
+        if not isinstance(v, str) or not 0 < len(v) <= MAX_VERSION_LEN:
+            raise ProtocolError(ErrorCode.SCHEMA, f"{name}.{k}: the version must be a string of "
+                                f"1 to {MAX_VERSION_LEN} characters")
     return value
 
 
@@ -132,16 +190,19 @@ class TaskSpec(Record):
     send: bool = True
     items: int = 0
     parts: list = field(default_factory=list)
+    #: PEP 508 requirements the task's provider must meet (declared and inferred by the client).
+    packages: list = field(default_factory=list)
     SCHEMA: ClassVar[dict[str, Check]] = {
         "key": string(), "func": string(128), "nb": integer(0, MAX_BUFFERS),
         "runtime": record(Runtime), "resources": resource_map, "send": boolean,
+        "packages": requirement_list,
         "providers": optional(list_of(string(), 256)), "timeout": optional(number(0, 1e7)),
         "retries": integer(0, 100), "budget": optional(number()), "max_price": optional(number()),
         "redundancy": integer(1, 16), "deps": optional(list_of(string(), 100_000)),
         "keep": boolean, "items": integer(0, MAX_ITEMS),
         "parts": list_of(integer(1, MAX_BUFFERS), MAX_ITEMS),
     }
-    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"items", "parts"})
+    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"items", "parts", "packages"})
 
     def problem(self) -> str | None:
         return chunk_problem(self.items, self.parts, self.nb, self.deps, self.keep)
@@ -162,13 +223,16 @@ class Assignment(Record):
     send: bool = True
     items: int = 0
     parts: list = field(default_factory=list)
+    #: The task's requirements: the environment an installing provider runs it in.
+    packages: list = field(default_factory=list)
     SCHEMA: ClassVar[dict[str, Check]] = {
         "key": string(), "func": string(128), "nb": integer(0, MAX_BUFFERS), "account": string(),
         "resources": resource_map, "timeout": optional(number(0, 1e7)),
         "deps": optional(list_of(string(), 100_000)), "keep": boolean, "send": boolean,
         "items": integer(0, MAX_ITEMS), "parts": list_of(integer(1, MAX_BUFFERS), MAX_ITEMS),
+        "packages": requirement_list,
     }
-    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"items", "parts"})
+    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"items", "parts", "packages"})
 
     def problem(self) -> str | None:
         return chunk_problem(self.items, self.parts, self.nb, self.deps, self.keep)
@@ -295,12 +359,18 @@ class ProviderAd(Record):
     sandbox: str = "weak"
     allow: list = field(default_factory=list)
     slots: int = 1
+    #: Distributions its task processes can import, ``{canonical name: version}``.
+    packages: dict = field(default_factory=dict)
+    #: Whether it builds environments for requirements it lacks (``--install-packages``).
+    installs: bool = False
     SCHEMA: ClassVar[dict[str, Check]] = {
         "name": string(64), "cpus": integer(1, 4096), "memory": integer(0, 2**50),
         "runtime": record(Runtime), "gpus": integer(0, 64),
         "prices": mapping(8, number(0, 1e9)), "sandbox": one_of("strong", "weak"),
         "allow": list_of(string(), 1024), "slots": integer(1, 4096),
+        "packages": package_map, "installs": boolean,
     }
+    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"packages", "installs"})
 
 
 # --------------------------------------------------------------------------- messages
@@ -491,10 +561,23 @@ class Release(Message):
     SCHEMA: ClassVar[dict[str, Check]] = {"keys": list_of(string())}
 
 
+@dataclass(frozen=True, slots=True)
+class Packages(Message):
+    """Provider -> gateway: its advertised packages changed (an install, an upgrade).
+
+    Replaces ``packages`` and ``installs`` of the sender's own advertisement; nothing else of
+    it, and never another provider's (the gateway applies it to the connection it came on)."""
+
+    TYPE: ClassVar[str] = "packages"
+    packages: dict = field(default_factory=dict)
+    installs: bool = False
+    SCHEMA: ClassVar[dict[str, Check]] = {"packages": package_map, "installs": boolean}
+
+
 MESSAGES: dict[str, type[Message]] = {
     m.TYPE: m
     for m in (Challenge, Hello, Welcome, Submit, Assign, Cancel, Results, Events, Heartbeat,
-              Query, Reply, Error, Fetch, Data, Release)
+              Query, Reply, Error, Fetch, Data, Release, Packages)
 }
 
 

@@ -62,6 +62,8 @@ SAMPLES: dict[str, tuple[p.Message, list[bytes]]] = {
     "data": (p.Data(keys=["s/k-1", "s/k-2"], nbs=[1, 2], missing=["s/k-3"]),
              [b"pickle", b"pickle", b"\x00" * 64]),
     "release": (p.Release(keys=["k-1"]), []),
+    "packages": (p.Packages(packages={"numpy": "2.1.0", "scikit-learn": "1.5.2"},
+                            installs=True), []),
 }
 
 
