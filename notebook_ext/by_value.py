@@ -212,7 +212,8 @@ class _Walker:
             func = obj.__func__ if isinstance(obj, types.MethodType) else obj
             if isinstance(obj, types.MethodType):
                 self.visit(obj.__self__, depth + 1)
-            if self.module(func.__module__):
+            # No module (exec'd code): cloudpickle cannot find it by name, so it goes by value.
+            if func.__module__ is None or self.module(func.__module__):
                 self.function(func, depth)
             return
         if isinstance(obj, type):

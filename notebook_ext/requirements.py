@@ -76,6 +76,20 @@ def validate(packages: Iterable[str] | str | None) -> list[str]:
     return out
 
 
+def split_flag(text: str) -> list[str]:
+    """``%%decompute --packages`` text as requirement strings. Commas separate requirements,
+    except inside one's version range: ``numpy>=1.26,<3,pandas`` is two requirements."""
+    out: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if out and piece[0] in "<>=!~":  # another clause of the previous requirement's range
+            out[-1] = f"{out[-1]},{piece}"
+        else:
+            out.append(piece)
+    return validate(out)
+
+
 @functools.cache
 def _dists_of(top: str) -> tuple[str, ...]:
     return tuple(importlib.metadata.packages_distributions().get(top, ()))
