@@ -157,13 +157,19 @@ def measure_idle(ps: psutil.Process, seconds: float) -> float:
     return (cpu_seconds(ps) - c0) / (time.perf_counter() - t0)
 
 
-def run_phase(clients: Sim, ps: psutil.Process, args: argparse.Namespace, tasks: int
-              ) -> dict[str, Any]:
-    c0 = cpu_seconds(ps)
+def run_phase(clients: Sim, ps: psutil.Process, args: argparse.Namespace, tasks: int,
+              sims: tuple[Sim, ...] = ()) -> dict[str, Any]:
+    """One closed-loop run of ``tasks`` tasks; the gateway's CPU over it, and the simulators'
+    (on a 2-core machine they compete with the gateway: what limits tasks/s)."""
+    others = [psutil.Process(sim.proc.pid) for sim in sims]
+    c0, s0 = cpu_seconds(ps), [cpu_seconds(o) for o in others]
     out = clients.ask(cmd="run", tasks=tasks, window=args.window, batch=args.batch,
                       timeout=240)
     out["gateway_cpu_s"] = cpu_seconds(ps) - c0
     out["cpu_per_task_us"] = out["gateway_cpu_s"] / max(1, out["done"]) * 1e6
+    out["gateway_cores"] = out["gateway_cpu_s"] / out["elapsed_s"]
+    out["simulator_cores"] = {sim.role: (cpu_seconds(o) - c) / out["elapsed_s"]
+                              for sim, o, c in zip(sims, others, s0, strict=True)}
     return out
 
 
@@ -218,7 +224,7 @@ def main() -> None:
             time.sleep(SETTLE_SECONDS)
             idle = measure_idle(ps, args.idle_seconds)
             with rec.row(f"cpu_per_task_{n}") as row:
-                phase = run_phase(clients, ps, args, tasks)
+                phase = run_phase(clients, ps, args, tasks, (providers, clients))
                 phase["idle_cpu_cores"] = idle
                 phases[n] = phase
                 if not phase["finished"] or phase["errors"]:
@@ -229,9 +235,12 @@ def main() -> None:
                            net_of_idle_us=net,
                            detail=f"gateway CPU / task with {n} providers, {args.clients} "
                            f"clients; idle gateway CPU there {idle * 100:.1f}% of a core")
+            busy = ", ".join(f"{k} {v:.2f}" for k, v in phase["simulator_cores"].items())
             log(SYSTEM, f"{n} providers: {phase['tasks_per_s']:.0f} tasks/s, p50 "
                 f"{phase['latencies_ms']['p50']:.1f} ms, p99 {phase['latencies_ms']['p99']:.1f} "
-                f"ms, {phase['cpu_per_task_us']:.0f} µs gateway CPU per task")
+                f"ms, {phase['cpu_per_task_us']:.0f} µs gateway CPU per task; cores busy: "
+                f"gateway {phase['gateway_cores']:.2f}, {busy}, load average "
+                f"{os.getloadavg()[0]:.1f}")
         big = phases.get(max(sizes))
         for key, pick, unit in (("tasks_per_s", lambda ph: ph["tasks_per_s"], "tasks/s"),
                                 ("latency_p50", lambda ph: ph["latencies_ms"]["p50"], "ms"),
