@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -17,6 +19,12 @@ from gateway.identity import Identity, decompute_home
 from gateway.transport import handshake
 from gateway.units import parse_size
 from provider import stats
+from provider.environments import (
+    DEFAULT_QUOTA,
+    Environments,
+    default_envs_dir,
+    environment_args_problem,
+)
 from provider.outbox import OUTPUT_LIMIT
 from provider.provider import DEFAULT_URL, Provider
 from provider.sandbox import HIDE_ENV
@@ -62,8 +70,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--hide", action="append", default=[], metavar="PATH",
                     help="a file or folder tasks must not see (repeatable); this provider's "
                     "key folder is always hidden")
+    envs = ap.add_argument_group(
+        "installing packages", "build a cached environment (wheels only: no package code runs "
+        "while installing) for a task whose packages this machine lacks, outside the sandbox; "
+        "the task then runs sandboxed against it and cannot write into it")
+    envs.add_argument("--install-packages", action="store_true",
+                      help="opt in: advertise that this provider installs packages")
+    source = envs.add_mutually_exclusive_group()
+    source.add_argument("--index-url", metavar="URL",
+                        help="the package index to install from (default: pip's, PyPI)")
+    source.add_argument("--find-links", metavar="DIR",
+                        help="install only wheels from this folder (no index at all)")
+    envs.add_argument("--envs-quota", type=size_arg, default=DEFAULT_QUOTA, metavar="SIZE",
+                      help="disk the environments may take, e.g. 5GiB (default); the least "
+                      "recently used unused ones are deleted past it")
+    envs.add_argument("--envs-dir", metavar="DIR", default=default_envs_dir(),
+                      help="where the environments live (default: %(default)s); tasks must be "
+                      "able to reach it, so not under /tmp nor under the key folder")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
+    problem = environment_args_problem(args, hidden=[str(decompute_home()), *args.hide])
+    if problem:
+        ap.error(problem)
     if args.cpus is not None and args.cpus < 1:
         ap.error("--cpus must be at least 1")
     for path in args.hide:
@@ -157,6 +185,25 @@ def print_status(url: str) -> int:
     return 0
 
 
+def environment_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """``Provider``'s ``environments`` argument for ``--install-packages`` (none without it)."""
+    if not args.install_packages:
+        return {}
+    if "environments" not in inspect.signature(Provider).parameters:
+        sys.exit("decompute-provider: --install-packages is not wired into this provider yet "
+                 "(Provider takes no environments); run without it")
+    try:
+        envs = Environments(Path(args.envs_dir), index_url=args.index_url,
+                            find_links=args.find_links, quota=args.envs_quota)
+    except (OSError, ValueError) as exc:
+        sys.exit(f"decompute-provider: cannot use --envs-dir {args.envs_dir}: {exc}")
+    logging.getLogger(__name__).warning(
+        "installing packages for tasks: wheels only from %s, into %s (quota %d MiB)",
+        args.find_links or args.index_url or "pip's default index (PyPI)", envs.root,
+        args.envs_quota >> 20)
+    return {"environments": envs}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.status:
@@ -180,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         args.url, name=args.name, cpus=cpus, memory=memory,
         gpus=detect_gpus(args.gpus), price_cpu=args.price_cpu, price_memory=args.price_memory,
         price_gpu=args.price_gpu, allow=args.allow, dask_scheduler=args.dask_scheduler,
-        output_limit=args.output_limit,
+        output_limit=args.output_limit, **environment_kwargs(args),
     )
     asyncio.run(run(provider))
     print(f"decompute-provider stopped. {provider.summary()}", flush=True)

@@ -73,6 +73,11 @@ _PTH = "_decompute_provider.pth"
 class EnvironmentBuildError(RuntimeError):
     """A requirement set could not be installed; the message carries pip's reason."""
 
+    def as_error(self) -> dict[str, str]:
+        """The task's error (a pool ``Outcome.error``): structured data, never a pickle."""
+        return {"type": "EnvironmentBuildError", "module": "decompute", "traceback": "",
+                "message": f"this provider could not build the task's environment: {self}"}
+
 
 @dataclass(frozen=True, slots=True)
 class Environment:
@@ -105,6 +110,42 @@ def requirement_key(requirements: Iterable[str]) -> tuple[tuple[str, ...], str]:
     """The sorted canonical requirement set and its cache key (a short hash of it)."""
     canon = tuple(sorted(set(map(canonical_requirement, requirements))))
     return canon, hashlib.sha256("\n".join(canon).encode()).hexdigest()[:24]
+
+
+def default_envs_dir() -> str:
+    """Where environments live by default: a system cache for a root provider (``/root`` is
+    closed to the tasks' own uids), the user's cache otherwise; never a temp dir (the sandbox
+    gives tasks a private one) nor the key folder (hidden from tasks)."""
+    if os.geteuid() == 0:
+        return "/var/cache/decompute/envs"
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "decompute", "envs")
+
+
+def environment_args_problem(args: object, hidden: Sequence[str] = ()) -> str | None:
+    """What is wrong with the provider's environment flags, or None (for argparse's error).
+    ``hidden``: folders the sandbox hides from tasks (the key folder)."""
+    installs = getattr(args, "install_packages", False)
+    given = [flag for flag, attr in (("--index-url", "index_url"), ("--find-links", "find_links"))
+             if getattr(args, attr, None)]
+    if given and not installs:
+        return f"{given[0]} is for --install-packages; add it to install packages for tasks"
+    find_links = getattr(args, "find_links", None)
+    if find_links and not os.path.isdir(find_links):
+        return f"--find-links {find_links}: no such folder"
+    envs_dir = os.path.realpath(getattr(args, "envs_dir", "") or default_envs_dir())
+    if installs and any(envs_dir == d or envs_dir.startswith(d + "/")
+                        for d in ("/tmp", "/var/tmp", "/dev/shm")):
+        return (f"--envs-dir {envs_dir} is under a temp folder, which every task sees as a "
+                f"fresh empty one: pick a folder elsewhere")
+    for folder in map(os.path.realpath, hidden):
+        if installs and (envs_dir == folder or envs_dir.startswith(folder + "/")):
+            return (f"--envs-dir {envs_dir} is inside {folder}, which tasks cannot see: pick a "
+                    f"folder elsewhere")
+    quota = getattr(args, "envs_quota", DEFAULT_QUOTA)
+    if installs and quota < 64 << 20:
+        return "--envs-quota below 64MiB holds no useful environment"
+    return None
 
 
 def advertised_packages(path: Sequence[str] | None = None) -> dict[str, str]:
@@ -253,17 +294,26 @@ class Environments:
     async def using(self, requirements: Sequence[str]) -> AsyncIterator[Environment]:
         """The environment for ``requirements``, built if needed, kept from eviction while the
         block runs. Raises :class:`EnvironmentBuildError` with pip's reason."""
-        env = await self.get(requirements)
-        self._in_use[env.key] = self._in_use.get(env.key, 0) + 1
+        env = await self.hold(requirements)
         try:
             yield env
         finally:
-            left = self._in_use.get(env.key, 1) - 1
-            if left:
-                self._in_use[env.key] = left
-            else:
-                self._in_use.pop(env.key, None)
-            self._touch(env)
+            self.release(env)
+
+    async def hold(self, requirements: Sequence[str]) -> Environment:
+        """:meth:`get`, and keep the environment from eviction until :meth:`release`."""
+        env = await self.get(requirements)
+        self._in_use[env.key] = self._in_use.get(env.key, 0) + 1
+        return env
+
+    def release(self, env: Environment) -> None:
+        """A task that held ``env`` ended: it may be evicted again once nobody holds it."""
+        left = self._in_use.get(env.key, 1) - 1
+        if left > 0:
+            self._in_use[env.key] = left
+        else:
+            self._in_use.pop(env.key, None)
+        self._touch(env)
 
     async def get(self, requirements: Sequence[str]) -> Environment:
         """The built environment for ``requirements``: from the cache, from a build already

@@ -213,3 +213,31 @@ def test_needed_only_for_what_the_provider_lacks(envs_root: Path) -> None:
 def test_index_url_and_find_links_are_exclusive(envs_root: Path) -> None:
     with pytest.raises(ValueError, match="not both"):
         Environments(envs_root, index_url="https://example.invalid/simple", find_links="/x")
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--find-links", "/"], "is for --install-packages"),
+    (["--install-packages", "--find-links", "/no/such/folder"], "no such folder"),
+    (["--install-packages", "--envs-dir", "/tmp/envs"], "temp folder"),
+    (["--install-packages", "--envs-quota", "1MiB"], "64MiB"),
+    (["--install-packages", "--index-url", "https://x.invalid", "--find-links", "/"],
+     "not allowed with"),
+])
+def test_provider_flags_are_checked(argv: list[str], words: str,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from provider.__main__ import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert words in capsys.readouterr().err
+
+
+def test_envs_dir_inside_the_key_folder_is_refused(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from provider.__main__ import parse_args
+
+    monkeypatch.setenv("DECOMPUTE_HOME", str(ENVS_PARENT / "keys"))
+    with pytest.raises(SystemExit):
+        parse_args(["--install-packages", "--envs-dir", str(ENVS_PARENT / "keys" / "envs")])
+    assert "tasks cannot see" in capsys.readouterr().err
