@@ -26,10 +26,6 @@ ISO = probe_isolation()
 BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\n"
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 @pytest.fixture
 def idle_child():
     """A plain child process waiting on stdin: ``go`` makes it burn 0.4 s of CPU."""
@@ -45,12 +41,29 @@ def idle_child():
 def test_a_worker_is_probed_once_and_each_task_opens_nothing(idle_child) -> None:
     ps = psutil.Process(idle_child.pid)
     first = Meter(ps, cgroup=None)
-    fds = open_fds()
-    for _ in range(200):  # 200 tasks on the same worker
-        meter = Meter(ps)
-        meter.sample()
-        assert meter.probe is first.probe
-    assert open_fds() == fds
+    opened: list[str] = []
+    OPENS.append(opened)
+    try:
+        for _ in range(200):  # 200 tasks on the same worker
+            meter = Meter(ps)
+            meter.sample()
+            assert meter.probe is first.probe
+    finally:
+        OPENS.remove(opened)
+    assert opened == []
+
+
+#: Lists that the audit hook appends every file opened to, while a test watches.
+OPENS: list[list[str]] = []
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "open" and OPENS:
+        for opened in OPENS:
+            opened.append(str(args[0]))
+
+
+sys.addaudithook(_audit)
 
 
 def test_the_per_task_sample_bills_the_task_cpu(idle_child) -> None:
@@ -66,10 +79,10 @@ def test_the_per_task_sample_bills_the_task_cpu(idle_child) -> None:
 
 
 def test_a_dead_worker_samples_as_nothing_new_and_its_files_close(idle_child) -> None:
-    fds = open_fds()
     ps = psutil.Process(idle_child.pid)
     meter = Meter(ps)
-    assert open_fds() > fds
+    kept = list(meter.probe._fds)
+    assert kept and all(f"/proc/{idle_child.pid}/" in target(fd) for fd in kept[:2])
     idle_child.kill()
     idle_child.wait(10)
     assert meter.sample()["cpu_seconds"] == 0.0  # the descriptor does not read another process
@@ -77,7 +90,16 @@ def test_a_dead_worker_samples_as_nothing_new_and_its_files_close(idle_child) ->
     gone = weakref.ref(meter.probe)
     del meter, ps
     gc.collect()
-    assert gone() is None and open_fds() == fds
+    assert gone() is None
+    assert not any(f"/proc/{idle_child.pid}/" in target(fd) for fd in kept)
+
+
+def target(fd: int) -> str:
+    """What a descriptor of this process is open on ("" once closed)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
 
 
 def test_a_reused_pid_gets_a_probe_of_its_own(idle_child) -> None:
