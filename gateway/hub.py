@@ -129,6 +129,43 @@ class Hub:
 
     # ------------------------------------------------------------------ clients
 
+    def contain(self, what: str, task_ids: Iterable[str], react: Callable[..., object],
+                *args: object) -> None:
+        """Run one handler behind the core's failure boundary: a bug (an exception) while
+        handling a message fails the tasks it concerned, returns their escrow and tells their
+        clients, instead of leaving them half-changed; every other task and peer is served on.
+        """
+        try:
+            react(*args)
+        except Exception as exc:
+            self.counters.refused[p.ErrorCode.INTERNAL.value] += 1
+            log.exception("internal error handling %s", what)
+            self._fail_after_bug(what, task_ids, exc)
+
+    def _fail_after_bug(self, what: str, task_ids: Iterable[str], exc: Exception) -> None:
+        """The open tasks a failed handler concerned end in error, each escrow returned."""
+        failed: list[Failing] = []
+        for task_id in dict.fromkeys(task_ids):
+            task = self.tasks.get(task_id) if isinstance(task_id, str) else None
+            if task is None or task.state in ANSWERED:
+                continue
+            if task.state is TaskState.PENDING:
+                self.scheduler.discard(task)
+            conn = self.registry.get(task.provider or "")
+            if task.state is TaskState.RUNNING and conn is not None:
+                conn.running.discard(task.task_id)
+                conn.send(p.encode(p.Cancel(keys=[task.task_id])))
+            self.verifier.forget(task)
+            failed.append((task, p.ErrorCode.INTERNAL,
+                           f"the gateway hit an internal error handling {what} for task "
+                           f"{task.key} ({type(exc).__name__}: {exc}); the task was stopped and "
+                           f"its escrow returned. Submit it again; if this repeats, tell the "
+                           f"gateway's operator", "GatewayError"))
+        try:
+            self._fail_many(failed)
+        except Exception:  # the boundary itself must hold: log, never raise into the shell
+            log.exception("could not fail the tasks of a failed %s", what)
+
     def may_attach(self, account: str, session_id: str) -> bool:
         """A session id is only ever resumed by the account that opened it."""
         session = self.sessions.get(session_id)

@@ -31,14 +31,15 @@ from pathlib import Path
 
 import pytest
 from core_driver import Books
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import gateway.escrow as escrow_module
 from gateway import protocol as p
 from gateway.billing import Billing
 from gateway.escrow import ESCROW_TRANSITIONS, EscrowEvent, EscrowState
-from gateway.handshake import HANDSHAKE_TRANSITIONS, Handshake, HandshakeError, Phase
+from gateway.handshake import HANDSHAKE_TRANSITIONS, Handshake, HandshakeError
+from gateway.handshake import Phase as Ph
 from gateway.hub import Hub
 from gateway.identity import Identity, auth_message
 from gateway.ledger import MICRO, Ledger, to_micro
@@ -472,7 +473,7 @@ def test_handshake_reaches_every_transition(caplog: pytest.LogCaptureFixture) ->
 
     hs = _challenged("served")  # the whole way, then the peer goes; a late leave is a no-op
     hello = hs.receive_hello(_hello(me, hs.nonce, session="s1"))
-    assert hello.key == me.public_bytes and hs.phase is Phase.AUTHENTICATED and not hs.serving
+    assert hello.key == me.public_bytes and hs.phase is Ph.AUTHENTICATED and not hs.serving
     hs.welcome()
     assert hs.serving
     hs.leave()
@@ -491,7 +492,7 @@ def test_handshake_reaches_every_transition(caplog: pytest.LogCaptureFixture) ->
                      signature=other.sign(auth_message(hs.nonce, "client")))
     with pytest.raises(p.ProtocolError, match="bad signature"):
         hs.receive_hello(p.encode(forged))
-    assert hs.phase is Phase.CLOSED
+    assert hs.phase is Ph.CLOSED
 
     hs = _challenged("replayed")  # a signature made for another connection's nonce
     with pytest.raises(p.ProtocolError, match="bad signature"):
@@ -718,7 +719,8 @@ def test_random_traffic_keeps_the_books_and_answers_every_key_once(
                           "pending replicas failed as plain tasks; a cancel leaves a vote's "
                           "ballots held): drop this mark once gateway/hub.py is fixed",
                    strict=False)
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # xfail: no time on shrinking
 @given(online_providers, traffic)
 def test_random_traffic_with_votes_and_unasked_cancels(online: list[bool],
                                                        run: list[tuple]) -> None:
@@ -729,6 +731,7 @@ def test_random_traffic_with_votes_and_unasked_cancels(online: list[bool],
 # ---------------------------------------------------------------------- bugs the traffic found
 
 
+@pytest.mark.xfail(reason="bug 1: gateway/hub.py Hub.results takes an unasked 'cancelled' report as running -> cancelled", strict=True)
 def test_an_unasked_cancelled_report_ends_the_task_once(world: World) -> None:
     """A provider reports ``cancelled`` (a status the protocol allows) for a running task nobody
     cancelled. Found by the random traffic: the hub raised ``TaskStateError`` (running ->
@@ -751,6 +754,7 @@ def test_an_unasked_cancelled_report_ends_the_task_once(world: World) -> None:
     assert "s1/k" not in world.hub.tasks and "s1/k" not in conn.running
 
 
+@pytest.mark.xfail(reason="bug 2: gateway/hub.py Hub._fail_many fails a replica as a plain task", strict=True)
 def test_replicas_failed_while_pending_answer_once_and_free_the_ballots(world: World) -> None:
     """Replicas of a vote that no online provider can take are failed by the re-check as if
     they were plain tasks. Found by the random traffic: (1) each replica sends the client its
@@ -775,4 +779,30 @@ def test_replicas_failed_while_pending_answer_once_and_free_the_ballots(world: W
     answers = Counter(r.key for r in peer.results())
     assert answers == {"half": 1, "lost": 1}, answers
     assert world.ledger.open_escrows() == {}, "a ballot's escrow is held for a finished task"
+    assert not world.hub.verifier.votes
+
+
+@pytest.mark.xfail(reason="bug 3: gateway/hub.py Hub.cancel leaves the vote open and looks the key up by replica 0 only", strict=True)
+def test_cancel_of_a_task_whose_replicas_voted_closes_the_vote(world: World) -> None:
+    """A client cancels a redundant task after some replicas voted. Found by the random traffic:
+    (1) the ballots' escrows stay held for good (the vote is never closed; ``live_escrows``
+    keeps them out of the stale check); (2) if replica 0 voted, the cancel finds no task under
+    the key and is dropped: no answer, the other replicas run on and are paid."""
+    conns = {c.id: c for c in (world.provider(f"v{i}", account=str(i) * 64)[0]
+                               for i in range(3))}
+    s, peer = world.client()
+    for key, voter in (("last-voted", 2), ("first-voted", 0)):
+        world.submit(s, key, budget=1.0, redundancy=3)
+        replicas = [world.task(s, key, i) for i in range(3)]
+        v = replicas[voter]
+        world.report(conns[v.provider], v.task_id, cpu=0.0)  # one ballot: no majority yet
+        world.hub.cancel(s, [key])
+        world.commit()
+        assert peer.answer(key).status == "cancelled"
+        for r in replicas:
+            if r is not v:
+                assert r.state is R.CANCELLING and r.task_id in world.providers[r.provider][
+                    1].cancelled()
+                world.report(conns[r.provider], r.task_id, "cancelled", cpu=0.0)
+    assert world.ledger.open_escrows() == {}, "a ballot's escrow is held after the cancel"
     assert not world.hub.verifier.votes
