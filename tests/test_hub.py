@@ -731,7 +731,9 @@ def test_random_traffic_with_votes_and_unasked_cancels(online: list[bool],
 # ---------------------------------------------------------------------- bugs the traffic found
 
 
-@pytest.mark.xfail(reason="bug 1: gateway/hub.py Hub.results takes an unasked 'cancelled' report as running -> cancelled", strict=True)
+@pytest.mark.xfail(strict=True, reason=(
+    "bug 1: gateway/hub.py Hub.results takes an unasked 'cancelled' report as running -> "
+    "cancelled"))
 def test_an_unasked_cancelled_report_ends_the_task_once(world: World) -> None:
     """A provider reports ``cancelled`` (a status the protocol allows) for a running task nobody
     cancelled. Found by the random traffic: the hub raised ``TaskStateError`` (running ->
@@ -754,7 +756,8 @@ def test_an_unasked_cancelled_report_ends_the_task_once(world: World) -> None:
     assert "s1/k" not in world.hub.tasks and "s1/k" not in conn.running
 
 
-@pytest.mark.xfail(reason="bug 2: gateway/hub.py Hub._fail_many fails a replica as a plain task", strict=True)
+@pytest.mark.xfail(strict=True, reason=(
+    "bug 2: gateway/hub.py Hub._fail_many fails a replica as a plain task"))
 def test_replicas_failed_while_pending_answer_once_and_free_the_ballots(world: World) -> None:
     """Replicas of a vote that no online provider can take are failed by the re-check as if
     they were plain tasks. Found by the random traffic: (1) each replica sends the client its
@@ -782,7 +785,8 @@ def test_replicas_failed_while_pending_answer_once_and_free_the_ballots(world: W
     assert not world.hub.verifier.votes
 
 
-@pytest.mark.xfail(reason="bug 3: gateway/hub.py Hub.cancel leaves the vote open and looks the key up by replica 0 only", strict=True)
+@pytest.mark.xfail(strict=True, reason=(
+    "bug 3: gateway/hub.py Hub.cancel leaves the vote open and looks the key up by replica 0 only"))
 def test_cancel_of_a_task_whose_replicas_voted_closes_the_vote(world: World) -> None:
     """A client cancels a redundant task after some replicas voted. Found by the random traffic:
     (1) the ballots' escrows stay held for good (the vote is never closed; ``live_escrows``
@@ -798,11 +802,11 @@ def test_cancel_of_a_task_whose_replicas_voted_closes_the_vote(world: World) -> 
         world.report(conns[v.provider], v.task_id, cpu=0.0)  # one ballot: no majority yet
         world.hub.cancel(s, [key])
         world.commit()
-        assert peer.answer(key).status == "cancelled"
+        assert [r.status for r in peer.results() if r.key == key] == ["cancelled"], key
         for r in replicas:
             if r is not v:
                 assert r.state is R.CANCELLING and r.task_id in world.providers[r.provider][
                     1].cancelled()
                 world.report(conns[r.provider], r.task_id, "cancelled", cpu=0.0)
-    assert world.ledger.open_escrows() == {}, "a ballot's escrow is held after the cancel"
-    assert not world.hub.verifier.votes
+        assert world.ledger.open_escrows() == {}, f"{key}: a ballot's escrow is held for good"
+        assert not world.hub.verifier.votes
