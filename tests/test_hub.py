@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import sqlite3
 import tempfile
 import time
 from collections import Counter
@@ -810,3 +811,123 @@ def test_cancel_of_a_task_whose_replicas_voted_closes_the_vote(world: World) -> 
                 world.report(conns[r.provider], r.task_id, "cancelled", cpu=0.0)
         assert world.ledger.open_escrows() == {}, f"{key}: a ballot's escrow is held for good"
         assert not world.hub.verifier.votes
+
+
+# ---------------------------------------------------------------------- ledger failures
+
+
+POISON_SETTLE = """
+CREATE TRIGGER poison_settle BEFORE INSERT ON escrow_usage WHEN NEW.task_id LIKE '%poison%'
+BEGIN SELECT RAISE(ABORT, 'injected: the disk refused this settlement'); END;
+"""
+POISON_HOLD = """
+CREATE TRIGGER poison_hold BEFORE INSERT ON escrows WHEN NEW.task_id LIKE '%poison%'
+BEGIN SELECT RAISE(ABORT, 'injected: the disk refused this hold'); END;
+"""
+
+
+def inject(w: World, trigger: str) -> None:
+    """A trigger in the real ledger file: the disk itself refuses some rows."""
+    with sqlite3.connect(w.ledger.path) as db:
+        db.executescript(trigger)
+
+
+def ledger_failure(peer: Peer, key: str) -> p.Result:
+    answer = peer.answer(key)
+    assert answer.status == "error" and answer.error.type == "LedgerError", answer
+    assert "ledger" in answer.error.message and key in answer.error.message
+    return answer
+
+
+def test_a_settlement_the_disk_refuses_fails_its_task_alone(world: World) -> None:
+    """Three results in one frame, one batch; the disk refuses one settlement: its client is
+    told the ledger failed, its escrow comes back whole; the others settle with receipts; the
+    hub serves on."""
+    inject(world, POISON_SETTLE)
+    conn, _ = world.provider("p1")
+    s, peer = world.client()
+    keys = ("a", "poison", "b")
+    for key in keys:
+        world.submit(s, key, budget=2.0)
+    tasks = [world.task(s, key) for key in keys]
+    for t in tasks:
+        ran_for(t, 1.0)
+    results = [p.Result(key=t.task_id, status="finished", nb=1, usage={"cpu_seconds": 0.5})
+               for t in tasks]
+    world.hub.results(conn, p.Results(results=results), [memoryview(b"result")] * 3)
+    world.commit()
+    ledger_failure(peer, "poison")
+    for key in ("a", "b"):
+        answer = peer.answer(key)
+        assert answer.status == "finished" and answer.receipt is not None
+    assert world.ledger.balance(CLIENT) == FAUCET - 2 * to_micro(0.5)  # poison: all back
+    assert world.ledger.balance(conn.account) == FAUCET + 2 * to_micro(0.5)
+    world.agree()
+    world.submit(s, "later", budget=2.0)  # the hub serves on
+    later = world.task(s, "later")
+    ran_for(later, 1.0)
+    world.report(conn, later.task_id, cpu=0.5)
+    assert peer.answer("later").receipt is not None
+    assert world.ledger.balance(CLIENT) == FAUCET - 3 * to_micro(0.5)
+    assert len(peer.results()) == 4
+
+
+def test_a_hold_the_disk_refuses_stops_its_task(world: World) -> None:
+    """The disk refuses a hold after the core decided it (the task is already assigned, or
+    waiting): the running one is stopped (its provider told to cancel), the waiting one fails;
+    each client is told the ledger failed; nothing is charged; the rest of the batch runs."""
+    inject(world, POISON_HOLD)
+    conn, prov = world.provider("p1", price=0.25, cpus=1)
+    s, peer = world.client()
+    specs = [p.TaskSpec(key=k, func="f", nb=1, runtime=local_runtime(), budget=0.5)
+             for k in ("ok", "poison-run", "fill", *(f"q{i}" for i in range(8)), "poison-wait")]
+    world.hub.submit(s, p.Submit(tasks=specs, funcs=["f"]),
+                     [memoryview(b"function")] + [memoryview(b"x")] * len(specs))
+    running = world.task(s, "poison-run")
+    waiting = world.task(s, "poison-wait")
+    assert running.state is RUNNING and waiting.state is PENDING  # 9 fit on 1 slot + prefetch
+    world.commit()
+    ledger_failure(peer, "poison-run")
+    ledger_failure(peer, "poison-wait")
+    assert running.state is R.STOPPING and running.task_id in prov.cancelled()
+    assert waiting.state is R.ERROR and waiting.task_id not in world.hub.tasks
+    world.agree()
+    world.report(conn, running.task_id, "cancelled", cpu=0.0)  # its kill: nothing to bill
+    assert running.state is R.ERROR
+    for key in ("ok", "fill", *(f"q{i}" for i in range(8))):
+        t = world.task(s, key)
+        if t.state is PENDING:
+            continue
+        world.report(conn, t.task_id, cpu=0.0)
+    ok = peer.answer("ok")
+    assert ok.status == "finished" and ok.receipt is not None
+    assert Counter(r.key for r in peer.results())["poison-run"] == 1
+    world.agree()
+
+
+def test_a_partial_settlement_the_disk_refuses_stops_the_running_task(world: World) -> None:
+    """A heartbeat's partial settlement of a running task is refused by the disk: the task is
+    stopped, its provider told to cancel, its client told why; the escrow goes back as the disk
+    had it; a later report pays nothing and answers nothing; a neighbour is paid as usual."""
+    inject(world, POISON_SETTLE)
+    conn, prov = world.provider("p1")
+    s, peer = world.client()
+    world.submit(s, "poison", budget=2.0)
+    world.submit(s, "fine", budget=2.0)
+    poison, fine = world.task(s, "poison"), world.task(s, "fine")
+    ran_for(poison, 2.0)
+    ran_for(fine, 2.0)
+    world.heartbeat(conn, {poison.task_id: {"cpu_seconds": 1.0},
+                           fine.task_id: {"cpu_seconds": 1.0}})
+    assert poison.state is R.STOPPING and poison.task_id in prov.cancelled()
+    ledger_failure(peer, "poison")
+    assert world.ledger.balance(CLIENT) == FAUCET - to_micro(2.0)  # poison's hold is back
+    assert world.ledger.balance(conn.account) == FAUCET + to_micro(1.0)  # fine's part so far
+    world.agree()
+    world.report(conn, poison.task_id, "cancelled", cpu=1.5)  # too late: nothing is paid
+    world.report(conn, fine.task_id, cpu=1.5)
+    assert poison.state is R.ERROR and peer.answer("fine").receipt is not None
+    assert len(peer.results()) == 2
+    assert world.ledger.balance(CLIENT) == FAUCET - to_micro(1.5)
+    assert world.ledger.balance(conn.account) == FAUCET + to_micro(1.5)
+    world.agree()
