@@ -381,8 +381,9 @@ class Scheduler:
         if candidates is None:  # the top of the heap could not run it: look at everyone
             return self._best_of(task, room, room.providers())
         home = self.registry.get(self._home.get(task.account, ""))
-        if home is not None and home not in candidates:
-            candidates.append(home)
+        if home is None or home in candidates:  # the heap's pick, already checked, wins
+            return candidates[0] if candidates else None
+        candidates.append(home)
         candidates.sort(key=lambda p: self.registry.order.get(p.id, 0))
         return self._best_of(task, room, candidates)
 
