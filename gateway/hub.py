@@ -1,8 +1,21 @@
-"""The gateway's reactions: what happens when a client submits, a provider reports, a peer leaves.
+"""The gateway core: what happens when a client submits, a provider reports, a peer leaves.
 
-The hub is sans-I/O: it receives decoded messages and calls each peer's ``send(frame)``; the
-websocket shell in :mod:`gateway.server` moves the bytes. Payload buffers pass through as opaque
-memoryviews: the hub never unpickles anything.
+Sans-I/O, in h11's shape: the shell (:mod:`gateway.server`) hands it decoded events (a message,
+a peer joining or leaving, the one-second tick, the accounting worker's answer) and it answers
+with effects: frames put on each peer's writer queue (``send`` never blocks and does no I/O),
+ledger work appended to the journal (:mod:`gateway.journal`; the shell hands it to the
+accounting worker), and deadlines on its own heap (the tick drives them). It never touches SQLite,
+a signature or a socket. Payload buffers pass through as opaque memoryviews: the core never
+unpickles anything.
+
+The state has owners, each in its own module: the task table (:mod:`gateway.task_table`), the
+books (:mod:`gateway.accounts` through :mod:`gateway.billing`), funding
+(:mod:`gateway.funding`), admission (:mod:`gateway.admission`), placement
+(:mod:`gateway.scheduler`, :mod:`gateway.registry`), votes (:mod:`gateway.verify`), graphs
+(:mod:`gateway.graph`, :mod:`gateway.relay`), delivery (:mod:`gateway.delivery`), deadlines and
+standing. The rules that connect them live here and, split by concern, in the ``core_*`` modules.
+Every handler runs behind :meth:`Hub.contain`: one that raises fails the tasks it concerned and
+returns their escrow.
 """
 
 from __future__ import annotations
@@ -11,10 +24,11 @@ import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from gateway import chunks
 from gateway import protocol as p
+from gateway.admission import Admission, Batch
 from gateway.billing import (
     Billing,
     Grant,
@@ -42,7 +56,7 @@ from gateway.outcomes import (
 )
 from gateway.registry import ProviderConn, Registry
 from gateway.relay import Relay
-from gateway.scheduler import Scheduler, no_match_message, why_ineligible
+from gateway.scheduler import Scheduler
 from gateway.sessions import ClientSession
 from gateway.standing import Standing
 from gateway.task_table import TaskTable
@@ -57,23 +71,6 @@ NO_PROVIDER_WAIT = Limits().no_provider_wait
 #: How long a task that no online provider can take (after one left) waits for one to come back
 #: before it fails: a pinned task survives its provider's reconnect (``Limits.rejoin_grace``).
 REJOIN_GRACE = Limits().rejoin_grace
-
-@dataclass(slots=True)
-class Batch:
-    """What one submit frame has added so far, for the per-account caps."""
-
-    tasks: int = 0
-    nbytes: int = 0
-    graph: int = 0
-    #: Placement constraints some online provider meets: the rest of a 10,000-task batch that
-    #: shares them needs no scan of the providers.
-    fits: set = field(default_factory=set)
-
-    def add(self, spec: p.TaskSpec, payload: Sequence[memoryview]) -> None:
-        self.tasks += spec.redundancy
-        self.nbytes += spec.redundancy * sum(b.nbytes for b in payload)
-        self.graph += spec.deps is not None
-
 
 class Hub(LedgerRules, VoteRules, GraphRules, UpkeepRules):
     """Tasks, sessions and providers, and the rules that connect them."""
@@ -104,6 +101,7 @@ class Hub(LedgerRules, VoteRules, GraphRules, UpkeepRules):
         self.tasks = TaskTable()
         self.counters = Counters()
         self.funding = Funding(billing, self.registry)
+        self.admission = Admission(self.tasks, self.graph, self.registry, self.limits)
         self.scheduler.admits = self.funding.may_place
 
     # ------------------------------------------------------------------ clients
@@ -144,7 +142,7 @@ class Hub(LedgerRules, VoteRules, GraphRules, UpkeepRules):
         batch = Batch()
         for spec, payload in zip(msg.tasks, payloads, strict=True):
             task_id = f"{session.id}/{spec.key}"
-            why = self._refusal(spec, session, task_id, funcs, batch)
+            why = self.admission.refusal(spec, session.account, task_id, funcs, batch)
             if why is None and task_id in in_batch:
                 why = failure(spec.key, p.ErrorCode.SCHEMA,
                               f"task key {spec.key!r} already in use (twice in one batch)")
@@ -209,57 +207,6 @@ class Hub(LedgerRules, VoteRules, GraphRules, UpkeepRules):
 
     def _admit(self, task: Task) -> None:
         self.tasks.admit(task)
-
-    def _refusal(self, spec: p.TaskSpec, session: ClientSession, task_id: str,
-                 funcs: dict[str, memoryview], batch: Batch) -> p.Result | None:
-        """Why one task of a batch is refused, or None. Caps count the tasks of this batch
-        accepted so far, so one large frame cannot get past them."""
-        if spec.func not in funcs:
-            return failure(spec.key, p.ErrorCode.SCHEMA,
-                           f"task {spec.key} names function {spec.func} that the batch lacks")
-        derived = f"{task_id}#{spec.redundancy - 1}" if spec.redundancy > 1 else task_id
-        if len(derived) > p.MAX_KEY_LEN:
-            fits = p.MAX_KEY_LEN - (len(derived) - len(spec.key))
-            return failure(spec.key, p.ErrorCode.SCHEMA,
-                           f"task key of {len(spec.key)} characters is too long: the gateway "
-                           f"prefixes it with the session id (and a replica number), and the "
-                           f"result is over the protocol's {p.MAX_KEY_LEN}; use keys of at most "
-                           f"{fits} characters")
-        if task_id in self.tasks or task_id in self.graph.nodes:
-            return failure(spec.key, p.ErrorCode.SCHEMA, f"task key {spec.key!r} already in use")
-        if self.tasks.open_count(session.account) + batch.tasks >= self.limits.open_tasks:
-            return failure(spec.key, p.ErrorCode.LIMIT,
-                           f"this account already has {self.limits.open_tasks} open tasks, the "
-                           f"gateway's cap; wait for some to finish, then submit again")
-        if self.tasks.queued_bytes(session.account) + batch.nbytes >= self.limits.queued_bytes:
-            return failure(spec.key, p.ErrorCode.LIMIT,
-                           f"this account already has {self.limits.queued_bytes} bytes of "
-                           f"arguments waiting on the gateway, its cap; wait, then submit again")
-        if spec.deps is not None and (self.graph.per_account[session.account] + batch.graph
-                                      >= self.limits.graph_tasks):
-            return failure(spec.key, p.ErrorCode.LIMIT,
-                           f"this account already has {self.limits.graph_tasks} graph tasks on "
-                           f"the gateway, its cap; release results you no longer need (or let "
-                           f"running graphs finish), then submit again")
-        needs = (tuple(spec.providers or ()), spec.runtime, tuple(sorted(spec.resources.items())),
-                 spec.max_price)
-        if needs not in batch.fits:
-            why = no_match_message(spec, session.account, self.registry)
-            if why is not None:
-                return failure(spec.key, p.ErrorCode.NO_MATCH, why)
-            batch.fits.add(needs)
-        if spec.redundancy > 1:
-            if spec.deps is not None:
-                return failure(spec.key, p.ErrorCode.SCHEMA,
-                               "redundancy > 1 is for plain tasks, not graph tasks")
-            fit = len({c.account for c in self.registry
-                       if why_ineligible(spec, session.account, c) is None})
-            if fit < spec.redundancy:
-                return failure(spec.key, p.ErrorCode.NO_MATCH,
-                               f"redundancy={spec.redundancy} needs that many providers of "
-                               f"distinct accounts; {fit} online can run this task",
-                               "NoMatchingProvider")
-        return None
 
     def cancel(self, session: ClientSession, keys: Sequence[str]) -> None:
         """Cancel pending tasks here; ask the provider to kill running ones."""
