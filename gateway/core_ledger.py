@@ -54,7 +54,6 @@ class LedgerRules:
             if task.state is TaskState.RUNNING and conn is not None:
                 conn.running.discard(task.task_id)
                 conn.send(p.encode(p.Cancel(keys=[task.task_id])))
-            self.verifier.forget(task)
             failed.append((task, p.ErrorCode.INTERNAL,
                            f"the gateway hit an internal error handling {what} for task "
                            f"{task.key} ({type(exc).__name__}: {exc}); the task was stopped and "
@@ -96,6 +95,9 @@ class LedgerRules:
         if task is None or task.bill_id != escrow_id or task.state in ANSWERED:
             return
         task.escrow_micro = 0  # closed by the recovery: nothing more to settle or refund
+        if self.verifier.voting(task):  # one replica failed: the whole task fails, once
+            self._abandon_vote(task, ledger_failure(task.key, why))
+            return
         if task.state is TaskState.RUNNING:
             self._answered(task, TaskState.STOPPING, TaskState.ERROR)
             self.send_cancel(task.provider or "", [task])

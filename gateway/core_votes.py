@@ -31,6 +31,16 @@ class VoteRules:
     def _stop_vote_over_budget(self, task: Task) -> None:
         """A replica used up its escrow before the vote was decided: the whole task stops, and,
         as no result was ever compared, nobody is paid and every replica's escrow goes back."""
+        what = (f"its budget of {task.spec.budget:g} tokens" if task.spec.budget is not None
+                else "its escrow (the gateway's default; pass budget= to allow more)")
+        self._abandon_vote(task, failure(
+            task.key, p.ErrorCode.BUDGET, f"a replica of task {task.key} used up {what} before "
+            f"the replicas could be compared; the task was stopped, nothing was charged",
+            "BudgetExceeded"))
+
+    def _abandon_vote(self, task: Task, answer: p.Result) -> None:
+        """Close ``task``'s vote undecided: its open replicas stop (or end, if waiting), every
+        escrow of it goes back (ballots too), and the client gets ``answer`` once."""
         replicas, ballots = self.verifier.abandon(task)
         by_provider: dict[str, list[Task]] = defaultdict(list)
         for replica in replicas:
@@ -40,15 +50,11 @@ class VoteRules:
             elif replica.state is TaskState.RUNNING:
                 self._answered(replica, TaskState.STOPPING, TaskState.ERROR)
                 by_provider[replica.provider or ""].append(replica)
-        self.billing.refund([t.bill_id for t in replicas] + [b.task.bill_id for b in ballots])
+        self.billing.refund([t.bill_id for t in replicas if t.escrow_micro]
+                            + [b.task.bill_id for b in ballots if b.task.escrow_micro])
         for provider_id, tasks in by_provider.items():
             self.send_cancel(provider_id, tasks)
-        what = (f"its budget of {task.spec.budget:g} tokens" if task.spec.budget is not None
-                else "its escrow (the gateway's default; pass budget= to allow more)")
-        self._send_failure(task, p.ErrorCode.BUDGET,
-                           f"a replica of task {task.key} used up {what} before the replicas "
-                           f"could be compared; the task was stopped, nothing was charged",
-                           "BudgetExceeded")
+        self._send_results_to(task.session, [(answer, [])])
 
     def _vote(self, task: Task, conn: ProviderConn, result: p.Result,
               bufs: list[memoryview]) -> None:

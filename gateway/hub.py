@@ -53,6 +53,7 @@ from gateway.outcomes import (
     hold_refusal,
     outcome_digest,
     settled_leaf,
+    unasked_cancel,
 )
 from gateway.registry import ProviderConn, Registry
 from gateway.relay import Relay
@@ -213,21 +214,29 @@ class Hub(LedgerRules, VoteRules, GraphRules, UpkeepRules):
         done: list[tuple[p.Result, list]] = []
         by_provider: dict[str, list[Task]] = defaultdict(list)
         refunds: list[str] = []
-        first = [self.tasks.get(f"{session.id}/{key}") for key in keys]
-        for task in [t for f in first if f is not None for t in (f, *f.siblings)]:
-            key = task.key
-            if task.state in ANSWERED:
+        for key in keys:
+            task_id = f"{session.id}/{key}"
+            vote = self.verifier.close(task_id)  # a redundant task's open vote closes: the
+            replicas, ballots = vote or ([], [])  # ballots cast are neither judged nor paid
+            refunds += [b.task.bill_id for b in ballots if b.task.escrow_micro]
+            first = self.tasks.get(task_id) or (replicas[0] if replicas else None)
+            if first is None:
                 continue
-            self.verifier.forget(task)
-            if task.state is TaskState.PENDING:
-                self.scheduler.discard(task)
-                if task.escrow_micro:  # a free task holds none: no ledger work at all
-                    refunds.append(task.bill_id)
-                self._end(task, TaskState.CANCELLED)
-            else:
-                self._answered(task, TaskState.CANCELLING, TaskState.CANCELLED)
-                by_provider[task.provider].append(task)
-            if task.replica == 0:
+            cancelled = False
+            for task in (first, *first.siblings):
+                if task.state in ANSWERED:
+                    continue
+                cancelled = True
+                self.verifier.forget(task)
+                if task.state is TaskState.PENDING:
+                    self.scheduler.discard(task)
+                    if task.escrow_micro:  # a free task holds none: no ledger work at all
+                        refunds.append(task.bill_id)
+                    self._end(task, TaskState.CANCELLED)
+                else:
+                    self._answered(task, TaskState.CANCELLING, TaskState.CANCELLED)
+                    by_provider[task.provider].append(task)
+            if cancelled:
                 done.append((p.Result(key=key, status="cancelled", code="cancelled"), []))
         if refunds:
             self.billing.refund(refunds)  # one transaction, however many
@@ -355,6 +364,8 @@ class Hub(LedgerRules, VoteRules, GraphRules, UpkeepRules):
                 self._dropped("result_not_assigned", result.key, conn)
                 continue
             conn.running.discard(task.task_id)
+            if result.status == "cancelled" and task.state is TaskState.RUNNING:
+                result = unasked_cancel(result, task.key, conn.id)  # nobody asked: it failed
             bad = chunks.result_problem(task.spec.items, result)
             if bad is not None and task.state is TaskState.RUNNING:
                 self._bad_result(task, conn, bad, fails)
@@ -570,7 +581,11 @@ class Hub(LedgerRules, VoteRules, GraphRules, UpkeepRules):
 
     def _fail_many(self, items: list[Failing]) -> None:
         """Fail tasks together: one refund call, a few frames per session. A graph task's
-        dependents fail with it."""
+        dependents fail with it. A replica whose vote is open is lost to its vote instead,
+        which decides among the replicas left (and answers the key once)."""
+        for task, _, message, _ in [i for i in items if self.verifier.voting(i[0])]:
+            self._replica_lost(task, message)
+        items = [i for i in items if i[0].state not in ANSWERED]
         if not items:
             return
         funded = [task.bill_id for task, *_ in items if task.escrow_micro]  # free: no ledger

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from gateway import chunks
 from gateway import protocol as p
@@ -82,3 +83,11 @@ def vote_leaf(win: Ballot, unpaid: Sequence[Ballot],
 
 #: A task the gateway fails itself: (task, code, message, exception type for the client).
 Failing = tuple[Task, p.ErrorCode, str, str]
+
+
+def unasked_cancel(result: p.Result, key: str, provider_id: str) -> p.Result:
+    """A provider reported ``cancelled`` for a task nobody cancelled: an error of that task."""
+    return replace(result, status="error", nb=0, code=p.ErrorCode.LOST.value,
+                   error=p.RemoteFailure(type="ProviderLost", module="decompute", message=(
+                       f"provider {provider_id} stopped task {key} without being asked (it "
+                       f"reported it cancelled); submit it again")))

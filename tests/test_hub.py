@@ -716,12 +716,8 @@ def test_random_traffic_keeps_the_books_and_answers_every_key_once(
     _traffic(online, run, known_bugs=False)
 
 
-@pytest.mark.xfail(reason="bugs 1-3 of tests/test_hub.py (an unasked 'cancelled' report raises; "
-                          "pending replicas failed as plain tasks; a cancel leaves a vote's "
-                          "ballots held): drop this mark once the core is fixed",
-                   strict=False)
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # xfail: no time on shrinking
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no time spent on shrinking
 @given(online_providers, traffic)
 def test_random_traffic_with_votes_and_unasked_cancels(online: list[bool],
                                                        run: list[tuple]) -> None:
@@ -732,9 +728,6 @@ def test_random_traffic_with_votes_and_unasked_cancels(online: list[bool],
 # ---------------------------------------------------------------------- bugs the traffic found
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug 1: gateway/hub.py Hub.results takes an unasked 'cancelled' report as running -> "
-    "cancelled"))
 def test_an_unasked_cancelled_report_ends_the_task_once(world: World) -> None:
     """A provider reports ``cancelled`` (a status the protocol allows) for a running task nobody
     cancelled, sent through the core's failure boundary as the shell sends it. Found by the
@@ -766,9 +759,6 @@ def test_an_unasked_cancelled_report_ends_the_task_once(world: World) -> None:
     assert not world.hub.tasks.values() and world.ledger.open_escrows() == {}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug 2: gateway/hub.py Hub._fail_many (from UpkeepRules._recheck_slice) fails a replica "
-    "as a plain task"))
 def test_replicas_failed_while_pending_answer_once_and_free_the_ballots(world: World) -> None:
     """Replicas of a vote that no online provider can take are failed by the re-check as if
     they were plain tasks. Found by the random traffic: (1) each replica sends the client its
@@ -796,9 +786,6 @@ def test_replicas_failed_while_pending_answer_once_and_free_the_ballots(world: W
     assert not world.hub.verifier.votes
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug 3: gateway/hub.py Hub.cancel leaves the vote open and looks the key up by replica 0 "
-    "only"))
 def test_cancel_of_a_task_whose_replicas_voted_closes_the_vote(world: World) -> None:
     """A client cancels a redundant task after some replicas voted. Found by the random traffic:
     (1) the ballots' escrows stay held for good (the vote is never closed; ``live_escrows``
@@ -944,8 +931,6 @@ def test_a_partial_settlement_the_disk_refuses_stops_the_running_task(world: Wor
     world.agree()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug 4: gateway/core_ledger.py LedgerRules._ledger_failed stops a replica outside its vote"))
 def test_a_replica_whose_hold_the_disk_refuses_leaves_its_vote_cleanly(world: World) -> None:
     """The disk refuses the hold of one replica of a vote. Found while reading the core for
     bug 3: the replica is stopped (or failed) but stays in its vote, which never decides; the
