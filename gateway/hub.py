@@ -1,8 +1,21 @@
-"""The gateway's reactions: what happens when a client submits, a provider reports, a peer leaves.
+"""The gateway core: what happens when a client submits, a provider reports, a peer leaves.
 
-The hub is sans-I/O: it receives decoded messages and calls each peer's ``send(frame)``; the
-websocket shell in :mod:`gateway.server` moves the bytes. Payload buffers pass through as opaque
-memoryviews: the hub never unpickles anything.
+Sans-I/O, in h11's shape: the shell (:mod:`gateway.server`) hands it decoded events (a message,
+a peer joining or leaving, the one-second tick, the accounting worker's answer) and it answers
+with effects: frames put on each peer's writer queue (``send`` never blocks and does no I/O),
+ledger work appended to the journal (:mod:`gateway.journal`; the shell hands it to the
+accounting worker), and deadlines on its own heap (the tick drives them). It never touches SQLite,
+a signature or a socket. Payload buffers pass through as opaque memoryviews: the core never
+unpickles anything.
+
+The state has owners, each in its own module: the task table (:mod:`gateway.task_table`), the
+books (:mod:`gateway.accounts` through :mod:`gateway.billing`), funding
+(:mod:`gateway.funding`), admission (:mod:`gateway.admission`), placement
+(:mod:`gateway.scheduler`, :mod:`gateway.registry`), votes (:mod:`gateway.verify`), graphs
+(:mod:`gateway.graph`, :mod:`gateway.relay`), delivery (:mod:`gateway.delivery`), deadlines and
+standing. The rules that connect them live here and, split by concern, in the ``core_*`` modules.
+Every handler runs behind :meth:`Hub.contain`: one that raises fails the tasks it concerned and
+returns their escrow.
 """
 
 from __future__ import annotations
@@ -11,40 +24,45 @@ import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from gateway import chunks
 from gateway import protocol as p
+from gateway.admission import Admission, Batch
 from gateway.billing import (
     Billing,
-    Charge,
     Grant,
-    Settled,
-    Share,
-    Unfundable,
     cap_usage,
-    failure_hash,
     is_free,
     price_micro,
-    result_hash,
 )
-from gateway.deadlines import TIMEOUT_GRACE, Deadlines, Due, Kind
+from gateway.core_graphs import GraphRules
+from gateway.core_ledger import LedgerRules
+from gateway.core_upkeep import UpkeepRules
+from gateway.core_votes import VoteRules
+from gateway.deadlines import TIMEOUT_GRACE, Deadlines, Kind
 from gateway.delivery import Delivery
 from gateway.funding import Funding
 from gateway.graph import Graph
-from gateway.journal import Committed
-from gateway.ledger import InsufficientFunds
 from gateway.limits import Limits
 from gateway.metrics import Counters
 from gateway.names import Names
+from gateway.outcomes import (
+    Failing,
+    failure,
+    hold_refusal,
+    outcome_digest,
+    settled_leaf,
+    unasked_cancel,
+)
 from gateway.registry import ProviderConn, Registry
 from gateway.relay import Relay
-from gateway.scheduler import Scheduler, no_match_message, why_ineligible
+from gateway.scheduler import Scheduler
 from gateway.sessions import ClientSession
 from gateway.standing import Standing
 from gateway.task_table import TaskTable
 from gateway.tasks import ANSWERED, Task, TaskState
-from gateway.verify import Ballot, Decision, Verifier
+from gateway.verify import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -54,49 +72,8 @@ NO_PROVIDER_WAIT = Limits().no_provider_wait
 #: How long a task that no online provider can take (after one left) waits for one to come back
 #: before it fails: a pinned task survives its provider's reconnect (``Limits.rejoin_grace``).
 REJOIN_GRACE = Limits().rejoin_grace
-#: A task's ``timeout`` clock starts when its provider says it runs, but at most this long after
-#: the assignment (a provider cannot stretch a deadline by never saying so).
-START_GRACE = 10.0
-#: Pending tasks re-checked for placeability per sweep tick: bounds one tick's work.
-RECHECK_SLICE = 5_000
-#: Dependents of a failed graph task failed in one go; the rest wait for the next slice.
-FAIL_SLICE = 2_000
 
-def failure(key: str, code: p.ErrorCode, message: str, type_: str = "") -> p.Result:
-    """A gateway-made error result; ``type_`` names the exception the client should raise."""
-    return p.Result(
-        key=key, status="error", code=code.value,
-        error=p.RemoteFailure(type=type_ or code.value, module="decompute", message=message),
-    )
-
-
-def hold_refusal(key: str, why: Exception) -> p.Result:
-    """A refused escrow: short funds say so; anything else is the gateway's own problem."""
-    if isinstance(why, InsufficientFunds):
-        return failure(key, p.ErrorCode.FUNDS, str(why), "InsufficientFunds")
-    if isinstance(why, Unfundable):
-        return failure(key, p.ErrorCode.NO_MATCH, str(why), "NoMatchingProvider")
-    return failure(key, p.ErrorCode.INTERNAL, f"the ledger refused the escrow: {why}")
-
-
-@dataclass(slots=True)
-class Batch:
-    """What one submit frame has added so far, for the per-account caps."""
-
-    tasks: int = 0
-    nbytes: int = 0
-    graph: int = 0
-    #: Placement constraints some online provider meets: the rest of a 10,000-task batch that
-    #: shares them needs no scan of the providers.
-    fits: set = field(default_factory=set)
-
-    def add(self, spec: p.TaskSpec, payload: Sequence[memoryview]) -> None:
-        self.tasks += spec.redundancy
-        self.nbytes += spec.redundancy * sum(b.nbytes for b in payload)
-        self.graph += spec.deps is not None
-
-
-class Hub:
+class Hub(LedgerRules, VoteRules, GraphRules, UpkeepRules):
     """Tasks, sessions and providers, and the rules that connect them."""
 
     def __init__(self, billing: Billing, limits: Limits | None = None,
@@ -125,6 +102,7 @@ class Hub:
         self.tasks = TaskTable()
         self.counters = Counters()
         self.funding = Funding(billing, self.registry)
+        self.admission = Admission(self.tasks, self.graph, self.registry, self.limits)
         self.scheduler.admits = self.funding.may_place
 
     # ------------------------------------------------------------------ clients
@@ -165,7 +143,7 @@ class Hub:
         batch = Batch()
         for spec, payload in zip(msg.tasks, payloads, strict=True):
             task_id = f"{session.id}/{spec.key}"
-            why = self._refusal(spec, session, task_id, funcs, batch)
+            why = self.admission.refusal(spec, session.account, task_id, funcs, batch)
             if why is None and task_id in in_batch:
                 why = failure(spec.key, p.ErrorCode.SCHEMA,
                               f"task key {spec.key!r} already in use (twice in one batch)")
@@ -231,77 +209,34 @@ class Hub:
     def _admit(self, task: Task) -> None:
         self.tasks.admit(task)
 
-    def _refusal(self, spec: p.TaskSpec, session: ClientSession, task_id: str,
-                 funcs: dict[str, memoryview], batch: Batch) -> p.Result | None:
-        """Why one task of a batch is refused, or None. Caps count the tasks of this batch
-        accepted so far, so one large frame cannot get past them."""
-        if spec.func not in funcs:
-            return failure(spec.key, p.ErrorCode.SCHEMA,
-                           f"task {spec.key} names function {spec.func} that the batch lacks")
-        derived = f"{task_id}#{spec.redundancy - 1}" if spec.redundancy > 1 else task_id
-        if len(derived) > p.MAX_KEY_LEN:
-            fits = p.MAX_KEY_LEN - (len(derived) - len(spec.key))
-            return failure(spec.key, p.ErrorCode.SCHEMA,
-                           f"task key of {len(spec.key)} characters is too long: the gateway "
-                           f"prefixes it with the session id (and a replica number), and the "
-                           f"result is over the protocol's {p.MAX_KEY_LEN}; use keys of at most "
-                           f"{fits} characters")
-        if task_id in self.tasks or task_id in self.graph.nodes:
-            return failure(spec.key, p.ErrorCode.SCHEMA, f"task key {spec.key!r} already in use")
-        if self.tasks.open_count(session.account) + batch.tasks >= self.limits.open_tasks:
-            return failure(spec.key, p.ErrorCode.LIMIT,
-                           f"this account already has {self.limits.open_tasks} open tasks, the "
-                           f"gateway's cap; wait for some to finish, then submit again")
-        if self.tasks.queued_bytes(session.account) + batch.nbytes >= self.limits.queued_bytes:
-            return failure(spec.key, p.ErrorCode.LIMIT,
-                           f"this account already has {self.limits.queued_bytes} bytes of "
-                           f"arguments waiting on the gateway, its cap; wait, then submit again")
-        if spec.deps is not None and (self.graph.per_account[session.account] + batch.graph
-                                      >= self.limits.graph_tasks):
-            return failure(spec.key, p.ErrorCode.LIMIT,
-                           f"this account already has {self.limits.graph_tasks} graph tasks on "
-                           f"the gateway, its cap; release results you no longer need (or let "
-                           f"running graphs finish), then submit again")
-        needs = (tuple(spec.providers or ()), spec.runtime, tuple(sorted(spec.resources.items())),
-                 spec.max_price)
-        if needs not in batch.fits:
-            why = no_match_message(spec, session.account, self.registry)
-            if why is not None:
-                return failure(spec.key, p.ErrorCode.NO_MATCH, why)
-            batch.fits.add(needs)
-        if spec.redundancy > 1:
-            if spec.deps is not None:
-                return failure(spec.key, p.ErrorCode.SCHEMA,
-                               "redundancy > 1 is for plain tasks, not graph tasks")
-            fit = len({c.account for c in self.registry
-                       if why_ineligible(spec, session.account, c) is None})
-            if fit < spec.redundancy:
-                return failure(spec.key, p.ErrorCode.NO_MATCH,
-                               f"redundancy={spec.redundancy} needs that many providers of "
-                               f"distinct accounts; {fit} online can run this task",
-                               "NoMatchingProvider")
-        return None
-
     def cancel(self, session: ClientSession, keys: Sequence[str]) -> None:
         """Cancel pending tasks here; ask the provider to kill running ones."""
         done: list[tuple[p.Result, list]] = []
         by_provider: dict[str, list[Task]] = defaultdict(list)
         refunds: list[str] = []
-        first = [self.tasks.get(f"{session.id}/{key}") for key in keys]
-        for task in [t for f in first if f is not None for t in (f, *f.siblings)]:
-            key = task.key
-            if task.state in ANSWERED:
+        for key in keys:
+            task_id = f"{session.id}/{key}"
+            vote = self.verifier.close(task_id)  # a redundant task's open vote closes: the
+            replicas, ballots = vote or ([], [])  # ballots cast are neither judged nor paid
+            refunds += [b.task.bill_id for b in ballots if b.task.escrow_micro]
+            first = self.tasks.get(task_id) or (replicas[0] if replicas else None)
+            if first is None:
                 continue
-            self.verifier.forget(task)
-            if task.state is TaskState.PENDING:
-                self.scheduler.discard(task)
-                if task.escrow_micro:  # a free task holds none: no ledger work at all
-                    refunds.append(task.bill_id)
-                self._end(task, TaskState.CANCELLED)
-            else:
-                self._answered(task, TaskState.CANCELLING, TaskState.CANCELLED)
-                by_provider[task.provider].append(task)
-            if task.replica == 0:
+            cancelled = False
+            for task in (first, *first.siblings):
+                if task.state in ANSWERED:
+                    continue
+                cancelled = True
+                self.verifier.forget(task)
+                if task.state is TaskState.PENDING:
+                    self.scheduler.discard(task)
+                    if task.escrow_micro:  # a free task holds none: no ledger work at all
+                        refunds.append(task.bill_id)
+                    self._end(task, TaskState.CANCELLED)
+                else:
+                    self._answered(task, TaskState.CANCELLING, TaskState.CANCELLED)
+                    by_provider[task.provider].append(task)
+            if cancelled:
                 done.append((p.Result(key=key, status="cancelled", code="cancelled"), []))
         if refunds:
             self.billing.refund(refunds)  # one transaction, however many
@@ -429,6 +364,8 @@ class Hub:
                 self._dropped("result_not_assigned", result.key, conn)
                 continue
             conn.running.discard(task.task_id)
+            if result.status == "cancelled" and task.state is TaskState.RUNNING:
+                result = unasked_cancel(result, task.key, conn.id)  # nobody asked: it failed
             bad = chunks.result_problem(task.spec.items, result)
             if bad is not None and task.state is TaskState.RUNNING:
                 self._bad_result(task, conn, bad, fails)
@@ -465,8 +402,8 @@ class Hub:
             if charge is None:
                 out[task.session].append((answer, bufs))
                 continue
-            digest = _digest(result, bufs)
-            self._send_logged(task.session, answer, bufs, _settled(
+            digest = outcome_digest(result, bufs)
+            self._send_logged(task.session, answer, bufs, settled_leaf(
                 task, charge, digest, [(conn.account, digest, task.usage, conn.ad.prices, charge)],
                 chunks.item_hashes(result, bufs)), [task.bill_id])
         for session_id, items in out.items():
@@ -560,32 +497,10 @@ class Hub:
         if charge is None:
             self._send_results_to(task.session, [(result, [])])
         else:
-            self._send_logged(task.session, result, [], _settled(
+            self._send_logged(task.session, result, [], settled_leaf(
                 task, charge, "budget-exceeded",
                 [(conn.account, "budget-exceeded", task.usage, conn.ad.prices, charge)]),
                 [task.bill_id])
-
-    def _stop_vote_over_budget(self, task: Task) -> None:
-        """A replica used up its escrow before the vote was decided: the whole task stops, and,
-        as no result was ever compared, nobody is paid and every replica's escrow goes back."""
-        replicas, ballots = self.verifier.abandon(task)
-        by_provider: dict[str, list[Task]] = defaultdict(list)
-        for replica in replicas:
-            if replica.state is TaskState.PENDING:
-                self.scheduler.discard(replica)
-                self._end(replica, TaskState.ERROR)
-            elif replica.state is TaskState.RUNNING:
-                self._answered(replica, TaskState.STOPPING, TaskState.ERROR)
-                by_provider[replica.provider or ""].append(replica)
-        self.billing.refund([t.bill_id for t in replicas] + [b.task.bill_id for b in ballots])
-        for provider_id, tasks in by_provider.items():
-            self.send_cancel(provider_id, tasks)
-        what = (f"its budget of {task.spec.budget:g} tokens" if task.spec.budget is not None
-                else "its escrow (the gateway's default; pass budget= to allow more)")
-        self._send_failure(task, p.ErrorCode.BUDGET,
-                           f"a replica of task {task.key} used up {what} before the replicas "
-                           f"could be compared; the task was stopped, nothing was charged",
-                           "BudgetExceeded")
 
     # ------------------------------------------------------------------ scheduling
 
@@ -643,289 +558,7 @@ class Hub:
 
     # ------------------------------------------------------------------ verification
 
-    def _vote(self, task: Task, conn: ProviderConn, result: p.Result,
-              bufs: list[memoryview]) -> None:
-        """A replica's outcome is a ballot; the vote decides what the client gets and who is
-        paid. Nothing reaches the client before a majority (or a trusted provider) agrees."""
-        digest = _digest(result, bufs)
-        self._end(task, TaskState(result.status))
-        decision = self.verifier.cast(Ballot(task, conn.id, conn.account, digest, result, bufs,
-                                             dict(conn.ad.prices)))
-        self._apply(decision, task)
-
-    def _replica_lost(self, task: Task, message: str) -> None:
-        self.billing.refund([task.bill_id])
-        self._end(task, TaskState.ERROR)
-        decision = self.verifier.lost(task)
-        if decision.failed and not decision.unpaid:  # every replica was lost
-            self._send_failure(task, p.ErrorCode.LOST, message, "ProviderLost")
-        else:
-            self._apply(decision, task)
-
-    def _apply(self, decision: Decision, task: Task) -> None:
-        """Carry out a vote's decision. Money moves only here, once the vote is decided: the
-        agreeing replicas are paid (final settlements at their capped usage), the out-voted and
-        the cancelled ones get nothing (their escrows go back), and the client is told the sum,
-        exactly what its balance lost."""
-        by_provider: dict[str, list[Task]] = defaultdict(list)
-        for sibling in decision.cancel:  # decided: the other replicas are not needed, nor paid
-            if sibling.state is TaskState.PENDING:
-                self.scheduler.discard(sibling)
-                self._end(sibling, TaskState.CANCELLED)
-            elif sibling.state is TaskState.RUNNING:
-                self._answered(sibling, TaskState.STOPPING, TaskState.CANCELLED)
-                by_provider[sibling.provider or ""].append(sibling)
-        self.billing.refund([t.bill_id for t in decision.cancel]
-                            + [b.task.bill_id for b in decision.unpaid])
-        for provider_id, tasks in by_provider.items():
-            self.send_cancel(provider_id, tasks)
-        paid = [b for b in decision.paid if b.task.escrow_micro]
-        charges = self.billing.settle([
-            (b.task.bill_id, b.provider_account, b.task.usage, b.prices, True) for b in paid])
-        if decision.failed:
-            digests = sorted({b.digest[:12] for b in decision.unpaid})
-            self._send_failure(task, p.ErrorCode.VERIFY,
-                               f"the {len(decision.unpaid)} replicas of {task.key} disagreed "
-                               f"(result hashes {', '.join(digests)}); no result is trusted",
-                               "VerificationFailed")
-        win = decision.accepted
-        if win is None:
-            return
-        charge = next((c for b, c in zip(paid, charges, strict=True) if b is win), None)
-        cost = sum(c.cost for c in charges if c is not None)
-        answer = replace(win.result, key=task.key, provider=win.provider_id,
-                         usage=win.task.usage, cost=cost)
-        if charge is None:
-            self._send_results_to(task.session, [(answer, win.buffers)])
-        else:
-            self._send_logged(task.session, answer, win.buffers, _vote_settled(
-                win, decision.unpaid, list(zip(paid, charges, strict=True))),
-                [b.task.bill_id for b in paid])
-
-    def _send_failure(self, task: Task, code: p.ErrorCode, message: str, type_: str) -> None:
-        self._send_results_to(task.session, [(failure(task.key, code, message, type_), [])])
-
     # ------------------------------------------------------------------ graphs
-
-    def _graph_outcome(self, task: Task, conn: ProviderConn, result: p.Result) -> None:
-        """A graph task ended: wake its dependents, or fail them; free what is done with."""
-        if task.task_id not in self.graph.nodes:
-            return
-        freeable = self.graph.done_with_deps(task.task_id)
-        if result.status == "finished" and result.stored:
-            for ready in self.graph.finished(task.task_id, conn.id, result.nbytes):
-                self.scheduler.enqueue(ready, front=True)  # depth first, as Dask orders
-            if self.graph.deliveries.get(task.task_id) or self.graph.client_fetches.get(
-                    task.task_id):
-                self.relay.request(task.task_id)
-        else:
-            self._fail_like(self.graph.failed(task.task_id), task, result)
-        self.relay.release(freeable)
-
-    def _fail_like(self, dependents: list[Task], failed: Task, result: p.Result) -> None:
-        """Dependents of a failed task fail with the same error (as Dask raises it): one refund
-        call and a few frames per ``FAIL_SLICE`` of them; past the first slice the rest is
-        deferred to :meth:`work`, so a 100,000-task chain never stalls other peers."""
-        if len(dependents) > FAIL_SLICE:
-            rest = dependents[FAIL_SLICE:]
-            self._defer(lambda: self._fail_like(rest, failed, result))
-            dependents = dependents[:FAIL_SLICE]
-        dependents = [d for d in dependents if d.state is TaskState.PENDING]
-        if not dependents:
-            return
-        error = result.error or p.RemoteFailure(
-            type="RuntimeError", module="builtins", message=f"{failed.key} {result.status}")
-        for dependent in dependents:
-            self.scheduler.discard(dependent)
-        self.billing.refund([d.bill_id for d in dependents if d.escrow_micro])
-        out: dict[str, list[tuple[p.Result, list]]] = defaultdict(list)
-        for dependent in dependents:
-            self._end(dependent, TaskState.ERROR)
-            out[dependent.session].append((p.Result(key=dependent.key, status="error",
-                                                    code=result.code, error=error), []))
-        for session_id, items in out.items():
-            session = self.sessions.get(session_id)
-            if session is not None:
-                self._send_results(session, items)
-
-    def fetch(self, session: ClientSession, keys: Sequence[str]) -> None:
-        """A client wants the bytes of kept results."""
-        unknown = self.relay.fetch_for_client(session, keys)
-        if unknown:
-            self._send_results(session, [(failure(
-                k, p.ErrorCode.NOT_FOUND, f"no kept result {k!r} in this session", "KeyError"), [])
-                for k in unknown])
-
-    def release(self, session: ClientSession, keys: Sequence[str]) -> None:
-        """The client holds no future for these keys any more."""
-        ids = [f"{session.id}/{k}" for k in keys]
-        self.relay.release([i for i in ids if self.graph.release(i)])
-
-    def data(self, conn: ProviderConn, msg: p.Data, buffers: Sequence[memoryview]) -> None:
-        """Kept results' bytes (or "missing") from a provider: believed only as the answer to an
-        open fetch the gateway sent that provider for that key; anything else is counted."""
-        self.counters.dropped.update(self.relay.data(conn.id, msg, buffers))
-
-    def _recompute(self, task_id: str) -> None:
-        """A kept result is held nowhere any more but still needed: run its lineage again."""
-        self._rerun(self.graph.rerun_closure([task_id]))
-        self.dispatch()
-
-    def _rerun(self, tasks: list[Task]) -> None:
-        """Finished graph tasks whose results are gone run again (each billed anew)."""
-        for task in tasks:
-            task.move(TaskState.PENDING)
-            task.provider = None
-            task.reruns += 1
-            why = None
-            if task.escrow_micro:  # free (or prepaid) tasks hold no escrow, now as at first
-                why = self.billing.hold([(task.bill_id, task.account, task.spec)])[0]
-            if why is not None:
-                refusal = hold_refusal(task.key, why)
-                self._fail(task, p.ErrorCode(refusal.code),
-                           f"recomputing lost {task.key}: {why}", refusal.error.type)
-                continue
-            self._admit(task)
-            if not self.graph.nodes[task.task_id].waiting:
-                self.scheduler.enqueue(task, front=True)
-
-    def sweep(self, now: float | None = None) -> None:
-        """Periodic upkeep (each second): give up abandoned sessions, act on the deadlines that
-        came due, and re-check a slice of the tasks a departure may have left unplaceable. Never
-        a pass over every task."""
-        now = time.monotonic() if now is None else now
-        for session in list(self.sessions.values()):
-            if session.expired(now):
-                log.warning("session %s gone for good; cancelling its tasks", session.id)
-                self.cancel(session, self.tasks.keys_of_session(session.id))
-                del self.sessions[session.id]
-        self._expire(now)
-        self._recheck_slice(now)
-
-    def _expire(self, now: float) -> None:
-        """Deadlines that came due: take back what a provider held too long."""
-        refunds: list[str] = []
-        fails: list[Failing] = []
-        cancels: dict[str, list[str]] = defaultdict(list)
-        for due in self.deadlines.due(now):
-            task = self.tasks.get(due.task_id)
-            if task is None or task.assignment != due.assignment:
-                continue  # ended, or assigned again since: a stale entry
-            conn = self.registry.get(task.provider or "")
-            if conn is None or task.task_id not in conn.running:
-                continue
-            later = self._still_due_at(task, due)
-            if later > now:
-                self.deadlines.at(later, task.task_id, task.assignment, due.kind)
-                continue
-            if task.state in ANSWERED:
-                if due.kind is Kind.TIMEOUT:
-                    continue  # a cancelled task's slot is governed by the cancel grace
-                conn.running.discard(task.task_id)
-                if task.state is TaskState.CANCELLING and task.escrow_micro:
-                    refunds.append(task.bill_id)  # paid up to its last reported usage
-                self._end(task)
-                self.standing.lost(conn.account, "never reported a cancelled task", now)
-                continue
-            conn.running.discard(task.task_id)
-            cancels[conn.id].append(task.task_id)
-            self._take_back(task, conn, due.kind, fails)
-        for conn_id, ids in cancels.items():
-            conn = self.registry.get(conn_id)
-            if conn is not None:  # an honest but slow provider stops it
-                conn.send(p.encode(p.Cancel(keys=ids)))
-        if refunds:
-            self.billing.refund(refunds)
-        self._fail_many(fails)
-        if refunds or fails or cancels:
-            self.dispatch()
-
-    def _still_due_at(self, task: Task, due: Due) -> float:
-        """When ``due`` really falls due now that the task may have moved on (a renewed lease,
-        a late start); at or before now if it has fallen due."""
-        if due.kind is Kind.LEASE:
-            return task.lease_until
-        if due.kind is Kind.TIMEOUT and task.spec.timeout is not None:
-            assigned = task.assigned_at or due.when
-            start = min(task.started or assigned, assigned + START_GRACE)
-            return start + task.spec.timeout + TIMEOUT_GRACE
-        return due.when
-
-    def _take_back(self, task: Task, conn: ProviderConn, kind: Kind,
-                   fails: list[Failing]) -> None:
-        """A provider held a task past its lease or its timeout: the account is charged a loss;
-        a lapsed lease runs the task elsewhere, a timeout fails it with ``TimeoutError``."""
-        if kind is Kind.TIMEOUT:
-            self.standing.lost(conn.account, "held a task past its timeout")
-            msg = (f"task {task.key} ran past its timeout of {task.spec.timeout:g} s; provider "
-                   f"{conn.id} did not report it, so the gateway took it back")
-            if self.verifier.voting(task):
-                self._replica_lost(task, msg)
-            else:
-                fails.append((task, p.ErrorCode.TIMEOUT, msg, "TimeoutError"))
-            return
-        self.standing.lost(conn.account, "let a lease lapse")
-        self._retry_or_fail(task, conn, f"provider {conn.id} stopped reporting the task for "
-                                        f"{self.limits.lease_seconds:g} s", fails)
-
-    def _recheck_after(self, seconds: float) -> None:
-        at = time.monotonic() + seconds
-        if self._recheck_at is None or at < self._recheck_at:
-            self._recheck_at = at
-
-    def _recheck_slice(self, now: float) -> None:
-        """Fail, a slice a tick, pending tasks that no online provider can take and that have
-        waited out their grace (a provider may come back for them)."""
-        if not self._recheck and self._recheck_at is not None and now >= self._recheck_at:
-            self._recheck_at = None
-            self._recheck = self.scheduler.pending_tasks()
-            self._recheck.reverse()  # popped from the end: oldest first
-        if not self._recheck:
-            return
-        fails: list[Failing] = []
-        later: float | None = None
-        for _ in range(min(RECHECK_SLICE, len(self._recheck))):
-            task = self._recheck.pop()
-            if task.state is not TaskState.PENDING or not self.scheduler.queued(task):
-                continue
-            why = self._unplaceable(task, now)
-            if why is None:
-                continue
-            if isinstance(why, float):
-                later = why if later is None else min(later, why)
-                continue
-            self.scheduler.discard(task)
-            fails.append(why)
-        if later is not None:
-            self._recheck_after(max(1.0, later - now))
-        self._fail_many(fails)
-
-    def _unplaceable(self, task: Task, now: float) -> Failing | float | None:
-        """None if a provider online can take the task; the time to look again if it may still
-        wait for one; else how it fails: ``ProviderLost`` if providers that ran it left,
-        ``NoMatchingProvider`` if none ever could."""
-        online = len(self.registry)
-        why = None if online else "no provider is online"
-        if online:
-            why = no_match_message(task.spec, task.account, self.registry)
-            if why is None and not self.funding.fundable_here(task):
-                why = (f"task {task.key} holds too little escrow for the priced providers online "
-                       f"(budget=0, cpus=0 or a budget under one billing interval run on free "
-                       f"providers only), and no free provider that fits is online")
-            if why is None:
-                return None
-        wait = self.limits.rejoin_grace if online else self.limits.no_provider_wait
-        since = max(task.created, self._left_at if online else self._empty_since)
-        if now < since + wait:
-            return since + wait
-        if task.attempts:
-            return (task, p.ErrorCode.LOST,
-                    f"the providers that ran task {task.key} left, and after {wait:.0f} s "
-                    f"{why}; start one (or wait for yours) and submit again", "ProviderLost")
-        if not online:
-            why = (f"no provider has been online for {wait:g} s; start one with "
-                   f"`decompute-provider`")
-        return (task, p.ErrorCode.NO_MATCH, why, "NoMatchingProvider")
 
     # ------------------------------------------------------------------ helpers
 
@@ -948,7 +581,11 @@ class Hub:
 
     def _fail_many(self, items: list[Failing]) -> None:
         """Fail tasks together: one refund call, a few frames per session. A graph task's
-        dependents fail with it."""
+        dependents fail with it. A replica whose vote is open is lost to its vote instead,
+        which decides among the replicas left (and answers the key once)."""
+        for task, _, message, _ in [i for i in items if self.verifier.voting(i[0])]:
+            self._replica_lost(task, message)
+        items = [i for i in items if i[0].state not in ANSWERED]
         if not items:
             return
         funded = [task.bill_id for task, *_ in items if task.escrow_micro]  # free: no ledger
@@ -993,47 +630,6 @@ class Hub:
     def _send_results_to(self, session_id: str, items: list[tuple[p.Result, list]]) -> None:
         self.delivery.send_to(session_id, items)
 
-    def _send_logged(self, session_id: str, result: p.Result, bufs: list[memoryview],
-                     settled: Settled, escrows: Sequence[str]) -> None:
-        """Answer a final settlement once it is on disk as a leaf of the receipt log: the
-        accounting worker commits it with its settlement and signs one tree head per group
-        (:meth:`committed` sends the result with its receipt)."""
-        token = self.billing.log_leaf(settled, escrows)
-        if token is None:
-            self._send_results_to(session_id, [(result, bufs)])
-        else:
-            self.delivery.wait_for_receipt(token, session_id, result, bufs, escrows)
-
-    def committed(self, done: Committed) -> None:
-        """The accounting worker committed a group: results go out with their receipts. An
-        escrow the ledger failed is put back as the disk has it and closed; its task fails with
-        the reason (nothing charged beyond what the disk recorded), and the gateway serves on."""
-        accounts = self.billing.accounts
-        for escrow_id, why in done.failed.items():
-            accounts.undo(escrow_id)
-            accounts.recover(escrow_id)
-            self._ledger_failed(escrow_id, why)
-        accounts.confirmed(done.seq)
-        accounts.external(done.external)
-        self.delivery.committed(done.receipts, done.failed, _ledger_failure)
-
-    def _ledger_failed(self, escrow_id: str, why: str) -> None:
-        """A live task whose escrow the ledger failed: stop it and fail it (its result, if one
-        is waiting for a receipt, is failed by :meth:`committed`)."""
-        task = self.tasks.get(escrow_id.split("~", 1)[0])
-        if task is None or task.bill_id != escrow_id or task.state in ANSWERED:
-            return
-        task.escrow_micro = 0  # closed by the recovery: nothing more to settle or refund
-        if task.state is TaskState.RUNNING:
-            self._answered(task, TaskState.STOPPING, TaskState.ERROR)
-            self.send_cancel(task.provider or "", [task])
-            self._send_results_to(task.session, [(_ledger_failure(task.key, why), [])])
-            return
-        self.scheduler.discard(task)
-        self.verifier.forget(task)
-        self._end(task, TaskState.ERROR)
-        self._send_results_to(task.session, [(_ledger_failure(task.key, why), [])])
-
     def _send_events(self, task: Task, event: p.Event) -> None:
         self.delivery.event(task.session, event)
 
@@ -1051,49 +647,3 @@ class Hub:
         }
 
 
-def _ledger_failure(key: str, why: str) -> p.Result:
-    """A task the ledger could not record: the client is told, and nothing was charged for it
-    beyond what the ledger had recorded before."""
-    return failure(key, p.ErrorCode.INTERNAL,
-                   f"the gateway's ledger could not record task {key} ({why}); its escrow was "
-                   f"returned as the ledger had it, and the task was stopped. Submit it again; "
-                   f"if this repeats, tell the gateway's operator", "LedgerError")
-
-
-def _digest(result: p.Result, bufs: Sequence[memoryview]) -> str:
-    """A result's hash as leaves and votes name it: its bytes', its failure's, or (a chunk)
-    one over each item's hash."""
-    if result.status != "finished":
-        return failure_hash(result)
-    return chunks.outcome_hash(result, bufs)
-
-
-def _settled(task: Task, charge: Charge, outcome: str,
-             shares: list[tuple[str, str, dict, dict, Charge | None]],
-             items: list[str] | None = None) -> Settled:
-    """The leaf of a final settlement: ``shares`` are ``(provider account, its result hash,
-    usage, prices, its charge)``; ``charge`` is what the client paid in all; ``items`` a
-    chunk's per-item result hashes."""
-    return Settled(
-        task_id=task.bill_id, client=task.account, function_hash=task.spec.func,
-        input_hash=result_hash(task.payload), outcome=outcome,
-        amount_micro=charge.charged_micro, fee_micro=charge.fee_micro,
-        shares=tuple(Share(account, digest, dict(usage), dict(prices),
-                           c.charged_micro - c.fee_micro if c is not None else 0)
-                     for account, digest, usage, prices, c in shares), items=items)
-
-
-def _vote_settled(win: Ballot, unpaid: Sequence[Ballot],
-                  paid: list[tuple[Ballot, Charge | None]]) -> Settled:
-    """A decided vote's leaf: every ballot (the out-voted paid nothing), the outcome, and the
-    sum of what the agreeing replicas were paid."""
-    shares = [(b.provider_account, b.digest, b.task.usage, b.prices, c) for b, c in paid]
-    shares += [(b.provider_account, b.digest, b.task.usage, b.prices, None) for b in unpaid]
-    total = Charge(sum(c.charged_micro for _, c in paid if c is not None),
-                   sum(c.fee_micro for _, c in paid if c is not None), spent=False)
-    return _settled(win.task, total, win.digest, shares,
-                    chunks.item_hashes(win.result, win.buffers))
-
-
-#: A task the gateway fails itself: (task, code, message, exception type for the client).
-Failing = tuple[Task, p.ErrorCode, str, str]

@@ -690,7 +690,10 @@ def _check_buffer_count(msg: Message, count: int) -> None:
 
 
 def split_buffers(counts: Sequence[int], buffers: Sequence[memoryview]) -> list[list[memoryview]]:
-    """Cut a flat buffer list into consecutive groups of ``counts``."""
+    """Cut a flat buffer list into consecutive groups of ``counts``; a list that does not add
+    up is a bug upstream (decoding checks it), never silently cut short."""
+    if sum(counts) != len(buffers):
+        raise ValueError(f"headers name {sum(counts)} buffers, {len(buffers)} were given")
     out, pos = [], 0
     for n in counts:
         out.append(list(buffers[pos:pos + n]))

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Any
 
@@ -235,14 +236,11 @@ class GatewayServer:
         except TimeoutError:
             ws.transport.abort()
 
-    def _react(self, what: str, react: Any, *args: Any) -> None:
-        """Call the hub; a bug in handling one message is logged, and the connection lives on.
-        The ledger work it decided goes to the accounting worker."""
-        try:
-            react(*args)
-        except Exception:
-            self.hub.counters.refused[p.ErrorCode.INTERNAL.value] += 1
-            log.exception("internal error handling %s", what)
+    def _react(self, what: str, react: Any, *args: Any, tasks: Iterable[str] = ()) -> None:
+        """Call the hub through its failure boundary (:meth:`Hub.contain`: a bug handling one
+        message fails the ``tasks`` it concerned and returns their escrow; the gateway and the
+        connection live on). The ledger work it decided goes to the accounting worker."""
+        self.hub.contain(what, tasks, react, *args)
         self._flush()
 
     def _answer(self, account: str, peer: str, q: p.Query) -> p.Reply:
@@ -353,11 +351,14 @@ class GatewayServer:
             async for msg, buffers in self._messages(ws, CLIENT_TYPES, out):
                 if isinstance(msg, p.Submit):
                     for part, bufs in submit_slices(msg, buffers):
-                        self._react("submit", self.hub.submit, session, part, bufs)
+                        self._react("submit", self.hub.submit, session, part, bufs,
+                                    tasks=[f"{session.id}/{t.key}" for t in part.tasks])
                         await asyncio.sleep(0)
                 elif isinstance(msg, p.Cancel):
                     for i in range(0, len(msg.keys), SLICE):
-                        self._react("cancel", self.hub.cancel, session, msg.keys[i:i + SLICE])
+                        keys = msg.keys[i:i + SLICE]
+                        self._react("cancel", self.hub.cancel, session, keys,
+                                    tasks=[f"{session.id}/{k}" for k in keys])
                         await asyncio.sleep(0)
                 elif isinstance(msg, p.Fetch):
                     self._react("fetch", self.hub.fetch, session, msg.keys)
@@ -385,15 +386,17 @@ class GatewayServer:
             async for msg, buffers in self._messages(ws, PROVIDER_TYPES, out):
                 if isinstance(msg, p.Results):
                     served = conn.served
-                    self._react("results", self.hub.results, conn, msg, buffers)
+                    self._react("results", self.hub.results, conn, msg, buffers,
+                                tasks=[r.key for r in msg.results])
                     self.hub.standing.delivered(conn.account, conn.served - served)
                 elif isinstance(msg, p.Events):
-                    self._react("events", self.hub.events, conn, msg)
+                    self._react("events", self.hub.events, conn, msg,
+                                tasks=[e.key for e in msg.events])
                 elif isinstance(msg, p.Data):
                     self._react("data", self.hub.data, conn, msg, buffers)
                 elif isinstance(msg, p.Heartbeat):
                     self._react("leases", self.hub.renew, conn, msg.usage)
-                    self._react("heartbeat", self.hub.heartbeat, conn, msg)
+                    self._react("heartbeat", self.hub.heartbeat, conn, msg, tasks=list(msg.usage))
                 elif isinstance(msg, p.Query):
                     out.send(p.encode(self._answer(conn.account, conn.id, msg)))
                 elif isinstance(msg, p.Error):

@@ -95,6 +95,17 @@ class Verifier:
         for task in replicas:
             self.of[task.task_id] = vote
 
+    def close(self, task_id: str) -> tuple[list[Task], list[Ballot]] | None:
+        """The client cancelled the task whose first replica is ``task_id``: its vote closes
+        undecided. Returns its replicas and the ballots cast (their escrows go back), or None
+        if it has no open vote."""
+        vote = self.votes.pop(task_id, None)
+        if vote is None:
+            return None
+        for task in vote.replicas:
+            self.of.pop(task.task_id, None)
+        return list(vote.replicas), list(vote.ballots)
+
     def voting(self, task: Task) -> bool:
         """Whether ``task`` is a replica whose ballot is still awaited."""
         return task.task_id in self.of
