@@ -13,6 +13,7 @@ another major version than the client's (arrays and frames may then decode wrong
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib.metadata
 import logging
@@ -141,6 +142,32 @@ def for_task(fn: Any, declared: Iterable[str] | str | None = None, args: tuple =
     before pickling, or let ``serialize`` do that)."""
     walk = by_value.prepare(fn, *args, *(kwargs or {}).values())
     return merge(validate(declared), inferred(walk.installed))
+
+
+def imported_by(source: str) -> set[str]:
+    """Top-level module names a cell's source imports (``import x.y``, ``from x import y``);
+    relative imports and unparseable source give nothing."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return set()
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.partition(".")[0])
+    return names
+
+
+def for_cell(source: str, values: Iterable[Any], declared: Iterable[str] | str | None = None
+             ) -> list[str]:
+    """A ``%%decompute`` cell's packages: declared, plus inferred from what its source imports
+    and from the values it is sent (registering the user's modules among them by value)."""
+    walk = by_value.prepare(*values)
+    tops = walk.installed | {name for name in imported_by(source)
+                             if by_value.module_kind(name) == "installed"}
+    return merge(validate(declared), inferred(tops))
 
 
 # --------------------------------------------------------------------------- version warnings

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
+import importlib
 import importlib.metadata
 import json
 import logging
@@ -48,7 +49,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,6 +167,15 @@ def advertised_packages(path: Sequence[str] | None = None) -> dict[str, str]:
                         MAX_PACKAGES, MAX_PACKAGES)
             break
     return out
+
+
+def refreshed_packages(current: Mapping[str, str]) -> dict[str, str] | None:
+    """The advertised packages read again, or None when they did not change (the provider
+    then has nothing to tell the gateway). A few ms per hundred distributions: run it off the
+    event loop, once a minute or so."""
+    importlib.invalidate_caches()  # a distribution installed since the last look
+    fresh = advertised_packages()
+    return None if fresh == dict(current) else fresh
 
 
 def _site_packages(env: Path) -> Path:

@@ -353,3 +353,14 @@ def test_providers_show_their_packages(pclient: Any) -> None:
     wait_for(lambda: infos["has"].packages, 5, "the packages in providers()")
     assert infos["installs"].extra.get("installs") or getattr(infos["installs"], "installs",
                                                               False)
+
+
+def test_a_cells_imports_and_values_give_its_requirements() -> None:
+    import numpy
+
+    nmaj = int(numpy.__version__.split(".")[0])
+    source = "import numpy as np\nfrom yaml import safe_load\nimport json\nfrom . import x\n"
+    assert rq.imported_by(source) == {"numpy", "yaml", "json"}
+    assert rq.for_cell(source, []) == [f"numpy>={nmaj},<{nmaj + 1}", "pyyaml"]
+    assert rq.for_cell("x = (", [numpy.arange(3)], ["pandas"]) == [
+        "pandas", f"numpy>={nmaj},<{nmaj + 1}"]
