@@ -30,7 +30,7 @@ from typing import Any
 import msgpack
 import psutil
 
-from gateway.protocol import MAX_BUFFERS, MAX_ITEMS, frame_parts, frame_size
+from gateway.protocol import MAX_BUFFERS, MAX_ITEMS, frame_parts
 from provider.channel import (
     ChannelClosed,
     ChannelError,
@@ -39,8 +39,9 @@ from provider.channel import (
     parse_reply,
     read_frame,
     sanitize_error,
+    send_frame,
 )
-from provider.metering import Meter, read_stat
+from provider.metering import Meter, process_cpu
 from provider.sandbox import (
     Isolation,
     Limits,
@@ -51,7 +52,7 @@ from provider.sandbox import (
     strays,
     worker_pid,
 )
-from provider.worker import CHUNK_ERROR_CHARS, FUNCS_KEPT, LENGTH
+from provider.worker import CHUNK_ERROR_CHARS, FUNCS_KEPT
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +372,7 @@ class WorkerPool:
             return True
         limit = self.limits.cpu_seconds
         with contextlib.suppress(OSError, ValueError, IndexError):
-            return limit is not None and read_stat(worker.ps.pid)[0] > limit / 2
+            return limit is not None and process_cpu(worker.ps) > limit / 2
         return True  # gone: replace it
 
     async def _replace(self, worker: WorkerProc) -> WorkerProc:
@@ -408,11 +409,8 @@ class WorkerPool:
         frame = frame_parts(header, parts)
         worker.meter = Meter(worker.ps, gpus)
         worker.task_key = key
-        loop = asyncio.get_running_loop()
         try:
-            await loop.sock_sendall(worker.sock, LENGTH.pack(frame_size(frame)))
-            for part in frame:  # no join: a large argument is not copied again
-                await loop.sock_sendall(worker.sock, part)
+            await send_frame(worker.sock, frame)  # one sendmsg; a large part is not copied
             while True:
                 reply = parse_reply(*await read_frame(worker.sock), key)
                 if isinstance(reply, Done) and items:

@@ -662,8 +662,9 @@ class Provider:
         self._load_prev = seen
         memory = 0
         for worker in self._pool.workers if self._pool is not None else []:
-            if worker.task_key in seen and getattr(worker, "ps", None) is not None:
-                memory += _tree_rss(worker.ps)
+            meter = getattr(worker, "meter", None)
+            if worker.task_key in seen and meter is not None:
+                memory += meter.rss  # the whole tree's, sampled by held_usage() just before
         return {"cpu": round(min(cpu, float(self.cpus)), 3), "memory_bytes": float(memory),
                 "running": float(len(seen))}
 
@@ -672,19 +673,6 @@ class Provider:
         tasks, cpu = self.served - self._saved[0], self.cpu_seconds - self._saved[1]
         stats.add(self.home, tasks, cpu)
         self._saved = (self.served, self.cpu_seconds)
-
-
-def _tree_rss(proc: psutil.Process) -> int:
-    """Resident memory of a process and its descendants (0 for what has gone)."""
-    total = 0
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    for one in procs:
-        with contextlib.suppress(psutil.Error):
-            total += one.memory_info().rss
-    return total
 
 
 def salvage_assign(data: bytes, provider: Provider,
