@@ -17,9 +17,11 @@ import ast
 import functools
 import importlib.metadata
 import logging
+import sys
 import threading
+import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from packaging.requirements import InvalidRequirement
@@ -216,3 +218,31 @@ def warn_version_mismatch(provider: str, remote: Mapping[str, str],
         warnings.warn(text, PackageWarning, stacklevel=2)
         said.append(text)
     return said
+
+
+class ResultVersions:
+    """The client's side of the numpy/pandas major-version warning: when a result decodes
+    while numpy or pandas is loaded here, compare with the versions its provider advertised
+    (``client.providers()``, asked at most once per ``refresh`` seconds, only for a provider not
+    seen yet) and warn once per mismatch. Never raises: a warning must not break a result."""
+
+    def __init__(self, fetch: Callable[[], Iterable[Any]], refresh: float = 30.0) -> None:
+        self._fetch = fetch  # -> objects with ``id`` and ``packages`` (ProviderInfo)
+        self._refresh = refresh
+        self._known: dict[str, dict[str, str]] = {}
+        self._asked = float("-inf")
+        self._lock = threading.Lock()
+
+    def check(self, provider: str | None) -> list[str]:
+        if not provider or not any(name in sys.modules for name in RESULT_SENSITIVE):
+            return []
+        with self._lock:
+            if provider not in self._known and time.monotonic() - self._asked > self._refresh:
+                self._asked = time.monotonic()
+                try:
+                    for info in self._fetch():
+                        self._known[info.id] = dict(getattr(info, "packages", None) or {})
+                except Exception as exc:  # unreachable gateway: no warning this time
+                    log.debug("provider packages unknown (%s)", exc)
+            remote = self._known.get(provider)
+        return warn_version_mismatch(provider, remote) if remote else []

@@ -364,3 +364,28 @@ def test_a_cells_imports_and_values_give_its_requirements() -> None:
     assert rq.for_cell(source, []) == [f"numpy>={nmaj},<{nmaj + 1}", "pyyaml"]
     assert rq.for_cell("x = (", [numpy.arange(3)], ["pandas"]) == [
         "pandas", f"numpy>={nmaj},<{nmaj + 1}"]
+
+
+def test_results_check_their_providers_versions_once() -> None:
+    from types import SimpleNamespace
+
+    import numpy  # noqa: F401  (loaded: results may hold arrays)
+
+    rq._warned.clear()
+    asked = []
+
+    def providers() -> list:
+        asked.append(1)
+        return [SimpleNamespace(id="old-1", packages={"numpy": "0.9.0"}),
+                SimpleNamespace(id="same-2", packages=rq.local_versions())]
+
+    check = rq.ResultVersions(providers, refresh=3600)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert check.check("same-2") == []
+        said = check.check("old-1")
+        assert check.check("old-1") == [] and check.check("unknown-3") == []
+    assert len(asked) == 1, "asked once; an unknown provider waits for the refresh period"
+    assert len(said) == 1 and "numpy 0.9.0" in said[0]
+    assert [str(w.message) for w in caught] == said
+    assert rq.ResultVersions(lambda: 1 / 0).check("x-1") == [], "a failed lookup stays silent"
