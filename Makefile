@@ -38,6 +38,7 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/scale.py --out benchmarks/results/scale.json
 	$(MAKE) soak
 
 lint: $(STAMP)

@@ -54,9 +54,10 @@ log = logging.getLogger("scale_sim")
 #: What the simulated peers run on: the same for both sides, so every task fits every provider.
 RUNTIME = p.Runtime(python=".".join(platform.python_version_tuple()[:2]),
                     cloudpickle=cloudpickle.__version__)
-#: A provider's heartbeat period and its earnings query every few beats, as ``provider.py``.
-HEARTBEAT_SECONDS = 0.5
-EARNINGS_EVERY = 4
+#: A provider's heartbeat period and its earnings query every few beats, as ``provider.py`` does
+#: while it holds no task (these answer at once, so they hold none between heartbeats).
+HEARTBEAT_SECONDS = 5.0
+EARNINGS_EVERY = 1
 #: Handshakes in flight at once: 1,000 simultaneous ones would only queue in the gateway's accept.
 CONNECT_AT_ONCE = 64
 #: The usage a simulated task reports (a tiny task: half a CPU-millisecond).

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -132,10 +134,20 @@ def mint(argv: list[str]) -> None:
     print(f"minted {args.amount:g} tokens to {account}; balance now {balance:g}")
 
 
+def raise_open_files_limit() -> None:
+    """One file descriptor per connection: lift the soft limit to the hard one, so a gateway
+    serving a thousand providers does not refuse connections at the common default of 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def run(args: argparse.Namespace) -> None:
     # The gateway holds one object graph per task (100,000s of them under load): collect young
     # garbage less often, so that full collections do not walk them all every few ms.
     gc.set_threshold(50_000, 20, 100)
+    raise_open_files_limit()
     identity = Identity.load_or_create(decompute_home(), name="gateway_ed25519")
     ledger = Ledger(args.db, faucet_micro=to_micro(args.faucet), fee_percent=args.fee_percent)
     refunded = ledger.recover()

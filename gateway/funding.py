@@ -25,6 +25,10 @@ class Funding:
         #: Per session a restart cut: its task ids settled for good before the restart (read
         #: from the ledger by the shell at attach); resubmitted, they are charged nothing.
         self._prepaid_ids: dict[str, set[str]] = {}
+        #: Plans by what decides them, valid while nobody joins or leaves (a submit batch of a
+        #: million tasks with one shape looks at the providers once, not once per batch).
+        self._plans: dict[tuple, str] = {}
+        self._plans_version = -1
 
     def settled_before(self, session_id: str, task_ids: set[str]) -> None:
         """A session a restart cut: these of its tasks were paid for already."""
@@ -50,7 +54,7 @@ class Funding:
                    tuple(sorted(spec.resources.items())), spec.max_price, escrow)
             plan = plans.get(sig)
             if plan is None:
-                plan = plans[sig] = self._plan(task, escrow)
+                plan = plans[sig] = self._known_plan(task, escrow, sig)
             if isinstance(plan, Exception):
                 out[i] = plan
             elif plan != "free":
@@ -66,6 +70,21 @@ class Funding:
             if not free_only or tasks[i].siblings:  # replicas are funded all alike, or refused
                 out[i] = why
         return out
+
+    def _known_plan(self, task: Task, escrow: int, sig: tuple) -> str | Exception:
+        """:meth:`_plan`, remembered until the set of providers changes (per account: a
+        provider's ``allow`` list makes eligibility depend on it)."""
+        if self._plans_version != self.registry.version or len(self._plans) > 10_000:
+            self._plans.clear()
+            self._plans_version = self.registry.version
+        key = (*sig, task.account)
+        plan = self._plans.get(key)
+        if plan is None:
+            found = self._plan(task, escrow)
+            if isinstance(found, Exception):  # its message names this task: never reused
+                return found
+            plan = self._plans[key] = found
+        return plan
 
     def _plan(self, task: Task, escrow: int) -> str | Exception:
         """``"free"`` (hold nothing), ``"hold"`` (escrow needed), ``"try"`` (hold if the account

@@ -53,6 +53,8 @@ DEFAULT_URL = "ws://127.0.0.1:8765"
 ACCEPTED = frozenset({"assign", "cancel", "error", "reply", "fetch", "data", "release"})
 #: Usage of running tasks is reported this often (the gateway settles on these totals).
 HEARTBEAT_SECONDS = 0.5
+#: An idle provider (holding no task) beats once in this many heartbeat periods (5 s).
+IDLE_HEARTBEAT_EVERY = 10
 #: A task still running after this long is reported as running (quicker ones just finish).
 RUNNING_EVENT_DELAY = 0.01
 #: Heartbeats between two status lines in the provider's log (the CLI's status line).
@@ -618,12 +620,19 @@ class Provider:
     # ------------------------------------------------------------------ heartbeats
 
     async def _heartbeats(self) -> None:
+        """Usage and load twice a second while tasks are held (the gateway settles on them and
+        renews their leases); an idle provider beats every ``IDLE_HEARTBEAT_EVERY`` beats, and
+        once at the moment it becomes idle (a thousand idle providers cost a gateway little)."""
+        was_busy = False
         for beat in itertools.count():
             await asyncio.sleep(HEARTBEAT_SECONDS)
-            self._send_heartbeat()
+            busy = bool(self._running)
             assert self._writer is not None
-            if beat % 4 == 0:
-                self._writer.send(p.encode(p.Query(id=EARNINGS_QUERY, what="earnings")))
+            if busy or was_busy or beat % IDLE_HEARTBEAT_EVERY == 0:
+                self._send_heartbeat()
+                if beat % (4 if busy else IDLE_HEARTBEAT_EVERY) == 0 or was_busy and not busy:
+                    self._writer.send(p.encode(p.Query(id=EARNINGS_QUERY, what="earnings")))
+            was_busy = busy
             if beat % STATUS_EVERY == 0 and beat:
                 self._save_stats()
                 log.info("provider %s: %d tasks served this session, %d held, %.6f tokens "

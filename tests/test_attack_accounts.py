@@ -91,7 +91,7 @@ def test_grab_and_drop_across_reconnects_is_benched(tmp_path: Path) -> None:
     try:
         grabber_key = Identity.load_or_create(tmp_path / "grabber")
         with Client(gw.url, home=tmp_path / "client", stream_output=False) as c:
-            futs = c.map(square, range(40), retries=10)
+            futs = c.map(square, range(40), retries=10, chunksize=1)  # one assignment each
             for round_ in range(BENCH_AFTER):
                 with FakeProvider(gw.url, tmp_path / "grabber", name="grabber", cpus=4096,
                                   identity=grabber_key) as grabber:
