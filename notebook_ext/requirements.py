@@ -230,11 +230,15 @@ class ResultVersions:
         self._fetch = fetch  # -> objects with ``id`` and ``packages`` (ProviderInfo)
         self._refresh = refresh
         self._known: dict[str, dict[str, str]] = {}
+        self._checked: set[str] = set()  # providers compared already
         self._asked = float("-inf")
         self._lock = threading.Lock()
 
     def check(self, provider: str | None) -> list[str]:
-        if not provider or not any(name in sys.modules for name in RESULT_SENSITIVE):
+        """Warn (once) if ``provider``'s numpy/pandas major differs; cheap after the first
+        result of each provider (a set lookup: this runs on every decoded result)."""
+        if not provider or provider in self._checked \
+                or not any(name in sys.modules for name in RESULT_SENSITIVE):
             return []
         with self._lock:
             if provider not in self._known and time.monotonic() - self._asked > self._refresh:
@@ -245,4 +249,6 @@ class ResultVersions:
                 except Exception as exc:  # unreachable gateway: no warning this time
                     log.debug("provider packages unknown (%s)", exc)
             remote = self._known.get(provider)
+            if remote is not None:
+                self._checked.add(provider)
         return warn_version_mismatch(provider, remote) if remote else []
