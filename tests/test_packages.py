@@ -389,3 +389,62 @@ def test_results_check_their_providers_versions_once() -> None:
     assert len(said) == 1 and "numpy 0.9.0" in said[0]
     assert [str(w.message) for w in caught] == said
     assert rq.ResultVersions(lambda: 1 / 0).check("x-1") == [], "a failed lookup stays silent"
+
+
+def _hub_handles_packages() -> bool:
+    from gateway import hub, server
+
+    return "def packages" in inspect.getsource(hub) and "packages" in server.PROVIDER_TYPES
+
+
+GATEWAY_E2E = pytest.mark.skipif(
+    not (HOOKS["scheduler"] and HOOKS["registry"] and _hub_handles_packages()),
+    reason="issue 13 gateway hooks not in place yet (scheduler, registry, hub.packages, "
+           "server.PROVIDER_TYPES)")
+
+
+def _providers(client: Any) -> dict[str, dict]:
+    import queue as q
+
+    client.send(p.Query(id=77, what="providers"))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            msg = client.other.get(timeout=1)
+        except q.Empty:
+            continue
+        if isinstance(msg, p.Reply) and msg.id == 77:
+            return {d["name"]: d for d in msg.data}
+    raise AssertionError("no providers reply")
+
+
+@GATEWAY_E2E
+def test_a_provider_refreshes_its_own_packages_and_tasks_follow(tmp_path: Path) -> None:
+    from fakes import FakeClient, FakeProvider
+
+    from notebook_ext.serialize import dumps_args, dumps_function, local_runtime
+
+    gw = start_gateway(tmp_path / "gw")
+    try:
+        with FakeProvider(gw.url, tmp_path / "a", name="late") as late, \
+                FakeProvider(gw.url, tmp_path / "b", name="other") as other, \
+                FakeClient(gw.url, tmp_path / "c") as client:
+            late.send(p.Packages(packages={"numpy": "1.0.0.dev7"}))
+            wait_for(lambda: _providers(client)["late"]["packages"] == {"numpy": "1.0.0.dev7"},
+                     20, "the refreshed packages in providers()")
+            # Another provider's refresh changes its own advertisement, never late's.
+            other.send(p.Packages(packages={"numpy": "0.1"}, installs=False))
+            wait_for(lambda: _providers(client)["other"]["packages"] == {"numpy": "0.1"}, 20,
+                     "other's packages")
+            assert _providers(client)["late"]["packages"] == {"numpy": "1.0.0.dev7"}
+            func_hash, blob = dumps_function(len)
+            spec = p.TaskSpec(key="needs-late", func=func_hash, nb=1, runtime=local_runtime(),
+                              packages=["numpy==1.0.0.dev7"])
+            client.submit([spec], {func_hash: blob}, [dumps_args(((),), {})])
+            assignment, _ = late.next_assignment(20)
+            assert assignment.packages == ["numpy==1.0.0.dev7"], "the provider learns the set"
+            assert other.assigned.empty()
+            late.finish(assignment.key, 0)
+            assert client.wait_results(1, 20)[0].status == "finished"
+    finally:
+        gw.stop()
