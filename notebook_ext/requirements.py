@@ -83,7 +83,8 @@ def split_flag(text: str) -> list[str]:
     """``%%decompute --packages`` text as requirement strings. Commas separate requirements,
     except inside one's version range: ``numpy>=1.26,<3,pandas`` is two requirements."""
     out: list[str] = []
-    for piece in (p.strip() for p in text.split(",")):
+    # IPython's magic parser keeps quotes ('numpy>=1,<3' guards < and > from the shell habit).
+    for piece in (p.strip().strip("'\"").strip() for p in text.split(",")):
         if not piece:
             continue
         if out and piece[0] in "<>=!~":  # another clause of the previous requirement's range

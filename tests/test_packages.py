@@ -153,7 +153,7 @@ def test_declared_requirements_are_validated_with_the_reason() -> None:
 
 
 def test_the_magic_flag_splits_on_commas_between_requirements() -> None:
-    assert rq.split_flag("numpy>=1.26,<3, pandas,scikit-learn>=1.5") == [
+    assert rq.split_flag("'numpy>=1.26,<3', pandas,\"scikit-learn>=1.5\"") == [
         "numpy>=1.26,<3", "pandas", "scikit-learn>=1.5"]
     with pytest.raises(ValueError, match="not a valid requirement"):
         rq.split_flag("numpy>=1,<<3")
