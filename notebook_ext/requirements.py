@@ -173,6 +173,17 @@ def for_cell(source: str, values: Iterable[Any], declared: Iterable[str] | str |
     return merge(validate(declared), inferred(tops))
 
 
+def format_packages(packages: Mapping[str, str] | None, installs: bool = False,
+                    limit: int = 4) -> str:
+    """A provider's notable packages for a table cell: ``numpy 2.1.0, pandas 2.2.3 +3``, and
+    ``installs`` when it builds environments for what it lacks."""
+    items = [f"{name} {version}" for name, version in (packages or {}).items()]
+    text = ", ".join(items[:limit]) + (f" +{len(items) - limit}" if len(items) > limit else "")
+    if installs:
+        text = f"{text} · installs" if text else "installs"
+    return text or "-"
+
+
 # --------------------------------------------------------------------------- version warnings
 
 _warned: set[tuple[str, str, str]] = set()

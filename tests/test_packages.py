@@ -448,3 +448,10 @@ def test_a_provider_refreshes_its_own_packages_and_tasks_follow(tmp_path: Path) 
             assert client.wait_results(1, 20)[0].status == "finished"
     finally:
         gw.stop()
+
+
+def test_packages_for_the_providers_table() -> None:
+    assert rq.format_packages({}) == "-"
+    assert rq.format_packages({}, installs=True) == "installs"
+    many = {f"p{i}": "1.0" for i in range(6)}
+    assert rq.format_packages(many, installs=True) == "p0 1.0, p1 1.0, p2 1.0, p3 1.0 +2 · installs"
