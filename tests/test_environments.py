@@ -21,6 +21,8 @@ import pytest
 from wheels import write_sdist, write_wheel
 
 from provider.environments import (
+    FAILURE_TTL,
+    MAX_BUILDS,
     EnvironmentBuildError,
     Environments,
     advertised_packages,
@@ -118,7 +120,12 @@ def test_sdist_only_requirement_is_refused_and_nothing_runs(tmp_path: Path, whee
     assert "from versions: none" in text or "No matching distribution" in text, text
     assert not ran.exists(), "the sdist's setup.py must never run"
     assert envs.cached() == [], "a failed build leaves nothing behind"
-    # Not cached as a failure: the next task with the set tries again (and fails the same way).
+    # The next tasks with that set get the same error at once, without another pip run...
+    with pytest.raises(EnvironmentBuildError, match="sdistonly"):
+        asyncio.run(envs.get(["sdistonly"]))
+    assert envs.builds == 1
+    # ...until FAILURE_TTL has passed (the index may have gained a wheel since).
+    envs._failed = {k: (t - FAILURE_TTL, e) for k, (t, e) in envs._failed.items()}
     with pytest.raises(EnvironmentBuildError):
         asyncio.run(envs.get(["sdistonly"]))
     assert envs.builds == 2
@@ -275,3 +282,16 @@ def test_the_read_only_bind_stops_a_write_whatever_the_file_modes(wheelhouse: Pa
             cleanup(spec)
         seen[name] = done.stdout.strip()
     assert seen == {"open": "wrote", "bound": f"refused {errno.EROFS}"}, seen
+
+
+def test_builds_of_many_sets_run_a_few_at_a_time(wheelhouse: Path, envs_root: Path) -> None:
+    """A client asking for many different sets queues their builds (MAX_BUILDS pips at once)."""
+    for i in range(6):
+        write_wheel(wheelhouse, f"many{i}", "1.0", "")
+    envs = Environments(envs_root, find_links=str(wheelhouse))
+
+    async def scenario() -> None:
+        await asyncio.gather(*(envs.get([f"many{i}"]) for i in range(6)))
+
+    asyncio.run(scenario())
+    assert envs.builds == 6 and envs.peak_builds == MAX_BUILDS
