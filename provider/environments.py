@@ -242,16 +242,17 @@ class Environments:
     python: str = sys.executable
     timeout: float = BUILD_TIMEOUT
     #: Builds run so far by this object, and the most that ran at once (tests read them).
-    builds: int = 0
-    peak_builds: int = 0
-    _running_builds: int = 0
-    _building: dict[str, asyncio.Future] = field(default_factory=dict)
-    _failed: dict[str, tuple[float, EnvironmentBuildError]] = field(default_factory=dict)
+    builds: int = field(default=0, init=False)
+    peak_builds: int = field(default=0, init=False)
+    _running_builds: int = field(default=0, init=False, repr=False)
+    _building: dict[str, asyncio.Future] = field(default_factory=dict, init=False, repr=False)
+    _failed: dict[str, tuple[float, EnvironmentBuildError]] = field(
+        default_factory=dict, init=False, repr=False)
     _slots: threading.BoundedSemaphore = field(
-        default_factory=lambda: threading.BoundedSemaphore(MAX_BUILDS))
-    _count_lock: threading.Lock = field(default_factory=threading.Lock)
-    _in_use: dict[str, int] = field(default_factory=dict)
-    _own: dict[str, str] | None = None
+        default_factory=lambda: threading.BoundedSemaphore(MAX_BUILDS), init=False, repr=False)
+    _count_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _in_use: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _own: dict[str, str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.index_url and self.find_links:
