@@ -256,3 +256,25 @@ def test_a_decompute_cell_declares_packages(kernel: Kernel) -> None:
     bad = kernel.execute("%%decompute --packages 'numpy>=>2'\n1")
     assert bad.status == "error" and "not a valid requirement" in bad.error["evalue"]
     assert kernel.run("%%decompute --packages cloudpickle\n40 + 2").result == "42"
+
+
+def test_where_the_file_is_decides_not_the_name(user_dir: Path) -> None:
+    """A module beside the notebook whose name an installed distribution also uses (``yaml``
+    here, PyYAML's) is the user's when that is the file imported."""
+    import importlib.metadata
+
+    assert "yaml" in importlib.metadata.packages_distributions()
+    (user_dir / "yaml.py").write_text("def load(v):\n    return v\n")
+    saved = sys.modules.pop("yaml", None)
+    try:
+        importlib.invalidate_caches()
+        mod = importlib.import_module("yaml")
+        assert mod.__file__ == str(user_dir / "yaml.py")
+        assert by_value.module_kind(mod) == "user" and by_value.travels_by_value(mod)
+    finally:
+        sys.modules.pop("yaml", None)
+        if saved is not None:
+            sys.modules["yaml"] = saved
+    import yaml
+
+    assert by_value.module_kind(yaml) == "installed"
