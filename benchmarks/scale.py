@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -275,6 +276,7 @@ def main() -> None:
             rec.set("gateway_stopped", stop_process(gateway, grace=20, first=signal.SIGINT))
         note_strays(rec)
         rec.set("gateway_log_tail", (tmp / "gateway.log").read_text(errors="replace")[-2000:])
+        shutil.rmtree(tmp, ignore_errors=True)
         rec.finish()
 
 

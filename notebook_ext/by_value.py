@@ -79,13 +79,17 @@ def _distributions() -> dict[str, list[str]]:
 
 
 @functools.cache
-def _editable(dist: str) -> bool:
-    """Whether a distribution is an editable install (its code is a working copy)."""
+def _dist_root(dist: str) -> str | None:
+    """The folder a (non-editable) distribution was installed into; None for an editable
+    install (its code is a working copy: the user's) or an unreadable one."""
     try:
-        text = importlib.metadata.distribution(dist).read_text("direct_url.json")
-        return bool(text and json.loads(text).get("dir_info", {}).get("editable"))
-    except (importlib.metadata.PackageNotFoundError, ValueError, AttributeError):
-        return False
+        d = importlib.metadata.distribution(dist)
+        text = d.read_text("direct_url.json")
+        if text and json.loads(text).get("dir_info", {}).get("editable"):
+            return None
+        return os.path.realpath(str(d.locate_file("")))
+    except (importlib.metadata.PackageNotFoundError, ValueError, AttributeError, OSError):
+        return None
 
 
 def _under(path: str, dirs: Iterable[str]) -> bool:
@@ -94,23 +98,25 @@ def _under(path: str, dirs: Iterable[str]) -> bool:
 
 @functools.lru_cache(maxsize=4096)
 def _kind(top: str, file: str | None) -> str:
-    """``"user"``, ``"installed"`` or ``"stdlib"`` for a top-level module name and its file."""
+    """``"user"``, ``"installed"`` or ``"stdlib"`` for a top-level module name and its file.
+
+    Where the file is decides, not the name: a ``utils.py`` beside the notebook is the user's
+    even if some installed distribution also has a top-level ``utils``."""
     if top in ALWAYS_PRESENT:
         return "installed"
     if top in sys.stdlib_module_names or top == "builtins":
         return "stdlib"
-    dists = _distributions().get(top, [])
-    if dists:
-        return "user" if all(_editable(d) for d in dists) else "installed"
-    if file is None:
-        return "user" if top == "__main__" else "stdlib"  # built-in or namespace: nothing to ship
+    if file is None:  # __main__ in a kernel, or a built-in module
+        return "user" if top == "__main__" else (
+            "installed" if _distributions().get(top) else "stdlib")
     real = os.path.realpath(file)
-    if _under(real, _site_dirs()) or f"{os.sep}site-packages{os.sep}" in real \
-            or f"{os.sep}dist-packages{os.sep}" in real:
+    roots = [r for d in _distributions().get(top, []) if (r := _dist_root(d)) is not None]
+    if _under(real, roots) or _under(real, _site_dirs()) \
+            or f"{os.sep}site-packages{os.sep}" in real or f"{os.sep}dist-packages{os.sep}" in real:
         return "installed"
     if _under(real, _stdlib_dirs()):
         return "stdlib"
-    return "user"
+    return "user"  # beside the notebook, a local package, an editable install
 
 
 def _top(module_name: str) -> str:

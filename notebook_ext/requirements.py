@@ -13,12 +13,15 @@ another major version than the client's (arrays and frames may then decode wrong
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib.metadata
 import logging
+import sys
 import threading
+import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from packaging.requirements import InvalidRequirement
@@ -80,7 +83,8 @@ def split_flag(text: str) -> list[str]:
     """``%%decompute --packages`` text as requirement strings. Commas separate requirements,
     except inside one's version range: ``numpy>=1.26,<3,pandas`` is two requirements."""
     out: list[str] = []
-    for piece in (p.strip() for p in text.split(",")):
+    # IPython's magic parser keeps quotes ('numpy>=1,<3' guards < and > from the shell habit).
+    for piece in (p.strip().strip("'\"").strip() for p in text.split(",")):
         if not piece:
             continue
         if out and piece[0] in "<>=!~":  # another clause of the previous requirement's range
@@ -143,6 +147,43 @@ def for_task(fn: Any, declared: Iterable[str] | str | None = None, args: tuple =
     return merge(validate(declared), inferred(walk.installed))
 
 
+def imported_by(source: str) -> set[str]:
+    """Top-level module names a cell's source imports (``import x.y``, ``from x import y``);
+    relative imports and unparseable source give nothing."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return set()
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.partition(".")[0])
+    return names
+
+
+def for_cell(source: str, values: Iterable[Any], declared: Iterable[str] | str | None = None
+             ) -> list[str]:
+    """A ``%%decompute`` cell's packages: declared, plus inferred from what its source imports
+    and from the values it is sent (registering the user's modules among them by value)."""
+    walk = by_value.prepare(*values)
+    tops = walk.installed | {name for name in imported_by(source)
+                             if by_value.module_kind(name) == "installed"}
+    return merge(validate(declared), inferred(tops))
+
+
+def format_packages(packages: Mapping[str, str] | None, installs: bool = False,
+                    limit: int = 4) -> str:
+    """A provider's notable packages for a table cell: ``numpy 2.1.0, pandas 2.2.3 +3``, and
+    ``installs`` when it builds environments for what it lacks."""
+    items = [f"{name} {version}" for name, version in (packages or {}).items()]
+    text = ", ".join(items[:limit]) + (f" +{len(items) - limit}" if len(items) > limit else "")
+    if installs:
+        text = f"{text} · installs" if text else "installs"
+    return text or "-"
+
+
 # --------------------------------------------------------------------------- version warnings
 
 _warned: set[tuple[str, str, str]] = set()
@@ -189,3 +230,37 @@ def warn_version_mismatch(provider: str, remote: Mapping[str, str],
         warnings.warn(text, PackageWarning, stacklevel=2)
         said.append(text)
     return said
+
+
+class ResultVersions:
+    """The client's side of the numpy/pandas major-version warning: when a result decodes
+    while numpy or pandas is loaded here, compare with the versions its provider advertised
+    (``client.providers()``, asked at most once per ``refresh`` seconds, only for a provider not
+    seen yet) and warn once per mismatch. Never raises: a warning must not break a result."""
+
+    def __init__(self, fetch: Callable[[], Iterable[Any]], refresh: float = 30.0) -> None:
+        self._fetch = fetch  # -> objects with ``id`` and ``packages`` (ProviderInfo)
+        self._refresh = refresh
+        self._known: dict[str, dict[str, str]] = {}
+        self._checked: set[str] = set()  # providers compared already
+        self._asked = float("-inf")
+        self._lock = threading.Lock()
+
+    def check(self, provider: str | None) -> list[str]:
+        """Warn (once) if ``provider``'s numpy/pandas major differs; cheap after the first
+        result of each provider (a set lookup: this runs on every decoded result)."""
+        if not provider or provider in self._checked \
+                or not any(name in sys.modules for name in RESULT_SENSITIVE):
+            return []
+        with self._lock:
+            if provider not in self._known and time.monotonic() - self._asked > self._refresh:
+                self._asked = time.monotonic()
+                try:
+                    for info in self._fetch():
+                        self._known[info.id] = dict(getattr(info, "packages", None) or {})
+                except Exception as exc:  # unreachable gateway: no warning this time
+                    log.debug("provider packages unknown (%s)", exc)
+            remote = self._known.get(provider)
+            if remote is not None:
+                self._checked.add(provider)
+        return warn_version_mismatch(provider, remote) if remote else []

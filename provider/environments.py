@@ -26,9 +26,10 @@ What keeps the volunteer safe while installing:
   its tasks.
 
 A build in progress delays only the tasks that need it (others keep running); concurrent tasks
-with the same requirement set wait for one build; a failed build fails them with pip's reason and
-is not cached (the next task with that set tries again). A file lock per set makes two providers
-sharing ``--envs-dir`` build it once too.
+with the same requirement set wait for one build, and at most ``MAX_BUILDS`` sets build at once; a
+failed build fails them with pip's reason, and the tasks asking for that set in the next
+``FAILURE_TTL`` seconds get the same error without another pip run. A file lock per set makes two
+providers sharing ``--envs-dir`` build it once too.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
+import importlib
 import importlib.metadata
 import json
 import logging
@@ -47,8 +49,9 @@ import stat
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +68,12 @@ DEFAULT_QUOTA = 5 << 30
 BUILD_TIMEOUT = 900.0
 #: Lines of pip's error output kept in a failed build's message.
 REASON_LINES = 12
+#: pip runs at once, at most: a client asking for many different sets queues its builds
+#: instead of running dozens of pips on the volunteer's machine.
+MAX_BUILDS = 2
+#: Seconds a failed build's error is given again without running pip (a client retrying an
+#: uninstallable set must not make the provider run pip for each of its tasks).
+FAILURE_TTL = 60.0
 _READY = ".decompute-ready.json"  # written last: an environment without it is half built
 _USED = ".decompute-last-used"  # its mtime is the environment's last use (LRU)
 _PTH = "_decompute_provider.pth"
@@ -168,6 +177,15 @@ def advertised_packages(path: Sequence[str] | None = None) -> dict[str, str]:
     return out
 
 
+def refreshed_packages(current: Mapping[str, str]) -> dict[str, str] | None:
+    """The advertised packages read again, or None when they did not change (the provider
+    then has nothing to tell the gateway). A few ms per hundred distributions: run it off the
+    event loop, once a minute or so."""
+    importlib.invalidate_caches()  # a distribution installed since the last look
+    fresh = advertised_packages()
+    return None if fresh == dict(current) else fresh
+
+
 def _site_packages(env: Path) -> Path:
     return env / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
 
@@ -223,11 +241,18 @@ class Environments:
     quota: int = DEFAULT_QUOTA
     python: str = sys.executable
     timeout: float = BUILD_TIMEOUT
-    #: Builds run so far by this object (tests and the provider's summary read it).
-    builds: int = 0
-    _building: dict[str, asyncio.Future] = field(default_factory=dict)
-    _in_use: dict[str, int] = field(default_factory=dict)
-    _own: dict[str, str] | None = None
+    #: Builds run so far by this object, and the most that ran at once (tests read them).
+    builds: int = field(default=0, init=False)
+    peak_builds: int = field(default=0, init=False)
+    _running_builds: int = field(default=0, init=False, repr=False)
+    _building: dict[str, asyncio.Future] = field(default_factory=dict, init=False, repr=False)
+    _failed: dict[str, tuple[float, EnvironmentBuildError]] = field(
+        default_factory=dict, init=False, repr=False)
+    _slots: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(MAX_BUILDS), init=False, repr=False)
+    _count_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _in_use: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+    _own: dict[str, str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.index_url and self.find_links:
@@ -323,6 +348,9 @@ class Environments:
         if env is not None:
             self._touch(env)
             return env
+        failed = self._failed.get(key)
+        if failed is not None and time.monotonic() - failed[0] < FAILURE_TTL:
+            raise failed[1]
         building = self._building.get(key)
         if building is None:
             building = asyncio.ensure_future(asyncio.to_thread(self._build, canon, key))
@@ -332,8 +360,14 @@ class Environments:
 
     def _built(self, key: str, fut: asyncio.Future) -> None:
         self._building.pop(key, None)
-        if not fut.cancelled() and fut.exception() is not None:  # retrieved: waiters re-raise it
-            log.warning("environment %s failed: %s", key, fut.exception())
+        exc = None if fut.cancelled() else fut.exception()  # retrieved: waiters re-raise it
+        if isinstance(exc, EnvironmentBuildError):
+            self._failed[key] = (time.monotonic(), exc)
+            for old in [k for k, (t, _) in self._failed.items()
+                        if time.monotonic() - t >= FAILURE_TTL]:
+                del self._failed[old]
+        if exc is not None:
+            log.warning("environment %s failed: %s", key, exc)
 
     # ---------------------------------------------------------------- building (a thread)
 
@@ -344,15 +378,27 @@ class Environments:
             env = self.ready(key)
             if env is not None:
                 return env
-            self.builds += 1
-            started = time.monotonic()
-            env = self._install(canon, key)
+            with self._slots, self._count_build():  # MAX_BUILDS pips at once
+                started = time.monotonic()
+                env = self._install(canon, key)
             log.info("environment %s built in %.1f s (%d MiB): %s", key,
                      time.monotonic() - started, env.size >> 20, ", ".join(canon))
         finally:
             os.close(lock)
         self._evict(keep=key)
         return env
+
+    @contextlib.contextmanager
+    def _count_build(self) -> Iterator[None]:
+        with self._count_lock:
+            self.builds += 1
+            self._running_builds += 1
+            self.peak_builds = max(self.peak_builds, self._running_builds)
+        try:
+            yield
+        finally:
+            with self._count_lock:
+                self._running_builds -= 1
 
     def _install(self, canon: tuple[str, ...], key: str) -> Environment:
         path = self.path_of(key)

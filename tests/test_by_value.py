@@ -246,3 +246,35 @@ def test_a_decompute_cell_uses_a_module_beside_the_notebook(kernel: Kernel) -> N
     kernel.run("import nbhelpers\nfrom nbhelpers import Acc, f")
     assert kernel.run("%%decompute\nf(2) + nbhelpers.helper(1)").result == "31"
     assert kernel.run("%%decompute\nacc = Acc(1).add(1)\nacc.total").result == "11"
+
+
+@NEEDS_HOOK
+def test_a_decompute_cell_declares_packages(kernel: Kernel) -> None:
+    ex = kernel.execute("%%decompute --packages 'nosuchdist>=1,<2'\n1 + 1")
+    assert ex.status == "error" and ex.error is not None
+    assert ex.error["ename"] == "NoMatchingProvider" and "nosuchdist>=1,<2" in ex.error["evalue"]
+    bad = kernel.execute("%%decompute --packages 'numpy>=>2'\n1")
+    assert bad.status == "error" and "not a valid requirement" in bad.error["evalue"]
+    assert kernel.run("%%decompute --packages cloudpickle\n40 + 2").result == "42"
+
+
+def test_where_the_file_is_decides_not_the_name(user_dir: Path) -> None:
+    """A module beside the notebook whose name an installed distribution also uses (``yaml``
+    here, PyYAML's) is the user's when that is the file imported."""
+    import importlib.metadata
+
+    assert "yaml" in importlib.metadata.packages_distributions()
+    (user_dir / "yaml.py").write_text("def load(v):\n    return v\n")
+    saved = sys.modules.pop("yaml", None)
+    try:
+        importlib.invalidate_caches()
+        mod = importlib.import_module("yaml")
+        assert mod.__file__ == str(user_dir / "yaml.py")
+        assert by_value.module_kind(mod) == "user" and by_value.travels_by_value(mod)
+    finally:
+        sys.modules.pop("yaml", None)
+        if saved is not None:
+            sys.modules["yaml"] = saved
+    import yaml
+
+    assert by_value.module_kind(yaml) == "installed"
