@@ -78,7 +78,7 @@ class Admission:
                            f"the gateway, its cap; release results you no longer need (or let "
                            f"running graphs finish), then submit again")
         needs = (tuple(spec.providers or ()), spec.runtime, tuple(sorted(spec.resources.items())),
-                 spec.max_price)
+                 spec.max_price, tuple(spec.packages))
         if needs not in batch.fits:
             why = no_match_message(spec, account, self.registry)
             if why is not None:

@@ -51,7 +51,8 @@ class Funding:
                 continue
             spec, escrow = task.spec, self.billing.escrow_for(task.spec)
             sig = (tuple(spec.providers or ()), spec.runtime,
-                   tuple(sorted(spec.resources.items())), spec.max_price, escrow)
+                   tuple(sorted(spec.resources.items())), spec.max_price, escrow,
+                   tuple(spec.packages))
             plan = plans.get(sig)
             if plan is None:
                 plan = plans[sig] = self._known_plan(task, escrow, sig)

@@ -447,6 +447,13 @@ class Hub(LedgerRules, VoteRules, GraphRules, UpkeepRules):
                 task.started = now
             self._send_events(task, replace(event, key=task.key, provider=conn.id))
 
+    def packages(self, conn: ProviderConn, msg: p.Packages) -> None:
+        """A provider's packages changed: its own advertisement (the connection the message came
+        on, never another's), packages and installs only. Waiting tasks may fit now."""
+        self.registry.readvertise(
+            conn, replace(conn.ad, packages=dict(msg.packages), installs=msg.installs))
+        self.dispatch()
+
     def heartbeat(self, conn: ProviderConn, msg: p.Heartbeat) -> None:
         """Cumulative usage of running tasks: settle it, show it, stop what is over budget.
 
@@ -554,7 +561,8 @@ class Hub(LedgerRules, VoteRules, GraphRules, UpkeepRules):
         return p.Assignment(key=task.task_id, func=task.spec.func, nb=task.spec.nb,
                             account=task.account, resources=task.spec.resources,
                             timeout=task.spec.timeout, deps=deps, keep=task.spec.keep,
-                            send=task.spec.send, **chunks.assignment_fields(task.spec))
+                            send=task.spec.send, packages=task.spec.packages,
+                            **chunks.assignment_fields(task.spec))
 
     # ------------------------------------------------------------------ verification
 

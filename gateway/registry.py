@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from gateway.packages import notable
 from gateway.protocol import ProviderAd, Send
 
 #: Function blobs the gateway remembers having sent to one provider. The provider keeps a FIFO
@@ -144,6 +145,7 @@ class ProviderConn:
             "runtime": {"python": ad.runtime.python, "cloudpickle": ad.runtime.cloudpickle},
             "sandbox": ad.sandbox, "slots": ad.slots, "running": len(self.running),
             "load": dict(self.load), "served": self.served, "online": True,
+            "packages": notable(ad.packages), "installs": ad.installs,
         }
 
 
@@ -208,6 +210,14 @@ class Registry:
             if isinstance(conn.running, Running):
                 conn.running.watch = None
         return conn
+
+    def readvertise(self, conn: ProviderConn, ad: ProviderAd) -> None:
+        """A provider's own advertisement changed (its packages): what fits where may differ,
+        so caches keyed on :attr:`version` start again and placement re-ranks it. Its name,
+        slots and prices are the ones it joined with."""
+        conn.ad = ad
+        self.version += 1
+        self._note(conn)
 
     def _note(self, conn: ProviderConn) -> None:
         self._changed[conn.id] = conn

@@ -33,6 +33,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 
+from gateway import packages
 from gateway.graph import Graph
 from gateway.protocol import TaskSpec
 from gateway.registry import ProviderConn, Registry
@@ -58,6 +59,8 @@ def why_ineligible(spec: TaskSpec, account: str, provider: ProviderConn) -> str 
         return f"needs {res['gpus']} gpus, has {ad.gpus}"
     if spec.max_price is not None and ad.prices.get("cpu", 0.0) > spec.max_price:
         return f"price {ad.prices.get('cpu')} above max_price {spec.max_price}"
+    if spec.packages and (missing := packages.ad_unmet(spec.packages, ad)):
+        return f"lacks {', '.join(missing)}"
     return None
 
 
@@ -68,6 +71,8 @@ def no_match_message(spec: TaskSpec, account: str, registry: Registry) -> str | 
     candidates = registry.pinned(spec.providers) if spec.providers else registry
     if any(why_ineligible(spec, account, p) is None for p in candidates):
         return None  # the common case stops at the first provider that fits
+    if spec.packages and (text := packages.no_match_message(spec.packages, candidates)):
+        return f"task {spec.key}: {text}"
     reasons = {p.ad.name: why_ineligible(spec, account, p) for p in registry}
     detail = "; ".join(f"{name}: {why}" for name, why in list(reasons.items())[:5])
     return (

@@ -48,7 +48,8 @@ DEFAULT_MAX_MESSAGE = 512 * 1024 * 1024
 
 CLIENT_TYPES = frozenset({"submit", "cancel", "query", "fetch", "release"})
 #: A provider may answer a frame it could not read with an ``error`` (it stays connected).
-PROVIDER_TYPES = frozenset({"results", "events", "heartbeat", "query", "data", "error"})
+PROVIDER_TYPES = frozenset({"results", "events", "heartbeat", "query", "data", "error",
+                            "packages"})
 POLICY = 1008  # close code: policy violation (auth, schema, unknown type)
 #: Seconds a refused peer has to complete the closing handshake before its socket is dropped.
 CLOSE_TIMEOUT = 2.0
@@ -399,6 +400,8 @@ class GatewayServer:
                     self._react("heartbeat", self.hub.heartbeat, conn, msg, tasks=list(msg.usage))
                 elif isinstance(msg, p.Query):
                     out.send(p.encode(self._answer(conn.account, conn.id, msg)))
+                elif isinstance(msg, p.Packages):
+                    self._react("packages", self.hub.packages, conn, msg)
                 elif isinstance(msg, p.Error):
                     log.warning("provider %s could not read a message: %s: %s", conn.id,
                                 msg.code, msg.message[:500])

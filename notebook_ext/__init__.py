@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway.receipt_log import ForkDetected
 from gateway.receipts import verify_receipt
+from notebook_ext.by_value import travels_by_value
 from notebook_ext.client import Client, ProviderInfo
 from notebook_ext.errors import (
     BudgetExceeded,
@@ -31,8 +32,8 @@ __all__ = [
     "GatewayRefused",
     "InsufficientFunds", "NoMatchingProvider", "ProviderInfo", "ProviderLost", "Receipt",
     "RemoteError",
-    "UntrustedResultError", "VerificationFailed", "as_completed", "progress", "verify_receipt",
-    "wait",
+    "UntrustedResultError", "VerificationFailed", "as_completed", "progress", "travels_by_value",
+    "verify_receipt", "wait",
 ]
 
 

@@ -27,7 +27,7 @@ import cloudpickle
 from IPython.core.error import UsageError
 from IPython.display import DisplayHandle, display
 
-from notebook_ext import cell_runner, safe_pickle
+from notebook_ext import cell_runner, requirements, safe_pickle
 from notebook_ext.cell_analysis import CellAnalysis, analyze, split_names
 from notebook_ext.display import status_bundle
 from notebook_ext.errors import RemoteError, UntrustedResultError
@@ -118,8 +118,14 @@ class CellRun:
             missing = [n for n in push if n not in ns]
             if missing:
                 raise UsageError(f"--push names not defined in this notebook: {', '.join(missing)}")
+        try:  # before packing: the user's own modules among the values travel by value
+            packages = requirements.for_cell(
+                source, [ns[n] for n in push],
+                requirements.split_flag(args.packages) if args.packages else None)
+        except ValueError as exc:
+            raise UsageError(f"--packages: {exc}") from None
         packed = {name: pack_value(name, ns[name]) for name in push}
-        opts = submit_options(client, args)
+        opts = dict(submit_options(client, args), packages=packages)
         display_last = analysis.has_last_expr and not analysis.quiet
         future = client.submit(
             cell_runner.run_cell, source, f"<decompute-cell-{count}>", packed,

@@ -16,6 +16,7 @@ import os
 import secrets
 import sys
 import threading
+import types
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -25,7 +26,7 @@ from typing import Any
 from gateway import protocol as p
 from gateway.identity import Identity
 from gateway.units import parse_size
-from notebook_ext import errors, lifetime, safe_pickle
+from notebook_ext import by_value, errors, lifetime, requirements, safe_pickle
 from notebook_ext.connection import GatewayLink
 from notebook_ext.futures import Chunk, Future, RawResult, StoredResult
 from notebook_ext.money import Balance, refuse_unaffordable
@@ -34,6 +35,7 @@ from notebook_ext.receipt_book import ReceiptBook, fetch_json
 from notebook_ext.serialize import (
     dumps_args,
     dumps_function,
+    forget_pickles,
     loads_result,
     local_runtime,
     rebuild_error,
@@ -97,6 +99,10 @@ class ProviderInfo:
     running: int = 0
     slots: int = 1
     account: str = ""
+    #: Its notable distributions (numpy, pandas, torch, ...): name -> version.
+    packages: dict = field(default_factory=dict)
+    #: Whether it builds environments for packages it lacks (``--install-packages``).
+    installs: bool = False
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -145,6 +151,8 @@ class Client:
         self.session = secrets.token_hex(8)
         self.default_providers: list[str] | None = None
         self._trusted: set[str] = set()
+        #: Warns once when a result comes from a provider with another numpy/pandas major.
+        self._versions = requirements.ResultVersions(self._providers_off_loop)
         self._book = TaskBook(self._abandoned, self._reap_soon)
         self._submit_listeners: list[Callable[[list[Future]], None]] = []
         self._ids = itertools.count(1)
@@ -254,7 +262,8 @@ class Client:
                providers: Sequence[str] | None = None, resources: dict | None = None,
                max_price: float | None = None, budget: float | None = None,
                redundancy: int = 1, timeout: float | None = None, retries: int = 2,
-               trust: bool | None = None, pure: bool | None = None, **kwargs: Any) -> Future:
+               trust: bool | None = None, pure: bool | None = None,
+               packages: Sequence[str] | None = None, **kwargs: Any) -> Future:
         """Run ``fn(*args, **kwargs)`` on a provider; returns a :class:`Future` at once.
 
         Reserved keywords (as in Dask; every other keyword goes to ``fn``):
@@ -275,6 +284,8 @@ class Client:
         - ``trust``: decode this result without the allow-list (default: the client's
           ``trust``, False).
         - ``pure``: accepted for Dask compatibility; ignored.
+        - ``packages``: PEP 508 requirements the provider must meet (``["scikit-learn>=1.5"]``);
+          the client adds those it infers from the modules ``fn`` uses (``numpy>=2,<3``).
 
         Raises ``ConnectionError`` while the gateway is unreachable (unless the client was made
         with ``queue_while_disconnected=True``), ``GatewayRefused`` for a submission larger than
@@ -283,6 +294,7 @@ class Client:
         raises ``InsufficientFunds`` from ``result()``.
         """
         opts = _opts(providers, resources, max_price, budget, redundancy, timeout, retries)
+        opts["packages"] = requirements.for_task(fn, packages, args, kwargs)
         self._check_ready()
         self._check_funds(opts, 1)
         func_hash, blob = dumps_function(fn)
@@ -295,7 +307,8 @@ class Client:
             resources: dict | None = None, max_price: float | None = None,
             budget: float | None = None, redundancy: int = 1, timeout: float | None = None,
             retries: int = 2, trust: bool | None = None, pure: bool | None = None,
-            chunksize: int | str = "auto", **kwargs: Any) -> list[Future]:
+            chunksize: int | str = "auto", packages: Sequence[str] | None = None,
+            **kwargs: Any) -> list[Future]:
         """``submit(fn, *items, **kwargs)`` for each item of ``zip(*iterables)``, in order.
 
         Batched on the wire (one frame per 1,000 tasks). ``key`` is a list of keys (one per
@@ -316,6 +329,7 @@ class Client:
         opts = _opts(providers, resources, max_price, budget, redundancy, timeout, retries)
         self._check_ready()
         items = list(zip(*iterables, strict=False))
+        opts["packages"] = requirements.for_task(fn, packages, items[0] if items else (), kwargs)
         self._check_funds(opts, len(items))
         func_hash, blob = dumps_function(fn)
         prefix = key if isinstance(key, str) else f"{_name(fn)}-{uuid.uuid4().hex[:12]}"
@@ -537,7 +551,7 @@ class Client:
             resources=resources, providers=list(providers) if providers else None,
             timeout=opts.get("timeout"), retries=opts.get("retries", 2),
             budget=opts.get("budget"), max_price=opts.get("max_price"),
-            redundancy=opts.get("redundancy", 1),
+            redundancy=opts.get("redundancy", 1), packages=opts.get("packages") or [],
         )
         return spec, payload
 
@@ -649,6 +663,13 @@ class Client:
 
         return dask_integration.persist(self, collections, **kwargs)
 
+    def ship_module(self, module: types.ModuleType) -> None:
+        """Make ``module``'s functions and classes travel by value (their code goes with each
+        task), for a module of yours the automatic rule takes for an installed one;
+        ``notebook_ext.travels_by_value(module)`` says which way a module travels."""
+        by_value.ship_module(module)
+        forget_pickles()
+
     # ------------------------------------------------------------------ asking
 
     def providers(self) -> list[ProviderInfo]:
@@ -715,10 +736,19 @@ class Client:
     def _call(self, coro: Any, timeout: float) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    def _decode(self, buffers: list[memoryview], trust: bool) -> Any:
+    def _providers_off_loop(self) -> list[ProviderInfo]:
+        """``providers()``, refused on the client's own loop thread (a done-callback calling
+        ``result()``), where waiting for a reply would stall the loop that brings it."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("on the client's loop thread")
+        return self.providers()
+
+    def _decode(self, buffers: list[memoryview], trust: bool, provider: str | None = None) -> Any:
         # bytearray copies: arrays in results must be writable, as users expect
         writable = [buffers[0], *(bytearray(b) for b in buffers[1:])]
-        return loads_result(writable, trust, self._trusted)
+        value = loads_result(writable, trust, self._trusted)
+        self._versions.check(provider)
+        return value
 
     # ------------------------------------------------------------------ incoming (loop thread)
 

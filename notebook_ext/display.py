@@ -12,6 +12,8 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
+from notebook_ext.requirements import format_packages
+
 if TYPE_CHECKING:
     from notebook_ext.futures import Future
 
@@ -135,12 +137,13 @@ def format_load(load: dict, cpus: int) -> str:
 class ProviderTable(list):
     """``%decompute providers``: a list of ProviderInfo that displays as a table."""
 
-    HEAD = ("name", "id", "CPUs", "memory", "GPUs", "prices", "runtime", "sandbox", "reputation",
-            "load")
+    HEAD = ("name", "id", "CPUs", "memory", "GPUs", "prices", "runtime", "packages", "sandbox",
+            "reputation", "load")
 
     def _rows(self) -> list[tuple[str, ...]]:
         return [(p.name, p.id, str(p.cpus), format_bytes(p.memory), str(p.gpus),
-                 format_prices(p.prices), format_runtime(p.runtime), p.sandbox,
+                 format_prices(p.prices), format_runtime(p.runtime),
+                 format_packages(p.packages, p.installs), p.sandbox,
                  f"{p.reputation:.2f}", format_load(p.load, p.cpus))
                 for p in self]
 

@@ -175,7 +175,7 @@ class Future(cf.Future):
             if not self._decoded:
                 buffers = (raw.buffers if isinstance(raw, RawResult)
                            else self.client._fetch(raw.key, timeout))
-                self._decoded.append(self.client._decode(buffers, self.trust))
+                self._decoded.append(self.client._decode(buffers, self.trust, self.provider))
             return self._decoded[0]
 
     def raw_buffers(self, timeout: float | None = None) -> list[memoryview]:

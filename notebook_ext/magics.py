@@ -199,6 +199,8 @@ class DecomputeMagics(Magics):
               help="bring back exactly these names (overrides the analysis)")
     @argument("--trust", action="store_true",
               help="decode results without the safe allow-list (only if you trust the provider)")
+    @argument("--packages", metavar="a,b",
+              help="requirements a provider must meet, e.g. 'scikit-learn>=1.5,numpy>=2,<3'")
     def decompute_cell(self, line: str, cell: str) -> Any:
         """Run this cell on a decompute provider, as if it ran here.
 

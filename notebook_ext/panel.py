@@ -334,7 +334,8 @@ def provider_view(info: ProviderInfo) -> panel_view.ProviderView:
     running = int(load.get("running", info.running) or 0)
     return panel_view.ProviderView(
         info.id, info.name, info.cpus, info.memory, info.gpus, dict(info.prices),
-        dict(info.runtime), info.sandbox, info.reputation, running, cpu, mem, info.account)
+        dict(info.runtime), info.sandbox, info.reputation, running, cpu, mem, info.account,
+        dict(info.packages), info.installs)
 
 
 class ProviderRow:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from notebook_ext.display import format_bytes, format_prices, format_runtime, format_tokens
+from notebook_ext.requirements import format_packages
 
 #: Connection states as ``client.status`` names them, with the pill's colour and words.
 PILLS = {
@@ -136,6 +137,8 @@ class ProviderView:
     cpu_busy: float  # cores busy with this provider's own tasks
     memory_used: float  # bytes of its task processes
     account: str = ""
+    packages: dict = field(default_factory=dict)  # notable ones: name -> version
+    installs: bool = False  # builds environments for packages it lacks
 
 
 def provider_html(p: ProviderView, history: Sequence[float], offline: bool = False) -> str:
@@ -146,7 +149,8 @@ def provider_html(p: ProviderView, history: Sequence[float], offline: bool = Fal
              f"{format_bytes(p.memory)} · {p.gpus} GPU\nprices (tokens per unit-second): "
              f"{format_prices(p.prices)}\nits tasks now: {p.cpu_busy:.1f} cores busy, "
              f"{format_bytes(p.memory_used)}, {p.running} running\n"
-             f"runtime {format_runtime(p.runtime)}\nsandbox {p.sandbox}"
+             f"runtime {format_runtime(p.runtime)}\n"
+             f"packages {format_packages(p.packages, p.installs, limit=20)}\nsandbox {p.sandbox}"
              f"{'' if strong else ' (no namespaces: pin strong providers for untrusted data)'}"
              f"\nreputation {p.reputation:.2f}")
     price = format_tokens(p.prices.get("cpu", 0.0)) if any(p.prices.values()) else "free"

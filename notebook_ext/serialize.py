@@ -23,7 +23,7 @@ from typing import Any
 import cloudpickle
 
 from gateway import protocol as p
-from notebook_ext import errors, safe_pickle
+from notebook_ext import by_value, errors, safe_pickle
 
 
 @functools.cache
@@ -37,7 +37,9 @@ def dumps_function(fn: Any) -> tuple[str, bytes]:
     """The function's pickle and its content hash (providers cache functions by it).
 
     A function submitted again unchanged reuses its pickle (:func:`_fingerprint` says when that
-    is safe); anything else is pickled afresh."""
+    is safe); anything else is pickled afresh. The user's own modules it references are
+    registered to travel by value first (:mod:`notebook_ext.by_value`)."""
+    by_value.prepare(fn)
     fingerprint = _fingerprint(fn) if isinstance(fn, types.FunctionType) else None
     if fingerprint is not None:
         cached = _PICKLED.get(fn)
@@ -143,6 +145,11 @@ def _fingerprint(fn: types.FunctionType, depth: int = _FINGERPRINT_DEPTH,
     return tuple(out)
 
 
+def forget_pickles() -> None:
+    """Drop the cached function pickles (a module now travels another way: ``ship_module``)."""
+    _PICKLED.clear()
+
+
 def _same(a: tuple, b: tuple) -> bool:
     """Fingerprints equal element by element by identity (``==`` could call user code)."""
     return len(a) == len(b) and all(map(operator.is_, a, b))
@@ -168,6 +175,7 @@ def dumps_args(args: tuple, kwargs: dict) -> list[bytes | memoryview]:
     """``[pickle stream, *out-of-band buffers]`` of ``(args, kwargs)``."""
     if _plain(args) and _plain(kwargs):
         return [pickle.dumps((args, kwargs), protocol=5)]
+    by_value.prepare(*args, *kwargs.values())  # instances of the user's classes
     buffers: list[pickle.PickleBuffer] = []
     data = cloudpickle.dumps((args, kwargs), protocol=5, buffer_callback=buffers.append)
     return [data, *(b.raw() for b in buffers)]

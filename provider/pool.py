@@ -97,6 +97,9 @@ class WorkerProc:
     task_key: str | None = None
     last_used: float = 0.0
     funcs_sent: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    #: The interpreter of a task environment it runs (``provider.environments``); None: the
+    #: provider's own. Only tasks needing that same environment reuse it.
+    python: str | None = None
 
     @property
     def pid(self) -> int:
@@ -179,7 +182,8 @@ class WorkerPool:
     """``size`` warm workers; :meth:`acquire` one for an account, :meth:`release` it after."""
 
     def __init__(self, size: int, limits: Limits, isolation: Isolation,
-                 hide_paths: Sequence[Path] = (), spares: int = 1, keep: int | None = None) -> None:
+                 hide_paths: Sequence[Path] = (), spares: int = 1, keep: int | None = None,
+                 readonly_paths: Sequence[Path] = ()) -> None:
         self.size = size
         self.spares = spares
         #: Workers kept at most (slots, spares and idle ones bound to their accounts).
@@ -188,6 +192,7 @@ class WorkerPool:
         self.limits = limits
         self.isolation = isolation
         self.hide_paths = list(hide_paths)
+        self.readonly_paths = list(readonly_paths)  # task environments: importable, not writable
         self.workers: list[WorkerProc] = []
         self._starting = 0  # workers being started (counted against ``keep``)
         self._changed = asyncio.Condition()
@@ -198,12 +203,12 @@ class WorkerPool:
         count = self.size + self.spares
         self.workers = list(await asyncio.gather(*(self._spawn() for _ in range(count))))
 
-    async def _spawn(self) -> WorkerProc:
+    async def _spawn(self, python: str | None = None) -> WorkerProc:
         self.spawned += 1
         parent, child = socket.socketpair()
-        program = [sys.executable, "-m", "provider.worker", str(child.fileno())]
+        program = [python or sys.executable, "-m", "provider.worker", str(child.fileno())]
         spec = sandbox_spec(program, limits=self.limits, isolation=self.isolation,
-                            hide_paths=self.hide_paths)
+                            hide_paths=self.hide_paths, readonly_paths=self.readonly_paths)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *spec.argv, env=spec.env, cwd=spec.cwd, preexec_fn=spec.preexec_fn,
@@ -218,7 +223,7 @@ class WorkerPool:
         finally:
             child.close()
         parent.setblocking(False)
-        worker = WorkerProc(proc, parent, spec, psutil.Process(proc.pid))
+        worker = WorkerProc(proc, parent, spec, psutil.Process(proc.pid), python=python)
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 header, _ = await _read_frame(parent)
@@ -235,14 +240,15 @@ class WorkerPool:
         worker.ps = psutil.Process(worker_pid(spec, proc.pid))  # below unshare --fork, if any
         return worker
 
-    async def acquire(self, account: str) -> WorkerProc:
-        """An idle worker for ``account``: its own, else the spare, else a fresh one.
+    async def acquire(self, account: str, python: str | None = None) -> WorkerProc:
+        """An idle worker for ``account``: its own, else the spare, else a fresh one. With
+        ``python`` (a task environment's interpreter), only a worker of that environment.
 
         Waits for a free slot first; :meth:`release` gives the slot back.
         """
         await self._slots.acquire()
         try:
-            worker = await self._take(account)
+            worker = await self._take(account, python)
         except BaseException:
             self._slots.release()
             raise
@@ -257,14 +263,15 @@ class WorkerPool:
         idle = [w for w in self.workers if not w.busy and w.account is not None]
         return min(idle, key=lambda w: w.last_used) if idle else None
 
-    async def _take(self, account: str) -> WorkerProc:
+    async def _take(self, account: str, python: str | None = None) -> WorkerProc:
         async with self._changed:
             def ready() -> bool:
                 return self._total() < self.keep or any(not w.busy for w in self.workers)
             await self._changed.wait_for(ready)
             idle = [w for w in self.workers if not w.busy]
-            worker = next((w for w in idle if w.account == account), None)
-            worker = worker or next((w for w in idle if w.account is None), None)
+            worker = next((w for w in idle if w.account == account and w.python == python), None)
+            if python is None:  # spares run the provider's own interpreter
+                worker = worker or next((w for w in idle if w.account is None), None)
             if worker is not None:
                 worker.busy = True
                 worker.account = account
@@ -274,7 +281,7 @@ class WorkerPool:
             if self._total() >= self.keep and (victim := self._lru_idle()) is not None:
                 self._retire(victim)
             self._starting += 1
-        starting = asyncio.ensure_future(self._spawn())
+        starting = asyncio.ensure_future(self._spawn(python))
         self._background.add(starting)  # close() ends it too
         starting.add_done_callback(self._background.discard)
         try:
@@ -341,7 +348,10 @@ class WorkerPool:
         """A fresh worker whose task was cancelled while it started joins the pool unbound."""
         self._starting -= 1
         if not starting.cancelled() and starting.exception() is None:
-            self.workers.append(starting.result())
+            if starting.result().python is not None:  # an environment's: never a spare
+                self._background_task(self._kill(starting.result()))
+            else:
+                self.workers.append(starting.result())
         self._background_task(self._notify())
 
     async def _notify(self) -> None:
@@ -377,7 +387,7 @@ class WorkerPool:
 
     async def _replace(self, worker: WorkerProc) -> WorkerProc:
         await self._kill(worker)
-        fresh = await self._spawn()
+        fresh = await self._spawn(worker.python)
         fresh.busy = worker.busy
         self.workers[self.workers.index(worker)] = fresh
         return fresh

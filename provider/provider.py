@@ -21,7 +21,7 @@ import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cloudpickle
 import psutil
@@ -33,6 +33,13 @@ from gateway.identity import Identity, decompute_home
 from gateway.transport import PING_INTERVAL, PING_TIMEOUT, FrameWriter, handshake
 from provider import stats
 from provider.dask_backend import SANDBOX_NOTE, DaskBackend
+from provider.environments import (
+    Environment,
+    EnvironmentBuildError,
+    Environments,
+    advertised_packages,
+    refreshed_packages,
+)
 from provider.outbox import (
     OUTPUT_LIMIT,
     TaskOutput,
@@ -59,6 +66,9 @@ IDLE_HEARTBEAT_EVERY = 10
 RUNNING_EVENT_DELAY = 0.01
 #: Heartbeats between two status lines in the provider's log (the CLI's status line).
 STATUS_EVERY = 20
+#: Heartbeats between two looks at the installed packages (about a minute; a change is sent to
+#: the gateway).
+PACKAGES_EVERY = 120
 #: Query id of the periodic "earnings" question (replies to it update ``Provider.earnings``).
 EARNINGS_QUERY = 1
 #: Function blobs kept (FIFO). The gateway remembers a quarter as many as sent to us.
@@ -108,6 +118,7 @@ class _Slot:
     worker: object | None = None
     broken: bool = False
     reported: bool = False
+    env: Environment | None = None  # the environment it runs in (held until it ends)
 
 
 class Provider:
@@ -123,7 +134,8 @@ class Provider:
                  price_cpu: float = 0.0, price_memory: float = 0.0, price_gpu: float = 0.0,
                  allow: Sequence[str] = (), home: str | os.PathLike | None = None,
                  reconnect: bool = True, dask_scheduler: str | None = None,
-                 output_limit: int = OUTPUT_LIMIT) -> None:
+                 output_limit: int = OUTPUT_LIMIT,
+                 environments: Environments | None = None) -> None:
         self.url = url or os.environ.get("DECOMPUTE_GATEWAY") or DEFAULT_URL
         self.home = decompute_home() if home is None else home
         self.identity = Identity.load_or_create(self.home)
@@ -134,12 +146,15 @@ class Provider:
         self.dask_scheduler = dask_scheduler
         #: Output bytes kept per task; the rest is dropped and the drop marked in the output.
         self.output_limit = output_limit
+        #: Environments built for tasks' packages (``--install-packages``), or None.
+        self.environments = environments
         self.ad = p.ProviderAd(
             name=name or default_name(self.identity.account), cpus=self.cpus,
             memory=self.memory, gpus=gpus, runtime=local_runtime(),
             prices={"cpu": price_cpu, "memory": price_memory, "gpu": price_gpu},
             sandbox="weak" if dask_scheduler else self.isolation.strength,
             allow=list(allow), slots=self.cpus,
+            packages=advertised_packages(), installs=environments is not None,
         )
         self.reconnect = reconnect
         self.id: str | None = None
@@ -185,8 +200,9 @@ class Provider:
             loud = log.info if self.isolation.strength == "strong" else log.warning
             loud("provider %s: %s", self.ad.name, describe(self.isolation))
             per_worker = self.memory // self.cpus
-            self._pool = WorkerPool(self.cpus, Limits(memory_bytes=per_worker),
-                                    self.isolation, hide_paths=[self.home])
+            self._pool = WorkerPool(
+                self.cpus, Limits(memory_bytes=per_worker), self.isolation, hide_paths=[self.home],
+                readonly_paths=[self.environments.root] if self.environments else [])
         await self._pool.start()
         try:
             delay = 0.2
@@ -484,6 +500,8 @@ class Provider:
                 f"it keeps serving, retry the task", 2000), p.ErrorCode.INTERNAL.value, usage))
             slot.reported = True
         finally:
+            if slot.env is not None and self.environments is not None:
+                self.environments.release(slot.env)
             self._cancelled.discard(a.key)
             self._running.pop(a.key, None)
             self._outputs.pop(a.key, None)
@@ -503,7 +521,15 @@ class Provider:
         deps = None
         if a.deps is not None:  # a graph task: wait (without a worker) for its inputs
             deps = [(d, await self.store.wait(d)) for d in a.deps]
-        slot.worker = worker = await self._pool.acquire(a.account)
+        python = None
+        if a.packages and self.environments is not None and self.environments.needed(a.packages):
+            try:  # a build delays only the tasks that need it; one build per requirement set
+                slot.env = await self.environments.hold(a.packages)
+            except EnvironmentBuildError as exc:
+                return Outcome("error", code="environment", error=exc.as_error())
+            python = slot.env.python
+        slot.worker = worker = await self._pool.acquire(
+            a.account, **({"python": python} if python else {}))
         # Tell the client it runs only if it still does shortly: a map of tiny tasks would
         # otherwise send an extra message per task through the gateway.
         started = asyncio.get_running_loop().call_later(
@@ -633,6 +659,12 @@ class Provider:
                 if beat % (4 if busy else IDLE_HEARTBEAT_EVERY) == 0 or was_busy and not busy:
                     self._writer.send(p.encode(p.Query(id=EARNINGS_QUERY, what="earnings")))
             was_busy = busy
+            if beat % PACKAGES_EVERY == 0 and beat:
+                fresh = await asyncio.to_thread(refreshed_packages, self.ad.packages)
+                if fresh is not None:  # installed or upgraded since: tell the gateway
+                    self.ad = replace(self.ad, packages=fresh)
+                    self._writer.send(p.encode(p.Packages(packages=fresh,
+                                                          installs=self.ad.installs)))
             if beat % STATUS_EVERY == 0 and beat:
                 self._save_stats()
                 log.info("provider %s: %d tasks served this session, %d held, %.6f tokens "

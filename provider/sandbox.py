@@ -62,7 +62,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -76,7 +76,7 @@ _PROBE_TIMEOUT = 5.0
 _COPIED_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # OpenBLAS misdetects some CPUs here
 # Runs inside the new mount namespace: $1 is mount(8), $2 the size of each private temp dir, then
 # the paths to keep visible up to "--" (mount points made traversable by anyone), the paths to
-# hide up to "--", then the program.
+# mount read-only up to "--", the paths to hide up to "--", then the program.
 # /tmp, /var/tmp and /dev/shm get a fresh tmpfs each (no unix socket or file of the host's is
 # reachable there). What must stay visible although it lives under one of them (the interpreter,
 # the installed packages, the workdir) is bound back in place from an fd opened before (-c: the
@@ -92,6 +92,8 @@ _HIDE_SCRIPT = (
     '"$m" -c --bind "/proc/self/fd/$i" "$p" || exit 125; eval "exec $i<&-"; done; '
     '[ -d "$w" ] || { mkdir -p "$w" && "$m" -c --bind /proc/self/fd/3 "$w" || exit 125; }; '
     'cd "$w" || exit 125; exec 3<&-; '
+    'while [ "$1" != "--" ]; do if [ -d "$1" ]; then "$m" --bind "$1" "$1" && '
+    '"$m" -o remount,bind,ro "$1" || exit 125; fi; shift; done; shift; '
     'while [ "$1" != "--" ]; do if [ -d "$1" ]; then '
     '"$m" -t tmpfs -o size=4k,mode=0,nosuid,nodev,noexec hidden "$1" || exit 125; '
     'elif [ -e "$1" ]; then "$m" --bind /dev/null "$1" || exit 125; fi; shift; done; shift; '
@@ -417,7 +419,7 @@ def _kept_under_private_tmp() -> tuple[str, ...]:
 
 
 def _wrap(program: list[str], iso: Isolation, hidden: list[str], uid: int | None,
-          nproc: int | None, tmp_bytes: int) -> list[str]:
+          nproc: int | None, tmp_bytes: int, readonly: Sequence[str] = ()) -> list[str]:
     if not iso.network:
         return list(program)
     argv = [_tool("unshare") or "unshare", *(["-r"] if iso.method == "unshare -rn" else []), "-n"]
@@ -429,7 +431,8 @@ def _wrap(program: list[str], iso: Isolation, hidden: list[str], uid: int | None
         argv += ["/bin/sh", "-c", _INIT_SCRIPT, "decompute-init"]
     if iso.hide:
         argv += ["/bin/sh", "-c", _HIDE_SCRIPT, "decompute-hide", _tool("mount") or "mount",
-                 str(tmp_bytes), *_kept_under_private_tmp(), "--", *hidden, "--"]
+                 str(tmp_bytes), *_kept_under_private_tmp(), "--", *readonly, "--", *hidden,
+                 "--"]
     if setpriv := _tool("setpriv"):
         # No capabilities left, so the hiding mounts cannot be undone; uid switch for root.
         argv += [setpriv, "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
@@ -442,8 +445,12 @@ def _wrap(program: list[str], iso: Isolation, hidden: list[str], uid: int | None
 
 def sandbox_spec(program: list[str], *, limits: Limits, workdir_root: Path | None = None,
                  extra_env: Mapping[str, str] | None = None, isolation: Isolation | None = None,
-                 hide_paths: Iterable[Path | str] | None = None) -> SandboxSpec:
+                 hide_paths: Iterable[Path | str] | None = None,
+                 readonly_paths: Iterable[Path | str] = ()) -> SandboxSpec:
     """Build how to start `program` sandboxed; the caller must `cleanup()` the spec afterwards.
+
+    `readonly_paths` (folders, e.g. the task environments) are bound read-only in the task's
+    mount namespace: not even a task with the provider's uid can write there.
 
     `hide_paths` must exist now (the key dir: create keys before workers). With a per-task uid,
     `workdir_root` must be searchable by others (o+x), as the default temp dir is.
@@ -465,7 +472,8 @@ def sandbox_spec(program: list[str], *, limits: Limits, workdir_root: Path | Non
                        uid if iso.method == "none" else None,  # else setpriv switches uid
                        group, pdeathsig=iso.pid and iso.network)
     nproc = limits.processes if iso.method == "unshare -rn" else None
-    argv = _wrap(program, iso, hidden, uid, nproc, limits.tmp_bytes)
+    readonly = [os.path.realpath(d) for d in readonly_paths] if iso.hide else []
+    argv = _wrap(program, iso, hidden, uid, nproc, limits.tmp_bytes, readonly)
     return SandboxSpec(argv, _scrubbed_env(cwd, extra_env), cwd, preexec, uid, group,
                        pid_namespace=iso.pid and iso.network)
 
