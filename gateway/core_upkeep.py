@@ -103,10 +103,7 @@ class UpkeepRules:
             self.standing.lost(conn.account, "held a task past its timeout")
             msg = (f"task {task.key} ran past its timeout of {task.spec.timeout:g} s; provider "
                    f"{conn.id} did not report it, so the gateway took it back")
-            if self.verifier.voting(task):
-                self._replica_lost(task, msg)
-            else:
-                fails.append((task, p.ErrorCode.TIMEOUT, msg, "TimeoutError"))
+            fails.append((task, p.ErrorCode.TIMEOUT, msg, "TimeoutError"))  # a replica: its vote
             return
         self.standing.lost(conn.account, "let a lease lapse")
         self._retry_or_fail(task, conn, f"provider {conn.id} stopped reporting the task for "

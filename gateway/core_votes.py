@@ -42,19 +42,24 @@ class VoteRules:
         """Close ``task``'s vote undecided: its open replicas stop (or end, if waiting), every
         escrow of it goes back (ballots too), and the client gets ``answer`` once."""
         replicas, ballots = self.verifier.abandon(task)
+        self._stop_replicas(replicas, TaskState.ERROR)
+        self.billing.refund([t.bill_id for t in replicas if t.escrow_micro]
+                            + [b.task.bill_id for b in ballots if b.task.escrow_micro])
+        self._send_results_to(task.session, [(answer, [])])
+
+    def _stop_replicas(self, replicas: list[Task], ending: TaskState) -> None:
+        """Replicas a vote no longer needs: waiting ones end (``ending``), running ones stop on
+        their providers, unpaid (their escrows are the caller's to return)."""
         by_provider: dict[str, list[Task]] = defaultdict(list)
         for replica in replicas:
             if replica.state is TaskState.PENDING:
                 self.scheduler.discard(replica)
-                self._end(replica, TaskState.ERROR)
+                self._end(replica, ending)
             elif replica.state is TaskState.RUNNING:
-                self._answered(replica, TaskState.STOPPING, TaskState.ERROR)
+                self._answered(replica, TaskState.STOPPING, ending)
                 by_provider[replica.provider or ""].append(replica)
-        self.billing.refund([t.bill_id for t in replicas if t.escrow_micro]
-                            + [b.task.bill_id for b in ballots if b.task.escrow_micro])
         for provider_id, tasks in by_provider.items():
             self.send_cancel(provider_id, tasks)
-        self._send_results_to(task.session, [(answer, [])])
 
     def _vote(self, task: Task, conn: ProviderConn, result: p.Result,
               bufs: list[memoryview]) -> None:
@@ -80,18 +85,10 @@ class VoteRules:
         agreeing replicas are paid (final settlements at their capped usage), the out-voted and
         the cancelled ones get nothing (their escrows go back), and the client is told the sum,
         exactly what its balance lost."""
-        by_provider: dict[str, list[Task]] = defaultdict(list)
-        for sibling in decision.cancel:  # decided: the other replicas are not needed, nor paid
-            if sibling.state is TaskState.PENDING:
-                self.scheduler.discard(sibling)
-                self._end(sibling, TaskState.CANCELLED)
-            elif sibling.state is TaskState.RUNNING:
-                self._answered(sibling, TaskState.STOPPING, TaskState.CANCELLED)
-                by_provider[sibling.provider or ""].append(sibling)
+        # decided: the other replicas are not needed, nor paid
+        self._stop_replicas(decision.cancel, TaskState.CANCELLED)
         self.billing.refund([t.bill_id for t in decision.cancel]
                             + [b.task.bill_id for b in decision.unpaid])
-        for provider_id, tasks in by_provider.items():
-            self.send_cancel(provider_id, tasks)
         paid = [b for b in decision.paid if b.task.escrow_micro]
         charges = self.billing.settle([
             (b.task.bill_id, b.provider_account, b.task.usage, b.prices, True) for b in paid])

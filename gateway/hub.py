@@ -338,10 +338,7 @@ class Hub(LedgerRules, VoteRules, GraphRules, UpkeepRules):
         if task.attempts > task.spec.retries:
             msg = (f"{what} while running task {task.key}, {task.attempts} times in all "
                    f"(retries={task.spec.retries})")
-            if self.verifier.voting(task):
-                self._replica_lost(task, msg)
-            else:
-                fails.append((task, p.ErrorCode.LOST, msg, "ProviderLost"))
+            fails.append((task, p.ErrorCode.LOST, msg, "ProviderLost"))  # a replica: its vote
             return
         task.move(TaskState.PENDING)
         task.provider = None

@@ -258,7 +258,7 @@ class _Walker:
     def function(self, fn: types.FunctionType, depth: int) -> None:
         """A function pickled by value: what its code reads travels (or is needed) too."""
         g = fn.__globals__
-        for name in _code_names(fn.__code__):
+        for name in code_names(fn.__code__):
             if name in g:
                 self.visit(g[name], depth + 1)
         for cell in fn.__closure__ or ():
@@ -286,11 +286,12 @@ def _cell_value(cell: types.CellType) -> Any:
 
 
 @functools.lru_cache(maxsize=1024)
-def _code_names(code: types.CodeType) -> tuple[str, ...]:
+def code_names(code: types.CodeType) -> tuple[str, ...]:
+    """Global names ``code`` and the code nested in it may read (as cloudpickle collects them)."""
     names = set(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names.update(_code_names(const))
+            names.update(code_names(const))
     return tuple(sorted(names))
 
 

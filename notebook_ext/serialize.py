@@ -74,14 +74,6 @@ def _by_reference(obj: Any) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=1024)
-def _code_names(code: types.CodeType) -> tuple[str, ...]:
-    """Global names ``code`` and the code nested in it may read (as cloudpickle collects them)."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names.update(_code_names(const))
-    return tuple(sorted(names))
 
 
 def _add_value(out: list, value: Any, depth: int, seen: set[int],
@@ -139,7 +131,7 @@ def _fingerprint(fn: types.FunctionType, depth: int = _FINGERPRINT_DEPTH,
         except ValueError:  # an empty cell
             values.append(_MISSING)
     globals_ = fn.__globals__
-    values += [globals_.get(name, _MISSING) for name in _code_names(fn.__code__)]
+    values += [globals_.get(name, _MISSING) for name in by_value.code_names(fn.__code__)]
     if not all(_add_value(out, value, depth, seen, top) for value in values):
         return None
     return tuple(out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 
+from gateway import protocol as p
 from gateway.accounting_worker import AccountingWorker
 from gateway.hub import Hub
 from gateway.identity import Identity
@@ -17,6 +18,24 @@ from gateway.journal import Committed
 from gateway.receipt_log import ReceiptLog
 
 WAIT = 30.0
+
+
+class Peer:
+    """Collects the frames the core sends one peer, decoded (a client's or a provider's
+    writer queue, as the shell would drain it)."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[p.Message, list[memoryview]]] = []
+
+    def send(self, frame: p.Frame) -> None:
+        data = frame if isinstance(frame, bytes) else b"".join(bytes(b) for b in frame)
+        self.frames.append(p.decode(data))
+
+    def results(self) -> list[p.Result]:
+        return [r for m, _ in self.frames if isinstance(m, p.Results) for r in m.results]
+
+    def assigned(self) -> list[p.Assignment]:
+        return [a for m, _ in self.frames if isinstance(m, p.Assign) for a in m.tasks]
 
 
 class Books:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 from core_driver import Books
+from core_driver import Peer as DriverPeer
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -55,25 +56,12 @@ MOVE = re.compile(r"^task (?P<key>.+): (?P<old>\w+) -> (?P<new>\w+)$")
 FINAL = {"finished", "error", "cancelled"}
 
 
-class Peer:
-    """Collects the frames the hub sends one peer, decoded."""
-
-    def __init__(self) -> None:
-        self.frames: list[tuple[p.Message, list[memoryview]]] = []
-
-    def send(self, frame: p.Frame) -> None:
-        data = frame if isinstance(frame, bytes) else b"".join(bytes(b) for b in frame)
-        self.frames.append(p.decode(data))
-
-    def results(self) -> list[p.Result]:
-        return [r for m, _ in self.frames if isinstance(m, p.Results) for r in m.results]
+class Peer(DriverPeer):
+    """Collects the frames the hub sends one peer, decoded; with this file's lookups."""
 
     def answer(self, key: str) -> p.Result:
         [r] = [r for r in self.results() if r.key == key]
         return r
-
-    def assigned(self) -> list[p.Assignment]:
-        return [a for m, _ in self.frames if isinstance(m, p.Assign) for a in m.tasks]
 
     def cancelled(self) -> list[str]:
         return [k for m, _ in self.frames if isinstance(m, p.Cancel) for k in m.keys]

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from core_driver import Books
+from core_driver import Books, Peer
 
 from gateway import protocol as p
 from gateway.billing import Billing
@@ -34,23 +34,6 @@ from provider.provider import local_runtime
 FAUCET = 10 * MICRO
 CLIENT = "c" * 64
 PROVIDER = "d" * 64
-
-
-class Peer:
-    """Collects the frames the hub sends one peer, decoded."""
-
-    def __init__(self) -> None:
-        self.frames: list[tuple[p.Message, list[memoryview]]] = []
-
-    def send(self, frame: p.Frame) -> None:
-        data = frame if isinstance(frame, bytes) else b"".join(bytes(b) for b in frame)
-        self.frames.append(p.decode(data))
-
-    def results(self) -> list[p.Result]:
-        return [r for m, _ in self.frames if isinstance(m, p.Results) for r in m.results]
-
-    def assigned(self) -> list[p.Assignment]:
-        return [a for m, _ in self.frames if isinstance(m, p.Assign) for a in m.tasks]
 
 
 @pytest.fixture
