@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 HTTP_TIMEOUT = 10.0
 #: The background check fetches at most one consistency proof this often (seconds): a map
-#: settles in many batches, and a proof per batch would cost the user's work CPU.
-MIN_CHECK_INTERVAL = 0.1
+#: settles in many batches, and a proof per batch would cost the user's work CPU and the
+#: gateway's loop (measured: at 0.1 s, +0.5 ms on a trivial task's round trip).
+MIN_CHECK_INTERVAL = 1.0
 
 
 def http_base(address: str) -> str:
