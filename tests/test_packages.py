@@ -455,3 +455,52 @@ def test_packages_for_the_providers_table() -> None:
     assert rq.format_packages({}, installs=True) == "installs"
     many = {f"p{i}": "1.0" for i in range(6)}
     assert rq.format_packages(many, installs=True) == "p0 1.0, p1 1.0, p2 1.0, p3 1.0 +2 · installs"
+
+
+def numpy_made_inside() -> Any:
+    """Imports numpy in its body: nothing the client can infer, so any provider takes it."""
+    import numpy
+
+    return numpy.arange(3)
+
+
+@E2E
+def test_a_result_from_another_numpy_major_warns_once_naming_both(tmp_path: Path) -> None:
+    """A provider whose interpreter reports numpy 1.26.4 (a metadata-only dist-info ahead on its
+    path; the real numpy still imports) returns an array: the client warns once, naming the
+    provider's version and its own, and the second result does not warn again."""
+    import subprocess
+
+    import numpy
+
+    fake = tmp_path / "fake-site" / "numpy-1.26.4.dist-info"
+    fake.mkdir(parents=True)
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: numpy\nVersion: 1.26.4\n")
+    gw = start_gateway(tmp_path / "gw")
+    home = tmp_path / "old-numpy"
+    home.mkdir()
+    env = dict(os.environ, DECOMPUTE_HOME=str(home), PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(fake.parent))
+    with (tmp_path / "old-numpy.log").open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "provider", gw.url, "--name", "oldnumpy",
+                                 "--cpus", "1"], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        gw.wait_providers(1, 60)
+        from notebook_ext import Client
+
+        rq._warned.clear()
+        with Client(gw.url, home=tmp_path / "client", stream_output=False) as c, \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first = c.submit(numpy_made_inside).result(60)
+            second = c.submit(numpy_made_inside).result(60)
+        assert list(first) == list(second) == [0, 1, 2]
+        texts = [str(w.message) for w in caught if issubclass(w.category, rq.PackageWarning)]
+        assert len(texts) == 1, texts
+        assert "numpy 1.26.4" in texts[0] and f"numpy {numpy.__version__}" in texts[0]
+        assert "oldnumpy" in texts[0]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        gw.stop()
