@@ -2,7 +2,8 @@
 
 Owns: accounts, every movement of tokens (one ``transfers`` row each: the amount leaves the
 ``debit`` account and enters the ``credit`` account), one escrow per task with its lifecycle, and
-the conservation check ``minted == Σ user balances + Σ open escrow + fees``.
+the conservation check ``minted == Σ user balances + Σ open escrow + fees`` (the check itself is
+in ``gateway.ledger_audit``; the SQL schema and its migrations in ``gateway.ledger_schema``).
 
 The file (and its WAL and shared-memory files) is created mode 0600: who paid whom is nobody
 else's business, least of all a local provider's tasks. Each escrow remembers its task (the id
@@ -72,6 +73,15 @@ __all__ = [
 ]
 
 from gateway.journal import Hold, LedgerOp, Refund, Settle
+from gateway.ledger_audit import (  # LedgerTotals re-exported: a public name, as before
+    LedgerTotals,
+    cached_totals,
+    check_books,
+    read_books,
+)
+from gateway.ledger_schema import MIGRATED as _MIGRATED
+from gateway.ledger_schema import MIGRATIONS as _MIGRATIONS
+from gateway.ledger_schema import SCHEMA as _SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +101,6 @@ class Applied(Generic[T]):
 
 
 @dataclass(frozen=True, slots=True)
-class LedgerTotals:
-    minted: int
-    balances: int  # Σ user accounts
-    escrow: int  # Σ open escrow
-    fees: int
-
-    @property
-    def conserved(self) -> bool:
-        return self.minted == self.balances + self.escrow + self.fees
-
-
-@dataclass(frozen=True, slots=True)
 class Transfer:
     """One ledger row: ``amount_micro`` left ``debit`` and entered ``credit``."""
 
@@ -114,48 +112,6 @@ class Transfer:
     reason: str
     task_id: str | None
 
-
-_SCHEMA = """
-BEGIN IMMEDIATE;
-CREATE TABLE IF NOT EXISTS accounts (
-    name TEXT PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('user','mint','fees','escrow')),
-    balance INTEGER NOT NULL DEFAULT 0,  -- cache of the rows, updated in the same transaction
-    created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS transfers (
-    id INTEGER PRIMARY KEY, ts REAL NOT NULL,  -- rows are never deleted, so ids only grow
-    debit TEXT NOT NULL REFERENCES accounts(name), credit TEXT NOT NULL REFERENCES accounts(name),
-    amount INTEGER NOT NULL CHECK (amount > 0), reason TEXT NOT NULL, task_id TEXT);
-CREATE INDEX IF NOT EXISTS transfers_debit ON transfers(debit);
-CREATE INDEX IF NOT EXISTS transfers_credit ON transfers(credit);
-CREATE TABLE IF NOT EXISTS escrows (
-    task_id TEXT PRIMARY KEY, client TEXT NOT NULL REFERENCES accounts(name),
-    held INTEGER NOT NULL, charged INTEGER NOT NULL DEFAULT 0, fee INTEGER NOT NULL DEFAULT 0,
-    refunded INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL, created REAL NOT NULL, closed REAL);
-CREATE INDEX IF NOT EXISTS escrows_open ON escrows(state) WHERE state = 'held';
-CREATE INDEX IF NOT EXISTS escrows_client_open ON escrows(client) WHERE state = 'held';
-CREATE TABLE IF NOT EXISTS escrow_usage (  -- per (task, provider): each is paid its own usage
-    task_id TEXT NOT NULL REFERENCES escrows(task_id), provider TEXT NOT NULL,
-    reported INTEGER NOT NULL, charged INTEGER NOT NULL, fee INTEGER NOT NULL,
-    PRIMARY KEY (task_id, provider));
-INSERT OR IGNORE INTO accounts(name, kind, created) VALUES ('mint', 'mint', 0), ('fees', 'fees', 0);
-COMMIT;
-"""
-
-#: Columns added after the first release, for files an older gateway created: ``task`` is the
-#: escrow id before its ``~`` (the task, whatever its submission; indexed for the lookup of an
-#: earlier final settlement), ``final`` is 1 once a settlement closed it as the task's outcome (a
-#: result was delivered), not a refund or a restart's recovery.
-_MIGRATIONS = (
-    ("task", "ALTER TABLE escrows ADD COLUMN task TEXT"),
-    ("final", "ALTER TABLE escrows ADD COLUMN final INTEGER NOT NULL DEFAULT 0"),
-)
-_MIGRATED = """
-BEGIN IMMEDIATE;
-UPDATE escrows SET task = CASE WHEN instr(task_id, '~') THEN
-    substr(task_id, 1, instr(task_id, '~') - 1) ELSE task_id END WHERE task IS NULL;
-CREATE INDEX IF NOT EXISTS escrows_task ON escrows(task);
-COMMIT;
-"""
 
 #: SQLite's default cap on host parameters in one statement is 999 (older builds): lookups of
 #: many ids go in chunks of this many.
@@ -525,53 +481,15 @@ class Ledger:
     def totals(self) -> LedgerTotals:
         """From the cached balances (cheap enough for /metrics); ``check()`` uses the rows."""
         with self._tx(write=False) as db:
-            return _totals(db.execute("SELECT kind, SUM(balance) FROM accounts GROUP BY kind"))
+            return cached_totals(db)
 
     def check(self, live: Iterable[str] | None = None) -> None:
-        """Re-derive every balance from the transfer rows and the escrow records from the
-        per-provider rows; raise ``LedgerInvariantError`` listing each discrepancy.
-
-        ``live``, when given, names the escrows whose tasks are still open (the hub knows them):
-        an escrow held for any other task, finished or gone, is a discrepancy too.
-        """
+        """Re-derive every balance and escrow from the rows (``ledger_audit.check_books``);
+        raise ``LedgerInvariantError`` listing each discrepancy, including, with ``live`` (the
+        escrows whose tasks are still open), any escrow held for a task finished or gone."""
         with self._tx(write=False) as db:
-            derived = dict(db.execute(
-                "SELECT account, SUM(delta) FROM (SELECT credit AS account, amount AS delta"
-                " FROM transfers UNION ALL SELECT debit, -amount FROM transfers) GROUP BY account"))
-            accounts = db.execute("SELECT name, kind, balance FROM accounts").fetchall()
-            escrows = db.execute(
-                "SELECT e.task_id, e.held - e.charged - e.refunded, e.charged, e.fee, e.state,"
-                " COALESCE(SUM(u.charged), 0), COALESCE(SUM(u.fee), 0) FROM escrows e"
-                " LEFT JOIN escrow_usage u ON u.task_id = e.task_id GROUP BY e.task_id").fetchall()
-        unknown = derived.keys() - {name for name, _, _ in accounts}
-        problems = [f"rows name unknown account {name!r}" for name in unknown]
-        by_kind: dict[str, int] = {}
-        for name, kind, cached in accounts:
-            real = derived.get(name, 0)
-            by_kind[kind] = by_kind.get(kind, 0) + real
-            if cached != real:
-                problems.append(f"{name}: cached balance {cached} != {real} from the rows")
-            if kind != MINT and real < 0:
-                problems.append(f"{name}: negative balance {real}")
-        if not (totals := _totals(by_kind.items())).conserved:
-            problems.append(f"not conserved: {totals}")
-        for task_id, left, charged, fee, state, u_charged, u_fee in escrows:
-            in_rows = derived.get(ESCROW_PREFIX + task_id, 0)
-            if in_rows != left or left < 0 or (left and state != EscrowState.HELD):
-                problems.append(f"escrow {task_id} ({state}): rows hold {in_rows}, record {left}")
-            if (charged, fee) != (u_charged, u_fee) or state not in ESCROW_TRANSITIONS:
-                problems.append(f"escrow {task_id} ({state}): charged/fee {charged}/{fee} !="
-                                f" per-provider {u_charged}/{u_fee}")
-        if live is not None:
-            live = set(live)
-            stale = [t for t, _, _, _, state, _, _ in escrows
-                     if state == EscrowState.HELD and t not in live]
-            problems += [f"escrow {t} is held for a task that is finished or gone"
-                         for t in stale[:20]]
-            if len(stale) > 20:
-                problems.append(f"... and {len(stale) - 20} more such escrows")
-        if problems:
-            raise LedgerInvariantError("; ".join(problems))
+            books = read_books(db)
+        check_books(books, live)
 
     # -- internals: each runs inside its caller's transaction ----------------------------------
 
@@ -646,8 +564,3 @@ class Ledger:
 def _one(db: sqlite3.Connection, sql: str, *args: Any) -> Any:
     return db.execute(sql, args).fetchone()
 
-
-def _totals(rows: Iterable[tuple[str, int | None]]) -> LedgerTotals:
-    sums = {kind: total or 0 for kind, total in rows}
-    return LedgerTotals(minted=-sums.get(MINT, 0), balances=sums.get("user", 0),
-                        escrow=sums.get("escrow", 0), fees=sums.get(FEES, 0))
