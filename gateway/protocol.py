@@ -16,16 +16,21 @@ Every header field is checked against a schema before a message object is built;
 
 from __future__ import annotations
 
-import functools
-import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import msgpack
-from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import canonicalize_name
-
+from gateway.framing import JOIN_BELOW as JOIN_BELOW
+from gateway.framing import MAGIC as MAGIC
+from gateway.framing import VERSION as VERSION
+from gateway.framing import Buffer as Buffer
+from gateway.framing import Frame as Frame
+from gateway.framing import Send as Send
+from gateway.framing import decode_frame as decode_frame
+from gateway.framing import encode_frame as encode_frame
+from gateway.framing import frame_parts as frame_parts
+from gateway.framing import frame_size as frame_size
+from gateway.framing import split_buffers as split_buffers
 from gateway.schema import (  # noqa: F401  (re-exported: the protocol's vocabulary)
     MAX_BATCH,
     MAX_BUFFERS,
@@ -49,81 +54,16 @@ from gateway.schema import (  # noqa: F401  (re-exported: the protocol's vocabul
     record,
     string,
 )
-
-MAGIC = b"DC"
-VERSION = 1
-_PREFIX = struct.Struct("!2sBI")
-
-RESOURCE_CHECKS: dict[str, Check] = {
-    "cpus": number(0, 4096),
-    "memory": integer(0, 2**50),
-    "gpus": number(0, 64),
-}
-
-
-def resource_map(name: str, value: Any) -> dict:
-    """``{"cpus": 1, "memory": bytes, "gpus": 0}``; unknown resource names are refused."""
-    value = mapping(8)(name, value)
-    for k, v in value.items():
-        if k not in RESOURCE_CHECKS:
-            raise ProtocolError(ErrorCode.SCHEMA, f"{name}: unknown resource {k!r}")
-        RESOURCE_CHECKS[k](f"{name}.{k}", v)
-    return value
-
-
-#: Requirements one task may declare. Each is parsed on the gateway at every provider it is
-#: matched against (cached), so this bounds a spec's matching work and its share of a header.
-MAX_REQUIREMENTS = 64
-#: Characters of one PEP 508 requirement string ("scikit-learn>=1.5,<2; python_version>'3.9'").
-MAX_REQUIREMENT_LEN = 200
-#: Distributions one provider may advertise. A large scientific environment has a few hundred;
-#: 2,000 bounds the advertisement to about 60 KiB of header and the matching table it builds.
-MAX_PACKAGES = 2_000
-#: Characters of a distribution name and of a version string in an advertisement.
-MAX_PACKAGE_NAME = 100
-MAX_VERSION_LEN = 64
-
-
-@functools.lru_cache(maxsize=4096)
-def parse_requirement(text: str) -> Requirement:
-    """A PEP 508 requirement, parsed once per distinct string (specs repeat them per task).
-
-    Direct references (``name @ URL``) are refused: a provider installs only from its own index,
-    never from an address a client names."""
-    req = Requirement(text)
-    if req.url:
-        raise InvalidRequirement(f"{text!r} names a URL; a provider installs only from its own "
-                                 f"index: give a name and a version range instead")
-    return req
-
-
-def requirement_list(name: str, value: Any) -> list:
-    """Up to ``MAX_REQUIREMENTS`` PEP 508 strings, each parsed (not just length-checked)."""
-    value = list_of(string(MAX_REQUIREMENT_LEN), MAX_REQUIREMENTS)(name, value)
-    for i, text in enumerate(value):
-        try:
-            parse_requirement(text)
-        except InvalidRequirement as exc:
-            raise ProtocolError(ErrorCode.SCHEMA, f"{name}[{i}]: not a PEP 508 requirement "
-                                f"({exc})") from None
-    return value
-
-
-def package_map(name: str, value: Any) -> dict:
-    """``{canonical distribution name: version}``, bounded in entries and lengths."""
-    if not isinstance(value, dict):
-        raise ProtocolError(ErrorCode.SCHEMA, f"field {name!r} must be a map")
-    if len(value) > MAX_PACKAGES:
-        raise ProtocolError(ErrorCode.TOO_BIG, f"field {name!r} has over {MAX_PACKAGES} entries")
-    for k, v in value.items():
-        if not isinstance(k, str) or not 0 < len(k) <= MAX_PACKAGE_NAME \
-                or canonicalize_name(k) != k:
-            raise ProtocolError(ErrorCode.SCHEMA, f"{name}: {str(k)[:40]!r} is not a canonical "
-                                f"distribution name of at most {MAX_PACKAGE_NAME} characters")
-        if not isinstance(v, str) or not 0 < len(v) <= MAX_VERSION_LEN:
-            raise ProtocolError(ErrorCode.SCHEMA, f"{name}.{k}: the version must be a string of "
-                                f"1 to {MAX_VERSION_LEN} characters")
-    return value
+from gateway.spec_fields import MAX_PACKAGE_NAME as MAX_PACKAGE_NAME
+from gateway.spec_fields import MAX_PACKAGES as MAX_PACKAGES
+from gateway.spec_fields import MAX_REQUIREMENT_LEN as MAX_REQUIREMENT_LEN
+from gateway.spec_fields import MAX_REQUIREMENTS as MAX_REQUIREMENTS
+from gateway.spec_fields import MAX_VERSION_LEN as MAX_VERSION_LEN
+from gateway.spec_fields import RESOURCE_CHECKS as RESOURCE_CHECKS
+from gateway.spec_fields import package_map as package_map
+from gateway.spec_fields import parse_requirement as parse_requirement
+from gateway.spec_fields import requirement_list as requirement_list
+from gateway.spec_fields import resource_map as resource_map
 
 
 @dataclass(frozen=True, slots=True)
@@ -583,75 +523,12 @@ MESSAGES: dict[str, type[Message]] = {
 
 # --------------------------------------------------------------------------- frames
 
-Buffer = bytes | bytearray | memoryview
-
-
-def frame_parts(header: dict, buffers: Sequence[Buffer] = ()) -> list[Buffer]:
-    """A frame as ``[prefix + header, *buffers]``: the buffers are not copied."""
-    header = dict(header, b=[memoryview(b).nbytes for b in buffers])
-    packed = msgpack.packb(header, use_bin_type=True)
-    return [_PREFIX.pack(MAGIC, VERSION, len(packed)) + packed, *buffers]
-
-
-def encode_frame(header: dict, buffers: Sequence[Buffer] = ()) -> bytes:
-    """One frame as a single bytes object (buffers are copied once, into the frame)."""
-    return b"".join(frame_parts(header, buffers))
-
-
-#: Below this size a frame is joined into one bytes object (cheaper than several writes).
-JOIN_BELOW = 256 * 1024
-
-Frame = bytes | list[Buffer]
-#: Queue a frame for one peer (the hub and its records never touch a socket).
-Send = Callable[[Frame], None]
-
 
 def encode_parts(msg: Message, buffers: Sequence[Buffer] = ()) -> Frame:
     """Like :func:`encode`, but a large frame stays a list of parts (no copy of its buffers);
     writers send the parts as websocket fragments."""
     parts = frame_parts({"t": msg.TYPE, **msg.to_wire()}, buffers)
     return b"".join(parts) if frame_size(parts) < JOIN_BELOW else parts
-
-
-def frame_size(frame: Frame) -> int:
-    return len(frame) if isinstance(frame, bytes) else sum(memoryview(b).nbytes for b in frame)
-
-
-def decode_frame(data: Buffer, max_header: int = MAX_HEADER_BYTES) -> tuple[dict, list[memoryview]]:
-    """Split a frame into its header map and zero-copy views of its buffers."""
-    view = memoryview(data)
-    if view.nbytes < _PREFIX.size:
-        raise ProtocolError(ErrorCode.BAD_FRAME, "frame shorter than its prefix")
-    magic, version, hlen = _PREFIX.unpack_from(view)
-    if magic != MAGIC:
-        raise ProtocolError(ErrorCode.BAD_FRAME, "not a decompute frame (bad magic)")
-    if version != VERSION:
-        raise ProtocolError(
-            ErrorCode.BAD_VERSION, f"protocol version {version}; this side speaks {VERSION}"
-        )
-    if hlen > max_header or _PREFIX.size + hlen > view.nbytes:
-        raise ProtocolError(ErrorCode.TOO_BIG, "header length out of bounds")
-    try:
-        header = msgpack.unpackb(
-            view[_PREFIX.size:_PREFIX.size + hlen], raw=False, strict_map_key=True
-        )
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"header is not valid msgpack ({exc})") from None
-    if not isinstance(header, dict):
-        raise ProtocolError(ErrorCode.BAD_FRAME, "header is not a map")
-    lens = header.pop("b", [])
-    if not isinstance(lens, list) or len(lens) > MAX_BUFFERS or not all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lens
-    ):
-        raise ProtocolError(ErrorCode.BAD_FRAME, "buffer table is malformed")
-    pos = _PREFIX.size + hlen
-    if pos + sum(lens) != view.nbytes:
-        raise ProtocolError(ErrorCode.BAD_FRAME, "buffer lengths do not add up to the frame")
-    buffers = []
-    for n in lens:
-        buffers.append(view[pos:pos + n])
-        pos += n
-    return header, buffers
 
 
 def encode(msg: Message, buffers: Sequence[Buffer] = ()) -> bytes:
@@ -687,18 +564,6 @@ def _check_buffer_count(msg: Message, count: int) -> None:
         raise ProtocolError(
             ErrorCode.SCHEMA, f"{msg.TYPE}: header names {expected} buffers, frame has {count}"
         )
-
-
-def split_buffers(counts: Sequence[int], buffers: Sequence[memoryview]) -> list[list[memoryview]]:
-    """Cut a flat buffer list into consecutive groups of ``counts``; a list that does not add
-    up is a bug upstream (decoding checks it), never silently cut short."""
-    if sum(counts) != len(buffers):
-        raise ValueError(f"headers name {sum(counts)} buffers, {len(buffers)} were given")
-    out, pos = [], 0
-    for n in counts:
-        out.append(list(buffers[pos:pos + n]))
-        pos += n
-    return out
 
 
 def close_reason(code: ErrorCode, message: str) -> str:
