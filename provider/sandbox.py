@@ -38,25 +38,24 @@ non-root provider's worker keeps the provider's uid and can read all that user c
 hidden paths. A provider killed by SIGKILL leaves a task's setsid() daemons running (cgroup mode)
 until the next provider starts and sweeps its dead predecessors' cgroups. Where a defence is
 missing, the provider must say so loudly at start (`describe()`) and advertise a weak sandbox.
+
+The worker cgroups live in `provider.cgroups`, the hook run in the child before exec in
+`provider.child_setup`; their names are re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
-import errno
 import fcntl
 import grp
 import importlib.util
-import itertools
 import logging
 import os
 import pwd
 import random
 import resource
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -67,12 +66,24 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+# Moved out by concept; re-exported (`as`) so that every name stays importable from here.
+from provider.cgroups import _CGROUP_PREFIX as _CGROUP_PREFIX
+from provider.cgroups import _PROBE_TIMEOUT as _PROBE_TIMEOUT
+from provider.cgroups import _cgroup_base as _cgroup_base
+from provider.cgroups import _kill_cgroup as _kill_cgroup
+from provider.cgroups import _new_cgroup as _new_cgroup
+from provider.cgroups import cgroup_of as cgroup_of
+from provider.cgroups import cgroup_pids as cgroup_pids
+from provider.cgroups import kill_cgroup as kill_cgroup
+from provider.child_setup import _PR_SET_PDEATHSIG as _PR_SET_PDEATHSIG
+from provider.child_setup import _prctl as _prctl
+from provider.child_setup import _preexec as _preexec
+
 log = logging.getLogger(__name__)
 
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 _TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"  # where we look for unshare & co, never the host PATH
 _UID_RANGE = range(61184, 65520)  # systemd's DynamicUser range: mapped even in most containers
-_PROBE_TIMEOUT = 5.0
 _COPIED_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # OpenBLAS misdetects some CPUs here
 # Runs inside the new mount namespace: $1 is mount(8), $2 the size of each private temp dir, then
 # the paths to keep visible up to "--" (mount points made traversable by anyone), the paths to
@@ -114,8 +125,6 @@ if sys.argv[3] and os.path.exists(sys.argv[3]):
 print("%d.%d.%d" % sys.version_info[:3])"""
 _VERSION = ".".join(map(str, sys.version_info[:3]))
 
-_PR_SET_PDEATHSIG = 1
-_CGROUP_PREFIX = "decompute-"
 
 _uid_lock = threading.Lock()
 _uid_claims: dict[int, int] = {}  # uid -> fd holding flock on its claim file, until cleanup()
@@ -333,40 +342,6 @@ def _rlimits(limits: Limits, with_nproc: bool) -> list[tuple[int, int]]:
     return out
 
 
-@cache
-def _prctl() -> Callable[..., int] | None:
-    """libc's prctl, loaded before any fork (a child between fork and exec must not load it)."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-def _preexec(rlimits: list[tuple[int, int]], uid: int | None, cgroup: str | None = None,
-             pdeathsig: bool = False) -> Callable[[], None]:
-    prctl = _prctl() if pdeathsig else None
-    procs = os.path.join(cgroup, "cgroup.procs") if cgroup else None
-
-    def apply() -> None:  # runs in the child between fork and exec: keep it to plain syscalls
-        os.umask(0o077)
-        if procs is not None:  # before anything can fork: every descendant is counted
-            fd = os.open(procs, os.O_WRONLY)
-            try:
-                os.write(fd, b"0")
-            finally:
-                os.close(fd)
-        if prctl is not None:  # unshare(1) stays as the worker's parent: it must die with us
-            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        for which, value in rlimits:
-            resource.setrlimit(which, (value, value))
-        if uid is not None:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-
-    return apply
-
-
 def _claim(uid: int, busy: set[int], claims: Path) -> bool:
     """Take `uid` if no account, group or process uses it and no other provider holds it."""
     if uid in busy or uid in _uid_claims:
@@ -476,122 +451,6 @@ def sandbox_spec(program: list[str], *, limits: Limits, workdir_root: Path | Non
     argv = _wrap(program, iso, hidden, uid, nproc, limits.tmp_bytes, readonly)
     return SandboxSpec(argv, _scrubbed_env(cwd, extra_env), cwd, preexec, uid, group,
                        pid_namespace=iso.pid and iso.network)
-
-
-def _cgroup2_mount() -> str | None:
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields, _, fs = line.partition(" - ")
-            if fs.split()[:1] == ["cgroup2"]:
-                return fields.split()[4]
-    return None
-
-
-def _own_cgroup(pid: int | str = "self") -> str | None:
-    """This process's (or `pid`'s) cgroup v2 path, relative to the hierarchy's root."""
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/cgroup") as f:
-        for line in f:
-            if line.startswith("0::"):
-                return line[3:].strip()
-    return None
-
-
-_cgroup_lock = threading.Lock()
-_cgroup_ids = itertools.count()
-_cgroups_dying: set[str] = set()  # killed, but the kernel had not emptied them yet
-
-
-@cache
-def _cgroup_base() -> str | None:
-    """Where this provider may create a cgroup per worker (root, cgroup v2), else None.
-
-    A cgroup lets the pool see every process a task started (`cgroup.procs`), kill them all at
-    once (`cgroup.kill`) and meter their CPU, the dead ones' included (`cpu.stat`).
-    """
-    mount, own = _cgroup2_mount(), _own_cgroup()
-    if os.geteuid() != 0 or mount is None or own is None:
-        return None
-    base = os.path.normpath(mount + "/" + own)
-    _sweep_stale_cgroups(base)
-    probe = os.path.join(base, f"{_CGROUP_PREFIX}probe-{os.getpid()}")
-    try:
-        os.mkdir(probe, 0o755)
-    except OSError as exc:
-        log.debug("no cgroup for workers: %s", exc)
-        return None
-    try:
-        if not os.path.exists(os.path.join(probe, "cgroup.kill")):
-            return None  # Linux < 5.14: no way to kill a whole cgroup at once
-        subprocess.run(["/bin/true"], preexec_fn=_preexec([], None, probe), check=True,
-                       timeout=_PROBE_TIMEOUT)
-        return base
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.debug("no cgroup for workers: %s", exc)
-        return None
-    finally:
-        with contextlib.suppress(OSError):
-            os.rmdir(probe)
-
-
-def _sweep_stale_cgroups(base: str) -> None:
-    """Remove worker cgroups of providers that died without cleaning up (named by their pid)."""
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(base):
-            parts = entry.name.split("-")
-            if (entry.name.startswith(_CGROUP_PREFIX) and len(parts) == 3 and parts[1].isdigit()
-                    and not os.path.exists(f"/proc/{parts[1]}")):
-                _kill_cgroup(entry.path)
-
-
-def _new_cgroup() -> str:
-    base = _cgroup_base()
-    if base is None:
-        raise RuntimeError("cgroups were usable when probed and are not now; restart the provider")
-    path = os.path.join(base, f"{_CGROUP_PREFIX}{os.getpid()}-{next(_cgroup_ids)}")
-    os.mkdir(path, 0o755)
-    return path
-
-
-def kill_cgroup(path: str) -> None:
-    """SIGKILL every process in the cgroup at once (forks racing the kill included)."""
-    with contextlib.suppress(OSError), open(os.path.join(path, "cgroup.kill"), "w") as f:
-        f.write("1")
-
-
-def _kill_cgroup(path: str) -> None:
-    """Kill every process in the cgroup and remove it (later, if the kernel is not done yet)."""
-    kill_cgroup(path)
-    with _cgroup_lock:
-        _cgroups_dying.add(path)
-        for dying in list(_cgroups_dying):
-            try:
-                os.rmdir(dying)
-            except OSError as exc:
-                if exc.errno == errno.EBUSY:
-                    continue
-            _cgroups_dying.discard(dying)
-
-
-def cgroup_of(pid: int) -> str | None:
-    """The worker cgroup directory `pid` runs in, if it is one of ours (for metering)."""
-    mount, own = _cgroup2_mount_cached(), _own_cgroup(pid)
-    if mount is None or own is None or not own.rsplit("/", 1)[-1].startswith(_CGROUP_PREFIX):
-        return None
-    return os.path.normpath(mount + "/" + own)
-
-
-@cache
-def _cgroup2_mount_cached() -> str | None:
-    return _cgroup2_mount()
-
-
-def cgroup_pids(path: str) -> list[int]:
-    """Live processes in a cgroup (zombies are not listed)."""
-    try:
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            return [int(line) for line in f if line.strip()]
-    except OSError:
-        return []
 
 
 def _process_table() -> dict[int, tuple[int, int]]:
