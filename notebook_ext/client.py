@@ -14,53 +14,45 @@ import itertools
 import logging
 import os
 import secrets
-import sys
 import threading
 import types
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from gateway import protocol as p
 from gateway.identity import Identity
 from gateway.units import parse_size
 from notebook_ext import by_value, errors, lifetime, requirements, safe_pickle
+from notebook_ext.chunking import CHUNK_TARGET_SECONDS as CHUNK_TARGET_SECONDS
+from notebook_ext.chunking import CHUNKS_PER_SLOT as CHUNKS_PER_SLOT
+from notebook_ext.chunking import MAP_BATCH as MAP_BATCH
+from notebook_ext.chunking import MAP_FRAME_BUFFERS as MAP_FRAME_BUFFERS
+from notebook_ext.chunking import MAX_AUTO_CHUNK as MAX_AUTO_CHUNK
+from notebook_ext.chunking import SLOTS_TTL as SLOTS_TTL
+from notebook_ext.chunking import ChunkedMap
 from notebook_ext.connection import GatewayLink
-from notebook_ext.futures import Chunk, Future, RawResult, StoredResult
+from notebook_ext.futures import Future
+from notebook_ext.incoming import _GRAPH_SEP as _GRAPH_SEP
+from notebook_ext.incoming import Incoming
 from notebook_ext.money import Balance, refuse_unaffordable
 from notebook_ext.pending import FirstFailures, LetGo, TaskBook
 from notebook_ext.receipt_book import ReceiptBook, fetch_json
+from notebook_ext.records import GraphTask as GraphTask
+from notebook_ext.records import ProviderInfo as ProviderInfo
 from notebook_ext.serialize import (
     dumps_args,
     dumps_function,
     forget_pickles,
     loads_result,
     local_runtime,
-    rebuild_error,
 )
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GATEWAY = "ws://127.0.0.1:8765"
-#: Tasks per Submit frame in ``map``: bounds one frame's header to a few hundred KiB.
-MAP_BATCH = 1000
-#: Argument buffers per Submit frame of a chunked ``map`` (a frame carries at most 65,536).
-MAP_FRAME_BUFFERS = 50_000
-#: ``chunksize="auto"``: chunks per provider slot online, at least (as ``multiprocessing``'s
-#: ``Pool.map``: enough chunks that every slot stays busy and the last ones end together).
-CHUNKS_PER_SLOT = 4
-#: ``chunksize="auto"``: run time a chunk aims at once the function's has been measured (as
-#: joblib's ``batch_size="auto"``: long enough that per-task costs vanish, short enough that
-#: progress, cancel and load balancing stay fine-grained).
-CHUNK_TARGET_SECONDS = 0.05
-#: ``chunksize="auto"``: items per chunk at most.
-MAX_AUTO_CHUNK = 256
-#: Seconds the count of provider slots online is reused between ``map`` calls.
-SLOTS_TTL = 5.0
-#: Separates a graph key from its submission token (``notebook_ext.dask_integration``).
-_GRAPH_SEP = "#"
 #: Longest a closing client waits for its last frames (the cancel) to be written.
 DRAIN_SECONDS = 5.0
 #: Keys per Release/Cancel frame sent for futures nobody holds any more.
@@ -69,50 +61,7 @@ LET_GO_BATCH = 10_000
 QUERY_TIMEOUT = 30.0
 
 
-@dataclass(frozen=True, slots=True)
-class GraphTask:
-    """One task of a graph: on a provider, ``fn(deps, *args, **kwargs)`` where ``deps`` maps
-    each key in ``deps`` to its result (results of this session's earlier tasks)."""
-
-    key: str
-    fn: Callable[..., Any]
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-    deps: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderInfo:
-    """A provider as ``client.providers()`` shows it."""
-
-    id: str
-    name: str
-    cpus: int
-    memory: int
-    gpus: int
-    prices: dict
-    runtime: dict
-    sandbox: str
-    load: dict
-    reputation: float = 1.0
-    online: bool = True
-    running: int = 0
-    slots: int = 1
-    account: str = ""
-    #: Its notable distributions (numpy, pandas, torch, ...): name -> version.
-    packages: dict = field(default_factory=dict)
-    #: Whether it builds environments for packages it lacks (``--install-packages``).
-    installs: bool = False
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ProviderInfo:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        extra = {k: v for k, v in data.items() if k not in cls.__dataclass_fields__}
-        return cls(**known, extra=extra)
-
-
-class Client:
+class Client(ChunkedMap, Incoming):
     """A connection to a decompute gateway, as this machine's identity.
 
     ``address`` defaults to ``$DECOMPUTE_GATEWAY``, else ``ws://127.0.0.1:8765``. ``trust=True``
@@ -349,122 +298,6 @@ class Client:
                 payloads.append(payload)
             futures += self._send_batch(specs, payloads, func_hash, blob, trust)
         return futures
-
-    # ------------------------------------------------------------------ chunks
-
-    def _chunk_size(self, chunksize: int | str, func_hash: str, n: int) -> int:
-        """Items per chunk for a map of ``n`` items (1: no chunks)."""
-        if chunksize != "auto" and (not isinstance(chunksize, int) or isinstance(chunksize, bool)
-                                    or not 1 <= chunksize <= p.MAX_ITEMS):
-            raise ValueError(f"chunksize must be 'auto' or an int from 1 to {p.MAX_ITEMS}, got "
-                             f"{chunksize!r}")
-        welcome = self._link.welcome
-        if n <= 1 or welcome is None or "chunks" not in welcome.features:
-            if chunksize not in ("auto", 1) and n > 1:
-                log.warning("the gateway at %s does not run chunks of a map; each item runs as "
-                            "its own task", self.address)
-            return 1
-        if chunksize != "auto":
-            return min(int(chunksize), n)
-        size = -(-n // (CHUNKS_PER_SLOT * self._slots_online()))
-        per_item = self._per_item.get(func_hash)
-        if per_item:
-            size = min(size, int(CHUNK_TARGET_SECONDS / per_item))
-        return max(1, min(size, MAX_AUTO_CHUNK))
-
-    def _slots_online(self) -> int:
-        """Task slots of the providers online (cached a few seconds; 1 if unknown)."""
-        now = self._loop.time()
-        if now - self._slots[1] > SLOTS_TTL:
-            try:
-                slots = sum(max(1, info.slots) for info in self.providers() if info.online)
-            except (ConnectionError, errors.GatewayRefused) as exc:
-                log.debug("provider slots unknown (%s); chunks sized for one", exc)
-                slots = 1
-            self._slots = (max(1, slots), now)
-        return self._slots[0]
-
-    def _map_chunks(self, func_hash: str, blob: bytes, items: list[tuple], kwargs: dict,
-                    keys: list[str], size: int, opts: dict, trust: bool | None) -> list[Future]:
-        """Submit ``items`` in chunks of ``size``: a future per item, a task per chunk."""
-        if self._closed:
-            raise RuntimeError("this Client is closed; create a new one")
-        trust = self.trust if trust is None else trust
-        futures = [Future(self, k, trust) for k in keys]
-        batch: list[tuple[Chunk, p.TaskSpec, list]] = []
-        buffers = 0
-        for start in range(0, len(items), size):
-            group = futures[start:start + size]
-            args = [dumps_args(item, kwargs) for item in items[start:start + size]]
-            chunk_key = f"{keys[start]}~{len(group)}"  # an item key of the user's, and more
-            if len(chunk_key) > 200:  # the gateway takes keys of up to 239 characters
-                chunk_key = f"chunk-{uuid.uuid4().hex}~{len(group)}"
-            chunk = Chunk(chunk_key, func_hash, group)
-            spec, payload = self._chunk_task(chunk.key, func_hash, args, opts)
-            if batch and (len(batch) >= MAP_BATCH or buffers + len(payload) > MAP_FRAME_BUFFERS):
-                self._send_chunks(batch, func_hash, blob)
-                batch, buffers = [], 0
-            batch.append((chunk, spec, payload))
-            buffers += len(payload)
-        if batch:
-            self._send_chunks(batch, func_hash, blob)
-        return futures
-
-    def _chunk_task(self, key: str, func_hash: str, args: list[list], opts: dict
-                    ) -> tuple[p.TaskSpec, list]:
-        """One chunk's spec: its items' argument streams back to back (``parts`` says where
-        each starts); ``budget`` and ``timeout`` per item become the chunk's."""
-        n = len(args)
-        per_chunk = dict(opts)
-        if opts.get("budget") is not None:
-            per_chunk["budget"] = opts["budget"] * n
-        if opts.get("timeout") is not None:
-            per_chunk["timeout"] = min(opts["timeout"] * n, 1e7)
-        payload = [b for a in args for b in a]
-        spec, _ = self._task(key, func_hash, payload, per_chunk)
-        return replace(spec, items=n, parts=[len(a) for a in args]), payload
-
-    def _send_chunks(self, batch: list[tuple[Chunk, p.TaskSpec, list]], func_hash: str,
-                     blob: bytes) -> None:
-        chunks, specs, payloads = (list(x) for x in zip(*batch, strict=True))
-        frame = self._submit_frame(specs, payloads, {func_hash: blob})
-        self._book.add(chunks, specs, payloads, {func_hash: blob})
-        self._send_soon(frame)
-        futures = [f for chunk in chunks for f in chunk.live()]
-        for listener in self._submit_listeners:
-            listener(futures)
-
-    def _on_chunk_result(self, chunk: Chunk, result: p.Result, buffers: list[memoryview]) -> None:
-        """A chunk's one result: each item's future gets its own outcome and its share."""
-        chunk._settled(result.provider, result.usage, result.cost, result.receipt)
-        wall = result.usage.get("wall_seconds")
-        if result.status == "finished" and wall:  # joblib-style: remember the time per item
-            old = self._per_item.get(chunk.func)
-            now = wall / chunk.n
-            self._per_item[chunk.func] = now if old is None else (old + now) / 2
-        if result.status == "cancelled":
-            chunk._cancel_locally()
-            return
-        live = {f._item: f for f in chunk.live()}
-        if result.status != "finished" or result.items != chunk.n:
-            for fut in live.values():
-                fut._fail(rebuild_error(result.error, result.code) if result.status != "finished"
-                          else errors.GatewayRefused(
-                              f"the gateway answered chunk {chunk.key} of {chunk.n} items with "
-                              f"{result.items} item outcomes; its items' results are unknown. "
-                              f"Map with chunksize=1 on this gateway"))
-            return
-        failed = dict(zip(result.failed, result.errors, strict=True))
-        pos = 0
-        for i, n in enumerate(result.parts):
-            fut = live.get(i)
-            if fut is not None and not fut.done():
-                if i in failed:
-                    fut._fail(rebuild_error(failed[i], None))
-                else:
-                    bufs = buffers[pos:pos + n]
-                    fut._finish(RawResult(bufs), sum(b.nbytes for b in bufs))
-            pos += n
 
     def submit_graph(self, tasks: Sequence[GraphTask], send: Iterable[str] = (),
                      **opts: Any) -> dict[str, Future]:
@@ -749,132 +582,6 @@ class Client:
         value = loads_result(writable, trust, self._trusted)
         self._versions.check(provider)
         return value
-
-    # ------------------------------------------------------------------ incoming (loop thread)
-
-    def _on_message(self, msg: p.Message, buffers: list[memoryview]) -> None:
-        if isinstance(msg, p.Results):
-            groups = p.split_buffers([r.nb for r in msg.results], buffers)
-            for result, bufs in zip(msg.results, groups, strict=True):
-                self._on_result(result, bufs)
-        elif isinstance(msg, p.Events):
-            for event in msg.events:
-                self._on_event(event)
-        elif isinstance(msg, p.Reply):
-            reply = self._book.reply(msg.id)
-            if reply is not None and not reply.done():
-                reply.set_result(msg)
-        elif isinstance(msg, p.Error):
-            log.warning("gateway: %s: %s", msg.code, msg.message)
-
-    def _on_result(self, result: p.Result, buffers: list[memoryview]) -> None:
-        waiter = self._book.fetched(result.key)
-        if waiter is not None:  # the answer to a fetch
-            if result.status == "finished":
-                waiter.set_result(buffers)
-            else:
-                waiter.set_exception(rebuild_error(result.error, result.code))
-        if result.receipt:
-            self._receipt_book.add(result.receipt)
-        fut = self._book.take(result.key)
-        if isinstance(fut, Chunk):
-            self._on_chunk_result(fut, result, buffers)
-            return
-        if result.status == "error" and _GRAPH_SEP in result.key:
-            self._note_failure(result)
-        if fut is None or fut.done():
-            return
-        fut._settled(result.provider, result.usage, result.cost, result.receipt)
-        if result.status == "finished":
-            value = (StoredResult(result.key, result.nbytes) if result.stored and not result.nb
-                     else RawResult(buffers))
-            fut._finish(value, result.nbytes)
-        elif result.status == "cancelled":
-            fut._cancel_locally()
-        else:
-            fut._fail(rebuild_error(result.error, result.code))
-
-    def _note_failure(self, result: p.Result) -> None:
-        """Keep the first failure of each graph submission (see :class:`FirstFailures`)."""
-        token = result.key.rpartition(_GRAPH_SEP)[2]
-        self._failures.note(token, result.key, rebuild_error(result.error, result.code))
-
-    def first_failure(self, token: str) -> tuple[str, BaseException] | None:
-        """The first task failure of the graph submission ``token`` (its key and error)."""
-        return self._failures.get(token)
-
-    def _on_event(self, event: p.Event) -> None:
-        fut = self._book.get(event.key)
-        if fut is None:
-            return
-        if event.kind == "running":
-            fut._started(event.provider)
-        elif event.kind == "retrying":
-            fut._requeued()
-        elif event.kind == "usage":
-            fut._metered(event.usage, event.cost)
-        elif event.kind == "output" and event.text:
-            fut._printed(event.stream or "stdout", event.text)
-            if self.stream_output:
-                stream = sys.stderr if event.stream == "stderr" else sys.stdout
-                stream.write(event.text)
-
-    def _on_down(self, error: BaseException | None) -> None:
-        """The gateway is unreachable (loop thread): say so once, arm ``reconnect_for``."""
-        if not self._warned:
-            self._warned = True
-            log.warning("lost the decompute gateway at %s; reconnecting with backoff for as long "
-                        "as this client is open (client.status). submit() raises "
-                        "ConnectionError until it is back%s", self.address,
-                        "" if not self.queue_while_disconnected else " (queued: sent then)")
-        if self.reconnect_for is not None and self._give_up is None:
-            self._give_up = self._loop.call_later(self.reconnect_for, self._fail_waiting)
-
-    def _fail_waiting(self) -> None:
-        """``reconnect_for`` ran out: the futures still waiting fail (the link keeps trying)."""
-        error = self._link.last_error
-        for fut in self._book.take_all():
-            fut._fail(ConnectionError(
-                f"no connection to the gateway at {self.address} for {self.reconnect_for:g} s "
-                f"(reconnect_for): {error!r}; submit the task again once it is back"))
-
-    def _on_resumed(self) -> None:
-        """After a reconnect (loop thread): ask which tasks the gateway no longer knows (it
-        restarted, or a submission was lost on the way) and submit those again, same keys."""
-        if self._give_up is not None:
-            self._give_up.cancel()
-            self._give_up = None
-        if self._warned:
-            log.warning("reconnected to the decompute gateway at %s", self.address)
-            self._warned = False
-        keys = self._book.keys()
-        if not keys:
-            return
-        req_id = next(self._ids)
-        reply = self._book.expect_reply(req_id)
-        reply.add_done_callback(self._resubmit_unknown)  # set on this loop thread: runs here
-        self._link.send(p.encode(p.Query(id=req_id, what="resume", args={"keys": keys})))
-
-    def _resubmit_unknown(self, done: cf.Future) -> None:
-        if done.cancelled() or done.exception() is not None:
-            return
-        unknown = done.result().data.get("unknown", [])
-        again, lost = self._book.resubmission(unknown)
-        for key in lost:
-            fut = self._book.take(key)
-            if fut is not None:
-                fut._fail(errors.ProviderLost(
-                    f"the gateway lost graph task {key} (it restarted) together with the inputs "
-                    f"it needed; compute the graph again"))
-        for start in range(0, len(again.specs), MAP_BATCH):
-            specs = again.specs[start:start + MAP_BATCH]
-            used = {spec.func for spec in specs}
-            funcs = {h: b for h, b in again.funcs.items() if h in used}
-            frame = self._submit_frame(specs, again.payloads[start:start + MAP_BATCH], funcs)
-            self._link.send(frame)
-        if again.specs:
-            log.warning("submitted %d unfinished task(s) again after the gateway came back",
-                        len(again.specs))
 
 
 def _opts(providers: Sequence[str] | None, resources: dict | None, max_price: float | None,
