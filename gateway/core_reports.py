@@ -43,6 +43,14 @@ class ReportRules:
                 # not its task, or a repeat (the first report counts)
                 self._dropped("result_not_assigned", result.key, conn)
                 continue
+            if (result.refs and task.task_id not in self.unparked
+                    and task.state is TaskState.RUNNING):
+                why = self._park(task, conn, result, bufs)
+                if why is None:
+                    continue  # handled once its bytes reached the client
+                conn.running.discard(task.task_id)
+                self._bad_result(task, conn, why, fails)
+                continue
             conn.running.discard(task.task_id)
             if result.status == "cancelled" and task.state is TaskState.RUNNING:
                 result = unasked_cancel(result, task.key, conn.id)  # nobody asked: it failed

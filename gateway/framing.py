@@ -39,6 +39,16 @@ def encode_frame(header: dict, buffers: Sequence[Buffer] = ()) -> bytes:
 #: Below this size a frame is joined into one bytes object (cheaper than several writes).
 JOIN_BELOW = 256 * 1024
 
+class Transient(list):
+    """A frame of blob traffic (chunks, wants): never kept for a client's reconnect, since the
+    transfer it belongs to ends with the connection."""
+
+
+def transient(frame: bytes | list[Buffer]) -> Transient:
+    """``frame`` marked as blob traffic."""
+    return Transient([frame] if isinstance(frame, bytes) else frame)
+
+
 Frame = bytes | list[Buffer]
 #: Queue a frame for one peer (the hub and its records never touch a socket).
 Send = Callable[[Frame], None]
@@ -46,6 +56,12 @@ Send = Callable[[Frame], None]
 
 def frame_size(frame: Frame) -> int:
     return len(frame) if isinstance(frame, bytes) else sum(memoryview(b).nbytes for b in frame)
+
+
+def header_length(data: Buffer) -> int:
+    """The header length a frame's prefix declares (0 if it has none): what decoding costs."""
+    view = memoryview(data)
+    return _PREFIX.unpack_from(view)[2] if view.nbytes >= _PREFIX.size else 0
 
 
 def decode_frame(data: Buffer, max_header: int = MAX_HEADER_BYTES) -> tuple[dict, list[memoryview]]:

@@ -32,6 +32,7 @@ from gateway.admission import Admission, Batch
 from gateway.billing import (
     Billing,
 )
+from gateway.core_blobs import BlobRules, may_leave_blobs
 from gateway.core_graphs import GraphRules
 from gateway.core_ledger import LedgerRules
 from gateway.core_reports import ReportRules
@@ -67,7 +68,7 @@ NO_PROVIDER_WAIT = Limits().no_provider_wait
 #: before it fails: a pinned task survives its provider's reconnect (``Limits.rejoin_grace``).
 REJOIN_GRACE = Limits().rejoin_grace
 
-class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules):
+class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules, BlobRules):
     """Tasks, sessions and providers, and the rules that connect them."""
 
     def __init__(self, billing: Billing, limits: Limits | None = None,
@@ -98,6 +99,7 @@ class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules):
         self.funding = Funding(billing, self.registry)
         self.admission = Admission(self.tasks, self.graph, self.registry, self.limits)
         self.scheduler.admits = self.funding.may_place
+        self._init_blobs()
 
     # ------------------------------------------------------------------ clients
 
@@ -121,11 +123,15 @@ class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules):
         flushed = session.attach(send)
         if flushed:
             log.info("session %s resumed: %d waiting frames delivered", session_id, flushed)
+        self._pull_parked_of(session_id)
         return session
 
     def detach_client(self, session: ClientSession, unsent: Sequence[p.Frame] = ()) -> None:
-        """The client's connection closed; ``unsent`` frames wait for its reconnect."""
-        session.detach(unsent)
+        """The client's connection closed; ``unsent`` frames wait for its reconnect (but not
+        blob traffic: those transfers end here, and run again on a reconnect)."""
+        session.detach([f for f in unsent if not isinstance(f, p.Transient)])
+        self.blobs.peer_gone(("c", session.id))
+        self._blob_endings()
 
     def submit(self, session: ClientSession, msg: p.Submit, buffers: Sequence[memoryview]) -> None:
         """Accept a batch of tasks; refuse single tasks with an error result, never the batch."""
@@ -138,6 +144,10 @@ class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules):
         for spec, payload in zip(msg.tasks, payloads, strict=True):
             task_id = f"{session.id}/{spec.key}"
             why = self.admission.refusal(spec, session.account, task_id, funcs, batch)
+            if why is None and spec.refs:
+                bad = self._refs_refusal(spec, session.account)
+                why = None if bad is None else failure(spec.key, p.ErrorCode.SCHEMA, bad,
+                                                       "ValueError")
             if why is None and task_id in in_batch:
                 why = failure(spec.key, p.ErrorCode.SCHEMA,
                               f"task key {spec.key!r} already in use (twice in one batch)")
@@ -313,6 +323,8 @@ class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules):
             lost += 1
             self._retry_or_fail(task, conn, f"provider {conn_id} was lost", fails)
         conn.running.clear()
+        self.blobs.peer_gone(("p", conn_id))
+        self._blob_endings()
         if lost:
             self.standing.lost(conn.account, f"left holding {lost} tasks", now)
         if refunds:
@@ -396,10 +408,13 @@ class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules):
             deps = self.graph.nodes[task.task_id].deps
             for key in self.graph.missing_on(task, conn.id):
                 self.relay.deliver(key, conn.id)
+        if task.spec.refs:
+            self._ship_refs(task, conn)
         return p.Assignment(key=task.task_id, func=task.spec.func, nb=task.spec.nb,
                             account=task.account, resources=task.spec.resources,
                             timeout=task.spec.timeout, deps=deps, keep=task.spec.keep,
                             send=task.spec.send, packages=task.spec.packages,
+                            refs=task.spec.refs, blobs=may_leave_blobs(task),
                             **chunks.assignment_fields(task.spec))
 
     # ------------------------------------------------------------------ verification
@@ -460,6 +475,8 @@ class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules):
             assert state is not None
             task.move(state)
             self.counters.tasks[state.value] += 1
+        if task.spec.refs:
+            self._drop_task_blobs(task)
         self._forget(task)
 
     def _answered(self, task: Task, waiting: TaskState, ending: TaskState) -> None:

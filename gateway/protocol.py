@@ -20,17 +20,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from gateway.blob_messages import BLOB_MESSAGES, ref_list, refs_problem
+from gateway.blob_messages import Abort as Abort
+from gateway.blob_messages import Chunk as Chunk
+from gateway.blob_messages import Drop as Drop
+from gateway.blob_messages import Evicted as Evicted
+from gateway.blob_messages import Scatter as Scatter
+from gateway.blob_messages import Stored as Stored
+from gateway.blob_messages import Want as Want
 from gateway.framing import JOIN_BELOW as JOIN_BELOW
 from gateway.framing import MAGIC as MAGIC
 from gateway.framing import VERSION as VERSION
 from gateway.framing import Buffer as Buffer
 from gateway.framing import Frame as Frame
 from gateway.framing import Send as Send
+from gateway.framing import Transient as Transient
 from gateway.framing import decode_frame as decode_frame
 from gateway.framing import encode_frame as encode_frame
 from gateway.framing import frame_parts as frame_parts
 from gateway.framing import frame_size as frame_size
+from gateway.framing import header_length as header_length
 from gateway.framing import split_buffers as split_buffers
+from gateway.framing import transient as transient
 from gateway.schema import (  # noqa: F401  (re-exported: the protocol's vocabulary)
     MAX_BATCH,
     MAX_BUFFERS,
@@ -40,6 +51,7 @@ from gateway.schema import (  # noqa: F401  (re-exported: the protocol's vocabul
     MAX_TEXT_LEN,
     Check,
     ErrorCode,
+    Message,
     ProtocolError,
     Record,
     anything,
@@ -132,20 +144,30 @@ class TaskSpec(Record):
     parts: list = field(default_factory=list)
     #: PEP 508 requirements the task's provider must meet (declared and inferred by the client).
     packages: list = field(default_factory=list)
+    #: Blobs the payload names (:mod:`gateway.blob_messages`): they travel apart, cut-through.
+    refs: list = field(default_factory=list)
     SCHEMA: ClassVar[dict[str, Check]] = {
         "key": string(), "func": string(128), "nb": integer(0, MAX_BUFFERS),
         "runtime": record(Runtime), "resources": resource_map, "send": boolean,
-        "packages": requirement_list,
+        "packages": requirement_list, "refs": ref_list,
         "providers": optional(list_of(string(), 256)), "timeout": optional(number(0, 1e7)),
         "retries": integer(0, 100), "budget": optional(number()), "max_price": optional(number()),
         "redundancy": integer(1, 16), "deps": optional(list_of(string(), 100_000)),
         "keep": boolean, "items": integer(0, MAX_ITEMS),
         "parts": list_of(integer(1, MAX_BUFFERS), MAX_ITEMS),
     }
-    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"items", "parts", "packages"})
+    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"items", "parts", "packages", "refs"})
 
     def problem(self) -> str | None:
-        return chunk_problem(self.items, self.parts, self.nb, self.deps, self.keep)
+        return (chunk_problem(self.items, self.parts, self.nb, self.deps, self.keep)
+                or spec_refs_problem(self.refs, self.nb, self.items))
+
+
+def spec_refs_problem(refs: list, nb: int, items: int) -> str | None:
+    """A chunk's items name scattered data only (position -1), never a positioned blob."""
+    if items and any(r[0] >= 0 for r in refs):
+        return "a chunk of a map carries its arguments inline (blob positions are for tasks)"
+    return refs_problem(refs, nb)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,17 +187,24 @@ class Assignment(Record):
     parts: list = field(default_factory=list)
     #: The task's requirements: the environment an installing provider runs it in.
     packages: list = field(default_factory=list)
+    #: Blobs the payload names; the gateway sends them (or has them here) before they are read.
+    refs: list = field(default_factory=list)
+    #: Whether big result buffers may stay here as blobs (``Result.refs``) for the gateway to
+    #: pull (plain tasks without replicas); otherwise they travel inside the result.
+    blobs: bool = False
     SCHEMA: ClassVar[dict[str, Check]] = {
         "key": string(), "func": string(128), "nb": integer(0, MAX_BUFFERS), "account": string(),
         "resources": resource_map, "timeout": optional(number(0, 1e7)),
         "deps": optional(list_of(string(), 100_000)), "keep": boolean, "send": boolean,
         "items": integer(0, MAX_ITEMS), "parts": list_of(integer(1, MAX_BUFFERS), MAX_ITEMS),
-        "packages": requirement_list,
+        "packages": requirement_list, "refs": ref_list, "blobs": boolean,
     }
-    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"items", "parts", "packages"})
+    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"items", "parts", "packages", "refs",
+                                                      "blobs"})
 
     def problem(self) -> str | None:
-        return chunk_problem(self.items, self.parts, self.nb, self.deps, self.keep)
+        return (chunk_problem(self.items, self.parts, self.nb, self.deps, self.keep)
+                or spec_refs_problem(self.refs, self.nb, self.items))
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,8 +245,10 @@ class Result(Record):
     parts: list = field(default_factory=list)
     failed: list = field(default_factory=list)
     errors: list = field(default_factory=list)
+    #: Result buffers left on the provider as blobs (content ids), pulled cut-through.
+    refs: list = field(default_factory=list)
     SCHEMA: ClassVar[dict[str, Check]] = {
-        "stored": boolean, "nbytes": integer(0, 2**60),
+        "stored": boolean, "nbytes": integer(0, 2**60), "refs": ref_list,
         "key": string(), "status": one_of("finished", "error", "cancelled"),
         "nb": integer(0, MAX_BUFFERS), "error": optional(record(RemoteFailure)),
         "code": optional(string(64)), "provider": optional(string()),
@@ -226,7 +257,7 @@ class Result(Record):
         "failed": list_of(integer(0, MAX_ITEMS - 1), MAX_ITEMS),
         "errors": list_of(record(RemoteFailure), MAX_ITEMS),
     }
-    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"parts", "failed", "errors"})
+    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"parts", "failed", "errors", "refs"})
 
     @property
     def items(self) -> int:
@@ -241,7 +272,10 @@ class Result(Record):
                    for e in (self.error, *self.errors) if e is not None)
 
     def problem(self) -> str | None:
-        return item_outcomes_problem(self)
+        if self.refs and (self.parts or self.stored or self.status != "finished"
+                          or any(r[0] < 0 for r in self.refs)):
+            return "only a finished plain result leaves positioned blobs (refs)"
+        return item_outcomes_problem(self) or refs_problem(self.refs, self.nb)
 
 
 def item_outcomes_problem(result: Result) -> str | None:
@@ -314,13 +348,6 @@ class ProviderAd(Record):
 
 
 # --------------------------------------------------------------------------- messages
-
-
-class Message(Record):
-    """A top-level message; ``TYPE`` is its tag on the wire."""
-
-    TYPE: ClassVar[str] = ""
-    __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,7 +544,7 @@ class Packages(Message):
 MESSAGES: dict[str, type[Message]] = {
     m.TYPE: m
     for m in (Challenge, Hello, Welcome, Submit, Assign, Cancel, Results, Events, Heartbeat,
-              Query, Reply, Error, Fetch, Data, Release, Packages)
+              Query, Reply, Error, Fetch, Data, Release, Packages, *BLOB_MESSAGES)
 }
 
 
@@ -558,6 +585,8 @@ def _check_buffer_count(msg: Message, count: int) -> None:
         if len(msg.nbs) != len(msg.keys):
             raise ProtocolError(ErrorCode.SCHEMA, "data: keys and nbs differ in length")
         expected = sum(msg.nbs)
+    elif isinstance(msg, Chunk):
+        expected = 1
     else:
         expected = 0
     if expected != count:

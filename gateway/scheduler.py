@@ -138,6 +138,9 @@ class Scheduler:
         #: The money rule, set by the hub's billing: may this task be placed on that provider
         #: (a priced provider only takes a task whose escrow covers a billing interval there)?
         self.admits: Callable[[Task, ProviderConn], bool] = lambda task, provider: True
+        #: Bytes of a task's blobs a provider lacks (set by the hub's blob table): placement
+        #: prefers where the data already is.
+        self.missing_bytes: Callable[[Task, str], int] = lambda task, provider_id: 0
         self._pushes = itertools.count()  # ties between two entries of one provider
         self._heap: list[Ranked] = []  # providers with room, least loaded first (lazy: an
         # entry whose rank is no longer the provider's own is skipped when it comes up)
@@ -378,7 +381,7 @@ class Scheduler:
         """The eligible provider with the lowest cost that has room for the task now; untried
         accounts first after a loss. A graph task waits for its best provider when that one is
         full (data locality), so it may get None although another provider has room."""
-        if task.spec.deps is not None:
+        if task.spec.deps is not None or (task.spec.refs and not task.spec.providers):
             return self._best_of(task, room, room.providers())
         if task.spec.providers:
             return self._best_of(task, room, self.registry.pinned(task.spec.providers))
@@ -442,13 +445,17 @@ class Scheduler:
             if not graph_task and not room.fits(p, task):
                 continue
             moved = self.graph.local_bytes(task, p.id)[1] if graph_task else 0
+            if task.spec.refs:
+                moved += self.missing_bytes(task, p.id)
             queued = max(0, len(p.running) - p.ad.slots + 1) / p.ad.slots
             cost = moved / TRANSFER_BYTES_PER_S + queued * self.avg_duration
             # A plain task takes an idle slot first, then its home (a warm worker), then the
             # shortest wait.
             home = not graph_task and self._home.get(task.account) == p.id
             idle = not graph_task and queued == 0
-            score = (p.account not in task.tried, idle, home, -cost, p.free / p.capacity)
+            score = ((p.account not in task.tried, idle, home, -cost, p.free / p.capacity)
+                     if not task.spec.refs else  # the data's holder first: moving it costs most
+                     (p.account not in task.tried, -cost, idle, p.free / p.capacity))
             if best_score is None or score > best_score:
                 best, best_score = p, score
         if best is not None and graph_task and not room.fits(best, task):

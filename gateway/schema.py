@@ -235,6 +235,13 @@ class Record:
         return out
 
 
+class Message(Record):
+    """A top-level message; ``TYPE`` is its tag on the wire."""
+
+    TYPE: ClassVar[str] = ""
+    __slots__ = ()
+
+
 _FIELD_TABLES: dict[type, list[tuple[str, bool]]] = {}
 
 

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
 
@@ -46,10 +46,14 @@ AUTH_TIMEOUT = 10.0
 #: websockets refuses anything larger with close code 1009 before buffering it.
 DEFAULT_MAX_MESSAGE = 512 * 1024 * 1024
 
-CLIENT_TYPES = frozenset({"submit", "cancel", "query", "fetch", "release"})
+CLIENT_TYPES = frozenset({"submit", "cancel", "query", "fetch", "release", "chunk", "abort",
+                          "scatter", "drop"})
 #: A provider may answer a frame it could not read with an ``error`` (it stays connected).
 PROVIDER_TYPES = frozenset({"results", "events", "heartbeat", "query", "data", "error",
-                            "packages"})
+                            "packages", "chunk", "abort", "evicted"})
+#: Bytes of blob chunks that may wait for one destination's socket: past it the gateway stops
+#: reading the source (cut-through with back-pressure; bounds memory per transfer).
+BLOB_WINDOW = 8 * 1024 * 1024
 POLICY = 1008  # close code: policy violation (auth, schema, unknown type)
 #: Seconds a refused peer has to complete the closing handshake before its socket is dropped.
 CLOSE_TIMEOUT = 2.0
@@ -82,6 +86,10 @@ class GatewayServer:
         self.max_message = max_message
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
+        #: Each live connection's writer, by transfer end point: back-pressure for blobs.
+        self.writers: dict[tuple[str, str], FrameWriter] = {}
+        #: Bytes received and sent per connection ("client:<session>", "provider:<id>").
+        self.traffic: dict[str, list[int]] = {}
         self._server: Server | None = None
 
     @property
@@ -181,6 +189,9 @@ class GatewayServer:
             "tasks": {"pending": int(gauges["tasks_pending"]),
                       "running": int(gauges["tasks_running"])},
             "pid": os.getpid(),
+            "blobs": {"transfers": len(self.hub.blobs.transfers),
+                      "bytes_moved": self.hub.blobs.moved_bytes},
+            "traffic": {peer: {"in": n[0], "out": n[1]} for peer, n in self.traffic.items()},
         }
 
     # ------------------------------------------------------------------ websockets
@@ -281,7 +292,26 @@ class GatewayServer:
         self.hub.counters.connections[msg.role] += 1
         return msg
 
-    async def _messages(self, ws: ServerConnection, allowed: frozenset[str], out: FrameWriter):
+    async def _drain(self) -> None:
+        """Wait until every writer a chunk just went to holds at most ``BLOB_WINDOW``: the
+        source is not read meanwhile, so a slow receiver slows its sender, not our memory."""
+        peers, self.hub.pressure = self.hub.pressure, []
+        for peer in peers:
+            writer = self.writers.get(peer)
+            if writer is not None:
+                await writer.drained(BLOB_WINDOW)
+
+    def _count(self, label: str, direction: int) -> Callable[[int], None]:
+        counts = self.traffic.setdefault(label, [0, 0])
+
+        def count(nbytes: int) -> None:
+            counts[direction] += nbytes
+            if direction:
+                self._count_sent(nbytes)
+        return count
+
+    async def _messages(self, ws: ServerConnection, allowed: frozenset[str], out: FrameWriter,
+                        label: str = ""):
         """Decoded messages from an authenticated peer. A bad frame is answered with an
         ``Error`` and dropped; too many in a short window raise ProtocolError (a close).
 
@@ -306,7 +336,9 @@ class GatewayServer:
                     raise p.ProtocolError(p.ErrorCode.BAD_FRAME, "text frames are not accepted")
                 self.hub.counters.bytes_in += len(data)
                 self.hub.counters.frames_in += 1
-                if len(data) > DECODE_IN_THREAD:
+                if label:
+                    self.traffic.setdefault(label, [0, 0])[0] += len(data)
+                if p.header_length(data) > DECODE_IN_THREAD:
                     decoded = await asyncio.to_thread(p.decode, data, allowed)
                 else:
                     decoded = p.decode(data, allowed=allowed)
@@ -348,9 +380,16 @@ class GatewayServer:
                                     max_message=self.max_message, features=FEATURES)))
         hs.welcome()
         session = self.hub.attach_client(account, hello.session, out.send, prepaid)
+        peer = ("c", session.id)
+        self.writers[peer] = out
+        out.on_sent = self._count(f"client:{session.id}", 1)
         try:
-            async for msg, buffers in self._messages(ws, CLIENT_TYPES, out):
-                if isinstance(msg, p.Submit):
+            async for msg, buffers in self._messages(ws, CLIENT_TYPES, out,
+                                                     f"client:{session.id}"):
+                if isinstance(msg, p.Chunk):
+                    self._react("chunk", self.hub.chunk, peer, msg, buffers)
+                    await self._drain()
+                elif isinstance(msg, p.Submit):
                     for part, bufs in submit_slices(msg, buffers):
                         self._react("submit", self.hub.submit, session, part, bufs,
                                     tasks=[f"{session.id}/{t.key}" for t in part.tasks])
@@ -367,9 +406,18 @@ class GatewayServer:
                     self._react("release", self.hub.release, session, msg.keys)
                 elif isinstance(msg, p.Query):
                     out.send(p.encode(self._answer(account, session.id, msg)))
+                elif isinstance(msg, p.Abort):
+                    self._react("abort", self.hub.abort, peer, msg)
+                elif isinstance(msg, p.Scatter):
+                    self._react("scatter", self.hub.scatter, session, msg)
+                elif isinstance(msg, p.Drop):
+                    self._react("drop", self.hub.drop, session, msg)
         finally:
+            if self.writers.get(peer) is out:
+                del self.writers[peer]
             if session.send_fn == out.send:
-                self.hub.detach_client(session, out.take_unsent())  # kept for the reconnect
+                self._react("detach", self.hub.detach_client, session,
+                            out.take_unsent())  # kept for the reconnect
 
     async def _serve_provider(self, ws: ServerConnection, hs: Handshake, hello: p.Hello,
                               out: FrameWriter) -> None:
@@ -383,9 +431,16 @@ class GatewayServer:
                                     max_message=self.max_message)))
         hs.welcome()
         self.hub.join_provider(conn)
+        peer = ("p", conn.id)
+        self.writers[peer] = out
+        out.on_sent = self._count(f"provider:{conn.id}", 1)
         try:
-            async for msg, buffers in self._messages(ws, PROVIDER_TYPES, out):
-                if isinstance(msg, p.Results):
+            async for msg, buffers in self._messages(ws, PROVIDER_TYPES, out,
+                                                     f"provider:{conn.id}"):
+                if isinstance(msg, p.Chunk):
+                    self._react("chunk", self.hub.chunk, peer, msg, buffers)
+                    await self._drain()
+                elif isinstance(msg, p.Results):
                     served = conn.served
                     self._react("results", self.hub.results, conn, msg, buffers,
                                 tasks=[r.key for r in msg.results])
@@ -402,11 +457,17 @@ class GatewayServer:
                     out.send(p.encode(self._answer(conn.account, conn.id, msg)))
                 elif isinstance(msg, p.Packages):
                     self._react("packages", self.hub.packages, conn, msg)
+                elif isinstance(msg, p.Abort):
+                    self._react("abort", self.hub.abort, peer, msg)
+                elif isinstance(msg, p.Evicted):
+                    self._react("evicted", self.hub.evicted, conn, msg)
                 elif isinstance(msg, p.Error):
                     log.warning("provider %s could not read a message: %s: %s", conn.id,
                                 msg.code, msg.message[:500])
         finally:
-            self.hub.leave_provider(conn.id)
+            if self.writers.get(peer) is out:
+                del self.writers[peer]
+            self._react("leave", self.hub.leave_provider, conn.id)
 
 
 def submit_slices(msg: p.Submit, buffers: list[memoryview]

@@ -40,6 +40,8 @@ class FrameWriter:
         self.queue: deque[p.Frame] = deque()
         self.wake = asyncio.Event()
         self.overflowed = False
+        self.progress = asyncio.Event()  # set whenever a frame was written (or we closed)
+        self.closed = False
 
     def send(self, frame: p.Frame) -> None:
         """Queue a frame; past ``max_bytes`` waiting, the peer is not reading: close it."""
@@ -51,7 +53,20 @@ class FrameWriter:
             asyncio.get_running_loop().create_task(
                 self.ws.close(1008, "limit: too much unread data; read faster or reconnect"))
 
+    async def drained(self, limit: int) -> None:
+        """Return once at most ``limit`` bytes wait here (or the connection is gone)."""
+        while self.queued > limit and not self.closed:
+            self.progress.clear()
+            await self.progress.wait()
+
     async def run(self) -> None:
+        try:
+            await self._write_all()
+        finally:
+            self.closed = True
+            self.progress.set()
+
+    async def _write_all(self) -> None:
         with contextlib.suppress(ConnectionClosed):
             while True:
                 await self.wake.wait()
@@ -63,6 +78,7 @@ class FrameWriter:
                                        else fragments(frame))
                     self.queue.popleft()
                     self.queued -= size
+                    self.progress.set()
                     if self.on_sent is not None:
                         self.on_sent(size)
 

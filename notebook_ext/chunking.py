@@ -116,6 +116,7 @@ class ChunkedMap:
     def _send_chunks(self, batch: list[tuple[Chunk, p.TaskSpec, list]], func_hash: str,
                      blob: bytes) -> None:
         chunks, specs, payloads = (list(x) for x in zip(*batch, strict=True))
+        specs, payloads = self._with_blobs(specs, payloads)
         frame = self._submit_frame(specs, payloads, {func_hash: blob})
         self._book.add(chunks, specs, payloads, {func_hash: blob})
         self._send_soon(frame)

@@ -42,6 +42,7 @@ from notebook_ext.pending import FirstFailures, LetGo, TaskBook
 from notebook_ext.receipt_book import ReceiptBook, fetch_json
 from notebook_ext.records import GraphTask as GraphTask
 from notebook_ext.records import ProviderInfo as ProviderInfo
+from notebook_ext.scatter import Scattering
 from notebook_ext.serialize import (
     dumps_args,
     dumps_function,
@@ -61,7 +62,7 @@ LET_GO_BATCH = 10_000
 QUERY_TIMEOUT = 30.0
 
 
-class Client(ChunkedMap, Incoming):
+class Client(ChunkedMap, Incoming, Scattering):
     """A connection to a decompute gateway, as this machine's identity.
 
     ``address`` defaults to ``$DECOMPUTE_GATEWAY``, else ``ws://127.0.0.1:8765``. ``trust=True``
@@ -111,6 +112,7 @@ class Client(ChunkedMap, Incoming):
         self._warned = False
         self._let_go = LetGo(self._flush_let_go_soon)
         self._failures = FirstFailures()
+        self._init_blobs()
         #: Seconds per item of each function, as its chunks ran (``chunksize="auto"``).
         self._per_item: dict[str, float] = {}
         self._slots: tuple[int, float] = (1, float("-inf"))  # slots online, when counted
@@ -249,7 +251,7 @@ class Client(ChunkedMap, Incoming):
         func_hash, blob = dumps_function(fn)
         key = key or f"{_name(fn)}-{uuid.uuid4().hex}"
         spec, payload = self._task(key, func_hash, dumps_args(args, kwargs), opts)
-        return self._send_batch([spec], [payload], func_hash, blob, trust)[0]
+        return self._send_tasks([spec], [payload], {func_hash: blob}, trust)[0]
 
     def map(self, fn: Callable[..., Any], /, *iterables: Iterable, key: str | Sequence[str]
             | None = None, providers: Sequence[str] | None = None,
@@ -296,7 +298,7 @@ class Client(ChunkedMap, Incoming):
                 spec, payload = self._task(task_key, func_hash, dumps_args(item, kwargs), opts)
                 specs.append(spec)
                 payloads.append(payload)
-            futures += self._send_batch(specs, payloads, func_hash, blob, trust)
+            futures += self._send_tasks(specs, payloads, {func_hash: blob}, trust)
         return futures
 
     def submit_graph(self, tasks: Sequence[GraphTask], send: Iterable[str] = (),
@@ -405,17 +407,15 @@ class Client(ChunkedMap, Incoming):
             return
         refuse_unaffordable(self.balance(), budget, n, opts.get("redundancy") or 1, self.account)
 
-    def _send_batch(self, specs: list[p.TaskSpec], payloads: list[list], func_hash: str,
-                    blob: bytes, trust: bool | None) -> list[Future]:
-        return self._send_tasks(specs, payloads, {func_hash: blob}, trust)
-
     def _send_tasks(self, specs: list[p.TaskSpec], payloads: list[list], funcs: dict[str, bytes],
                     trust: bool | None) -> list[Future]:
         if self._closed:
             raise RuntimeError("this Client is closed; create a new one")
+        specs, payloads = self._with_blobs(specs, payloads)
         frame = self._submit_frame(specs, payloads, funcs)
         trust = self.trust if trust is None else trust
         futures = [Future(self, spec.key, trust) for spec in specs]
+        self._track_arguments(futures, specs)
         self._book.add(futures, specs, payloads, funcs)
         self._send_soon(frame)
         for listener in self._submit_listeners:

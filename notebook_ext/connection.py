@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 #: Largest message accepted from the gateway (a result arrives in one message).
 MAX_MESSAGE = 1024 * 1024 * 1024
-ACCEPTED = frozenset({"results", "events", "reply", "error"})
+ACCEPTED = frozenset({"results", "events", "reply", "error", "want", "chunk", "abort", "stored"})
 
 OnMessage = Callable[[p.Message, list[memoryview]], None]
 #: Longest wait between two reconnect attempts: a restarted gateway is found within it.
@@ -83,6 +83,11 @@ class GatewayLink:
         if self.down_since is None:
             return "connecting"
         return "lost" if now - self.down_since > LOST_AFTER else "reconnecting"
+
+    async def drained(self, limit: int) -> None:
+        """Return once at most ``limit`` bytes wait to be written (or the link is down)."""
+        if self._writer is not None:
+            await self._writer.drained(limit)
 
     async def drain(self, timeout: float) -> None:
         """Wait (up to ``timeout``) until every queued frame is written: a client that closes
@@ -154,7 +159,8 @@ class GatewayLink:
         finally:
             self.connected = False
             self._writer = None
-            self._waiting = writer.take_unsent() + self._waiting
+            self._waiting = [f for f in writer.take_unsent()  # blob chunks end with the link
+                             if not isinstance(f, p.Transient)] + self._waiting
             await ws.close()
 
     async def _read(self, ws: ClientConnection) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import sys
+from dataclasses import replace
 
 from gateway import protocol as p
 from notebook_ext import errors
@@ -29,6 +30,8 @@ class Incoming:
     """``Client``'s loop-thread handlers (a mixin: they use the client's book, link and loop)."""
 
     def _on_message(self, msg: p.Message, buffers: list[memoryview]) -> None:
+        if self._on_blob_message(msg, buffers):
+            return
         if isinstance(msg, p.Results):
             groups = p.split_buffers([r.nb for r in msg.results], buffers)
             for result, bufs in zip(msg.results, groups, strict=True):
@@ -44,6 +47,14 @@ class Incoming:
             log.warning("gateway: %s: %s", msg.code, msg.message)
 
     def _on_result(self, result: p.Result, buffers: list[memoryview]) -> None:
+        if result.refs:  # its big buffers came ahead as blobs
+            whole = self._result_buffers(result, buffers)
+            if whole is None:
+                result = replace(result, status="error", code=p.ErrorCode.LOST.value,
+                                 refs=[], error=p.RemoteFailure(
+                                     type="DataLost", module="decompute",
+                                     message="the result's data did not arrive intact"))
+            buffers = whole or []
         waiter = self._book.fetched(result.key)
         if waiter is not None:  # the answer to a fetch
             if result.status == "finished":

@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--output-limit", type=size_arg, default=OUTPUT_LIMIT, metavar="SIZE",
                     help="output kept per task, e.g. 1MiB (default); the rest is dropped and "
                     "the drop marked in the task's output")
+    ap.add_argument("--store-memory", type=size_arg, metavar="SIZE",
+                    help="bound of the store for scattered data and kept results (default: "
+                         "a quarter of --memory); the least recently used is evicted first")
     ap.add_argument("--status", action="store_true",
                     help="print this machine's account: balance, lifetime earnings and tasks "
                     "served, then exit")
@@ -227,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         args.url, name=args.name, cpus=cpus, memory=memory,
         gpus=detect_gpus(args.gpus), price_cpu=args.price_cpu, price_memory=args.price_memory,
         price_gpu=args.price_gpu, allow=args.allow, dask_scheduler=args.dask_scheduler,
-        output_limit=args.output_limit, **environment_kwargs(args),
+        output_limit=args.output_limit, store_memory=args.store_memory,
+        **environment_kwargs(args),
     )
     asyncio.run(run(provider))
     print(f"decompute-provider stopped. {provider.summary()}", flush=True)

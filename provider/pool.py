@@ -52,6 +52,7 @@ from provider.sandbox import (
     strays,
     worker_pid,
 )
+from provider.scattered import note_use
 from provider.worker import CHUNK_ERROR_CHARS, FUNCS_KEPT
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ class WorkerProc:
     task_key: str | None = None
     last_used: float = 0.0
     funcs_sent: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    #: Scattered values the worker caches (a mirror of its LRU, ``provider.scattered``).
+    scattered: OrderedDict[str, None] = field(default_factory=OrderedDict)
     #: The interpreter of a task environment it runs (``provider.environments``); None: the
     #: provider's own. Only tasks needing that same environment reuse it.
     python: str | None = None
@@ -397,7 +400,8 @@ class WorkerPool:
                   memory: int | None = None,
                   deps: Sequence[tuple[str, Sequence[bytes]]] | None = None,
                   gpus: float = 0.0, output_limit: int | None = None,
-                  parts: Sequence[int] = ()) -> Outcome:
+                  parts: Sequence[int] = (),
+                  scattered: Sequence[tuple[str, Sequence]] = ()) -> Outcome:
         """Run one task on ``worker``; cancellation of this coroutine is the caller's kill.
 
         ``deps`` (graph tasks) are ``(key, result buffers)`` pairs handed to the task; ``parts``
@@ -416,6 +420,12 @@ class WorkerPool:
             header["deps"] = [k for k, _ in deps]
             header["dep_nbs"] = [len(bufs) for _, bufs in deps]
             parts += [b for _, bufs in deps for b in bufs]
+        if scattered:  # each value once per worker: it keeps the last few it loaded
+            header["scat"] = []
+            for blob_id, bufs in scattered:
+                send = note_use(worker.scattered, blob_id)
+                header["scat"].append([blob_id, len(bufs) if send else 0])
+                parts += list(bufs) if send else []
         frame = frame_parts(header, parts)
         worker.meter = Meter(worker.ps, gpus)
         worker.task_key = key

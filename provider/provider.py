@@ -20,7 +20,7 @@ import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cloudpickle
 import psutil
@@ -30,6 +30,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from gateway import protocol as p
 from gateway.identity import Identity, decompute_home
 from gateway.transport import PING_INTERVAL, PING_TIMEOUT, FrameWriter, handshake
+from provider.blob_io import BlobIO
 from provider.dask_backend import SANDBOX_NOTE, DaskBackend
 from provider.environments import (
     Environment,
@@ -51,13 +52,17 @@ from provider.reporting import IDLE_HEARTBEAT_EVERY as IDLE_HEARTBEAT_EVERY
 from provider.reporting import PACKAGES_EVERY as PACKAGES_EVERY
 from provider.reporting import STATUS_EVERY as STATUS_EVERY
 from provider.reporting import tokens_at as tokens_at
+from provider.salvage import salvage_assign
 from provider.sandbox import Limits, describe, probe_isolation
-from provider.store import ResultStore
+from provider.store import ResultStore, StoreFull
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
-ACCEPTED = frozenset({"assign", "cancel", "error", "reply", "fetch", "data", "release"})
+ACCEPTED = frozenset({"assign", "cancel", "error", "reply", "fetch", "data", "release", "want",
+                      "chunk", "abort", "drop"})
+#: The store's default bound: this fraction of the memory the provider offers.
+STORE_FRACTION = 0.25
 #: A task still running after this long is reported as running (quicker ones just finish).
 RUNNING_EVENT_DELAY = 0.01
 #: Function blobs kept (FIFO). The gateway remembers a quarter as many as sent to us.
@@ -101,6 +106,7 @@ class _Slot:
     broken: bool = False
     reported: bool = False
     env: Environment | None = None  # the environment it runs in (held until it ends)
+    scattered: list = field(default_factory=list)  # (id, buffers) of scattered values it reads
 
 
 class Provider(Reporting):
@@ -117,7 +123,8 @@ class Provider(Reporting):
                  allow: Sequence[str] = (), home: str | os.PathLike | None = None,
                  reconnect: bool = True, dask_scheduler: str | None = None,
                  output_limit: int = OUTPUT_LIMIT,
-                 environments: Environments | None = None) -> None:
+                 environments: Environments | None = None,
+                 store_memory: int | None = None) -> None:
         self.url = url or os.environ.get("DECOMPUTE_GATEWAY") or DEFAULT_URL
         self.home = decompute_home() if home is None else home
         self.identity = Identity.load_or_create(self.home)
@@ -156,7 +163,9 @@ class Provider(Reporting):
         self._outputs: dict[str, TaskOutput] = {}
         self._output_due: set[str] = set()
         self._load_prev: dict[str, tuple[float, float]] = {}
-        self.store = ResultStore()
+        self.store = ResultStore(store_memory or int(self.memory * STORE_FRACTION),
+                                 on_evict=self._evicted)
+        self.blob_io = BlobIO(self.store, self._send, self._drained)
         self._cancelled: set[str] = set()
         self._handing_back = False
         self._pool: WorkerPool | DaskBackend | None = None
@@ -233,6 +242,7 @@ class Provider(Reporting):
             finally:
                 self.connected.clear()
                 self._writer = None
+                self.blob_io.reset()
                 self._running.clear()
                 self._handing_back = False
 
@@ -273,7 +283,21 @@ class Provider(Reporting):
                     log.exception("provider %s: could not handle a %s message", self.ad.name,
                                   msg.TYPE)
 
+    def _send(self, frame: p.Frame) -> None:
+        if self._writer is not None:
+            self._writer.send(frame)
+
+    async def _drained(self, limit: int) -> None:
+        if self._writer is not None:
+            await self._writer.drained(limit)
+
+    def _evicted(self, keys: list[str]) -> None:
+        """The store made room: the gateway must not count on these keys here any more."""
+        self._send(p.encode(p.Evicted(blobs=keys)))
+
     def _dispatch(self, msg: p.Message, buffers: list[memoryview], tg: asyncio.TaskGroup) -> None:
+        if self.blob_io.handle(msg, buffers, tg):
+            return
         if isinstance(msg, p.Assign):
             if not self._handing_back:  # what we do not take is re-queued when we close
                 self._accept(msg, buffers, tg)
@@ -420,7 +444,10 @@ class Provider(Reporting):
         (waiting for inputs or a worker, or running) is reported as ``cancelled`` when the
         gateway asked for it; any failure of ours becomes this task's error, nothing more."""
         slot = _Slot()
+        pinned = self.blob_io.pin_refs(a) if a.refs else []
         try:
+            if a.refs:  # wait (without a worker) for the blobs the gateway is sending
+                payload, slot.scattered = await self.blob_io.inputs(a, payload)
             outcome = await self._run(a, payload, slot)
             self._finish(a, *self._result(a, outcome), dropped=outcome.dropped)
             slot.reported = True
@@ -439,6 +466,8 @@ class Provider(Reporting):
                 f"it keeps serving, retry the task", 2000), p.ErrorCode.INTERNAL.value, usage))
             slot.reported = True
         finally:
+            for key in pinned:
+                self.store.unpin(key)
             if slot.env is not None and self.environments is not None:
                 self.environments.release(slot.env)
             self._cancelled.discard(a.key)
@@ -480,7 +509,8 @@ class Provider(Reporting):
                     lambda stream, text: self._output(a.key, started, stream, text),
                     memory=a.resources.get("memory"), deps=deps,
                     gpus=min(a.resources.get("gpus", 0), self.ad.gpus),
-                    output_limit=self.output_limit, **({"parts": a.parts} if a.items else {}))
+                    output_limit=self.output_limit, scattered=slot.scattered,
+                    **({"parts": a.parts} if a.items else {}))
         except TimeoutError:
             usage = await self._stop_worker(slot)
             outcome = Outcome("error", code="timeout", usage=usage, error={
@@ -506,7 +536,9 @@ class Provider(Reporting):
     def _result(self, a: p.Assignment, outcome: Outcome) -> tuple[p.Result, list[memoryview]]:
         """The report of a task; a kept result stays in the store and is sent only if asked."""
         error = p.RemoteFailure.from_wire(outcome.error) if outcome.error else None
-        buffers, stored, nbytes = outcome.buffers, False, 0
+        buffers, stored, nbytes, refs = outcome.buffers, False, 0, []
+        if a.blobs and outcome.status == "finished" and not outcome.parts:
+            buffers, refs = self.blob_io.leave_results(a.account, buffers)
         if outcome.status == "finished" and (a.send or not a.keep):
             too_big = result_too_big(buffers, self.max_message)
             if too_big is not None:  # the task's own error: the user catches a ValueError
@@ -518,56 +550,13 @@ class Provider(Reporting):
                             errors=[p.RemoteFailure.from_wire(e) for e in outcome.errors]
                             ), buffers
         if a.keep and outcome.status == "finished":
-            self.store.put(a.key, buffers)
+            try:
+                self.store.put(a.key, buffers)
+            except StoreFull as exc:
+                error = p.RemoteFailure(type="MemoryError", module="builtins", message=str(exc))
+                return p.Result(key=a.key, status="error", usage=outcome.usage, error=error), []
             stored, nbytes = True, sum(b.nbytes for b in buffers)
             buffers = buffers if a.send else []
         return p.Result(key=a.key, status=outcome.status, nb=len(buffers), error=error,
                         code=outcome.code, usage=outcome.usage, stored=stored,
-                        nbytes=nbytes), buffers
-
-
-def salvage_assign(data: bytes, provider: Provider,
-                   tg: asyncio.TaskGroup) -> tuple[dict[str, str], int, str]:
-    """From an ``assign`` frame that failed validation, start each task that is sound; return
-    why each other task was refused (by key, for those short enough to name), how many could
-    not be named, and what kind of frame it was."""
-    try:
-        header, buffers = p.decode_frame(data)
-    except p.ProtocolError:
-        return {}, 0, "undecodable"
-    kind = header.get("t")
-    tasks, funcs = header.get("tasks"), header.get("funcs", [])
-    if kind != "assign" or not isinstance(tasks, list):
-        return {}, 0, str(kind)[:32]
-    nbs = [raw.get("nb") if isinstance(raw, dict) else None for raw in tasks]
-    aligned = (isinstance(funcs, list) and all(isinstance(f, str) and len(f) <= 128
-                                               for f in funcs)
-               and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in nbs)
-               and len(funcs) + sum(nbs) == len(buffers))
-    specs: list[p.Assignment | None] = []
-    refused: dict[str, str] = {}
-    unnamed = 0
-    for raw in tasks:
-        key = raw.get("key") if isinstance(raw, dict) else None
-        try:
-            spec = p.Assignment.from_wire(raw) if isinstance(raw, dict) else None
-            why = "it is not a map" if spec is None else (
-                None if aligned else "the frame's buffers do not match its tasks")
-        except p.ProtocolError as exc:
-            spec, why = None, str(exc)
-        if why is None:
-            specs.append(spec)
-            continue
-        specs.append(None)
-        if isinstance(key, str) and 0 < len(key) <= p.MAX_KEY_LEN:
-            refused[key] = why
-        else:
-            unnamed += 1
-    if aligned:
-        for func_hash, blob in zip(funcs, buffers[: len(funcs)], strict=True):
-            provider._funcs[func_hash] = bytes(blob)
-        payloads = p.split_buffers(nbs, buffers[len(funcs):])
-        for spec, task_payload in zip(specs, payloads, strict=True):
-            if spec is not None:
-                provider.take(spec, task_payload, tg)
-    return refused, unnamed, "assign"
+                        nbytes=nbytes, refs=refs), buffers

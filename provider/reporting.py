@@ -211,7 +211,8 @@ class Reporting:
             if worker.task_key in seen and meter is not None:
                 memory += meter.rss  # the whole tree's, sampled by held_usage() just before
         return {"cpu": round(min(cpu, float(self.cpus)), 3), "memory_bytes": float(memory),
-                "running": float(len(seen))}
+                "running": float(len(seen)), "store_bytes": float(self.store.nbytes),
+                "store_limit": float(self.store.limit or 0)}
 
     def _save_stats(self) -> None:
         """Add what was served since the last save to this home's lifetime totals."""

@@ -239,6 +239,7 @@ class Worker:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.funcs: OrderedDict[str, Any] = OrderedDict()
+        self.scattered: OrderedDict[str, Any] = OrderedDict()  # values, LRU (see scattered.py)
         self.flusher = Flusher()
 
     def serve(self) -> None:
@@ -263,12 +264,17 @@ class Worker:
         try:
             fn = self._function(header["func"], buffers[0] if header.get("has_func") else None)
             rest = buffers[1:] if header.get("has_func") else buffers
+            if header.get("scat") and header.get("parts"):
+                rest = self._load_scattered(header["scat"], rest)
+                header["scat"] = None
             if header.get("parts"):
                 del buffers
                 result = self._run_chunk(fn, header["parts"], rest, limit)
                 dropped = self._end_output(out, err)
                 self.channel.send({"t": "done", "key": key, "dropped": dropped}, result)
                 return
+            if header.get("scat"):
+                rest = self._load_scattered(header["scat"], rest)
             nb = header.get("nb", len(rest))
             payload, dep_buffers = rest[:nb], rest[nb:]
             args, kwargs = cloudpickle.loads(payload[0], buffers=payload[1:])
@@ -290,6 +296,30 @@ class Worker:
         finally:
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
             apply_memory_limit(None)
+
+    def _load_scattered(self, entries: list, buffers: list) -> list:
+        """Fill ``provider.scattered.TABLE`` with the values this task names; the buffers of
+        values sent along sit at the end of ``buffers`` (returned without them)."""
+        import cloudpickle
+
+        from gateway.framing import decode_frame
+        from provider import scattered
+
+        sent = sum(n for _, n in entries)
+        rest, tail = (buffers[:-sent], buffers[-sent:]) if sent else (buffers, [])
+        scattered.TABLE.clear()
+        pos = 0
+        for blob_id, n in entries:
+            if n:
+                _, parts = decode_frame(tail[pos])
+                self.scattered[blob_id] = cloudpickle.loads(parts[0], buffers=parts[1:])
+                pos += n
+            scattered.note_use(self.scattered, blob_id)
+            scattered.TABLE[blob_id] = self.scattered[blob_id]
+        for stale in [k for k in self.scattered if k not in
+                      dict.fromkeys(list(self.scattered)[-scattered.CACHE_SIZE:])]:
+            del self.scattered[stale]
+        return rest
 
     @staticmethod
     def _run_chunk(fn: Any, parts: list[int], payload: list[memoryview],

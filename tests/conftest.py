@@ -245,11 +245,13 @@ class ProviderProcess:
         stop_process(self.proc)
 
 
-def start_provider(gateway: Gateway, tmp: Path, name: str, cpus: int = 1) -> ProviderProcess:
+def start_provider(gateway: Gateway, tmp: Path, name: str, cpus: int = 1,
+                   extra: tuple[str, ...] = ()) -> ProviderProcess:
     home = tmp / f"provider-{name}"
     home.mkdir(parents=True, exist_ok=True)
     log = tmp / f"provider-{name}.log"
-    cmd = [sys.executable, "-m", "provider", gateway.url, "--name", name, "--cpus", str(cpus)]
+    cmd = [sys.executable, "-m", "provider", gateway.url, "--name", name, "--cpus", str(cpus),
+           *extra]
     proc = spawn(cmd, home, log, REPO)
     _SEEN.append(psutil.Process(proc.pid))
     return ProviderProcess(proc, name, log)

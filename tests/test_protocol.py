@@ -64,6 +64,13 @@ SAMPLES: dict[str, tuple[p.Message, list[bytes]]] = {
     "release": (p.Release(keys=["k-1"]), []),
     "packages": (p.Packages(packages={"numpy": "2.1.0", "scikit-learn": "1.5.2"},
                             installs=True), []),
+    "want": (p.Want(x=7, blob="s" + "ab" * 32, owner="acct"), []),
+    "chunk": (p.Chunk(x=7, blob="t" + "cd" * 16, size=10, offset=0), [b"0123456789"]),
+    "abort": (p.Abort(x=7, reason="gone"), []),
+    "scatter": (p.Scatter(blobs=[["s" + "ab" * 32, 100]], broadcast=True), []),
+    "stored": (p.Stored(blobs=["s" + "ab" * 32], holders=[2], errors=[""]), []),
+    "drop": (p.Drop(blobs=["s" + "ab" * 32]), []),
+    "evicted": (p.Evicted(blobs=["acct/s" + "ab" * 32]), []),
 }
 
 

@@ -131,7 +131,7 @@ def test_heartbeats_hold_every_task_cancels_answer_every_key(fake) -> None:
                 > 0.2 and h.load.get("cpu", 0) > 0.05)  # a share of a loaded 2-core machine
 
     beat = wait_for(lambda: gw.heartbeat_where(both_held), 30, message="a heartbeat holding both")
-    assert set(beat.load) == {"cpu", "memory_bytes", "running"}
+    assert set(beat.load) == {"cpu", "memory_bytes", "running", "store_bytes", "store_limit"}
     assert beat.load["running"] == 1 and 0 < beat.load["memory_bytes"] < 2**31
     assert beat.load["cpu"] <= 1.0
 
