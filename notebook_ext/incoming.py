@@ -13,7 +13,7 @@ import logging
 import sys
 
 from gateway import protocol as p
-from notebook_ext import errors
+from notebook_ext import errors, spot_checks
 from notebook_ext.chunking import MAP_BATCH
 from notebook_ext.futures import Chunk, RawResult, StoredResult
 from notebook_ext.serialize import rebuild_error
@@ -53,6 +53,7 @@ class Incoming:
         if result.receipt:
             self._receipt_book.add(result.receipt)
         fut = self._book.take(result.key)
+        spot_checks.note(self, result, None if isinstance(fut, Chunk) else fut)
         if isinstance(fut, Chunk):
             self._on_chunk_result(fut, result, buffers)
             return
