@@ -36,8 +36,10 @@ class CheckRules:
         if case is not None:
             self._end(task, TaskState(result.status))
             self.spot.checks_run += 1
-            is_check = case.check_blob is not None and task.spec.func == case.task.spec.check
-            (case.verdicts if is_check else case.ballots).append(ballot)
+            if case.target is not None:
+                case.verdicts.append((ballot, case.target))
+            else:
+                case.ballots.append(ballot)
             self._spot_next(case)
             return True
         if task.spec.spot_check <= 0 or result.status != "finished":
@@ -62,15 +64,16 @@ class CheckRules:
         provider of an account that has not run or checked this task yet."""
         first = case.task
         case.made += 1
-        if kind == "check":
-            payload = check_payload(case.claimed.buffers, first.payload)
+        case.target = case.ballots[-1] if kind == "check" else None
+        if case.target is not None:
+            payload = check_payload(case.target.buffers, first.payload)
             spec = replace(first.spec, func=first.spec.check or "", nb=len(payload))
             blob = case.check_blob
         else:
             spec, blob, payload = first.spec, first.func_blob, first.payload
         task = Task(spec, first.account, first.session, blob, payload,
                     replica=REPLICA_BASE + case.made)
-        task.avoid = case.accounts()
+        task.avoid = case.accounts(runs_only=kind == "check")
         task.tried = set(task.avoid)
         if not any(c.account not in task.avoid for c in self.registry):
             return False
@@ -102,8 +105,7 @@ class CheckRules:
         unchecked; a disputed one fails, nobody paid."""
         disputed = len(case.ballots) > 1 or bool(case.verdicts)
         if disputed:
-            self._spot_decide(case, Verdict(None, [], [*case.ballots, *case.verdicts], True),
-                              why)
+            self._spot_decide(case, Verdict(None, [], case.everyone(), True), why)
         else:
             self._spot_decide(case, Verdict(case.claimed, [case.claimed], []), why)
 
@@ -116,7 +118,7 @@ class CheckRules:
         paid = [b for b in settled if b.task.escrow_micro]
         charges = self.billing.settle([(b.task.bill_id, b.provider_account, b.task.usage,
                                         b.prices, True) for b in paid])
-        checkers = [b for b in (*case.ballots[1:], *case.verdicts)]
+        checkers = case.everyone()[1:]
         for b in verdict.paid if checkers else ():
             standing = self.verifier.standing.setdefault(b.provider_account, Standing())
             standing.valid += 1
@@ -126,7 +128,9 @@ class CheckRules:
         info = {"kind": "spot_check", "checked": bool(checkers),
                 "by": [b.provider_id for b in checkers],
                 "passed": None if not checkers else any(b is claimed for b in verdict.paid),
-                "runs": len(case.ballots), "checks": len(case.verdicts)}
+                "runs": len(case.ballots), "checks": len(case.verdicts),
+                "claimed_by": claimed.provider_id,
+                "caught": [] if verdict.failed else [b.provider_id for b in verdict.unpaid]}
         if why:
             info["note"] = why
         if case.delivered:

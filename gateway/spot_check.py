@@ -76,16 +76,23 @@ class Case:
     ballots: list[Ballot]  # full runs, the claimed one first
     check_blob: memoryview | None = None  # the wrapped check function, if the task has one
     delivered: bool = False  # a late check: the claimed result was paid and delivered already
-    verdicts: list[Ballot] = field(default_factory=list)  # check-function runs
+    #: Check-function runs: (its outcome, the run it checked).
+    verdicts: list[tuple[Ballot, Ballot]] = field(default_factory=list)
     running: Task | None = None
+    target: Ballot | None = None  # the run the running check task checks
     made: int = 0
 
     @property
     def claimed(self) -> Ballot:
         return self.ballots[0]
 
-    def accounts(self) -> set[str]:
-        return {b.provider_account for b in (*self.ballots, *self.verdicts)}
+    def accounts(self, runs_only: bool = False) -> set[str]:
+        """Accounts that ran this task (and, unless ``runs_only``, that checked it)."""
+        checkers = () if runs_only else (v for v, _ in self.verdicts)
+        return {b.provider_account for b in (*self.ballots, *checkers)}
+
+    def everyone(self) -> list[Ballot]:
+        return [*self.ballots, *(v for v, _ in self.verdicts)]
 
 
 @dataclass(slots=True)
@@ -99,25 +106,32 @@ class Verdict:
 
 
 def judge(case: Case) -> Verdict | str:
-    """The verdict, or what to run next: ``"check"`` (the check function) or ``"run"``."""
-    claimed = case.claimed
-    if case.check_blob is not None and len(case.ballots) == 1:
-        if not case.verdicts:
-            return "check"
-        if case.verdicts[-1].digest == _PASSED_DIGEST:
-            return Verdict(claimed, [claimed, *case.verdicts], [])
-    elif len(case.ballots) == 1:
-        return "run"
+    """The verdict, or what to run next: ``"check"`` (the check function on the latest run) or
+    ``"run"`` (one more full run). Two agreeing runs decide; with a check function, so does a
+    run that passed its check while no two runs agree (a checker that failed a result the
+    decision upholds, or passed one it rejects, lied)."""
     digest, n = Counter(b.digest for b in case.ballots).most_common(1)[0]
-    if n >= 2:
-        paid = [b for b in case.ballots if b.digest == digest]
-        unpaid = [b for b in case.ballots if b.digest != digest]
-        for v in case.verdicts:  # a checker that failed a result the re-runs agree with lied
-            honest = (v.digest == _PASSED_DIGEST) == (claimed.digest == digest)
-            (paid if honest else unpaid).append(v)
-        return Verdict(paid[0], paid, unpaid)
+    if n < 2:
+        if case.check_blob is None:
+            return _more(case)
+        last = case.ballots[-1]
+        verdicts = [v for v, target in case.verdicts if target is last]
+        if not verdicts:
+            return "check"
+        if verdicts[-1].digest != _PASSED_DIGEST:
+            return _more(case)
+        digest = last.digest
+    paid = [b for b in case.ballots if b.digest == digest]
+    unpaid = [b for b in case.ballots if b.digest != digest]
+    for v, target in case.verdicts:
+        honest = (v.digest == _PASSED_DIGEST) == (target.digest == digest)
+        (paid if honest else unpaid).append(v)
+    return Verdict(paid[0], paid, unpaid)
+
+
+def _more(case: Case) -> Verdict | str:
     if len(case.ballots) >= MAX_RUNS:
-        return Verdict(None, [], [*case.ballots, *case.verdicts], failed=True)
+        return Verdict(None, [], [*case.ballots, *(v for v, _ in case.verdicts)], failed=True)
     return "run"
 
 
@@ -173,6 +187,6 @@ class SpotChecks:
         """Escrows held by results under check (the running check tasks are in the table)."""
         out: set[str] = set()
         for case in self.cases.values():
-            out |= {b.task.bill_id for b in (*case.ballots, *case.verdicts) if b.task.escrow_micro
+            out |= {b.task.bill_id for b in case.everyone() if b.task.escrow_micro
                     and not (case.delivered and b is case.claimed)}
         return out

@@ -15,6 +15,7 @@ import queue
 import random
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import cloudpickle
 from fakes import FakeProvider
 
 from gateway import protocol as p
+from provider.environments import advertised_packages
 
 
 def wrong(value: Any, rng: random.Random) -> Any:
@@ -48,6 +50,8 @@ class WorkingFake(FakeProvider):
     def __init__(self, url: str, home: Path, *, lie_rate: float = 0.0, seed: int = 0,
                  work: float = 0.0, **kw: Any) -> None:
         super().__init__(url, home, **kw)
+        # it runs tasks here, in this interpreter: it has what this environment has
+        self.ad = replace(self.ad, packages=advertised_packages())
         self.lie_rate = lie_rate
         self.work = work
         self.rng = random.Random(seed)
