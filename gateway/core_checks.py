@@ -88,6 +88,20 @@ class CheckRules:
         self.dispatch()
         return True
 
+    def _spot_cancel(self, task_id: str, refunds: list[str]) -> bool:
+        """The client cancelled a task whose result is held for its check: the check stops,
+        nobody is paid (every escrow of the case joins ``refunds``), nobody is judged."""
+        case = next((c for c in self.spot.cases.values()
+                     if c.task.task_id == task_id and not c.delivered), None)
+        if case is None or case.running is None:
+            return False
+        self.spot.cases.pop(case.running.task_id, None)
+        self._stop_replicas([case.running], TaskState.CANCELLED)
+        refunds += [b.task.bill_id for b in case.everyone() if b.task.escrow_micro]
+        if case.running.escrow_micro:
+            refunds.append(case.running.bill_id)
+        return True
+
     def _spot_lost(self, task: Task) -> bool:
         """A check task failed for good (its providers lost, nowhere to run): its escrow goes
         back and its case gives up. False if ``task`` is not a check task."""

@@ -38,6 +38,8 @@ class ReportRules:
         mine: list[tuple[Task, p.Result, list[memoryview]]] = []
         fails: list[Failing] = []
         for result, bufs in zip(msg.results, groups, strict=True):
+            if result.verification is not None:  # the gateway's to say, never a provider's
+                result = replace(result, verification=None)
             task = self.tasks.get(result.key)
             if task is None or task.provider != conn.id or task.task_id not in conn.running:
                 # not its task, or a repeat (the first report counts)

@@ -220,6 +220,8 @@ class Hub(LedgerRules, ReportRules, VoteRules, CheckRules, GraphRules, UpkeepRul
             refunds += [b.task.bill_id for b in ballots if b.task.escrow_micro]
             first = self.tasks.get(task_id) or (replicas[0] if replicas else None)
             if first is None:
+                if self._spot_cancel(task_id, refunds):  # a result held for its check
+                    done.append((p.Result(key=key, status="cancelled", code="cancelled"), []))
                 continue
             cancelled = False
             for task in (first, *first.siblings):

@@ -18,6 +18,7 @@ import cloudpickle
 import pytest
 from cheating_provider import WorkingFake
 from conftest import Gateway, start_gateway
+from fakes import FakeProvider
 from helpers import wait_for
 
 from gateway.ledger import Ledger, to_micro
@@ -117,3 +118,27 @@ def test_spot_check_0_2_catches_a_30_percent_liar_and_checks_its_other_results(
               f"cheater ran {cheater.ran} (lied {len(cheater.lies)}), {len(caught)} lies "
               f"caught, {len(late)} late checks, "
               f"{sum(1 for f in futures if f.verification.get('checked'))} results checked")
+
+
+def test_a_result_held_for_its_check_is_cancelled_unpaid_and_its_check_stopped(
+        gw: Gateway, tmp_path: Path) -> None:
+    with FakeProvider(gw.url, tmp_path / "a", name="held-a", prices={"cpu": PRICE}) as a, \
+            FakeProvider(gw.url, tmp_path / "b", name="held-b", prices={"cpu": PRICE}) as b, \
+            Client(gw.url, home=tmp_path / "client", stream_output=False) as client:
+        before = {f.account: balance(gw, f.account) for f in (a, b)}
+        client_before = balance(gw, client.account)
+        fut = client.submit(square, 3, spot_check=1.0, providers=["held-a", "held-b"])
+        first, second = a, b
+        try:
+            assignment, _ = a.next_assignment(5)
+        except TimeoutError:
+            first, second = b, a
+            assignment, _ = b.next_assignment(5)
+        first.finish(assignment.key, 9, usage={"cpu_seconds": 0.01})
+        check, _ = second.next_assignment()  # the re-run, on the other account
+        assert check.key != assignment.key and not fut.done()  # held while it is checked
+        fut.cancel()
+        assert second.cancelled.get(timeout=10) == check.key
+        wait_for(lambda: fut.status == "cancelled", 10, message="the future cancelled")
+        assert balance(gw, client.account) == client_before
+        assert all(balance(gw, f.account) == before[f.account] for f in (a, b))
