@@ -14,8 +14,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# `make demo NOTEBOOK=render` runs notebooks/render.ipynb instead of the quickstart.
+NOTEBOOK ?= quickstart
 demo: $(STAMP)
-	$(BIN)/python notebooks/demo.py
+	$(BIN)/python notebooks/demo.py $(NOTEBOOK)
 
 # The browser test drives Debian's Chromium; install it where missing (skipped, with the
 # reason printed, where that is impossible).

@@ -9,6 +9,7 @@ import gc
 import logging
 import math
 import os
+import random
 import resource
 import signal
 import subprocess
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="price (tokens per CPU-second) the local providers post")
     ap.add_argument("--default-escrow", type=float, default=1.0,
                     help="tokens held for a task that gives no budget= (nor max_price+timeout)")
+    ap.add_argument("--spot-seed", type=int, default=None, metavar="N",
+                    help="seed the spot-check draws (tests only: a seeded draw is predictable)")
     ap.add_argument("--lease-seconds", type=float, default=Limits().lease_seconds,
                     help="a provider must report each task it holds this often (in its "
                     "heartbeats), else the task is taken back and runs elsewhere")
@@ -161,7 +164,8 @@ async def run(args: argparse.Namespace) -> None:
     if receipt_log.size():  # leaves committed just before a crash are covered at once
         receipt_log.sign_head(identity)
     hub = Hub(Billing(ledger, identity, default_escrow=args.default_escrow,
-                      receipt_log=receipt_log), limits, names=names)
+                      receipt_log=receipt_log), limits, names=names,
+              spot_rng=None if args.spot_seed is None else random.Random(args.spot_seed))
     server = GatewayServer(hub, identity, args.host, args.port, args.max_message_mib * 2**20)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

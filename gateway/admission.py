@@ -16,6 +16,7 @@ from gateway.limits import Limits
 from gateway.outcomes import failure
 from gateway.registry import Registry
 from gateway.scheduler import no_match_message, why_ineligible
+from gateway.spot_check import spot_check_problem
 from gateway.task_table import TaskTable
 
 
@@ -84,6 +85,10 @@ class Admission:
             if why is not None:
                 return failure(spec.key, p.ErrorCode.NO_MATCH, why)
             batch.fits.add(needs)
+        if spec.spot_check > 0 or spec.check is not None:
+            why = spot_check_problem(spec, funcs)
+            if why is not None:
+                return failure(spec.key, p.ErrorCode.SCHEMA, why)
         if spec.redundancy > 1:
             if spec.deps is not None:
                 return failure(spec.key, p.ErrorCode.SCHEMA,

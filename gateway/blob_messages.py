@@ -86,6 +86,13 @@ def refs_problem(refs: list, inline: int) -> str | None:
     return None
 
 
+def spec_refs_problem(refs: list, nb: int, items: int) -> str | None:
+    """A chunk's items name scattered data only (position -1), never a positioned blob."""
+    if items and any(r[0] >= 0 for r in refs):
+        return "a chunk of a map carries its arguments inline (blob positions are for tasks)"
+    return refs_problem(refs, nb)
+
+
 def splice(inline: list, refs: list, blobs: dict[str, Any]) -> list:
     """The full buffer list: ``inline`` buffers with each positioned blob put in its place."""
     placed = {pos: blobs[bid] for pos, bid, _ in refs if pos >= 0}

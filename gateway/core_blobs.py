@@ -43,7 +43,8 @@ def may_leave_blobs(task: Task) -> bool:
     """Whether a task's result may stay on its provider as blobs: a plain task, one replica,
     not kept for a graph (the client pulls it once, then the provider frees it)."""
     spec = task.spec
-    return spec.redundancy == 1 and not spec.items and spec.deps is None and not spec.keep
+    return (spec.redundancy == 1 and not spec.items and spec.deps is None and not spec.keep
+            and not spec.spot_check)
 
 
 class BlobRules:

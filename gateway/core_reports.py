@@ -38,6 +38,8 @@ class ReportRules:
         mine: list[tuple[Task, p.Result, list[memoryview]]] = []
         fails: list[Failing] = []
         for result, bufs in zip(msg.results, groups, strict=True):
+            if result.verification is not None:  # the gateway's to say, never a provider's
+                result = replace(result, verification=None)
             task = self.tasks.get(result.key)
             if task is None or task.provider != conn.id or task.task_id not in conn.running:
                 # not its task, or a repeat (the first report counts)
@@ -65,6 +67,8 @@ class ReportRules:
             if self.verifier.voting(task) and task.state is TaskState.RUNNING:
                 self._vote(task, conn, result, bufs)
                 continue
+            if self._spot_takes(task, conn, result, bufs):
+                continue
             mine.append((task, result, bufs))
         for task, _, _ in mine:
             if task.state is TaskState.STOPPING:  # settled (or refunded) and answered already
@@ -86,7 +90,8 @@ class ReportRules:
                 continue
             self._end(task, TaskState(result.status))
             self._graph_outcome(task, conn, result)
-            answer = replace(result, key=task.key, provider=conn.id, usage=task.usage, cost=cost)
+            answer = replace(result, key=task.key, provider=conn.id, usage=task.usage, cost=cost,
+                             verification=self._spot_verification(task))
             if charge is None:
                 out[task.session].append((answer, bufs))
                 continue
@@ -153,8 +158,8 @@ class ReportRules:
             task.usage = self._observed(task, conn, usage)
             live.append(task)
         voting = [t for t in live if self.verifier.voting(t)]
-        paying = [t for t in live if t.escrow_micro and not is_free(conn.ad)
-                  and not self.verifier.voting(t)]  # a free provider is never paid
+        paying = [t for t in live if t.escrow_micro and not is_free(conn.ad) and not
+                  self.verifier.voting(t) and not t.spec.spot_check]  # paid once decided
         charges = dict(zip(map(id, paying), self.billing.settle(
             [(t.bill_id, conn.account, t.usage, conn.ad.prices, False) for t in paying]),
             strict=True))

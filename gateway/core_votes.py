@@ -104,7 +104,10 @@ class VoteRules:
         charge = next((c for b, c in zip(paid, charges, strict=True) if b is win), None)
         cost = sum(c.cost for c in charges if c is not None)
         answer = replace(win.result, key=task.key, provider=win.provider_id,
-                         usage=win.task.usage, cost=cost)
+                         usage=win.task.usage, cost=cost, verification={
+                             "kind": "redundancy", "checked": True, "passed": True,
+                             "agreed": [b.provider_id for b in decision.paid],
+                             "outvoted": [b.provider_id for b in decision.unpaid]})
         if charge is None:
             self._send_results_to(task.session, [(answer, win.buffers)])
         else:

@@ -21,6 +21,7 @@ returns their escrow.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -33,6 +34,7 @@ from gateway.billing import (
     Billing,
 )
 from gateway.core_blobs import BlobRules, may_leave_blobs
+from gateway.core_checks import CheckRules
 from gateway.core_graphs import GraphRules
 from gateway.core_ledger import LedgerRules
 from gateway.core_reports import ReportRules
@@ -54,6 +56,7 @@ from gateway.registry import ProviderConn, Registry
 from gateway.relay import Relay
 from gateway.scheduler import Scheduler
 from gateway.sessions import ClientSession
+from gateway.spot_check import SpotChecks
 from gateway.standing import Standing
 from gateway.task_table import TaskTable
 from gateway.tasks import ANSWERED, Task, TaskState
@@ -68,11 +71,12 @@ NO_PROVIDER_WAIT = Limits().no_provider_wait
 #: before it fails: a pinned task survives its provider's reconnect (``Limits.rejoin_grace``).
 REJOIN_GRACE = Limits().rejoin_grace
 
-class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules, BlobRules):
+class Hub(LedgerRules, ReportRules, VoteRules, CheckRules, GraphRules, UpkeepRules,
+          BlobRules):
     """Tasks, sessions and providers, and the rules that connect them."""
 
     def __init__(self, billing: Billing, limits: Limits | None = None,
-                 names: Names | None = None) -> None:
+                 names: Names | None = None, spot_rng: random.Random | None = None) -> None:
         self.billing = billing
         self.limits = limits or Limits()
         self.registry = Registry()
@@ -94,6 +98,7 @@ class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules, BlobRule
         self.sessions = self.delivery.sessions
         self.relay = Relay(self.registry, self.graph, self.sessions, self._recompute)
         self.verifier = Verifier()
+        self.spot = SpotChecks(spot_rng)
         self.tasks = TaskTable()
         self.counters = Counters()
         self.funding = Funding(billing, self.registry)
@@ -179,6 +184,7 @@ class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules, BlobRule
                     refused.append(failure(task.key, p.ErrorCode.NOT_FOUND, unknown, "KeyError"))
                     continue
             self._admit(task)
+            self.spot.admit(task, funcs.get(task.spec.check or ""))
             if task.spec.deps is None or self.graph.ready(task.task_id):
                 self.scheduler.enqueue(task)
             self.counters.submitted += 1
@@ -197,7 +203,7 @@ class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules, BlobRule
         """Escrow ids of tasks still open here (on the gateway, or replicas whose ballots wait
         for their vote): ``Ledger.check(live=...)`` reports any other held escrow as stale."""
         live = {t.bill_id for t in self.tasks.values() if t.escrow_micro}
-        return live | self.verifier.live_escrows()
+        return live | self.verifier.live_escrows() | self.spot.live_escrows()
 
     def _replicas(self, task: Task) -> list[Task]:
         """``redundancy=k``: k replicas of the task, each knowing its siblings."""
@@ -225,6 +231,8 @@ class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules, BlobRule
             refunds += [b.task.bill_id for b in ballots if b.task.escrow_micro]
             first = self.tasks.get(task_id) or (replicas[0] if replicas else None)
             if first is None:
+                if self._spot_cancel(task_id, refunds):  # a result held for its check
+                    done.append((p.Result(key=key, status="cancelled", code="cancelled"), []))
                 continue
             cancelled = False
             for task in (first, *first.siblings):
@@ -446,6 +454,7 @@ class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules, BlobRule
         which decides among the replicas left (and answers the key once)."""
         for task, _, message, _ in [i for i in items if self.verifier.voting(i[0])]:
             self._replica_lost(task, message)
+        items = [i for i in items if not self._spot_lost(i[0])]
         items = [i for i in items if i[0].state not in ANSWERED]
         if not items:
             return

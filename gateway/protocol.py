@@ -20,14 +20,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from gateway.blob_messages import BLOB_MESSAGES, ref_list, refs_problem
-from gateway.blob_messages import Abort as Abort
-from gateway.blob_messages import Chunk as Chunk
-from gateway.blob_messages import Drop as Drop
-from gateway.blob_messages import Evicted as Evicted
-from gateway.blob_messages import Scatter as Scatter
-from gateway.blob_messages import Stored as Stored
-from gateway.blob_messages import Want as Want
+from gateway.blob_messages import (  # noqa: F401  (re-exported: the blob messages)
+    BLOB_MESSAGES,
+    Abort,
+    Chunk,
+    Drop,
+    Evicted,
+    Scatter,
+    Stored,
+    Want,
+    ref_list,
+    spec_refs_problem,
+)
 from gateway.framing import JOIN_BELOW as JOIN_BELOW
 from gateway.framing import MAGIC as MAGIC
 from gateway.framing import VERSION as VERSION
@@ -42,6 +46,8 @@ from gateway.framing import frame_size as frame_size
 from gateway.framing import header_length as header_length
 from gateway.framing import split_buffers as split_buffers
 from gateway.framing import transient as transient
+from gateway.item_checks import chunk_problem as chunk_problem
+from gateway.item_checks import item_outcomes_problem as item_outcomes_problem
 from gateway.schema import (  # noqa: F401  (re-exported: the protocol's vocabulary)
     MAX_BATCH,
     MAX_BUFFERS,
@@ -96,24 +102,6 @@ class Runtime(Record):
         return f"python {self.python} / cloudpickle {self.cloudpickle}"
 
 
-def chunk_problem(items: int, parts: Sequence[int], nb: int, deps: list | None,
-                  keep: bool) -> str | None:
-    """Why a task's chunk fields do not fit together, or None.
-
-    ``items`` 0 is a plain task (no ``parts``); a chunk of ``items`` runs the function on each
-    item in turn, item ``i``'s argument stream being the next ``parts[i]`` of the ``nb``
-    buffers. Graph tasks are never chunks."""
-    if not items:
-        return "parts is for chunks only (items > 0)" if parts else None
-    if len(parts) != items:
-        return f"a chunk of {items} items needs {items} parts, got {len(parts)}"
-    if sum(parts) != nb:
-        return f"a chunk's parts add up to {sum(parts)} buffers, but nb is {nb}"
-    if deps is not None or keep:
-        return "a graph task (deps, keep) cannot be a chunk"
-    return None
-
-
 @dataclass(frozen=True, slots=True)
 class TaskSpec(Record):
     """One task as the client submits it. ``nb`` buffers of payload follow in the frame.
@@ -146,28 +134,27 @@ class TaskSpec(Record):
     packages: list = field(default_factory=list)
     #: Blobs the payload names (:mod:`gateway.blob_messages`): they travel apart, cut-through.
     refs: list = field(default_factory=list)
+    #: Spot checks (:mod:`gateway.spot_check`): the chance the result is checked elsewhere, and
+    #: the hash of the check function's pickle (in the frame's ``funcs``), if it has one.
+    spot_check: float = 0.0
+    check: str | None = None
     SCHEMA: ClassVar[dict[str, Check]] = {
         "key": string(), "func": string(128), "nb": integer(0, MAX_BUFFERS),
         "runtime": record(Runtime), "resources": resource_map, "send": boolean,
-        "packages": requirement_list, "refs": ref_list,
+        "packages": requirement_list, "refs": ref_list, "spot_check": number(0.0, 1.0),
+        "check": optional(string(128)),
         "providers": optional(list_of(string(), 256)), "timeout": optional(number(0, 1e7)),
         "retries": integer(0, 100), "budget": optional(number()), "max_price": optional(number()),
         "redundancy": integer(1, 16), "deps": optional(list_of(string(), 100_000)),
         "keep": boolean, "items": integer(0, MAX_ITEMS),
         "parts": list_of(integer(1, MAX_BUFFERS), MAX_ITEMS),
     }
-    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"items", "parts", "packages", "refs"})
+    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"items", "parts", "packages", "refs",
+                                                      "spot_check", "check"})
 
     def problem(self) -> str | None:
         return (chunk_problem(self.items, self.parts, self.nb, self.deps, self.keep)
                 or spec_refs_problem(self.refs, self.nb, self.items))
-
-
-def spec_refs_problem(refs: list, nb: int, items: int) -> str | None:
-    """A chunk's items name scattered data only (position -1), never a positioned blob."""
-    if items and any(r[0] >= 0 for r in refs):
-        return "a chunk of a map carries its arguments inline (blob positions are for tasks)"
-    return refs_problem(refs, nb)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,8 +234,11 @@ class Result(Record):
     errors: list = field(default_factory=list)
     #: Result buffers left on the provider as blobs (content ids), pulled cut-through.
     refs: list = field(default_factory=list)
+    #: What the gateway did to verify it (spot checks); set by the gateway, never a provider.
+    verification: dict | None = None
     SCHEMA: ClassVar[dict[str, Check]] = {
-        "stored": boolean, "nbytes": integer(0, 2**60), "refs": ref_list,
+        "verification": optional(mapping(16)), "stored": boolean, "nbytes": integer(0, 2**60),
+        "refs": ref_list,
         "key": string(), "status": one_of("finished", "error", "cancelled"),
         "nb": integer(0, MAX_BUFFERS), "error": optional(record(RemoteFailure)),
         "code": optional(string(64)), "provider": optional(string()),
@@ -257,7 +247,8 @@ class Result(Record):
         "failed": list_of(integer(0, MAX_ITEMS - 1), MAX_ITEMS),
         "errors": list_of(record(RemoteFailure), MAX_ITEMS),
     }
-    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"parts", "failed", "errors", "refs"})
+    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"parts", "failed", "errors", "refs",
+                                                      "verification"})
 
     @property
     def items(self) -> int:
@@ -275,30 +266,7 @@ class Result(Record):
         if self.refs and (self.parts or self.stored or self.status != "finished"
                           or any(r[0] < 0 for r in self.refs)):
             return "only a finished plain result leaves positioned blobs (refs)"
-        return item_outcomes_problem(self) or refs_problem(self.refs, self.nb)
-
-
-def item_outcomes_problem(result: Result) -> str | None:
-    """Why a result's per-item outcomes do not fit together (or its buffers), or None."""
-    parts, failed = result.parts, result.failed
-    if not parts:
-        return "failed and errors are for chunk results only" if failed or result.errors else None
-    if result.status != "finished":
-        return f"a {result.status} result has no per-item outcomes (parts)"
-    if result.stored:
-        return "a chunk's result is never stored on its provider"
-    if sum(parts) != result.nb:
-        return f"parts add up to {sum(parts)} buffers, but nb is {result.nb}"
-    if len(result.errors) != len(failed):
-        return f"{len(failed)} failed items but {len(result.errors)} errors"
-    last = -1
-    for i in failed:
-        if i <= last or i >= len(parts):
-            return "failed must list item indexes in increasing order, each below the items"
-        if parts[i]:
-            return f"failed item {i} has result buffers"
-        last = i
-    return None
+        return item_outcomes_problem(self) or spec_refs_problem(self.refs, self.nb, 0)
 
 
 @dataclass(frozen=True, slots=True)

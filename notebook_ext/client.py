@@ -25,7 +25,7 @@ from typing import Any
 from gateway import protocol as p
 from gateway.identity import Identity
 from gateway.units import parse_size
-from notebook_ext import by_value, errors, lifetime, requirements, safe_pickle
+from notebook_ext import by_value, errors, lifetime, requirements, safe_pickle, spot_checks
 from notebook_ext.chunking import CHUNK_TARGET_SECONDS as CHUNK_TARGET_SECONDS
 from notebook_ext.chunking import CHUNKS_PER_SLOT as CHUNKS_PER_SLOT
 from notebook_ext.chunking import MAP_BATCH as MAP_BATCH
@@ -35,13 +35,11 @@ from notebook_ext.chunking import SLOTS_TTL as SLOTS_TTL
 from notebook_ext.chunking import ChunkedMap
 from notebook_ext.connection import GatewayLink
 from notebook_ext.futures import Future
-from notebook_ext.incoming import _GRAPH_SEP as _GRAPH_SEP
-from notebook_ext.incoming import Incoming
+from notebook_ext.incoming import _GRAPH_SEP, Incoming  # noqa: F401  (re-exported)
 from notebook_ext.money import Balance, refuse_unaffordable
 from notebook_ext.pending import FirstFailures, LetGo, TaskBook
 from notebook_ext.receipt_book import ReceiptBook, fetch_json
-from notebook_ext.records import GraphTask as GraphTask
-from notebook_ext.records import ProviderInfo as ProviderInfo
+from notebook_ext.records import GraphTask, ProviderInfo  # noqa: F401  (re-exported)
 from notebook_ext.scatter import Scattering
 from notebook_ext.serialize import (
     dumps_args,
@@ -237,6 +235,7 @@ class Client(ChunkedMap, Incoming, Scattering):
         - ``pure``: accepted for Dask compatibility; ignored.
         - ``packages``: PEP 508 requirements the provider must meet (``["scikit-learn>=1.5"]``);
           the client adds those it infers from the modules ``fn`` uses (``numpy>=2,<3``).
+        - ``spot_check``, ``check``: see :mod:`notebook_ext.spot_checks` (``fut.verification``).
 
         Raises ``ConnectionError`` while the gateway is unreachable (unless the client was made
         with ``queue_while_disconnected=True``), ``GatewayRefused`` for a submission larger than
@@ -245,13 +244,14 @@ class Client(ChunkedMap, Incoming, Scattering):
         raises ``InsufficientFunds`` from ``result()``.
         """
         opts = _opts(providers, resources, max_price, budget, redundancy, timeout, retries)
+        checks = spot_checks.take(kwargs, opts, self)
         opts["packages"] = requirements.for_task(fn, packages, args, kwargs)
         self._check_ready()
         self._check_funds(opts, 1)
         func_hash, blob = dumps_function(fn)
         key = key or f"{_name(fn)}-{uuid.uuid4().hex}"
         spec, payload = self._task(key, func_hash, dumps_args(args, kwargs), opts)
-        return self._send_tasks([spec], [payload], {func_hash: blob}, trust)[0]
+        return self._send_tasks([spec], [payload], {func_hash: blob, **checks}, trust)[0]
 
     def map(self, fn: Callable[..., Any], /, *iterables: Iterable, key: str | Sequence[str]
             | None = None, providers: Sequence[str] | None = None,
@@ -278,6 +278,7 @@ class Client(ChunkedMap, Incoming, Scattering):
         x its items. Chunks need a gateway that runs them; otherwise each item is its own task.
         """
         opts = _opts(providers, resources, max_price, budget, redundancy, timeout, retries)
+        checks = spot_checks.take(kwargs, opts, self)
         self._check_ready()
         items = list(zip(*iterables, strict=False))
         opts["packages"] = requirements.for_task(fn, packages, items[0] if items else (), kwargs)
@@ -285,7 +286,7 @@ class Client(ChunkedMap, Incoming, Scattering):
         func_hash, blob = dumps_function(fn)
         prefix = key if isinstance(key, str) else f"{_name(fn)}-{uuid.uuid4().hex[:12]}"
         keys = key if key is not None and not isinstance(key, str) else None
-        size = self._chunk_size(chunksize, func_hash, len(items))
+        size = 1 if opts["spot_check"] else self._chunk_size(chunksize, func_hash, len(items))
         if size > 1:
             task_keys = [keys[i] if keys is not None else f"{prefix}-{i}"
                          for i in range(len(items))]
@@ -298,7 +299,7 @@ class Client(ChunkedMap, Incoming, Scattering):
                 spec, payload = self._task(task_key, func_hash, dumps_args(item, kwargs), opts)
                 specs.append(spec)
                 payloads.append(payload)
-            futures += self._send_tasks(specs, payloads, {func_hash: blob}, trust)
+            futures += self._send_tasks(specs, payloads, {func_hash: blob, **checks}, trust)
         return futures
 
     def submit_graph(self, tasks: Sequence[GraphTask], send: Iterable[str] = (),
@@ -387,7 +388,7 @@ class Client(ChunkedMap, Incoming, Scattering):
             timeout=opts.get("timeout"), retries=opts.get("retries", 2),
             budget=opts.get("budget"), max_price=opts.get("max_price"),
             redundancy=opts.get("redundancy", 1), packages=opts.get("packages") or [],
-        )
+            spot_check=opts.get("spot_check", 0.0), check=opts.get("check"))
         return spec, payload
 
     def _check_ready(self) -> None:

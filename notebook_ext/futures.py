@@ -54,6 +54,8 @@ class Future(cf.Future):
         self.usage: dict[str, float] = {}
         self.cost: float = 0.0
         self.receipt: dict | None = None
+        #: How the result was verified (spot checks): kind, checked, by, passed; None if not.
+        self.verification: dict | None = None
         self.output: list[tuple[str, str]] = []
         self.nbytes = 0
         self._remote_status = "pending"

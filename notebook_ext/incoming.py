@@ -14,7 +14,7 @@ import sys
 from dataclasses import replace
 
 from gateway import protocol as p
-from notebook_ext import errors
+from notebook_ext import errors, spot_checks
 from notebook_ext.chunking import MAP_BATCH
 from notebook_ext.futures import Chunk, RawResult, StoredResult
 from notebook_ext.serialize import rebuild_error
@@ -64,6 +64,7 @@ class Incoming:
         if result.receipt:
             self._receipt_book.add(result.receipt)
         fut = self._book.take(result.key)
+        spot_checks.note(self, result, None if isinstance(fut, Chunk) else fut)
         if isinstance(fut, Chunk):
             self._on_chunk_result(fut, result, buffers)
             return

@@ -3,10 +3,15 @@
 Starts a gateway with two sandboxed providers on loopback (they charge 0.5 tokens per CPU-second),
 executes ``notebooks/quickstart.ipynb`` in a real kernel with nbclient (saved beside it as
 ``quickstart.executed.ipynb``), prints what each cell did, and shuts everything down.
+
+``make demo NOTEBOOK=render`` (``demo.py render``) runs ``notebooks/render.ipynb`` the same way,
+with a third provider that returns noise for half of its tiles (the test suite's cheating
+provider, :mod:`tests.cheating_provider`), so the spot checks have someone to catch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -52,20 +57,31 @@ def show(nb: nbformat.NotebookNode) -> None:
                 print(f"  Out < ... ({len(lines) - 8} more lines)")
 
 
-def main() -> None:
+def cheater(url: str, home: str) -> contextlib.AbstractContextManager:
+    """For the render notebook: a provider that returns noise for half of its tiles."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from cheating_provider import WorkingFake
+
+    print("  plus a provider that returns noise for half of its tiles ('cheater')")
+    return WorkingFake(url, Path(home) / "cheater", name="cheater", prices={"cpu": 0.5},
+                       lie_rate=0.5, seed=int(time.time()))
+
+
+def main(name: str = "quickstart") -> None:
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
     print("decompute demo: a gateway with 2 sandboxed local providers (0.5 tokens/cpu-s) ...")
-    with tempfile.TemporaryDirectory() as home, LocalNetwork(2, extra_args=PRICE) as net:
-        print(f"  up at {net.url} in {time.perf_counter() - t0:.1f} s; running the quickstart")
-        nb = nbformat.read(HERE / "quickstart.ipynb", as_version=4)
+    with tempfile.TemporaryDirectory() as home, LocalNetwork(2, extra_args=PRICE) as net, \
+            (cheater(net.url, home) if name == "render" else contextlib.nullcontext()):
+        print(f"  up at {net.url} in {time.perf_counter() - t0:.1f} s; running {name}.ipynb")
+        nb = nbformat.read(HERE / f"{name}.ipynb", as_version=4)
         env = dict(os.environ, DECOMPUTE_GATEWAY=net.url, DECOMPUTE_HOME=home)
         client = NotebookClient(nb, timeout=120, kernel_name="python3",
                                 resources={"metadata": {"path": str(HERE)}})
         try:
             client.execute(env=env)
         finally:
-            out = HERE / "quickstart.executed.ipynb"
+            out = HERE / f"{name}.executed.ipynb"
             nbformat.write(nb, out)
             show(nb)
             print(f"\n  executed notebook saved to {out.relative_to(HERE.parent)}")
@@ -76,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:2])

@@ -1,0 +1,144 @@
+"""Issue 14, spot checks: a provider that returns wrong results is caught, unpaid, and its work
+checked; the client gets only correct results (or is told).
+
+Real gateway process and SQLite ledger; providers are :class:`cheating_provider.WorkingFake`
+connections (three honest accounts, one cheater) that compute what they are sent. Money is
+audited after each test by conftest's ``attack_books`` (conserved, no escrow left held).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import cloudpickle
+import pytest
+from cheating_provider import WorkingFake
+from conftest import Gateway, start_gateway
+from fakes import FakeProvider
+from helpers import wait_for
+
+from gateway.ledger import Ledger, to_micro
+from notebook_ext import Client
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tasks are defined here
+
+PRICE = 1.0
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def square_is_right(result: int, x: int) -> bool:
+    return result == x * x
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    gateway = start_gateway(tmp_path_factory.mktemp("spot-check"), extra=("--spot-seed", "7"))
+    yield gateway
+    gateway.stop()
+
+
+def balance(gw: Gateway, account: str) -> int:
+    with Ledger(gw.home.parent / "ledger.sqlite") as led:
+        return led.balance(account)
+
+
+def network(stack: ExitStack, gw: Gateway, tmp: Path, lie_rate: float,
+            seed: int) -> tuple[list[WorkingFake], WorkingFake]:
+    honest = [stack.enter_context(WorkingFake(gw.url, tmp / f"h{i}", name=f"honest-{i}",
+                                              prices={"cpu": PRICE}, work=0.01))
+              for i in range(3)]
+    cheater = stack.enter_context(WorkingFake(gw.url, tmp / "cheat", name="cheater",
+                                              prices={"cpu": PRICE}, lie_rate=lie_rate,
+                                              seed=seed))
+    return honest, cheater
+
+
+def checks_of(futures: list) -> int:
+    """Check tasks the gateway ran for these futures (re-runs and check-function runs)."""
+    return sum(f.verification["runs"] - 1 + f.verification["checks"] for f in futures
+               if f.verification and f.verification.get("checked"))
+
+
+def test_spot_check_1_every_result_is_correct_and_the_cheater_earns_nothing(
+        gw: Gateway, tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        honest, cheater = network(stack, gw, tmp_path, lie_rate=1.0, seed=1)
+        client = stack.enter_context(Client(gw.url, home=tmp_path / "client",
+                                            stream_output=False))
+        before, client_before = balance(gw, cheater.account), balance(gw, client.account)
+        t0 = time.monotonic()
+        futures = client.map(square, range(50), spot_check=1.0)
+        results = [f.result(60) for f in futures]
+        took = time.monotonic() - t0
+        assert results == [x * x for x in range(50)]
+        assert all(f.verification["checked"] for f in futures)
+        assert cheater.lies, "the cheater got no task: the test proves nothing"
+        assert balance(gw, cheater.account) == before
+        reputation = {p.name: p.reputation for p in client.providers()}
+        assert reputation["cheater"] < min(reputation[h.ad.name] for h in honest), reputation
+        caught = [f for f in futures if f.verification["passed"] is False]
+        assert caught and all(f.provider != cheater.id for f in futures)
+        lost = client_before - balance(gw, client.account)
+        assert lost == to_micro(sum(f.cost for f in futures)) > 0
+        print(f"\nspot_check=1.0, 50 tasks: {took:.2f} s, {checks_of(futures)} check tasks, "
+              f"cheater lied {len(cheater.lies)} times, {len(caught)} results caught")
+
+
+def test_spot_check_0_2_catches_a_30_percent_liar_and_checks_its_other_results(
+        gw: Gateway, tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        _, cheater = network(stack, gw, tmp_path, lie_rate=0.3, seed=3)
+        client = stack.enter_context(Client(gw.url, home=tmp_path / "client",
+                                            stream_output=False))
+        t0 = time.monotonic()
+        futures = client.map(square, range(200), spot_check=0.2, check=square_is_right)
+        values = [f.result(60) for f in futures]
+        caught = [f for f in futures if f.verification.get("passed") is False]
+        assert caught, "the cheater was not caught in 200 tasks"
+        by_cheater = [f for f in futures if f.provider == cheater.id]
+        # every result it delivered unchecked is checked late, and the client told
+        wait_for(lambda: all(f.verification.get("checked") for f in by_cheater), 30,
+                 message="the cheater's unchecked results checked")
+        took = time.monotonic() - t0
+        for f, x in zip(futures, range(200), strict=True):
+            if values[futures.index(f)] != x * x:  # a lie delivered before the catch
+                assert f.verification["late"] and f.verification["passed"] is False, (
+                    x, f.verification)
+        late = [f for f in futures if f.verification.get("late")]
+        reputation = {p.name: p.reputation for p in client.providers()}
+        assert reputation["cheater"] == min(reputation.values()), reputation
+        print(f"\nspot_check=0.2, 200 tasks: {took:.2f} s, {checks_of(futures)} check tasks, "
+              f"cheater ran {cheater.ran} (lied {len(cheater.lies)}), {len(caught)} lies "
+              f"caught, {len(late)} late checks, "
+              f"{sum(1 for f in futures if f.verification.get('checked'))} results checked")
+
+
+def test_a_result_held_for_its_check_is_cancelled_unpaid_and_its_check_stopped(
+        gw: Gateway, tmp_path: Path) -> None:
+    with FakeProvider(gw.url, tmp_path / "a", name="held-a", prices={"cpu": PRICE}) as a, \
+            FakeProvider(gw.url, tmp_path / "b", name="held-b", prices={"cpu": PRICE}) as b, \
+            Client(gw.url, home=tmp_path / "client", stream_output=False) as client:
+        before = {f.account: balance(gw, f.account) for f in (a, b)}
+        client_before = balance(gw, client.account)
+        fut = client.submit(square, 3, spot_check=1.0, providers=["held-a", "held-b"])
+        first, second = a, b
+        try:
+            assignment, _ = a.next_assignment(5)
+        except TimeoutError:
+            first, second = b, a
+            assignment, _ = b.next_assignment(5)
+        first.finish(assignment.key, 9, usage={"cpu_seconds": 0.01})
+        check, _ = second.next_assignment()  # the re-run, on the other account
+        assert check.key != assignment.key and not fut.done()  # held while it is checked
+        fut.cancel()
+        assert second.cancelled.get(timeout=10) == check.key
+        wait_for(lambda: fut.status == "cancelled", 10, message="the future cancelled")
+        assert balance(gw, client.account) == client_before
+        assert all(balance(gw, f.account) == before[f.account] for f in (a, b))
