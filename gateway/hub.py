@@ -56,6 +56,7 @@ from gateway.sessions import ClientSession
 from gateway.standing import Standing
 from gateway.task_table import TaskTable
 from gateway.tasks import ANSWERED, Task, TaskState
+from gateway.transfers import Transfers
 from gateway.verify import Verifier
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules):
         self.delivery = Delivery(
             lambda session: self.cancel(session, self.tasks.keys_of_session(session.id)))
         self.sessions = self.delivery.sessions
+        self.transfers = Transfers(billing, self.delivery)
         self.relay = Relay(self.registry, self.graph, self.sessions, self._recompute)
         self.verifier = Verifier()
         self.tasks = TaskTable()
@@ -250,8 +252,11 @@ class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules):
             self.deadlines.at(due, task.task_id, task.assignment, Kind.CANCEL)
         conn.send(p.encode(p.Cancel(keys=[t.task_id for t in tasks])))
 
-    def query(self, account: str, session_id: str, q: p.Query) -> p.Reply:
-        """Answer a peer's question; unknown questions get an error reply, not a close."""
+    def query(self, account: str, session_id: str, q: p.Query) -> p.Reply | None:
+        """Answer a peer's question; unknown questions get an error reply, not a close. None:
+        the answer follows later (a transfer's, once its leaf is committed)."""
+        if q.what == "transfer":
+            return self.transfers.request(account, session_id, q)
         if q.what == "balance":
             return p.Reply(id=q.id, data=self.billing.balance(account))
         if q.what == "earnings":

@@ -49,6 +49,7 @@ from notebook_ext.serialize import (
     loads_result,
     local_runtime,
 )
+from notebook_ext.transfers import Payments
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ LET_GO_BATCH = 10_000
 QUERY_TIMEOUT = 30.0
 
 
-class Client(ChunkedMap, Incoming):
+class Client(ChunkedMap, Incoming, Payments):
     """A connection to a decompute gateway, as this machine's identity.
 
     ``address`` defaults to ``$DECOMPUTE_GATEWAY``, else ``ws://127.0.0.1:8765``. ``trust=True``
@@ -570,8 +571,8 @@ class Client(ChunkedMap, Incoming):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def _providers_off_loop(self) -> list[ProviderInfo]:
-        """``providers()``, refused on the client's own loop thread (a done-callback calling
-        ``result()``), where waiting for a reply would stall the loop that brings it."""
+        """``providers()``, refused on the client's loop thread (a done-callback calling
+        ``result()``): waiting for a reply there would stall the loop that brings it."""
         if threading.current_thread() is self._thread:
             raise RuntimeError("on the client's loop thread")
         return self.providers()
@@ -586,8 +587,7 @@ class Client(ChunkedMap, Incoming):
 
 def _opts(providers: Sequence[str] | None, resources: dict | None, max_price: float | None,
           budget: float | None, redundancy: int, timeout: float | None, retries: int) -> dict:
-    """The reserved keywords as ``_task`` reads them (an absent ``providers`` means the
-    client's default)."""
+    """The reserved keywords as ``_task`` reads them (absent ``providers``: the default)."""
     opts: dict[str, Any] = {"resources": resources, "max_price": max_price, "budget": budget,
                             "redundancy": redundancy, "timeout": timeout, "retries": retries}
     if providers is not None:
