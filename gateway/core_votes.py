@@ -65,6 +65,9 @@ class VoteRules:
               bufs: list[memoryview]) -> None:
         """A replica's outcome is a ballot; the vote decides what the client gets and who is
         paid. Nothing reaches the client before a majority (or a trusted provider) agrees."""
+        if task.spec.refereed:  # judged by checkpoints, not by result hashes
+            self._refereed_ballot(task, conn, result, bufs)
+            return
         digest = outcome_digest(result, bufs)
         self._end(task, TaskState(result.status))
         decision = self.verifier.cast(Ballot(task, conn.id, conn.account, digest, result, bufs,

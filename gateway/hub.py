@@ -34,6 +34,7 @@ from gateway.billing import (
 )
 from gateway.core_graphs import GraphRules
 from gateway.core_ledger import LedgerRules
+from gateway.core_referee import RefereeRules
 from gateway.core_reports import ReportRules
 from gateway.core_upkeep import UpkeepRules
 from gateway.core_votes import VoteRules
@@ -68,7 +69,7 @@ NO_PROVIDER_WAIT = Limits().no_provider_wait
 #: before it fails: a pinned task survives its provider's reconnect (``Limits.rejoin_grace``).
 REJOIN_GRACE = Limits().rejoin_grace
 
-class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules):
+class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules, RefereeRules):
     """Tasks, sessions and providers, and the rules that connect them."""
 
     def __init__(self, billing: Billing, limits: Limits | None = None,
@@ -95,6 +96,7 @@ class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules):
         self.transfers = Transfers(billing, self.delivery)
         self.relay = Relay(self.registry, self.graph, self.sessions, self._recompute)
         self.verifier = Verifier()
+        self.refereeing: dict = {}  # refereed tasks in dispute (gateway.core_referee)
         self.tasks = TaskTable()
         self.counters = Counters()
         self.funding = Funding(billing, self.registry)
@@ -139,7 +141,8 @@ class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules):
         batch = Batch()
         for spec, payload in zip(msg.tasks, payloads, strict=True):
             task_id = f"{session.id}/{spec.key}"
-            why = self.admission.refusal(spec, session.account, task_id, funcs, batch)
+            why = self.refereed_refusal(spec, payload) if spec.refereed else None
+            why = why or self.admission.refusal(spec, session.account, task_id, funcs, batch)
             if why is None and task_id in in_batch:
                 why = failure(spec.key, p.ErrorCode.SCHEMA,
                               f"task key {spec.key!r} already in use (twice in one batch)")

@@ -132,17 +132,19 @@ class TaskSpec(Record):
     parts: list = field(default_factory=list)
     #: PEP 508 requirements the task's provider must meet (declared and inferred by the client).
     packages: list = field(default_factory=list)
+    #: ``{"steps": N, "every": K}``: a refereed task (:mod:`gateway.referee`); empty: not one.
+    refereed: dict = field(default_factory=dict)
     SCHEMA: ClassVar[dict[str, Check]] = {
         "key": string(), "func": string(128), "nb": integer(0, MAX_BUFFERS),
         "runtime": record(Runtime), "resources": resource_map, "send": boolean,
-        "packages": requirement_list,
+        "packages": requirement_list, "refereed": mapping(4, integer(0, 10**7)),
         "providers": optional(list_of(string(), 256)), "timeout": optional(number(0, 1e7)),
         "retries": integer(0, 100), "budget": optional(number()), "max_price": optional(number()),
         "redundancy": integer(1, 16), "deps": optional(list_of(string(), 100_000)),
         "keep": boolean, "items": integer(0, MAX_ITEMS),
         "parts": list_of(integer(1, MAX_BUFFERS), MAX_ITEMS),
     }
-    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"items", "parts", "packages"})
+    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"items", "parts", "packages", "refereed"})
 
     def problem(self) -> str | None:
         return chunk_problem(self.items, self.parts, self.nb, self.deps, self.keep)
@@ -216,8 +218,11 @@ class Result(Record):
     parts: list = field(default_factory=list)
     failed: list = field(default_factory=list)
     errors: list = field(default_factory=list)
+    #: What the gateway checked before accepting it (set by the gateway alone: a provider's is
+    #: dropped), e.g. a refereed task's verdict.
+    verification: dict = field(default_factory=dict)
     SCHEMA: ClassVar[dict[str, Check]] = {
-        "stored": boolean, "nbytes": integer(0, 2**60),
+        "stored": boolean, "verification": mapping(16), "nbytes": integer(0, 2**60),
         "key": string(), "status": one_of("finished", "error", "cancelled"),
         "nb": integer(0, MAX_BUFFERS), "error": optional(record(RemoteFailure)),
         "code": optional(string(64)), "provider": optional(string()),
@@ -226,7 +231,8 @@ class Result(Record):
         "failed": list_of(integer(0, MAX_ITEMS - 1), MAX_ITEMS),
         "errors": list_of(record(RemoteFailure), MAX_ITEMS),
     }
-    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"parts", "failed", "errors"})
+    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"parts", "failed", "errors",
+                                                      "verification"})
 
     @property
     def items(self) -> int:

@@ -42,6 +42,7 @@ from notebook_ext.pending import FirstFailures, LetGo, TaskBook
 from notebook_ext.receipt_book import ReceiptBook, fetch_json
 from notebook_ext.records import GraphTask as GraphTask
 from notebook_ext.records import ProviderInfo as ProviderInfo
+from notebook_ext.refereed import Refereed
 from notebook_ext.serialize import (
     dumps_args,
     dumps_function,
@@ -62,7 +63,7 @@ LET_GO_BATCH = 10_000
 QUERY_TIMEOUT = 30.0
 
 
-class Client(ChunkedMap, Incoming, Payments):
+class Client(ChunkedMap, Incoming, Payments, Refereed):
     """A connection to a decompute gateway, as this machine's identity.
 
     ``address`` defaults to ``$DECOMPUTE_GATEWAY``, else ``ws://127.0.0.1:8765``. ``trust=True``

@@ -54,6 +54,8 @@ class Future(cf.Future):
         self.usage: dict[str, float] = {}
         self.cost: float = 0.0
         self.receipt: dict | None = None
+        #: What was checked before the result was accepted (see ``Client.refereed``).
+        self.verification: dict = {}
         self.output: list[tuple[str, str]] = []
         self.nbytes = 0
         self._remote_status = "pending"
