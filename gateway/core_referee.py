@@ -83,6 +83,22 @@ class RefereeRules:
         if len(case.runs) == 2:
             self._judge_runs(case)
 
+    def _refereed_lost(self, task: Task, message: str) -> None:
+        """A run (or the referee) was lost past its retries: with one run missing nothing can
+        be compared, so the task fails and every escrow of it goes back; nobody is judged."""
+        vote = self.verifier.of.get(task.task_id)
+        if vote is None:
+            return
+        self._end(task, TaskState.ERROR)
+        case = self.refereeing.get(vote.id) or Refereeing(vote)
+        self._stop_replicas([t for t in vote.replicas if t is not task
+                             and t.task_id in self.verifier.of], TaskState.ERROR)
+        self.billing.refund([t.bill_id for t in vote.replicas if t.escrow_micro])
+        self._close_case(case)
+        self._send_failure(vote.replicas[0], p.ErrorCode.LOST,
+                           f"refereed task {task.key}: a run was lost ({message}); nothing was"
+                           " charged", "ProviderLost")
+
     def _commitment(self, case: Refereeing, replica: int) -> rf.Commitment:
         made = case.runs[replica][1]
         assert isinstance(made, rf.Commitment)

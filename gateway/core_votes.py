@@ -75,6 +75,9 @@ class VoteRules:
         self._apply(decision, task)
 
     def _replica_lost(self, task: Task, message: str) -> None:
+        if task.spec.refereed:
+            self._refereed_lost(task, message)
+            return
         self.billing.refund([task.bill_id])
         self._end(task, TaskState.ERROR)
         decision = self.verifier.lost(task)
