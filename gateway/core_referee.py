@@ -107,10 +107,12 @@ class RefereeRules:
     def _judge_runs(self, case: Refereeing) -> None:
         (a, ca), (b, cb) = case.runs[0], case.runs[1]
         n = len(ca.hashes) - 1 if isinstance(ca, rf.Commitment) else 0
+        runs = [a.provider_id, b.provider_id]
         if isinstance(ca, rf.Commitment) and isinstance(cb, rf.Commitment):
             if ca.hashes[-1] == cb.hashes[-1]:
                 self._refereed_done(case, [a, b], [], a, {
-                    "kind": "refereed", "agreed": True, "checkpoints": n, "referee": None})
+                    "kind": "refereed", "agreed": True, "checkpoints": n, "referee": None,
+                    "providers": runs})
                 return
             self._order_referee(case, rf.divergence(ca.hashes, cb.hashes))
             return
@@ -118,10 +120,12 @@ class RefereeRules:
         if len(valid) == 1:
             loser = b if valid[0] is a else a
             self._refereed_done(case, valid, [loser], valid[0], {
-                "kind": "refereed", "agreed": False, "referee": None,
-                "invalid": loser.provider_id, "why": str(case.runs[loser.task.replica][1])})
+                "kind": "refereed", "agreed": False, "referee": None, "providers": runs,
+                "winner": valid[0].provider_id, "loser": loser.provider_id,
+                "why": str(case.runs[loser.task.replica][1])[:300]})
         elif a.digest == b.digest and a.result.status != "finished":  # the same failure
-            self._refereed_done(case, [a, b], [], a, {"kind": "refereed", "agreed": True})
+            self._refereed_done(case, [a, b], [], a, {"kind": "refereed", "agreed": True,
+                                                      "providers": runs})
         else:
             self._refereed_failed(case, [a, b], "both runs were invalid")
 
@@ -163,7 +167,7 @@ class RefereeRules:
         j = case.segment
         verification = {"kind": "refereed", "agreed": False, "checkpoint": j,
                         "disputed_steps": [ca.steps[j - 1], ca.steps[j] - 1],
-                        "referee": ref.provider_id}
+                        "referee": ref.provider_id, "providers": [a.provider_id, b.provider_id]}
         if isinstance(made, str):
             self._refereed_failed(case, [a, b, ref], f"the referee's run was invalid: {made}")
             return
