@@ -109,28 +109,30 @@ class Accounts:
         self.journal.append(Hold(task_id, client, amount))
         return None
 
-    def settle(self, task_id: str, provider: str, cumulative: int,
-               final: bool) -> SettleResult | LedgerError:
+    def settle(self, task_id: str, provider: str, cumulative: int, final: bool,
+               fee_ppm: int | None = None) -> SettleResult | LedgerError:
         """Pay ``provider`` up to its cumulative cost (see :func:`gateway.escrow.settle_step`)."""
         escrow = self.escrows.get(task_id) or self._closed.get(task_id)
+        fee_ppm = self.fee_ppm if fee_ppm is None else fee_ppm
         if escrow is None:
             return EscrowStateError(f"task {task_id} has no escrow; hold() must come first")
         if provider not in self.balances:
             return AccountNotLoaded(f"provider account {provider} is not loaded")
         if escrow.state is not EscrowState.HELD:  # a repeat against a closed escrow, or a
             try:  # payment after it closed (refused)
-                settle_step(escrow, provider, cumulative, final, self.fee_ppm)
+                settle_step(escrow, provider, cumulative, final, fee_ppm)
             except LedgerError as exc:
                 return exc
             return result_of(escrow)
         self._track(escrow)
-        step = settle_step(escrow, provider, cumulative, final, self.fee_ppm)
+        step = settle_step(escrow, provider, cumulative, final, fee_ppm)
         self._move(task_id, provider, step.pay)
         self.earnings[provider] += step.pay
         self._unconfirmed[task_id].earned.append((provider, step.pay))
         self._move(task_id, escrow.client, step.refund)
         self.held[escrow.client] -= step.pay + step.fee + step.refund
-        self.journal.append(Settle(task_id, provider, cumulative, final))
+        self.journal.append(Settle(task_id, provider, cumulative, final,
+                                   None if fee_ppm == self.fee_ppm else fee_ppm))
         self._maybe_closed(escrow)
         return result_of(escrow)
 

@@ -252,8 +252,13 @@ class Billing:
         except ValueError as exc:
             log.error("settlement of %s cannot be logged: %s", settled.task_id, exc)
             return None
+        token = self.next_token()
+        self.accounts.log(Leaf(token, entry, tuple(escrows)))
+        return token
+
+    def next_token(self) -> int:
+        """A fresh leaf token (names a leaf in the accounting worker's answer)."""
         self._tokens += 1
-        self.accounts.log(Leaf(self._tokens, entry, tuple(escrows)))
         return self._tokens
 
     def refund(self, task_ids: Sequence[str]) -> None:

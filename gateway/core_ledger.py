@@ -87,6 +87,7 @@ class LedgerRules:
         accounts.confirmed(done.seq)
         accounts.external(done.external)
         self.delivery.committed(done.receipts, done.failed, ledger_failure)
+        self.transfers.committed(done.receipts, done.failed)
 
     def _ledger_failed(self, escrow_id: str, why: str) -> None:
         """A live task whose escrow the ledger failed: stop it and fail it (its result, if one

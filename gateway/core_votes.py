@@ -65,6 +65,9 @@ class VoteRules:
               bufs: list[memoryview]) -> None:
         """A replica's outcome is a ballot; the vote decides what the client gets and who is
         paid. Nothing reaches the client before a majority (or a trusted provider) agrees."""
+        if task.spec.refereed:  # judged by checkpoints, not by result hashes
+            self._refereed_ballot(task, conn, result, bufs)
+            return
         digest = outcome_digest(result, bufs)
         self._end(task, TaskState(result.status))
         decision = self.verifier.cast(Ballot(task, conn.id, conn.account, digest, result, bufs,
@@ -72,6 +75,9 @@ class VoteRules:
         self._apply(decision, task)
 
     def _replica_lost(self, task: Task, message: str) -> None:
+        if task.spec.refereed:
+            self._refereed_lost(task, message)
+            return
         self.billing.refund([task.bill_id])
         self._end(task, TaskState.ERROR)
         decision = self.verifier.lost(task)

@@ -37,6 +37,7 @@ from gateway.core_blobs import BlobRules, may_leave_blobs
 from gateway.core_checks import CheckRules
 from gateway.core_graphs import GraphRules
 from gateway.core_ledger import LedgerRules
+from gateway.core_referee import RefereeRules
 from gateway.core_reports import ReportRules
 from gateway.core_upkeep import UpkeepRules
 from gateway.core_votes import VoteRules
@@ -60,6 +61,7 @@ from gateway.spot_check import SpotChecks
 from gateway.standing import Standing
 from gateway.task_table import TaskTable
 from gateway.tasks import ANSWERED, Task, TaskState
+from gateway.transfers import Transfers
 from gateway.verify import Verifier
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ NO_PROVIDER_WAIT = Limits().no_provider_wait
 REJOIN_GRACE = Limits().rejoin_grace
 
 class Hub(LedgerRules, ReportRules, VoteRules, CheckRules, GraphRules, UpkeepRules,
-          BlobRules):
+          BlobRules, RefereeRules):
     """Tasks, sessions and providers, and the rules that connect them."""
 
     def __init__(self, billing: Billing, limits: Limits | None = None,
@@ -96,9 +98,11 @@ class Hub(LedgerRules, ReportRules, VoteRules, CheckRules, GraphRules, UpkeepRul
         self.delivery = Delivery(
             lambda session: self.cancel(session, self.tasks.keys_of_session(session.id)))
         self.sessions = self.delivery.sessions
+        self.transfers = Transfers(billing, self.delivery)
         self.relay = Relay(self.registry, self.graph, self.sessions, self._recompute)
         self.verifier = Verifier()
         self.spot = SpotChecks(spot_rng)
+        self.refereeing: dict = {}  # refereed tasks in dispute (gateway.core_referee)
         self.tasks = TaskTable()
         self.counters = Counters()
         self.funding = Funding(billing, self.registry)
@@ -148,7 +152,8 @@ class Hub(LedgerRules, ReportRules, VoteRules, CheckRules, GraphRules, UpkeepRul
         batch = Batch()
         for spec, payload in zip(msg.tasks, payloads, strict=True):
             task_id = f"{session.id}/{spec.key}"
-            why = self.admission.refusal(spec, session.account, task_id, funcs, batch)
+            why = self.refereed_refusal(spec, payload) if spec.refereed else None
+            why = why or self.admission.refusal(spec, session.account, task_id, funcs, batch)
             if why is None and spec.refs:
                 bad = self._refs_refusal(spec, session.account)
                 why = None if bad is None else failure(spec.key, p.ErrorCode.SCHEMA, bad,
@@ -268,8 +273,11 @@ class Hub(LedgerRules, ReportRules, VoteRules, CheckRules, GraphRules, UpkeepRul
             self.deadlines.at(due, task.task_id, task.assignment, Kind.CANCEL)
         conn.send(p.encode(p.Cancel(keys=[t.task_id for t in tasks])))
 
-    def query(self, account: str, session_id: str, q: p.Query) -> p.Reply:
-        """Answer a peer's question; unknown questions get an error reply, not a close."""
+    def query(self, account: str, session_id: str, q: p.Query) -> p.Reply | None:
+        """Answer a peer's question; unknown questions get an error reply, not a close. None:
+        the answer follows later (a transfer's, once its leaf is committed)."""
+        if q.what == "transfer":
+            return self.transfers.request(account, session_id, q)
         if q.what == "balance":
             return p.Reply(id=q.id, data=self.billing.balance(account))
         if q.what == "earnings":

@@ -31,6 +31,7 @@ class Settle:
     provider: str
     cumulative: int
     final: bool
+    fee_ppm: int | None = None  # None: the gateway's fee; a transfer's is 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -329,12 +329,14 @@ class Ledger:
         return self._batch(self._settle, items)
 
     def _settle(self, db: sqlite3.Connection, task_id: str, provider: str,
-                cumulative_micro: int, final: bool, now: float) -> SettleResult:
+                cumulative_micro: int, final: bool, now: float,
+                fee_ppm: int | None = None) -> SettleResult:
         _check_name(provider, "account")
         _check_micro(cumulative_micro, "cumulative_micro", allow_zero=True)
         escrow = self._escrow(db, task_id, provider)
         was_held = escrow.state is EscrowState.HELD
-        step = settle_step(escrow, provider, cumulative_micro, final, self._fee_ppm)
+        step = settle_step(escrow, provider, cumulative_micro, final,
+                           self._fee_ppm if fee_ppm is None else fee_ppm)
         if was_held:  # a closed escrow only takes repeats, which change nothing
             self._write(db, escrow, provider, step, now, final=final)
         return result_of(escrow)
@@ -398,7 +400,7 @@ class Ledger:
         if isinstance(op, Hold):
             self._hold(db, op.task_id, op.client, op.amount, now)
         elif isinstance(op, Settle):
-            self._settle(db, op.task_id, op.provider, op.cumulative, op.final, now)
+            self._settle(db, op.task_id, op.provider, op.cumulative, op.final, now, op.fee_ppm)
         elif not op.recovery or _one(db, "SELECT 1 FROM escrows WHERE task_id = ?", op.task_id):
             self._refund(db, op.task_id, now)  # a recovery of a hold never made: nothing to do
 

@@ -138,11 +138,13 @@ class TaskSpec(Record):
     #: the hash of the check function's pickle (in the frame's ``funcs``), if it has one.
     spot_check: float = 0.0
     check: str | None = None
+    #: ``{"steps": N, "every": K}``: a refereed task (:mod:`gateway.referee`); empty: not one.
+    refereed: dict = field(default_factory=dict)
     SCHEMA: ClassVar[dict[str, Check]] = {
         "key": string(), "func": string(128), "nb": integer(0, MAX_BUFFERS),
         "runtime": record(Runtime), "resources": resource_map, "send": boolean,
         "packages": requirement_list, "refs": ref_list, "spot_check": number(0.0, 1.0),
-        "check": optional(string(128)),
+        "check": optional(string(128)), "refereed": mapping(4, integer(0, 10**7)),
         "providers": optional(list_of(string(), 256)), "timeout": optional(number(0, 1e7)),
         "retries": integer(0, 100), "budget": optional(number()), "max_price": optional(number()),
         "redundancy": integer(1, 16), "deps": optional(list_of(string(), 100_000)),
@@ -150,7 +152,7 @@ class TaskSpec(Record):
         "parts": list_of(integer(1, MAX_BUFFERS), MAX_ITEMS),
     }
     OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"items", "parts", "packages", "refs",
-                                                      "spot_check", "check"})
+                                                      "spot_check", "check", "refereed"})
 
     def problem(self) -> str | None:
         return (chunk_problem(self.items, self.parts, self.nb, self.deps, self.keep)

@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from gateway import protocol as p
+from gateway import transfers
 from gateway.accounting_worker import AccountingWorker
 from gateway.chunks import FEATURES
 from gateway.handshake import Handshake
@@ -255,8 +256,9 @@ class GatewayServer:
         self.hub.contain(what, tasks, react, *args)
         self._flush()
 
-    def _answer(self, account: str, peer: str, q: p.Query) -> p.Reply:
-        """The core's answer to a query; a bug answering it is an error reply, not a close."""
+    def _answer(self, account: str, peer: str, q: p.Query) -> p.Reply | None:
+        """The core's answer to a query (None: it follows later); a bug answering it is an
+        error reply, not a close."""
         try:
             return self.hub.query(account, peer, q)
         except Exception:
@@ -264,6 +266,20 @@ class GatewayServer:
             log.exception("internal error answering query %r", q.what)
             return p.Reply(id=q.id, error="internal: the gateway could not answer; see its log",
                            code=p.ErrorCode.INTERNAL.value)
+
+    def _reply(self, out: FrameWriter, reply: p.Reply | None) -> None:
+        """Send a query's answer now, or (None) hand what it booked to the accounting worker."""
+        if reply is not None:
+            out.send(p.encode(reply))
+        self._flush()
+
+    async def _load_payee(self, args: dict) -> None:
+        """A transfer's payee, loaded (off the loop) if the ledger knows it; an account it has
+        never seen stays unloaded and the core refuses the transfer (no faucet for a typo)."""
+        payee = args.get("to") if isinstance(args, dict) else None
+        if (transfers.is_account(payee) and not self.hub.billing.accounts.loaded(payee)
+                and await asyncio.to_thread(self.ledger.known, payee)):
+            await self._load(payee)
 
     def _flush(self, idle: bool = False) -> None:
         """Hand the core's journal to the accounting worker (an empty one too when ``idle``:
@@ -405,7 +421,9 @@ class GatewayServer:
                 elif isinstance(msg, p.Release):
                     self._react("release", self.hub.release, session, msg.keys)
                 elif isinstance(msg, p.Query):
-                    out.send(p.encode(self._answer(account, session.id, msg)))
+                    if msg.what == "transfer":
+                        await self._load_payee(msg.args)
+                    self._reply(out, self._answer(account, session.id, msg))
                 elif isinstance(msg, p.Abort):
                     self._react("abort", self.hub.abort, peer, msg)
                 elif isinstance(msg, p.Scatter):
@@ -454,7 +472,7 @@ class GatewayServer:
                     self._react("leases", self.hub.renew, conn, msg.usage)
                     self._react("heartbeat", self.hub.heartbeat, conn, msg, tasks=list(msg.usage))
                 elif isinstance(msg, p.Query):
-                    out.send(p.encode(self._answer(conn.account, conn.id, msg)))
+                    self._reply(out, self._answer(conn.account, conn.id, msg))
                 elif isinstance(msg, p.Packages):
                     self._react("packages", self.hub.packages, conn, msg)
                 elif isinstance(msg, p.Abort):

@@ -26,12 +26,7 @@ from gateway import protocol as p
 from gateway.identity import Identity
 from gateway.units import parse_size
 from notebook_ext import by_value, errors, lifetime, requirements, safe_pickle, spot_checks
-from notebook_ext.chunking import CHUNK_TARGET_SECONDS as CHUNK_TARGET_SECONDS
-from notebook_ext.chunking import CHUNKS_PER_SLOT as CHUNKS_PER_SLOT
 from notebook_ext.chunking import MAP_BATCH as MAP_BATCH
-from notebook_ext.chunking import MAP_FRAME_BUFFERS as MAP_FRAME_BUFFERS
-from notebook_ext.chunking import MAX_AUTO_CHUNK as MAX_AUTO_CHUNK
-from notebook_ext.chunking import SLOTS_TTL as SLOTS_TTL
 from notebook_ext.chunking import ChunkedMap
 from notebook_ext.connection import GatewayLink
 from notebook_ext.futures import Future
@@ -40,6 +35,7 @@ from notebook_ext.money import Balance, refuse_unaffordable
 from notebook_ext.pending import FirstFailures, LetGo, TaskBook
 from notebook_ext.receipt_book import ReceiptBook, fetch_json
 from notebook_ext.records import GraphTask, ProviderInfo  # noqa: F401  (re-exported)
+from notebook_ext.refereed import Refereed
 from notebook_ext.scatter import Scattering
 from notebook_ext.serialize import (
     dumps_args,
@@ -48,6 +44,7 @@ from notebook_ext.serialize import (
     loads_result,
     local_runtime,
 )
+from notebook_ext.transfers import Payments
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +57,7 @@ LET_GO_BATCH = 10_000
 QUERY_TIMEOUT = 30.0
 
 
-class Client(ChunkedMap, Incoming, Scattering):
+class Client(ChunkedMap, Incoming, Payments, Refereed, Scattering):
     """A connection to a decompute gateway, as this machine's identity.
 
     ``address`` defaults to ``$DECOMPUTE_GATEWAY``, else ``ws://127.0.0.1:8765``. ``trust=True``
@@ -571,8 +568,8 @@ class Client(ChunkedMap, Incoming, Scattering):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def _providers_off_loop(self) -> list[ProviderInfo]:
-        """``providers()``, refused on the client's own loop thread (a done-callback calling
-        ``result()``), where waiting for a reply would stall the loop that brings it."""
+        """``providers()``, refused on the client's loop thread (a done-callback calling
+        ``result()``): waiting for a reply there would stall the loop that brings it."""
         if threading.current_thread() is self._thread:
             raise RuntimeError("on the client's loop thread")
         return self.providers()
@@ -587,8 +584,7 @@ class Client(ChunkedMap, Incoming, Scattering):
 
 def _opts(providers: Sequence[str] | None, resources: dict | None, max_price: float | None,
           budget: float | None, redundancy: int, timeout: float | None, retries: int) -> dict:
-    """The reserved keywords as ``_task`` reads them (an absent ``providers`` means the
-    client's default)."""
+    """The reserved keywords as ``_task`` reads them (absent ``providers``: the default)."""
     opts: dict[str, Any] = {"resources": resources, "max_price": max_price, "budget": budget,
                             "redundancy": redundancy, "timeout": timeout, "retries": retries}
     if providers is not None:

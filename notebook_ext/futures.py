@@ -54,7 +54,8 @@ class Future(cf.Future):
         self.usage: dict[str, float] = {}
         self.cost: float = 0.0
         self.receipt: dict | None = None
-        #: How the result was verified (spot checks): kind, checked, by, passed; None if not.
+        #: What was checked before the result was accepted (spot check, referee, proof, vote);
+        #: None if nothing beyond the provider's word.
         self.verification: dict | None = None
         self.output: list[tuple[str, str]] = []
         self.nbytes = 0

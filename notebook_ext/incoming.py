@@ -73,6 +73,8 @@ class Incoming:
         if fut is None or fut.done():
             return
         fut._settled(result.provider, result.usage, result.cost, result.receipt)
+        if result.verification:  # what the gateway checked (a refereed run's verdict)
+            fut.verification = dict(result.verification) if result.verification else None
         if result.status == "finished":
             value = (StoredResult(result.key, result.nbytes) if result.stored and not result.nb
                      else RawResult(buffers))
