@@ -34,6 +34,7 @@ from gateway.billing import (
 )
 from gateway.core_graphs import GraphRules
 from gateway.core_ledger import LedgerRules
+from gateway.core_proofs import ProofRules, Proofs
 from gateway.core_reports import ReportRules
 from gateway.core_upkeep import UpkeepRules
 from gateway.core_votes import VoteRules
@@ -67,7 +68,7 @@ NO_PROVIDER_WAIT = Limits().no_provider_wait
 #: before it fails: a pinned task survives its provider's reconnect (``Limits.rejoin_grace``).
 REJOIN_GRACE = Limits().rejoin_grace
 
-class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules):
+class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules, ProofRules):
     """Tasks, sessions and providers, and the rules that connect them."""
 
     def __init__(self, billing: Billing, limits: Limits | None = None,
@@ -93,6 +94,7 @@ class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules):
         self.sessions = self.delivery.sessions
         self.relay = Relay(self.registry, self.graph, self.sessions, self._recompute)
         self.verifier = Verifier()
+        self.proofs = Proofs()
         self.tasks = TaskTable()
         self.counters = Counters()
         self.funding = Funding(billing, self.registry)
@@ -137,7 +139,8 @@ class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules):
         batch = Batch()
         for spec, payload in zip(msg.tasks, payloads, strict=True):
             task_id = f"{session.id}/{spec.key}"
-            why = self.admission.refusal(spec, session.account, task_id, funcs, batch)
+            why = (self.admission.refusal(spec, session.account, task_id, funcs, batch)
+                   or self._proof_refusal(spec))
             if why is None and task_id in in_batch:
                 why = failure(spec.key, p.ErrorCode.SCHEMA,
                               f"task key {spec.key!r} already in use (twice in one batch)")
@@ -187,7 +190,7 @@ class Hub(LedgerRules, ReportRules, VoteRules, GraphRules, UpkeepRules):
         """Escrow ids of tasks still open here (on the gateway, or replicas whose ballots wait
         for their vote): ``Ledger.check(live=...)`` reports any other held escrow as stale."""
         live = {t.bill_id for t in self.tasks.values() if t.escrow_micro}
-        return live | self.verifier.live_escrows()
+        return live | self.verifier.live_escrows() | self.proofs.live_escrows()
 
     def _replicas(self, task: Task) -> list[Task]:
         """``redundancy=k``: k replicas of the task, each knowing its siblings."""

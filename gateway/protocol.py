@@ -64,6 +64,7 @@ from gateway.spec_fields import package_map as package_map
 from gateway.spec_fields import parse_requirement as parse_requirement
 from gateway.spec_fields import requirement_list as requirement_list
 from gateway.spec_fields import resource_map as resource_map
+from gateway.zk_fields import ProofSpec as ProofSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,19 +133,24 @@ class TaskSpec(Record):
     parts: list = field(default_factory=list)
     #: PEP 508 requirements the task's provider must meet (declared and inferred by the client).
     packages: list = field(default_factory=list)
+    #: A proof-carrying task (``decompute[zk]``): paid only for a proof that verifies.
+    proof: ProofSpec | None = None
     SCHEMA: ClassVar[dict[str, Check]] = {
         "key": string(), "func": string(128), "nb": integer(0, MAX_BUFFERS),
         "runtime": record(Runtime), "resources": resource_map, "send": boolean,
-        "packages": requirement_list,
+        "packages": requirement_list, "proof": optional(record(ProofSpec)),
         "providers": optional(list_of(string(), 256)), "timeout": optional(number(0, 1e7)),
         "retries": integer(0, 100), "budget": optional(number()), "max_price": optional(number()),
         "redundancy": integer(1, 16), "deps": optional(list_of(string(), 100_000)),
         "keep": boolean, "items": integer(0, MAX_ITEMS),
         "parts": list_of(integer(1, MAX_BUFFERS), MAX_ITEMS),
     }
-    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"items", "parts", "packages"})
+    OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"items", "parts", "packages", "proof"})
 
     def problem(self) -> str | None:
+        if self.proof is not None and (self.items or self.deps is not None or self.keep
+                                       or self.redundancy > 1):
+            return "a proof-carrying task is a plain task (no map chunk, graph or redundancy)"
         return chunk_problem(self.items, self.parts, self.nb, self.deps, self.keep)
 
 

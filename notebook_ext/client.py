@@ -49,6 +49,7 @@ from notebook_ext.serialize import (
     loads_result,
     local_runtime,
 )
+from notebook_ext.zk import ZkMethods
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ LET_GO_BATCH = 10_000
 QUERY_TIMEOUT = 30.0
 
 
-class Client(ChunkedMap, Incoming):
+class Client(ChunkedMap, Incoming, ZkMethods):
     """A connection to a decompute gateway, as this machine's identity.
 
     ``address`` defaults to ``$DECOMPUTE_GATEWAY``, else ``ws://127.0.0.1:8765``. ``trust=True``
@@ -410,12 +411,12 @@ class Client(ChunkedMap, Incoming):
         return self._send_tasks(specs, payloads, {func_hash: blob}, trust)
 
     def _send_tasks(self, specs: list[p.TaskSpec], payloads: list[list], funcs: dict[str, bytes],
-                    trust: bool | None) -> list[Future]:
+                    trust: bool | None, make: type[Future] = Future) -> list[Future]:
         if self._closed:
             raise RuntimeError("this Client is closed; create a new one")
         frame = self._submit_frame(specs, payloads, funcs)
         trust = self.trust if trust is None else trust
-        futures = [Future(self, spec.key, trust) for spec in specs]
+        futures = [make(self, spec.key, trust) for spec in specs]
         self._book.add(futures, specs, payloads, funcs)
         self._send_soon(frame)
         for listener in self._submit_listeners:
