@@ -16,8 +16,8 @@ event loop (its shell hands it to a thread) and in the client's user thread.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import importlib.util
 import json
 import tempfile
 import time
@@ -48,9 +48,14 @@ class Checked:
     seconds: float
 
 
+@functools.cache
 def available() -> bool:
-    """Whether this process can verify proofs (ezkl is importable)."""
-    return importlib.util.find_spec("ezkl") is not None
+    """Whether this process can verify proofs (ezkl imports)."""
+    try:
+        import ezkl  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def envelope_of(buffers: Sequence[memoryview | bytes]) -> bytes:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.zk_fields import ProofSpec
 from gateway.zk_verify import ProofRejected, check_envelope, envelope_of
+from notebook_ext.errors import VerificationFailed
 from notebook_ext.futures import Future, RawResult
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ MAX_LOGROWS = 13
 _FILES = ("model.onnx", "settings.json", "network.ezkl", "kzg.srs", "vk.key")
 
 
-class ProofInvalid(Exception):
+class ProofInvalid(VerificationFailed):
     """The provider's proof did not verify on the client (the gateway should have refused it)."""
 
 
