@@ -199,10 +199,17 @@ class ProofFuture(Future):
 
     @property
     def verification(self) -> dict | None:
-        if self._proof_check is None and self.done() and not self.cancelled() \
-                and super().exception() is None:
-            with contextlib.suppress(ProofInvalid):
-                self.result()
+        """``{"kind": "proof", "verified": ..., "model", "vk_hash", ...}`` once done: verified
+        here on first access (as ``result()`` does), or why the gateway refused the proof."""
+        if self._proof_check is None and self.done() and not self.cancelled():
+            error = super().exception()
+            if error is None:
+                with contextlib.suppress(ProofInvalid):
+                    self.result()
+            elif isinstance(error, VerificationFailed):
+                self._proof_check = {"kind": "proof", "verified": False, "by": ["gateway"],
+                                     "model": self.zk_model.model,
+                                     "vk_hash": self.zk_model.vk_hash, "reason": str(error)}
         return self._proof_check or getattr(self, "_verification_other", None)
 
     @verification.setter

@@ -10,8 +10,10 @@ conserved with no escrow left held (conftest's ``attack_books``).
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +27,13 @@ from helpers import spawn, wait_for  # noqa: E402
 from zk_cheats import TAMPER, ZkProver, tiny_model  # noqa: E402
 
 from gateway.ledger import Ledger, to_micro  # noqa: E402
-from notebook_ext import Client, NoMatchingProvider, VerificationFailed, verify_receipt  # noqa: E402
+from notebook_ext import (  # noqa: E402
+    BudgetExceeded,
+    Client,
+    NoMatchingProvider,
+    VerificationFailed,
+    verify_receipt,
+)
 from notebook_ext.futures import RawResult  # noqa: E402
 from notebook_ext.zk import ProofFuture, ProofInvalid, ZkModel, compile_model  # noqa: E402
 
@@ -96,12 +104,43 @@ def test_a_tampered_proof_is_refused_and_unpaid(gw: Gateway, model, tmp_path: Pa
         with pytest.raises(VerificationFailed, match="refused by the gateway") as caught:
             fut.result(60)
         print(f"\n{tamper}: {caught.value}")
+        assert fut.verification["verified"] is False and fut.verification["by"] == ["gateway"]
         assert cheat.served, "the cheater ran the task"
         assert fut.cost == 0 and fut.receipt is None
         assert balance(gw, cheat.account) == cheat_before  # not paid
         assert balance(gw, client.account) == client_before  # escrow returned
         info = {pi.name: pi for pi in client.providers()}[name]
         assert info.reputation < 0.5
+
+
+def test_no_proof_no_pay_an_error_or_a_spent_budget_is_not_paid(gw: Gateway, model,
+                                                                tmp_path: Path) -> None:
+    """A prover that fails, or that runs past its budget without a proof, earns nothing: the
+    escrow goes back whole (heartbeats move no tokens on a proof task)."""
+    zk, x, _ = model
+    with ZkProver(gw.url, tmp_path / "idle", name="idle") as idle, \
+            Client(gw.url, home=tmp_path / "client", stream_output=False) as client:
+        idle.close_serving()  # this test answers by hand
+        client_before, idle_before = balance(gw, client.account), balance(gw, idle.account)
+        failing = client.prove(zk, x, budget=BUDGET, providers=["idle"], retries=0)
+        assignment, _ = idle.next_assignment()
+        idle.fail(assignment.key, "out of memory", usage={"cpu_seconds": 0.2})
+        with pytest.raises(Exception, match="out of memory"):
+            failing.result(30)
+        assert failing.cost == 0
+        spending = client.prove(zk, x, budget=1.2, providers=["idle"], retries=0)
+        assignment, _ = idle.next_assignment()
+        deadline = time.monotonic() + 20
+        while not spending.done() and time.monotonic() < deadline:  # beats, as provers do
+            idle.heartbeat({assignment.key: {"cpu_seconds": 60.0}})  # capped by the wall time
+            cf.wait([spending], timeout=0.25)
+        with pytest.raises(BudgetExceeded, match="nothing was charged"):
+            spending.result(5)
+        assert idle.cancelled.get(timeout=10) == assignment.key
+        idle.finish(assignment.key, buffers=[b"late", b"late"], usage={"cpu_seconds": 9.0})
+        assert spending.cost == 0
+        assert balance(gw, client.account) == client_before
+        assert balance(gw, idle.account) == idle_before
 
 
 def test_the_client_refuses_a_tampered_proof_itself(gw: Gateway, model, tmp_path: Path) -> None:

@@ -104,10 +104,14 @@ class ZkProver(FakeProvider):
         self._serving.start()
         return self
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close_serving(self, timeout: float = 10.0) -> None:
+        """Stop answering assignments (the test answers them by hand)."""
         self._stop.set()
         if self._serving is not None:
             self._serving.join(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.close_serving(timeout)
         super().close(timeout)
 
     def _serve_all(self) -> None:
