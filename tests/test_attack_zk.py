@@ -11,12 +11,14 @@ conserved with no escrow left held (conftest's ``attack_books``).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgpack
 import pytest
 
 pytest.importorskip("ezkl", reason="decompute[zk] is not installed (pip install 'decompute[zk]')")
@@ -26,6 +28,7 @@ from conftest import REPO, Gateway, start_gateway  # noqa: E402
 from helpers import spawn, wait_for  # noqa: E402
 from zk_cheats import TAMPER, ZkProver, tiny_model  # noqa: E402
 
+from gateway.billing import result_hash  # noqa: E402
 from gateway.ledger import Ledger, to_micro  # noqa: E402
 from notebook_ext import (  # noqa: E402
     BudgetExceeded,
@@ -84,7 +87,12 @@ def test_a_valid_proof_is_accepted_and_paid(gw: Gateway, model, tmp_path: Path) 
         assert check["kind"] == "proof" and check["verified"] is True
         assert check["model"] == zk.model and check["vk_hash"] == zk.vk_hash
         assert fut.cost > 0 and fut.receipt is not None
+        # the receipt's result hash covers the envelope, which names the model and the vk
         assert verify_receipt(fut.receipt, client.gateway_key)
+        leaf = json.loads(fut.receipt["entry"])
+        assert leaf["outcome"] == result_hash(fut.raw_buffers())
+        envelope = msgpack.unpackb(fut.proof)
+        assert (envelope["model"], envelope["vk_hash"]) == (zk.model, zk.vk_hash)
         paid = fut.receipt["amount_micro"]
         assert paid == to_micro(fut.cost)
         wait_for(lambda: balance(gw, prover.account) - prover_before == paid, 10,
