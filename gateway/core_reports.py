@@ -69,6 +69,9 @@ class ReportRules:
             if self.verifier.voting(task) and task.state is TaskState.RUNNING:
                 self._vote(task, conn, result, bufs)
                 continue
+            if task.spec.proof is not None and task.state is TaskState.RUNNING:
+                self._proof_result(task, conn, result, bufs)  # paid once its proof verifies
+                continue
             if self._spot_takes(task, conn, result, bufs):
                 continue
             mine.append((task, result, bufs))
@@ -160,8 +163,9 @@ class ReportRules:
             task.usage = self._observed(task, conn, usage)
             live.append(task)
         voting = [t for t in live if self.verifier.voting(t)]
-        paying = [t for t in live if t.escrow_micro and not is_free(conn.ad) and not
-                  self.verifier.voting(t) and not t.spec.spot_check]  # paid once decided
+        paying = [t for t in live if t.escrow_micro and not is_free(conn.ad)
+                  and not self.verifier.voting(t) and not t.spec.spot_check
+                  and t.spec.proof is None]  # paid once decided (vote, check, proof)
         charges = dict(zip(map(id, paying), self.billing.settle(
             [(t.bill_id, conn.account, t.usage, conn.ad.prices, False) for t in paying]),
             strict=True))
@@ -174,6 +178,9 @@ class ReportRules:
         for task in voting:
             if task.escrow_micro and price_micro(task.usage, conn.ad.prices) >= task.escrow_micro:
                 self._stop_vote_over_budget(task)
+        for task in live:
+            if task.spec.proof is not None:
+                self._proof_over_budget(task, conn.ad.prices)
 
     def _stop_over_budget(self, task: Task, conn: ProviderConn, cost: float) -> None:
         """The escrow is spent: kill the task and fail it, settled for good at the escrow (work

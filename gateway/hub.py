@@ -37,6 +37,7 @@ from gateway.core_blobs import BlobRules, may_leave_blobs
 from gateway.core_checks import CheckRules
 from gateway.core_graphs import GraphRules
 from gateway.core_ledger import LedgerRules
+from gateway.core_proofs import ProofRules, Proofs
 from gateway.core_referee import RefereeRules
 from gateway.core_reports import ReportRules
 from gateway.core_upkeep import UpkeepRules
@@ -74,7 +75,7 @@ NO_PROVIDER_WAIT = Limits().no_provider_wait
 REJOIN_GRACE = Limits().rejoin_grace
 
 class Hub(LedgerRules, ReportRules, VoteRules, CheckRules, GraphRules, UpkeepRules,
-          BlobRules, RefereeRules):
+          BlobRules, RefereeRules, ProofRules):
     """Tasks, sessions and providers, and the rules that connect them."""
 
     def __init__(self, billing: Billing, limits: Limits | None = None,
@@ -103,6 +104,7 @@ class Hub(LedgerRules, ReportRules, VoteRules, CheckRules, GraphRules, UpkeepRul
         self.verifier = Verifier()
         self.spot = SpotChecks(spot_rng)
         self.refereeing: dict = {}  # refereed tasks in dispute (gateway.core_referee)
+        self.proofs = Proofs()
         self.tasks = TaskTable()
         self.counters = Counters()
         self.funding = Funding(billing, self.registry)
@@ -154,6 +156,7 @@ class Hub(LedgerRules, ReportRules, VoteRules, CheckRules, GraphRules, UpkeepRul
             task_id = f"{session.id}/{spec.key}"
             why = self.refereed_refusal(spec, payload) if spec.refereed else None
             why = why or self.admission.refusal(spec, session.account, task_id, funcs, batch)
+            why = why or self._proof_refusal(spec)
             if why is None and spec.refs:
                 bad = self._refs_refusal(spec, session.account)
                 why = None if bad is None else failure(spec.key, p.ErrorCode.SCHEMA, bad,
@@ -208,7 +211,8 @@ class Hub(LedgerRules, ReportRules, VoteRules, CheckRules, GraphRules, UpkeepRul
         """Escrow ids of tasks still open here (on the gateway, or replicas whose ballots wait
         for their vote): ``Ledger.check(live=...)`` reports any other held escrow as stale."""
         live = {t.bill_id for t in self.tasks.values() if t.escrow_micro}
-        return live | self.verifier.live_escrows() | self.spot.live_escrows()
+        return (live | self.verifier.live_escrows() | self.spot.live_escrows()
+                | self.proofs.live_escrows())
 
     def _replicas(self, task: Task) -> list[Task]:
         """``redundancy=k``: k replicas of the task, each knowing its siblings."""

@@ -82,6 +82,7 @@ from gateway.spec_fields import package_map as package_map
 from gateway.spec_fields import parse_requirement as parse_requirement
 from gateway.spec_fields import requirement_list as requirement_list
 from gateway.spec_fields import resource_map as resource_map
+from gateway.zk_fields import ProofSpec as ProofSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,11 +141,14 @@ class TaskSpec(Record):
     check: str | None = None
     #: ``{"steps": N, "every": K}``: a refereed task (:mod:`gateway.referee`); empty: not one.
     refereed: dict = field(default_factory=dict)
+    #: A proof-carrying task (``decompute[zk]``): paid only for a proof that verifies.
+    proof: ProofSpec | None = None
     SCHEMA: ClassVar[dict[str, Check]] = {
         "key": string(), "func": string(128), "nb": integer(0, MAX_BUFFERS),
         "runtime": record(Runtime), "resources": resource_map, "send": boolean,
         "packages": requirement_list, "refs": ref_list, "spot_check": number(0.0, 1.0),
         "check": optional(string(128)), "refereed": mapping(4, integer(0, 10**7)),
+        "proof": optional(record(ProofSpec)),
         "providers": optional(list_of(string(), 256)), "timeout": optional(number(0, 1e7)),
         "retries": integer(0, 100), "budget": optional(number()), "max_price": optional(number()),
         "redundancy": integer(1, 16), "deps": optional(list_of(string(), 100_000)),
@@ -152,9 +156,12 @@ class TaskSpec(Record):
         "parts": list_of(integer(1, MAX_BUFFERS), MAX_ITEMS),
     }
     OMIT_EMPTY: ClassVar[frozenset[str]] = frozenset({"items", "parts", "packages", "refs",
-                                                      "spot_check", "check", "refereed"})
+                                                      "spot_check", "check", "refereed", "proof"})
 
     def problem(self) -> str | None:
+        if self.proof is not None and (self.items or self.deps is not None or self.keep
+                                       or self.redundancy > 1):
+            return "a proof-carrying task is a plain task (no map chunk, graph or redundancy)"
         return (chunk_problem(self.items, self.parts, self.nb, self.deps, self.keep)
                 or spec_refs_problem(self.refs, self.nb, self.items))
 

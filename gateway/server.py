@@ -34,6 +34,7 @@ from gateway.hub import Hub
 from gateway.identity import Identity
 from gateway.limits import TokenBucket
 from gateway.metrics import render_prometheus
+from gateway.proof_shell import ProofChecker
 from gateway.receipt_log import ReceiptLog, log_http
 from gateway.registry import ProviderConn
 from gateway.transport import PING_INTERVAL, PING_TIMEOUT, FrameWriter
@@ -81,6 +82,7 @@ class GatewayServer:
         self.hub = hub
         self.ledger = hub.billing.ledger  # the shell's reads: loads, a restarted session's past
         self.accounting: AccountingWorker | None = None
+        self.proof_checker: ProofChecker | None = None
         self.identity = identity
         self.host = host
         self.port = port
@@ -109,9 +111,12 @@ class GatewayServer:
             lambda done: loop.call_soon_threadsafe(self._react, "committed", self.hub.committed,
                                                    done))
         self.accounting.start()
+        self.proof_checker = ProofChecker(lambda task_id, ok, why: loop.call_soon_threadsafe(
+            self._react, "proof", self.hub.proof_checked, task_id, ok, why))
         try:
             await self._serve()
         finally:
+            self.proof_checker.stop()
             self._flush()
             await asyncio.to_thread(self.accounting.stop)
             self.accounting.log.close()
@@ -285,6 +290,9 @@ class GatewayServer:
         """Hand the core's journal to the accounting worker (an empty one too when ``idle``:
         the worker then looks for movements written from outside)."""
         accounts = self.hub.billing.accounts
+        if self.proof_checker is not None:  # CPU work: verified off the loop, verdicts back
+            for check in self.hub.proofs.take():
+                self.proof_checker.submit(check)
         if self.accounting is not None and (accounts.journal or idle):
             self.accounting.submit(*accounts.take_journal())
 

@@ -89,6 +89,13 @@ class Verifier:
     def reputation(self, account: str) -> float:
         return self.standing.get(account, Standing()).reputation
 
+    def record(self, account: str, valid: bool) -> None:
+        """A result of ``account`` was checked another way (a proof): count it as a vote would."""
+        standing = self.standing.setdefault(account, Standing())
+        standing.valid += valid
+        standing.invalid += not valid
+        standing.run = standing.run + 1 if valid else 0
+
     def open(self, replicas: list[Task]) -> None:
         vote = Vote(replicas[0].task_id, list(replicas))
         self.votes[vote.id] = vote

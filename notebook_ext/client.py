@@ -45,6 +45,7 @@ from notebook_ext.serialize import (
     local_runtime,
 )
 from notebook_ext.transfers import Payments
+from notebook_ext.zk import ZkMethods
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ LET_GO_BATCH = 10_000
 QUERY_TIMEOUT = 30.0
 
 
-class Client(ChunkedMap, Incoming, Payments, Refereed, Scattering):
+class Client(ChunkedMap, Incoming, Payments, Refereed, Scattering, ZkMethods):
     """A connection to a decompute gateway, as this machine's identity.
 
     ``address`` defaults to ``$DECOMPUTE_GATEWAY``, else ``ws://127.0.0.1:8765``. ``trust=True``
@@ -406,13 +407,13 @@ class Client(ChunkedMap, Incoming, Payments, Refereed, Scattering):
         refuse_unaffordable(self.balance(), budget, n, opts.get("redundancy") or 1, self.account)
 
     def _send_tasks(self, specs: list[p.TaskSpec], payloads: list[list], funcs: dict[str, bytes],
-                    trust: bool | None) -> list[Future]:
+                    trust: bool | None, make: type[Future] = Future) -> list[Future]:
         if self._closed:
             raise RuntimeError("this Client is closed; create a new one")
         specs, payloads = self._with_blobs(specs, payloads)
         frame = self._submit_frame(specs, payloads, funcs)
         trust = self.trust if trust is None else trust
-        futures = [Future(self, spec.key, trust) for spec in specs]
+        futures = [make(self, spec.key, trust) for spec in specs]
         self._track_arguments(futures, specs)
         self._book.add(futures, specs, payloads, funcs)
         self._send_soon(frame)
