@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test soak bench lint clean chromium lab
+.PHONY: demo test soak bulk bench lint clean chromium lab
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,7 +27,7 @@ chromium:
 	  echo "chromium could not be installed: the browser test will be skipped"
 
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest -q tests -m "not soak"
+	$(BIN)/python -m pytest -q tests -m "not soak and not bulk"
 
 # The acceptance runs at full scale (100,000-task map and Dask graph, a gateway away for 90 s):
 # minutes each, so outside `make test`; `make bench` and CI run them too.
@@ -38,10 +38,15 @@ soak: $(STAMP)
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
+# Gigabyte transfers through the gateway (cut-through memory bounds): minutes, gigabytes of RAM.
+bulk: $(STAMP)
+	$(BIN)/python -m pytest -q tests -m bulk
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/scale.py --out benchmarks/results/scale.json
 	$(MAKE) soak
+	$(MAKE) bulk
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway provider notebook_ext tests benchmarks notebooks

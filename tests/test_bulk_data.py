@@ -1,7 +1,7 @@
 """Bulk data: cut-through blobs, scatter, and the provider's bounded store (real processes).
 
-The gigabyte runs (a 1 GiB round trip, transfers cut off at 500 MiB) are ``soak`` tests: they
-take tens of seconds on this machine, so they run in ``make soak`` (and CI), not ``make test``.
+The gigabyte runs (a 1 GiB round trip, transfers cut off at 500 MiB) are ``bulk`` tests: they
+take tens of seconds and gigabytes of memory, so they run in ``make bulk`` (and ``make bench``).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def _sum_later(data, seconds: float) -> float:
 # --------------------------------------------------------------------------- soak: gigabytes
 
 
-@pytest.mark.soak
+@pytest.mark.bulk
 def test_a_gibibyte_round_trip_keeps_the_gateway_small(client2, two) -> None:
     a = np.ones(1024 * MiB // 8)
     a[::4096] = np.arange(len(a[::4096]))
@@ -166,7 +166,7 @@ def test_a_gibibyte_round_trip_keeps_the_gateway_small(client2, two) -> None:
     assert grew < 200, f"the gateway grew by {grew:.0f} MiB during a 1 GiB round trip"
 
 
-@pytest.mark.soak
+@pytest.mark.bulk
 def test_a_client_that_leaves_midway_fails_its_task_and_frees_the_gateway(
         two, tmp_path: Path) -> None:
     size = 500 * MiB
@@ -196,7 +196,7 @@ def test_a_client_that_leaves_midway_fails_its_task_and_frees_the_gateway(
              message="the gateway's memory back near idle")
 
 
-@pytest.mark.soak
+@pytest.mark.bulk
 def test_a_provider_that_dies_returning_a_big_result_fails_the_task(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gw = start_gateway(tmp_path / "gw")
