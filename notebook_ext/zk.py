@@ -103,7 +103,7 @@ def cache_root() -> Path:
     return Path(home) / "zk"
 
 
-def compile_model(onnx_model: str | os.PathLike | bytes, sample: Any, *, scale: int = 7,
+def compile_model(onnx_model: str | os.PathLike | bytes, sample: Any, *, scale: int = 8,
                   logrows: int | None = None, cache: Path | None = None) -> ZkModel:
     """Compile an ONNX model into a circuit (settings, circuit, SRS, verifying key), or load it
     from the cache (keyed by the model's hash and these options).
@@ -295,7 +295,7 @@ def submit_proof(client: Client, zk_model: ZkModel, x: Any, *, key: str | None =
 class ZkMethods:
     """``Client``'s proof-carrying methods (a mixin; ``decompute[zk]`` needs ezkl and onnx)."""
 
-    def zk_compile(self, onnx_model: str | os.PathLike | bytes, sample: Any, *, scale: int = 7,
+    def zk_compile(self, onnx_model: str | os.PathLike | bytes, sample: Any, *, scale: int = 8,
                    logrows: int | None = None) -> ZkModel:
         """Compile an ONNX model (a path or its bytes) into a proving circuit, on this machine:
         settings, circuit, a locally generated SRS and the verifying key, cached under
