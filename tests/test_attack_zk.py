@@ -219,3 +219,12 @@ def test_a_gateway_without_ezkl_refuses_proof_tasks_at_submit(
             assert client.balance() == before
     finally:
         bare.stop()
+
+
+def test_compiling_again_loads_the_cache_by_model_hash(model, tmp_path: Path) -> None:
+    _, x, onnx_bytes = model
+    first = compile_model(onnx_bytes, x, cache=tmp_path)
+    again = compile_model(onnx_bytes, x, cache=tmp_path)
+    assert again.seconds == {} and again.path == first.path  # nothing rebuilt
+    assert (again.vk_hash, again.srs, again.circuit) == (first.vk_hash, first.srs, first.circuit)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.path.name]  # no build left over
