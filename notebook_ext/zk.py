@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -103,7 +104,7 @@ def cache_root() -> Path:
     return Path(home) / "zk"
 
 
-def compile_model(onnx_model: str | os.PathLike | bytes, sample: Any, *, scale: int = 7,
+def compile_model(onnx_model: str | os.PathLike | bytes, sample: Any, *, scale: int = 8,
                   logrows: int | None = None, cache: Path | None = None) -> ZkModel:
     """Compile an ONNX model into a circuit (settings, circuit, SRS, verifying key), or load it
     from the cache (keyed by the model's hash and these options).
@@ -111,16 +112,33 @@ def compile_model(onnx_model: str | os.PathLike | bytes, sample: Any, *, scale: 
     ``sample`` is an example input: the circuit is checked on it (ezkl's mock prover), and the
     smallest ``logrows`` that fits is found when none is given. The SRS is generated here, never
     downloaded (ezkl's ``gen_srs``; see the README on what a locally made SRS means)."""
-    import ezkl
-
     data = onnx_model if isinstance(onnx_model, bytes) else Path(onnx_model).read_bytes()
     model = hashlib.sha256(data).hexdigest()
     folder = (cache or cache_root()) / f"{model[:32]}-s{scale}-k{logrows or 'auto'}"
     if all((folder / f).exists() for f in _FILES):
         log.info("zk model %s loaded from %s", model[:12], folder)
         return _load(folder, model, {})
-    folder.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="build-", dir=folder))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=folder.parent))
+    try:
+        seconds = _build(work, data, sample, scale, logrows)
+        for scratch in ("input.json", "witness.json", "pk.key"):
+            (work / scratch).unlink()
+        try:  # published whole or not at all: a directory rename is atomic
+            work.rename(folder)
+        except OSError:  # another process published it first: theirs is as good
+            log.info("zk model %s was compiled meanwhile; using %s", model[:12], folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("zk model %s compiled: %s", model[:12], seconds)
+    return _load(folder, model, seconds)
+
+
+def _build(work: Path, data: bytes, sample: Any, scale: int,
+           logrows: int | None) -> dict[str, float]:
+    """Settings, circuit, SRS and keys in ``work``; returns the seconds each step took."""
+    import ezkl
+
     files = {name: str(work / name) for name in (*_FILES, "input.json", "witness.json",
                                                  "pk.key")}
     (work / "model.onnx").write_bytes(data)
@@ -142,18 +160,12 @@ def compile_model(onnx_model: str | os.PathLike | bytes, sample: Any, *, scale: 
             k += 1
     seconds["compile"] = time.perf_counter() - start
     start = time.perf_counter()
-    ezkl.gen_srs(files["kzg.srs"], k)
+    ezkl.gen_srs(files["kzg.srs"], k)  # made here, never downloaded
     seconds["srs"] = time.perf_counter() - start
     start = time.perf_counter()
     ezkl.setup(files["network.ezkl"], files["vk.key"], files["pk.key"], files["kzg.srs"])
     seconds["setup"] = time.perf_counter() - start
-    for name in _FILES:  # published whole or not at all: a crash leaves no half cache
-        os.replace(work / name, folder / name)
-    for leftover in work.iterdir():
-        leftover.unlink()
-    work.rmdir()
-    log.info("zk model %s compiled: 2**%d rows, %s", model[:12], k, seconds)
-    return _load(folder, model, seconds)
+    return seconds
 
 
 def _settings(files: dict[str, str], scale: int, logrows: int) -> None:
@@ -295,7 +307,7 @@ def submit_proof(client: Client, zk_model: ZkModel, x: Any, *, key: str | None =
 class ZkMethods:
     """``Client``'s proof-carrying methods (a mixin; ``decompute[zk]`` needs ezkl and onnx)."""
 
-    def zk_compile(self, onnx_model: str | os.PathLike | bytes, sample: Any, *, scale: int = 7,
+    def zk_compile(self, onnx_model: str | os.PathLike | bytes, sample: Any, *, scale: int = 8,
                    logrows: int | None = None) -> ZkModel:
         """Compile an ONNX model (a path or its bytes) into a proving circuit, on this machine:
         settings, circuit, a locally generated SRS and the verifying key, cached under
