@@ -41,6 +41,8 @@ class VoteRules:
     def _abandon_vote(self, task: Task, answer: p.Result) -> None:
         """Close ``task``'s vote undecided: its open replicas stop (or end, if waiting), every
         escrow of it goes back (ballots too), and the client gets ``answer`` once."""
+        vote = self.verifier.of.get(task.task_id)
+        self.refereeing.pop(vote.id if vote is not None else "", None)
         replicas, ballots = self.verifier.abandon(task)
         self._stop_replicas(replicas, TaskState.ERROR)
         self.billing.refund([t.bill_id for t in replicas if t.escrow_micro]

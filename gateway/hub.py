@@ -235,6 +235,7 @@ class Hub(LedgerRules, ReportRules, VoteRules, CheckRules, GraphRules, UpkeepRul
         refunds: list[str] = []
         for key in keys:
             task_id = f"{session.id}/{key}"
+            self.refereeing.pop(task_id, None)
             vote = self.verifier.close(task_id)  # a redundant task's open vote closes: the
             replicas, ballots = vote or ([], [])  # ballots cast are neither judged nor paid
             refunds += [b.task.bill_id for b in ballots if b.task.escrow_micro]

@@ -57,7 +57,7 @@ def spec_problem(refereed: dict, redundancy: int, payload: Sequence[memoryview])
     steps, every = refereed["steps"], refereed["every"]
     if not 1 <= steps <= MAX_STEPS or not 1 <= every <= steps:
         return f"refereed needs 1 <= every <= steps <= {MAX_STEPS}"
-    if len(checkpoints(0, steps, every)) > MAX_CHECKPOINTS + 1:
+    if steps // every + (steps % every > 0) > MAX_CHECKPOINTS:
         return f"refereed commits at most {MAX_CHECKPOINTS} checkpoints; raise checkpoint_every"
     if redundancy != 2:
         return "a refereed task runs on exactly two providers (redundancy=2)"

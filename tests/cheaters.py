@@ -3,8 +3,9 @@
 A :class:`StepRunner` is a :class:`fakes.FakeProvider` that really runs what it is assigned
 (the function and arguments the gateway relays), in a thread of the test, and records which steps
 of a refereed run it executed (``ran``). With ``skip=37`` it cheats as a lazy trainer does: step
-37 returns the state unchanged, and it commits the hashes of what it computed. Only a test
-helper: the product has no flag that makes a provider misbehave.
+37 returns the state unchanged, and it commits the hashes of what it computed; ``garbage``
+answers with no commitment at all; ``forge`` claims a verification verdict of its own. Only a
+test helper: the product has no flag that makes a provider misbehave.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ class StepRunner(FakeProvider):
     """Runs every assignment in-process; ``skip``: the step index it does not compute."""
 
     def __init__(self, url: str, home: Path, *, name: str, skip: int | None = None,
-                 prices: dict[str, float] | None = None) -> None:
+                 prices: dict[str, float] | None = None, garbage: bool = False,
+                 forge: dict | None = None) -> None:
         super().__init__(url, home, name=name, prices=prices)
+        self.garbage = garbage  # answer refereed runs with a result that commits nothing
+        self.forge = forge  # a ``verification`` it claims in its results
         self.ad = replace(self.ad, packages=advertised_packages())  # it imports what we do
         self.skip = skip
         self.funcs: dict[str, bytes] = {}
@@ -81,5 +85,8 @@ class StepRunner(FakeProvider):
             value = fn(segment, state, maybe, **kwargs)
         self.runs += 1
         wall = max(time.monotonic() - started, 0.05)
+        if self.garbage and getattr(fn, "__name__", "") == "run_segment":
+            value = ("trust me",)
+        extra = {"verification": self.forge} if self.forge else {}
         self.finish(spec.key, buffers=dumps_result(value),
-                    usage={"cpu_seconds": wall, "wall_seconds": wall})
+                    usage={"cpu_seconds": wall, "wall_seconds": wall}, **extra)

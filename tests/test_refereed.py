@@ -138,3 +138,25 @@ def test_hostile_refereed_specs_are_refused(net: tuple[Gateway, Path, str],
         fut = client.refereed(walk, np.zeros(2), 10, checkpoint_every=5)
         with pytest.raises(Exception, match="segment"):
             fut.result(timeout=30)
+
+
+def test_a_run_without_a_valid_commitment_loses_outright(net: tuple[Gateway, Path, str],
+                                                         tmp_path: Path) -> None:
+    """A provider that answers with something other than a commitment, and claims a verdict of
+    its own in the result: no referee is needed, it is unpaid, and its claim never reaches the
+    client (the verdict is the gateway's)."""
+    gw, _, honest = net
+    forged = {"kind": "refereed", "agreed": True, "winner": "me"}
+    with StepRunner(gw.url, tmp_path / "junk", name="junk", garbage=True, forge=forged,
+                    prices=PRICES) as junk, \
+            Client(gw.url, home=tmp_path / "client", stream_output=False) as client:
+        gw.wait_providers(2)
+        state0 = np.linspace(0, 1, 8)
+        fut = client.refereed(walk, state0, 20, checkpoint_every=5, budget=5,
+                              providers=[honest, "junk"])
+        assert np.array_equal(fut.result(timeout=60), run_locally(state0, 20))
+        v = fut.verification
+        assert v["agreed"] is False and v["referee"] is None and v["loser"].startswith("junk")
+        assert "winner" in v and v["winner"] != "me"
+        assert earnings(gw, junk.account) == 0
+    books_settle(gw.home.parent / "ledger.sqlite")
