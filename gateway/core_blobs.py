@@ -258,6 +258,7 @@ class BlobRules:
         if ended.culprit is not None and ended.culprit[0] == "p":
             bad = self.registry.get(ended.culprit[1])
             if bad is not None:
+                self.verifier.record(bad.account, False)
                 self.standing.lost(bad.account, f"sent bytes that do not match blob "
                                                 f"{ended.transfer.blob.id[:12]}…")
             ended.transfer.blob.holders.discard(ended.culprit[1])
@@ -280,6 +281,7 @@ class BlobRules:
             conn = self.registry.get(parked.provider)
             if conn is not None and task.task_id in conn.running:
                 conn.running.discard(task.task_id)
+                self.verifier.record(conn.account, False)  # its named hash was a lie
                 fails: list[Failing] = []
                 self._bad_result(task, conn, ended.error or "", fails)
                 self._fail_many(fails)

@@ -54,8 +54,6 @@ class ReportRules:
                 self._bad_result(task, conn, why, fails)
                 continue
             conn.running.discard(task.task_id)
-            if result.verification:  # the gateway's word alone, never a provider's
-                result = replace(result, verification={})
             if result.status == "cancelled" and task.state is TaskState.RUNNING:
                 result = unasked_cancel(result, task.key, conn.id)  # nobody asked: it failed
             bad = chunks.result_problem(task.spec.items, result)

@@ -57,6 +57,7 @@ class FakeProvider:
         self.cancelled: queue.Queue[str] = queue.Queue()
         self.fetched: queue.Queue[str] = queue.Queue()
         self.data: queue.Queue[tuple[p.Data, list[memoryview]]] = queue.Queue()
+        self.chunks: queue.Queue[tuple[p.Chunk, bytes]] = queue.Queue()
         self.other: queue.Queue[p.Message] = queue.Queue()
         self.closed = threading.Event()
         self.close_reason: str = ""
@@ -137,6 +138,8 @@ class FakeProvider:
                 self.fetched.put(key)
         elif isinstance(msg, p.Data):
             self.data.put((msg, list(buffers)))
+        elif isinstance(msg, p.Chunk):
+            self.chunks.put((msg, bytes(buffers[0])))
         else:
             self.other.put(msg)
 
