@@ -14,6 +14,7 @@ from dataclasses import replace
 from gateway import protocol as p
 from gateway.outcomes import failure, outcome_digest, vote_leaf
 from gateway.registry import ProviderConn
+from gateway.scheduler import why_ineligible
 from gateway.spot_check import REPLICA_BASE, Case, Verdict, check_payload, judge
 from gateway.tasks import Task, TaskState
 from gateway.verify import Ballot, Standing
@@ -42,13 +43,14 @@ class CheckRules:
                 case.ballots.append(ballot)
             self._spot_next(case)
             return True
+        blob = self.spot.blobs.pop(task.task_id, None)
         if task.spec.spot_check <= 0 or result.status != "finished":
             return False
         if not self.spot.draw(task, conn.account):
-            self.spot.remember(task, ballot)
+            self.spot.remember(task, ballot, blob)
             return False
         self._end(task, TaskState.FINISHED)
-        self._spot_next(Case(task, [ballot], self.spot.blobs.pop(task.task_id, None)))
+        self._spot_next(Case(task, [ballot], blob))
         return True
 
     def _spot_next(self, case: Case) -> None:
@@ -75,7 +77,8 @@ class CheckRules:
                     replica=REPLICA_BASE + case.made)
         task.avoid = case.accounts(runs_only=kind == "check")
         task.tried = set(task.avoid)
-        if not any(c.account not in task.avoid for c in self.registry):
+        if not any(c.account not in task.avoid and why_ineligible(spec, task.account, c) is None
+                   for c in self.registry):
             return False
         why = self.funding.fund(first.session, [task])[0]
         if why is not None:

@@ -477,6 +477,7 @@ class Hub(LedgerRules, ReportRules, VoteRules, CheckRules, GraphRules, UpkeepRul
 
     def _forget(self, task: Task) -> None:
         self.tasks.forget(task)
+        self.spot.blobs.pop(task.task_id, None)
 
     def _send_results(self, session: ClientSession, items: list[tuple[p.Result, list]]) -> None:
         self.delivery.send(session, items)

@@ -142,3 +142,13 @@ def test_a_result_held_for_its_check_is_cancelled_unpaid_and_its_check_stopped(
         wait_for(lambda: fut.status == "cancelled", 10, message="the future cancelled")
         assert balance(gw, client.account) == client_before
         assert all(balance(gw, f.account) == before[f.account] for f in (a, b))
+
+
+def test_with_no_other_account_to_check_it_the_result_comes_unchecked_and_says_so(
+        gw: Gateway, tmp_path: Path) -> None:
+    with WorkingFake(gw.url, tmp_path / "alone", name="alone", prices={"cpu": PRICE}), \
+            Client(gw.url, home=tmp_path / "client", stream_output=False) as client:
+        fut = client.submit(square, 5, spot_check=1.0, providers=["alone"])
+        assert fut.result(20) == 25 and fut.cost > 0
+        assert fut.verification["checked"] is False
+        assert "another account" in fut.verification["note"]
