@@ -499,6 +499,8 @@ class Hub(LedgerRules, ReportRules, VoteRules, CheckRules, GraphRules, UpkeepRul
             "graph_results_kept": len(self.graph.nodes),
             "graph_bytes_produced": self.graph.bytes_produced,
             "graph_bytes_moved": self.graph.bytes_moved,
+            "spot_checks_run": self.spot.checks_run,
+            "spot_checks_failed": self.spot.caught,
         }
 
 
