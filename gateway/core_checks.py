@@ -105,6 +105,23 @@ class CheckRules:
             refunds.append(case.running.bill_id)
         return True
 
+    def _spot_over_budget(self, task: Task) -> None:
+        """A spot-checked task (or its check) used up its escrow before its result was
+        decided: it stops unpaid (escrow back). The client's task fails with nothing charged;
+        a check task's case gives up instead."""
+        self._answered(task, TaskState.STOPPING, TaskState.ERROR)
+        self.send_cancel(task.provider or "", [task])
+        self.billing.refund([task.bill_id])
+        case = self.spot.cases.pop(task.task_id, None)
+        if case is not None:
+            self._spot_give_up(case, "its check used up its escrow")
+            return
+        what = (f"its budget of {task.spec.budget:g} tokens" if task.spec.budget is not None
+                else "its escrow (the gateway's default; pass budget= to allow more)")
+        self._send_results_to(task.session, [(failure(
+            task.key, p.ErrorCode.BUDGET, f"task {task.key} used up {what} before its result "
+            f"could be checked; it was stopped, nothing was charged", "BudgetExceeded"), [])])
+
     def _spot_lost(self, task: Task) -> bool:
         """A check task failed for good (its providers lost, nowhere to run): its escrow goes
         back and its case gives up. False if ``task`` is not a check task."""

@@ -149,7 +149,7 @@ class ReportRules:
                 continue  # comes with its result
             task.usage = self._observed(task, conn, usage)
             live.append(task)
-        voting = [t for t in live if self.verifier.voting(t)]
+        voting = [t for t in live if self.verifier.voting(t) or t.spec.spot_check]
         paying = [t for t in live if t.escrow_micro and not is_free(conn.ad) and not
                   self.verifier.voting(t) and not t.spec.spot_check]  # paid once decided
         charges = dict(zip(map(id, paying), self.billing.settle(
@@ -163,7 +163,10 @@ class ReportRules:
                 self._stop_over_budget(task, conn, charge.cost)
         for task in voting:
             if task.escrow_micro and price_micro(task.usage, conn.ad.prices) >= task.escrow_micro:
-                self._stop_vote_over_budget(task)
+                if task.spec.spot_check:
+                    self._spot_over_budget(task)
+                else:
+                    self._stop_vote_over_budget(task)
 
     def _stop_over_budget(self, task: Task, conn: ProviderConn, cost: float) -> None:
         """The escrow is spent: kill the task and fail it, settled for good at the escrow (work

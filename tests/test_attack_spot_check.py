@@ -23,7 +23,7 @@ from fakes import FakeProvider
 from helpers import http_get, wait_for
 
 from gateway.ledger import Ledger, to_micro
-from notebook_ext import Client
+from notebook_ext import BudgetExceeded, Client
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tasks are defined here
 
@@ -167,3 +167,38 @@ def test_with_no_other_account_to_check_it_the_result_comes_unchecked_and_says_s
         assert fut.result(20) == 25 and fut.cost > 0
         assert fut.verification["checked"] is False
         assert "another account" in fut.verification["note"]
+
+
+def test_a_spot_checked_task_over_its_budget_stops_unpaid(gw: Gateway, tmp_path: Path) -> None:
+    """No heartbeat pays a spot-checked task (its result is not decided yet): at its escrow it
+    stops, and nothing is charged."""
+    with FakeProvider(gw.url, tmp_path / "slow", name="slow", prices={"cpu": PRICE}) as slow, \
+            Client(gw.url, home=tmp_path / "client", stream_output=False) as client:
+        before, client_before = balance(gw, slow.account), balance(gw, client.account)
+        fut = client.submit(square, 2, budget=1.5, spot_check=0.5, retries=0,
+                            providers=["slow"])
+        assignment, _ = slow.next_assignment()
+        time.sleep(1.6)  # the gateway believes at most the wall time it saw: let 1.5 s pass
+        slow.heartbeat({assignment.key: {"cpu_seconds": 1.55}})
+        with pytest.raises(BudgetExceeded, match="checked"):
+            fut.result(10)
+        assert slow.cancelled.get(timeout=10) == assignment.key
+        assert fut.cost == 0.0 and balance(gw, client.account) == client_before
+        assert balance(gw, slow.account) == before
+
+
+def test_a_check_whose_provider_vanishes_delivers_the_result_unchecked(
+        gw: Gateway, tmp_path: Path) -> None:
+    with FakeProvider(gw.url, tmp_path / "a", name="van-a", prices={"cpu": PRICE}) as a, \
+            FakeProvider(gw.url, tmp_path / "b", name="van-b", prices={"cpu": PRICE}) as b, \
+            Client(gw.url, home=tmp_path / "client", stream_output=False) as client:
+        fut = client.submit(square, 4, spot_check=1.0, retries=0, providers=["van-a", "van-b"])
+        first, second = (a, b) if wait_for(lambda: a.assigned.qsize() or b.assigned.qsize(),
+                                           10, message="placed") and a.assigned.qsize() \
+            else (b, a)
+        assignment, _ = first.next_assignment()
+        first.finish(assignment.key, 16, usage={"cpu_seconds": 0.01})
+        second.next_assignment()  # the check
+        second.close()  # gone with it, and retries=0
+        assert fut.result(20) == 16
+        assert fut.verification["checked"] is False and "could not run" in fut.verification["note"]
