@@ -32,6 +32,9 @@ class CheckRules:
         if task.state is not TaskState.RUNNING:
             return False
         case = self.spot.cases.pop(task.task_id, None)
+        if case is None and (task.spec.spot_check <= 0 or result.status != "finished"):
+            self.spot.blobs.pop(task.task_id, None)
+            return False  # the hot path: no spot check, nothing hashed here
         ballot = Ballot(task, conn.id, conn.account, outcome_digest(result, bufs), result,
                         list(bufs), dict(conn.ad.prices))
         if case is not None:
@@ -44,8 +47,6 @@ class CheckRules:
             self._spot_next(case)
             return True
         blob = self.spot.blobs.pop(task.task_id, None)
-        if task.spec.spot_check <= 0 or result.status != "finished":
-            return False
         if not self.spot.draw(task, conn.account):
             self.spot.remember(task, ballot, blob)
             return False
