@@ -155,7 +155,8 @@ def test_a_result_held_for_its_check_is_cancelled_unpaid_and_its_check_stopped(
         fut.cancel()
         assert second.cancelled.get(timeout=10) == check.key
         wait_for(lambda: fut.status == "cancelled", 10, message="the future cancelled")
-        assert balance(gw, client.account) == client_before
+        wait_for(lambda: balance(gw, client.account) == client_before, 10,  # committed
+                 message="both escrows back on the client's balance")
         assert all(balance(gw, f.account) == before[f.account] for f in (a, b))
 
 
@@ -183,7 +184,9 @@ def test_a_spot_checked_task_over_its_budget_stops_unpaid(gw: Gateway, tmp_path:
         with pytest.raises(BudgetExceeded, match="checked"):
             fut.result(10)
         assert slow.cancelled.get(timeout=10) == assignment.key
-        assert fut.cost == 0.0 and balance(gw, client.account) == client_before
+        assert fut.cost == 0.0
+        wait_for(lambda: balance(gw, client.account) == client_before, 10,  # committed
+                 message="the escrow back on the client's balance")
         assert balance(gw, slow.account) == before
 
 
