@@ -14,6 +14,7 @@ from dataclasses import replace
 from gateway import protocol as p
 from gateway.outcomes import failure, outcome_digest, vote_leaf
 from gateway.registry import ProviderConn
+from gateway.scheduler import why_ineligible
 from gateway.spot_check import REPLICA_BASE, Case, Verdict, check_payload, judge
 from gateway.tasks import Task, TaskState
 from gateway.verify import Ballot, Standing
@@ -31,6 +32,9 @@ class CheckRules:
         if task.state is not TaskState.RUNNING:
             return False
         case = self.spot.cases.pop(task.task_id, None)
+        if case is None and (task.spec.spot_check <= 0 or result.status != "finished"):
+            self.spot.blobs.pop(task.task_id, None)
+            return False  # the hot path: no spot check, nothing hashed here
         ballot = Ballot(task, conn.id, conn.account, outcome_digest(result, bufs), result,
                         list(bufs), dict(conn.ad.prices))
         if case is not None:
@@ -42,13 +46,12 @@ class CheckRules:
                 case.ballots.append(ballot)
             self._spot_next(case)
             return True
-        if task.spec.spot_check <= 0 or result.status != "finished":
-            return False
+        blob = self.spot.blobs.pop(task.task_id, None)
         if not self.spot.draw(task, conn.account):
-            self.spot.remember(task, ballot)
+            self.spot.remember(task, ballot, blob)
             return False
         self._end(task, TaskState.FINISHED)
-        self._spot_next(Case(task, [ballot], self.spot.blobs.pop(task.task_id, None)))
+        self._spot_next(Case(task, [ballot], blob))
         return True
 
     def _spot_next(self, case: Case) -> None:
@@ -75,7 +78,8 @@ class CheckRules:
                     replica=REPLICA_BASE + case.made)
         task.avoid = case.accounts(runs_only=kind == "check")
         task.tried = set(task.avoid)
-        if not any(c.account not in task.avoid for c in self.registry):
+        if not any(c.account not in task.avoid and why_ineligible(spec, task.account, c) is None
+                   for c in self.registry):
             return False
         why = self.funding.fund(first.session, [task])[0]
         if why is not None:
@@ -101,6 +105,23 @@ class CheckRules:
         if case.running.escrow_micro:
             refunds.append(case.running.bill_id)
         return True
+
+    def _spot_over_budget(self, task: Task) -> None:
+        """A spot-checked task (or its check) used up its escrow before its result was
+        decided: it stops unpaid (escrow back). The client's task fails with nothing charged;
+        a check task's case gives up instead."""
+        self._answered(task, TaskState.STOPPING, TaskState.ERROR)
+        self.send_cancel(task.provider or "", [task])
+        self.billing.refund([task.bill_id])
+        case = self.spot.cases.pop(task.task_id, None)
+        if case is not None:
+            self._spot_give_up(case, "its check used up its escrow")
+            return
+        what = (f"its budget of {task.spec.budget:g} tokens" if task.spec.budget is not None
+                else "its escrow (the gateway's default; pass budget= to allow more)")
+        self._send_results_to(task.session, [(failure(
+            task.key, p.ErrorCode.BUDGET, f"task {task.key} used up {what} before its result "
+            f"could be checked; it was stopped, nothing was charged", "BudgetExceeded"), [])])
 
     def _spot_lost(self, task: Task) -> bool:
         """A check task failed for good (its providers lost, nowhere to run): its escrow goes

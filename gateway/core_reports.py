@@ -160,7 +160,7 @@ class ReportRules:
                 continue  # comes with its result
             task.usage = self._observed(task, conn, usage)
             live.append(task)
-        voting = [t for t in live if self.verifier.voting(t)]
+        voting = [t for t in live if self.verifier.voting(t) or t.spec.spot_check]
         paying = [t for t in live if t.escrow_micro and not is_free(conn.ad)
                   and not self.verifier.voting(t) and not t.spec.spot_check
                   and t.spec.proof is None]  # paid once decided (vote, check, proof)
@@ -175,7 +175,10 @@ class ReportRules:
                 self._stop_over_budget(task, conn, charge.cost)
         for task in voting:
             if task.escrow_micro and price_micro(task.usage, conn.ad.prices) >= task.escrow_micro:
-                self._stop_vote_over_budget(task)
+                if task.spec.spot_check:
+                    self._spot_over_budget(task)
+                else:
+                    self._stop_vote_over_budget(task)
         for task in live:
             if task.spec.proof is not None:
                 self._proof_over_budget(task, conn.ad.prices)

@@ -9,6 +9,7 @@ nothing here knows a message type.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Callable, Sequence
 
@@ -42,6 +43,16 @@ JOIN_BELOW = 256 * 1024
 class Transient(list):
     """A frame of blob traffic (chunks, wants): never kept for a client's reconnect, since the
     transfer it belongs to ends with the connection."""
+
+
+#: From this size a receive buffer is an anonymous mapping: its pages are zero when first
+#: touched, so it costs no up-front fill (a 100 MiB ``bytearray`` is memset first, ~30 ms).
+SCRATCH_MAP_FROM = 1024 * 1024
+
+
+def scratch(n: int) -> bytearray | mmap.mmap:
+    """A writable buffer of ``n`` bytes to receive into."""
+    return mmap.mmap(-1, n) if n >= SCRATCH_MAP_FROM else bytearray(n)
 
 
 def transient(frame: bytes | list[Buffer]) -> Transient:

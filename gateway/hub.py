@@ -508,6 +508,7 @@ class Hub(LedgerRules, ReportRules, VoteRules, CheckRules, GraphRules, UpkeepRul
 
     def _forget(self, task: Task) -> None:
         self.tasks.forget(task)
+        self.spot.blobs.pop(task.task_id, None)
 
     def _send_results(self, session: ClientSession, items: list[tuple[p.Result, list]]) -> None:
         self.delivery.send(session, items)
@@ -529,6 +530,8 @@ class Hub(LedgerRules, ReportRules, VoteRules, CheckRules, GraphRules, UpkeepRul
             "graph_results_kept": len(self.graph.nodes),
             "graph_bytes_produced": self.graph.bytes_produced,
             "graph_bytes_moved": self.graph.bytes_moved,
+            "spot_checks_run": self.spot.checks_run,
+            "spot_checks_failed": self.spot.caught,
         }
 
 

@@ -44,6 +44,7 @@ from gateway.framing import encode_frame as encode_frame
 from gateway.framing import frame_parts as frame_parts
 from gateway.framing import frame_size as frame_size
 from gateway.framing import header_length as header_length
+from gateway.framing import scratch as scratch
 from gateway.framing import split_buffers as split_buffers
 from gateway.framing import transient as transient
 from gateway.item_checks import chunk_problem as chunk_problem

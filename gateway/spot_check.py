@@ -169,9 +169,9 @@ class SpotChecks:
     def owns(self, task: Task) -> bool:
         return task.task_id in self.cases
 
-    def remember(self, task: Task, ballot: Ballot) -> None:
-        """An unchecked result, delivered: kept for a late check if its provider is caught."""
-        blob = self.blobs.pop(task.task_id, None)
+    def remember(self, task: Task, ballot: Ballot, blob: memoryview | None) -> None:
+        """An unchecked result, delivered: kept (with the task's payload: the memory a late
+        check costs) for a late check if its provider is caught."""
         if blob is None:  # a re-run compares hashes: the result's bytes are not needed
             ballot.buffers = []
         queue = self.unchecked.setdefault((task.session, ballot.provider_account),

@@ -63,6 +63,8 @@ class Incoming:
                 waiter.set_exception(rebuild_error(result.error, result.code))
         if result.receipt:
             self._receipt_book.add(result.receipt)
+        if spot_checks.late(self, result):  # news of a result delivered earlier, not an outcome
+            return
         fut = self._book.take(result.key)
         spot_checks.note(self, result, None if isinstance(fut, Chunk) else fut)
         if isinstance(fut, Chunk):

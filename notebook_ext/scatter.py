@@ -88,8 +88,8 @@ class Scattering:
         self._scattered: weakref.WeakValueDictionary[str, Scattered] = (
             weakref.WeakValueDictionary())
         self._scatter_lock = threading.Lock()
-        self._assembling: dict[int, tuple[str, bytearray, list[int]]] = {}
-        self._arrived: dict[str, bytearray] = {}
+        self._assembling: dict[int, tuple[str, Any, list[int]]] = {}
+        self._arrived: dict[str, Any] = {}
         self._streams: dict[int, asyncio.Task] = {}
 
     # ------------------------------------------------------------------ scatter
@@ -220,7 +220,7 @@ class Scattering:
         if entry is None:
             if msg.offset:
                 return
-            entry = self._assembling[msg.x] = (msg.blob, bytearray(msg.size), [0])
+            entry = self._assembling[msg.x] = (msg.blob, p.scratch(msg.size), [0])
         blob, buf, got = entry
         end = msg.offset + data.nbytes
         if msg.offset != got[0] or end > len(buf):

@@ -1,11 +1,25 @@
-"""The client's side of spot checks: the ``spot_check=`` and ``check=`` keywords, the check
-function's wrapper that runs on the checking provider, and ``fut.verification``.
+"""The client's side of spot checks: the ``spot_check=`` and ``check=`` keywords of ``submit``
+and ``map``, the check function's wrapper that runs on the checking provider, and
+``fut.verification``.
 
-The gateway draws which results are checked and never unpickles anything (see
-:mod:`gateway.spot_check`). With ``check=FN``, the client ships ``FN`` wrapped in
-:func:`run_check` with each task; when the gateway checks a result, the checker runs the wrapper
-on ``(claimed result bytes, argument bytes)``. The claimed result comes from another, untrusted
-provider, so the wrapper reads it through the same allow-list unpickler the client uses.
+- ``spot_check=RATE`` (0..1): the gateway checks that share of the results, drawn by its own
+  random source when each result arrives, on a provider of another account. A checked result is
+  delivered (and paid) only once it passed; one that failed is computed again elsewhere and its
+  provider is not paid. ``map`` with ``spot_check`` runs each item as its own task.
+- ``check=FN``: instead of re-running the whole task, the checker runs
+  ``FN(result, *args, **kwargs) -> bool`` on the claimed result (a cheap partial recomputation;
+  it must say True for every correct result). Without it, the check is a full re-run whose
+  result must hash the same (deterministic tasks only).
+- ``fut.verification``: ``{"kind": "spot_check", "checked": bool, "by": [checker ids],
+  "passed": bool, "claimed_by": id, "caught": [ids], ...}``; ``"late": True`` once a check of
+  a result delivered unchecked reported (after its provider was caught cheating elsewhere in
+  this session). A ``redundancy`` task's says who agreed and who was out-voted.
+
+The gateway never unpickles anything (see :mod:`gateway.spot_check`): the client ships ``FN``
+wrapped in :func:`run_check` with each task; when the gateway checks a result, the checker runs
+the wrapper on ``(claimed result bytes, argument bytes)``. The claimed result comes from
+another, untrusted provider, so the wrapper reads it through the allow-list unpickler the client
+uses for results.
 """
 
 from __future__ import annotations
@@ -63,19 +77,26 @@ def run_check(check: Callable[..., Any], trust: bool, extra: Sequence[str],
 
 
 def note(client: Any, result: p.Result, fut: Future | None) -> None:
-    """A result said how it was verified: ``fut.verification``; a late check updates the
-    future of a result delivered earlier."""
-    info = result.verification
-    if info is None:
+    """A result says how it was verified: ``fut.verification``. One delivered unchecked is
+    watched: a late check may report on it (:func:`late`)."""
+    if result.verification is None or fut is None:
         return
-    info = dict(info)
-    with _lock:
-        if fut is None:
-            fut = _watched.get((id(client), result.key))
-            if fut is None or not info.get("late"):
-                return
-        elif not info.get("checked"):
+    fut.verification = dict(result.verification)
+    if not result.verification.get("checked"):
+        with _lock:
             _watched[(id(client), result.key)] = fut
-    fut.verification = info
-    if info.get("late") and result.cost:
+
+
+def late(client: Any, result: p.Result) -> bool:
+    """A late check's report on a result delivered earlier: it updates that future's
+    ``verification`` (and adds the check's cost); True if ``result`` was one (it is no
+    outcome: the task's key may name a newer task by now)."""
+    info = result.verification
+    if info is None or not info.get("late"):
+        return False
+    with _lock:
+        fut = _watched.pop((id(client), result.key), None)
+    if fut is not None:
+        fut.verification = dict(info)
         fut.cost += result.cost
+    return True

@@ -5,7 +5,7 @@ executes ``notebooks/quickstart.ipynb`` in a real kernel with nbclient (saved be
 ``quickstart.executed.ipynb``), prints what each cell did, and shuts everything down.
 
 ``make demo NOTEBOOK=render`` (``demo.py render``) runs ``notebooks/render.ipynb`` the same way,
-with a third provider that returns noise for half of its tiles (the test suite's cheating
+with a third provider that returns noise for every tile it gets (the test suite's cheating
 provider, :mod:`tests.cheating_provider`), so the spot checks have someone to catch.
 """
 
@@ -58,13 +58,13 @@ def show(nb: nbformat.NotebookNode) -> None:
 
 
 def cheater(url: str, home: str) -> contextlib.AbstractContextManager:
-    """For the render notebook: a provider that returns noise for half of its tiles."""
+    """For the render notebook: a provider that returns noise for every tile it gets."""
     sys.path.insert(0, str(HERE.parent / "tests"))
     from cheating_provider import WorkingFake
 
-    print("  plus a provider that returns noise for half of its tiles ('cheater')")
+    print("  plus a provider that returns noise for every tile it gets ('cheater')")
     return WorkingFake(url, Path(home) / "cheater", name="cheater", prices={"cpu": 0.5},
-                       lie_rate=0.5, seed=int(time.time()))
+                       lie_rate=1.0)
 
 
 def main(name: str = "quickstart") -> None:

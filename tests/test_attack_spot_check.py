@@ -8,6 +8,7 @@ audited after each test by conftest's ``attack_books`` (conserved, no escrow lef
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -19,10 +20,10 @@ import pytest
 from cheating_provider import WorkingFake
 from conftest import Gateway, start_gateway
 from fakes import FakeProvider
-from helpers import wait_for
+from helpers import http_get, wait_for
 
 from gateway.ledger import Ledger, to_micro
-from notebook_ext import Client
+from notebook_ext import BudgetExceeded, Client
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tasks are defined here
 
@@ -60,6 +61,13 @@ def network(stack: ExitStack, gw: Gateway, tmp: Path, lie_rate: float,
     return honest, cheater
 
 
+def gateway_checks(gw: Gateway) -> tuple[int, int]:
+    """The gateway's counts: check tasks run, runs out-voted (providers caught)."""
+    _, body = http_get(gw.port, "/metrics")
+    found = dict(re.findall(r"^decompute_(spot_checks_\w+) (\S+)$", body, re.M))
+    return int(float(found["spot_checks_run"])), int(float(found["spot_checks_failed"]))
+
+
 def checks_of(futures: list) -> int:
     """Check tasks the gateway ran for these futures (re-runs and check-function runs)."""
     return sum(f.verification["runs"] - 1 + f.verification["checks"] for f in futures
@@ -73,6 +81,7 @@ def test_spot_check_1_every_result_is_correct_and_the_cheater_earns_nothing(
         client = stack.enter_context(Client(gw.url, home=tmp_path / "client",
                                             stream_output=False))
         before, client_before = balance(gw, cheater.account), balance(gw, client.account)
+        run_before, failed_before = gateway_checks(gw)
         t0 = time.monotonic()
         futures = client.map(square, range(50), spot_check=1.0)
         results = [f.result(60) for f in futures]
@@ -87,8 +96,11 @@ def test_spot_check_1_every_result_is_correct_and_the_cheater_earns_nothing(
         assert caught and all(f.provider != cheater.id for f in futures)
         lost = client_before - balance(gw, client.account)
         assert lost == to_micro(sum(f.cost for f in futures)) > 0
-        print(f"\nspot_check=1.0, 50 tasks: {took:.2f} s, {checks_of(futures)} check tasks, "
-              f"cheater lied {len(cheater.lies)} times, {len(caught)} results caught")
+        run, failed = gateway_checks(gw)
+        assert run - run_before == checks_of(futures)
+        print(f"\nspot_check=1.0, 50 tasks: {took:.2f} s, {run - run_before} check tasks, "
+              f"{failed - failed_before} runs out-voted, cheater lied {len(cheater.lies)} "
+              f"times, {len(caught)} results caught")
 
 
 def test_spot_check_0_2_catches_a_30_percent_liar_and_checks_its_other_results(
@@ -97,6 +109,7 @@ def test_spot_check_0_2_catches_a_30_percent_liar_and_checks_its_other_results(
         _, cheater = network(stack, gw, tmp_path, lie_rate=0.3, seed=3)
         client = stack.enter_context(Client(gw.url, home=tmp_path / "client",
                                             stream_output=False))
+        run_before, failed_before = gateway_checks(gw)
         t0 = time.monotonic()
         futures = client.map(square, range(200), spot_check=0.2, check=square_is_right)
         values = [f.result(60) for f in futures]
@@ -114,7 +127,9 @@ def test_spot_check_0_2_catches_a_30_percent_liar_and_checks_its_other_results(
         late = [f for f in futures if f.verification.get("late")]
         reputation = {p.name: p.reputation for p in client.providers()}
         assert reputation["cheater"] == min(reputation.values()), reputation
-        print(f"\nspot_check=0.2, 200 tasks: {took:.2f} s, {checks_of(futures)} check tasks, "
+        run, failed = gateway_checks(gw)
+        print(f"\nspot_check=0.2, 200 tasks: {took:.2f} s, {run - run_before} check tasks, "
+              f"{failed - failed_before} runs out-voted, "
               f"cheater ran {cheater.ran} (lied {len(cheater.lies)}), {len(caught)} lies "
               f"caught, {len(late)} late checks, "
               f"{sum(1 for f in futures if f.verification.get('checked'))} results checked")
@@ -140,5 +155,53 @@ def test_a_result_held_for_its_check_is_cancelled_unpaid_and_its_check_stopped(
         fut.cancel()
         assert second.cancelled.get(timeout=10) == check.key
         wait_for(lambda: fut.status == "cancelled", 10, message="the future cancelled")
-        assert balance(gw, client.account) == client_before
+        wait_for(lambda: balance(gw, client.account) == client_before, 10,  # committed
+                 message="both escrows back on the client's balance")
         assert all(balance(gw, f.account) == before[f.account] for f in (a, b))
+
+
+def test_with_no_other_account_to_check_it_the_result_comes_unchecked_and_says_so(
+        gw: Gateway, tmp_path: Path) -> None:
+    with WorkingFake(gw.url, tmp_path / "alone", name="alone", prices={"cpu": PRICE}), \
+            Client(gw.url, home=tmp_path / "client", stream_output=False) as client:
+        fut = client.submit(square, 5, spot_check=1.0, providers=["alone"])
+        assert fut.result(20) == 25 and fut.cost > 0
+        assert fut.verification["checked"] is False
+        assert "another account" in fut.verification["note"]
+
+
+def test_a_spot_checked_task_over_its_budget_stops_unpaid(gw: Gateway, tmp_path: Path) -> None:
+    """No heartbeat pays a spot-checked task (its result is not decided yet): at its escrow it
+    stops, and nothing is charged."""
+    with FakeProvider(gw.url, tmp_path / "slow", name="slow", prices={"cpu": PRICE}) as slow, \
+            Client(gw.url, home=tmp_path / "client", stream_output=False) as client:
+        before, client_before = balance(gw, slow.account), balance(gw, client.account)
+        fut = client.submit(square, 2, budget=1.5, spot_check=0.5, retries=0,
+                            providers=["slow"])
+        assignment, _ = slow.next_assignment()
+        time.sleep(1.6)  # the gateway believes at most the wall time it saw: let 1.5 s pass
+        slow.heartbeat({assignment.key: {"cpu_seconds": 1.55}})
+        with pytest.raises(BudgetExceeded, match="checked"):
+            fut.result(10)
+        assert slow.cancelled.get(timeout=10) == assignment.key
+        assert fut.cost == 0.0
+        wait_for(lambda: balance(gw, client.account) == client_before, 10,  # committed
+                 message="the escrow back on the client's balance")
+        assert balance(gw, slow.account) == before
+
+
+def test_a_check_whose_provider_vanishes_delivers_the_result_unchecked(
+        gw: Gateway, tmp_path: Path) -> None:
+    with FakeProvider(gw.url, tmp_path / "a", name="van-a", prices={"cpu": PRICE}) as a, \
+            FakeProvider(gw.url, tmp_path / "b", name="van-b", prices={"cpu": PRICE}) as b, \
+            Client(gw.url, home=tmp_path / "client", stream_output=False) as client:
+        fut = client.submit(square, 4, spot_check=1.0, retries=0, providers=["van-a", "van-b"])
+        first, second = (a, b) if wait_for(lambda: a.assigned.qsize() or b.assigned.qsize(),
+                                           10, message="placed") and a.assigned.qsize() \
+            else (b, a)
+        assignment, _ = first.next_assignment()
+        first.finish(assignment.key, 16, usage={"cpu_seconds": 0.01})
+        second.next_assignment()  # the check
+        second.close()  # gone with it, and retries=0
+        assert fut.result(20) == 16
+        assert fut.verification["checked"] is False and "could not run" in fut.verification["note"]

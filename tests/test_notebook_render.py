@@ -1,6 +1,6 @@
 """``notebooks/render.ipynb`` (issue 14, the Render Network seed) executes headless with nbclient
-against a real gateway, two real priced providers and a provider that returns noise for half of
-its tiles (a :class:`cheating_provider.WorkingFake` the test starts): the notebook's own
+against a real gateway, two real priced providers and a provider that returns noise for every
+tile it gets (a :class:`cheating_provider.WorkingFake` the test starts): the notebook's own
 assertions check the image against a local render, the costs against the balance and the
 cheater's rank; here we check it named the cheater and saved the PNG.
 """
@@ -39,7 +39,7 @@ def text_of(cell: dict) -> str:
 
 def test_render_notebook_catches_the_noisy_provider(net: Network, tmp_path: Path) -> None:
     with WorkingFake(net.url, tmp_path / "cheater", name="cheater", prices={"cpu": net.price},
-                     lie_rate=0.5, seed=5) as cheater:
+                     lie_rate=1.0, seed=5) as cheater:
         net.wait_providers(3)
         nb = nbformat.read(NOTEBOOK, as_version=4)
         client = NotebookClient(nb, timeout=60, kernel_name="python3",
