@@ -175,8 +175,9 @@ def _register(name: str) -> None:
     """Register a module's top-level package by value (submodules follow their package)."""
     top = _top(name)
     mod = sys.modules.get(top) or sys.modules.get(name)
-    if mod is None or top == "__main__":
-        return  # cloudpickle already pickles __main__ by value
+    if mod is None or top == "__main__" or top in ALWAYS_PRESENT:
+        return  # __main__ goes by value anyway; decompute's own modules that travel by value
+        # (the Dask runner) registered themselves, and the rest of the package must not
     try:
         if not cloudpickle.cloudpickle._is_registered_pickle_by_value(mod):
             cloudpickle.register_pickle_by_value(mod)

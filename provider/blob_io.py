@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import mmap
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ WINDOW = 8 * 1024 * 1024
 class Assembly:
     key: str
     size: int
-    data: bytearray
+    data: bytearray | mmap.mmap
     got: int = 0
 
 
@@ -91,7 +92,7 @@ class BlobIO:
         except StoreFull as exc:
             self._refuse(msg.x, str(exc))
             return None
-        a = self.incoming[msg.x] = Assembly(key, msg.size, bytearray(msg.size))
+        a = self.incoming[msg.x] = Assembly(key, msg.size, p.scratch(msg.size))
         return a
 
     def _refuse(self, x: int, why: str) -> None:

@@ -509,8 +509,9 @@ class Provider(Reporting):
                     lambda stream, text: self._output(a.key, started, stream, text),
                     memory=a.resources.get("memory"), deps=deps,
                     gpus=min(a.resources.get("gpus", 0), self.ad.gpus),
-                    output_limit=self.output_limit, scattered=slot.scattered,
-                    **({"parts": a.parts} if a.items else {}))
+                    output_limit=self.output_limit,
+                    **({"parts": a.parts} if a.items else {}),
+                    **({"scattered": slot.scattered} if slot.scattered else {}))
         except TimeoutError:
             usage = await self._stop_worker(slot)
             outcome = Outcome("error", code="timeout", usage=usage, error={

@@ -32,7 +32,7 @@ import traceback
 from collections import OrderedDict
 from typing import Any
 
-from gateway.protocol import decode_frame, frame_parts
+from gateway.protocol import decode_frame, frame_parts, scratch
 
 LENGTH = struct.Struct("!Q")
 #: Deserialized functions kept per worker (FIFO). The provider remembers half as many as sent, so
@@ -80,7 +80,7 @@ class Channel:
         return decode_frame(body, max_header=2**31)
 
     def _exactly(self, n: int) -> bytearray | None:
-        buf = bytearray(n)
+        buf = scratch(n)
         view, pos = memoryview(buf), 0
         while pos < n:
             got = self.sock.recv_into(view[pos:])

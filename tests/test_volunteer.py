@@ -181,7 +181,7 @@ def test_load_shown_to_clients_is_the_providers_own_task_processes(
             return found[0].load if found and found[0].load else None
 
         idle = wait_for(mine, 60, message="the provider's first heartbeat")
-        assert set(idle) == {"cpu", "memory_bytes", "running"}
+        assert set(idle) == {"cpu", "memory_bytes", "running", "store_bytes", "store_limit"}
         online = [info for info in client.providers() if info.name == "measured"][0]
         fut = client.submit(burn, 6, providers=[online.id])
         busy = wait_for(lambda: (load := mine()) and load["running"] == 1 and load["cpu"] > 0.05
