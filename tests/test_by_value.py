@@ -278,4 +278,3 @@ def test_where_the_file_is_decides_not_the_name(user_dir: Path) -> None:
     import yaml
 
     assert by_value.module_kind(yaml) == "installed"
-
