@@ -148,3 +148,10 @@ def test_invalid_cells_are_refused_before_anything_is_sent(kernel: Kernel) -> No
     ex = kernel.execute("%%decompute\n!ls")
     assert ex.error["ename"] == "UsageError" and "only work in the kernel" in ex.error["evalue"]
     assert submitted(kernel) == before
+
+
+def test_a_scattered_future_pushed_to_a_cell_is_read_where_it_runs(kernel: Kernel) -> None:
+    kernel.run("import numpy as np\nimport notebook_ext.magics as _m\n"
+               "big = _m.get_client().scatter(np.arange(10.0))\n_ = big.result(30)")
+    kernel.run("%%decompute\ntotal = float(big.sum())\nkind = type(big).__name__")
+    assert kernel.json("print(json.dumps([total, kind]))") == [45.0, "ndarray"]
