@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import (  # noqa: E402
+    NUMPY_BYTES,
     ROOT,
     ROWS,
     SUM_CHUNKS,
@@ -42,6 +44,8 @@ from benchlib import (  # noqa: E402
     measure_futures,
     note_strays,
     parse_args,
+    repeat,
+    seconds_row,
     short_error,
     stop_process,
 )
@@ -174,6 +178,7 @@ def main() -> None:
             wait=lambda futures: wait_all(futures, TIMEOUT),
             check=True,
         )
+        bulk_rows(client, rec, cfg, gateway.pid)
         dask_sum_row(
             rec,
             cfg,
@@ -196,6 +201,58 @@ def main() -> None:
         note_strays(rec, started, "processes still running after the gateway stopped")
         shutil.rmtree(tmp, ignore_errors=True)
         rec.finish()
+
+
+def bulk_rows(client: Any, rec: Any, cfg: dict, gateway_pid: int) -> None:
+    """decompute's own bulk rows: a second task on ``scatter``ed 100 MiB (the data stays on
+    the providers), and a 1 GiB array argument's round trip with the gateway's memory growth."""
+    import numpy as np
+    import psutil
+
+    arr = np.random.default_rng().random(NUMPY_BYTES // 8)
+    with rec.row("scatter_reuse") as row:
+        data = client.scatter(arr, broadcast=True)  # every provider holds it: no move
+        data.result(TIMEOUT)
+
+        def once() -> float:
+            start = time.perf_counter()
+            client.submit(np.sum, data).result(TIMEOUT)
+            return time.perf_counter() - start
+
+        samples = repeat(once, cfg["numpy_reps"] * 4, warmup=4, budget_s=cfg["row_budget_s"])
+        row.update(seconds_row(samples, planned=cfg["numpy_reps"] * 4,
+                               detail="client.submit(np.sum, client.scatter(a, broadcast=True))"
+                                      ", a 100 MiB float64 array already on every provider"))
+    del arr
+    with rec.row("gib_round_trip") as row:
+        big = np.ones(1024**3 // 8)
+        gw = psutil.Process(gateway_pid)
+        idle = gw.memory_info().rss
+        peak = [idle]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.005):
+                peak[0] = max(peak[0], gw.memory_info().rss)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        start = time.perf_counter()
+        try:
+            back = client.submit(_plus_one, big).result(600)
+        finally:
+            stop.set()
+            sampler.join()
+        took = time.perf_counter() - start
+        ok = back.shape == big.shape and back[0] == 2.0
+        row.update(seconds_row([took], planned=1, detail=(
+            f"submit(x + 1) of a 1 GiB float64 array, result back; gateway RSS +"
+            f"{(peak[0] - idle) / 2**20:.0f} MiB at its peak; intact: {ok}")))
+        row["gateway_peak_growth_mib"] = round((peak[0] - idle) / 2**20, 1)
+
+
+def _plus_one(x: Any) -> Any:
+    return x + 1
 
 
 def wait_all(futures: list, timeout: float) -> None:

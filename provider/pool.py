@@ -32,6 +32,7 @@ import psutil
 
 from gateway.protocol import MAX_BUFFERS, MAX_ITEMS, frame_parts
 from provider.channel import (
+    MAX_FRAME_BYTES,
     ChannelClosed,
     ChannelError,
     Done,
@@ -193,6 +194,9 @@ class WorkerPool:
         self.keep = keep if keep is not None else size + spares + max(size, KEEP_IDLE_MIN)
         self._slots = asyncio.Semaphore(size)  # tasks running at once
         self.limits = limits
+        #: Largest message a task may send back: a result bigger than the largest gateway
+        #: message may still fit the store (and travel as a blob), up to its bound.
+        self.max_frame = MAX_FRAME_BYTES
         self.isolation = isolation
         self.hide_paths = list(hide_paths)
         self.readonly_paths = list(readonly_paths)  # task environments: importable, not writable
@@ -432,7 +436,7 @@ class WorkerPool:
         try:
             await send_frame(worker.sock, frame)  # one sendmsg; a large part is not copied
             while True:
-                reply = parse_reply(*await read_frame(worker.sock), key)
+                reply = parse_reply(*await read_frame(worker.sock, self.max_frame), key)
                 if isinstance(reply, Done) and items:
                     return chunk_outcome(worker, reply, items)
                 if isinstance(reply, Done):

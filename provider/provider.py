@@ -194,6 +194,8 @@ class Provider(Reporting):
             self._pool = WorkerPool(
                 self.cpus, Limits(memory_bytes=per_worker), self.isolation, hide_paths=[self.home],
                 readonly_paths=[self.environments.root] if self.environments else [])
+        if isinstance(self._pool, WorkerPool):
+            self._pool.max_frame = max(self._pool.max_frame, (self.store.limit or 0) + 2**20)
         await self._pool.start()
         try:
             delay = 0.2
