@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import mmap
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from gateway import protocol as p
 from gateway.blob_messages import BLOB_MIN, CHUNK_BYTES, MAX_BLOB, splice, store_key
+from provider.shared_memory import Builder
 from provider.store import ResultStore, StoreFull
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ WINDOW = 8 * 1024 * 1024
 class Assembly:
     key: str
     size: int
-    data: bytearray | mmap.mmap
+    data: Builder
     got: int = 0
 
 
@@ -53,6 +53,7 @@ class BlobIO:
         """The connection closed: transfers in either direction are over."""
         for a in self.incoming.values():
             self.store.unreserve(a.size)
+            a.data.discard()
         self.incoming.clear()
         self.refused.clear()
         for task in self.outgoing.values():
@@ -73,12 +74,12 @@ class BlobIO:
         if msg.offset != a.got or end > a.size:
             self._refuse(msg.x, "a chunk out of order or past the blob's end")
             return
-        a.data[msg.offset:end] = data
+        a.data.write(msg.offset, data)
         a.got = end
         if a.got == a.size:
             del self.incoming[msg.x]
             try:
-                self.store.put(a.key, [a.data], copy=False, reserved=a.size)
+                self.store.put(a.key, [a.data.finish()], copy=False, reserved=a.size)
             except StoreFull as exc:
                 self.send(p.encode(p.Abort(x=msg.x, reason=str(exc))))
 
@@ -92,13 +93,14 @@ class BlobIO:
         except StoreFull as exc:
             self._refuse(msg.x, str(exc))
             return None
-        a = self.incoming[msg.x] = Assembly(key, msg.size, p.scratch(msg.size))
+        a = self.incoming[msg.x] = Assembly(key, msg.size, Builder(msg.size))
         return a
 
     def _refuse(self, x: int, why: str) -> None:
         a = self.incoming.pop(x, None)
         if a is not None:
             self.store.unreserve(a.size)
+            a.data.discard()
         self.refused.add(x)
         log.warning("refusing blob transfer %d: %s", x, why)
         self.send(p.encode(p.Abort(x=x, reason=why)))
@@ -108,6 +110,7 @@ class BlobIO:
         a = self.incoming.pop(msg.x, None)
         if a is not None:
             self.store.unreserve(a.size)
+            a.data.discard()
         task = self.outgoing.pop(msg.x, None)
         if task is not None:
             task.cancel()

@@ -13,6 +13,8 @@ Frames are ``u64 length | protocol frame`` (:mod:`provider.worker`). Replies are
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from gateway.protocol import (
     decode_frame,
     frame_size,
 )
+from provider.shared_memory import MAX_FDS, map_sealed, received_fds, rights
 from provider.worker import LENGTH
 
 #: Largest frame a worker may send: a result must fit in one gateway message (512 MiB by
@@ -72,14 +75,22 @@ class Failed:
 Reply = Output | Done | Failed
 
 
-async def send_frame(sock: socket.socket, frame: Sequence[Buffer]) -> None:
+async def send_frame(sock: socket.socket, frame: Sequence[Buffer], fds: Sequence[int] = ()
+                     ) -> None:
     """Write ``u64 length | frame`` to a worker: one ``sendmsg`` system call when the socket takes
     it all (any frame that fits its buffer, i.e. every small task), no copy of large parts, and
     the event loop's awaited writes only for what did not fit."""
     views = [memoryview(LENGTH.pack(frame_size(frame))),
              *(v for v in (memoryview(part).cast("B") for part in frame) if v.nbytes)]
     sent = 0
-    if len(views) <= IOV_MAX:
+    if fds:  # the descriptors ride on the first bytes: that send must happen here
+        while True:
+            try:
+                sent = sock.sendmsg(views[:IOV_MAX], rights(list(fds)))
+                break
+            except (BlockingIOError, InterruptedError):
+                await asyncio.sleep(0.001)
+    elif len(views) <= IOV_MAX:
         try:
             sent = sock.sendmsg(views)
         except (BlockingIOError, InterruptedError):
@@ -133,10 +144,69 @@ async def recv_exactly(sock: socket.socket, n: int, stall: float | None = STALL_
     return buf
 
 
+async def recv_prefix(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """The first bytes of a frame (up to its length prefix) and the descriptors riding on them.
+    Waits as long as it takes: the worker answers when its task ends."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            data, ancdata, _, _ = sock.recvmsg(LENGTH.size, socket.CMSG_SPACE(4 * MAX_FDS))
+            return data, received_fds(ancdata)
+        except (BlockingIOError, InterruptedError):
+            ready = loop.create_future()
+            loop.add_reader(sock.fileno(), _wake, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(sock.fileno())
+        except OSError as exc:
+            raise ChannelClosed(f"the channel to the task process failed ({exc})") from None
+
+
+def _wake(ready: asyncio.Future) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
 async def read_frame(sock: socket.socket, max_bytes: int = MAX_FRAME_BYTES,
                      stall: float = STALL_SECONDS) -> tuple[dict, list[memoryview]]:
-    """One frame: a bounded length prefix, then a body that must be a protocol frame."""
-    n = LENGTH.unpack(await recv_exactly(sock, LENGTH.size, stall=stall))[0]
+    """One frame: a bounded length prefix, then a body that must be a protocol frame. Big
+    buffers may come as sealed memory files (``fds``), checked and mapped, never copied."""
+    head, fds = await recv_prefix(sock)
+    try:
+        if not head:
+            raise ChannelClosed("the task process closed its channel to the provider")
+        if len(head) < LENGTH.size:
+            head += bytes(await recv_exactly(sock, LENGTH.size - len(head), stall=stall))
+        header, buffers = await _read_body(sock, LENGTH.unpack(head)[0], max_bytes, stall)
+        return header, _mapped(header, buffers, fds, max_bytes)
+    finally:
+        for fd in fds:  # those not taken over by a mapping
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _mapped(header: dict, buffers: list, fds: list[int], max_bytes: int) -> list:
+    """Put each announced descriptor's mapping in its place (the caller closes the rest)."""
+    table = header.pop("fds", None) or []
+    if not table and not fds:
+        return buffers
+    if not isinstance(table, list) or len(table) != len(fds) or not all(
+            isinstance(e, list) and len(e) == 2 and all(type(v) is int for v in e)
+            and 0 <= e[0] < len(buffers) and 0 <= e[1] <= max_bytes for e in table):
+        raise ChannelError("the task process sent descriptors its message does not describe")
+    out = list(buffers)
+    while fds:
+        (index, size), fd = table[len(table) - len(fds)], fds.pop(0)
+        try:
+            out[index] = memoryview(map_sealed(fd, size))
+        except ValueError as exc:
+            raise ChannelError(f"the task process sent {exc}") from None
+    return out
+
+
+async def _read_body(sock: socket.socket, n: int, max_bytes: int, stall: float
+                     ) -> tuple[dict, list[memoryview]]:
     if n > max_bytes:
         raise ChannelError(f"the task process announced a {n}-byte message; the limit is "
                            f"{max_bytes} bytes")

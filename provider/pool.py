@@ -54,6 +54,7 @@ from provider.sandbox import (
     worker_pid,
 )
 from provider.scattered import note_use
+from provider.shared_memory import split_shared
 from provider.worker import CHUNK_ERROR_CHARS, FUNCS_KEPT
 
 log = logging.getLogger(__name__)
@@ -430,11 +431,14 @@ class WorkerPool:
                 send = note_use(worker.scattered, blob_id)
                 header["scat"].append([blob_id, len(bufs) if send else 0])
                 parts += list(bufs) if send else []
+        parts, shared, fds = split_shared(parts)
+        if shared:  # big blobs go as memfd descriptors the worker maps: no copy
+            header["fds"] = shared
         frame = frame_parts(header, parts)
         worker.meter = Meter(worker.ps, gpus)
         worker.task_key = key
         try:
-            await send_frame(worker.sock, frame)  # one sendmsg; a large part is not copied
+            await send_frame(worker.sock, frame, fds)  # one sendmsg; a large part is not copied
             while True:
                 reply = parse_reply(*await read_frame(worker.sock, self.max_frame), key)
                 if isinstance(reply, Done) and items:

@@ -33,6 +33,14 @@ from collections import OrderedDict
 from typing import Any
 
 from gateway.protocol import decode_frame, frame_parts, scratch
+from provider.shared_memory import (
+    MAX_FDS,
+    SHARE_FROM,
+    map_received,
+    received_fds,
+    rights,
+    sealed_copy,
+)
 
 LENGTH = struct.Struct("!Q")
 #: Deserialized functions kept per worker (FIFO). The provider remembers half as many as sent, so
@@ -60,10 +68,29 @@ class Channel:
         self.lock = threading.Lock()
 
     def send(self, header: dict, buffers: list | tuple = ()) -> None:
+        fds: list[int] = []
+        if any(memoryview(b).nbytes >= SHARE_FROM for b in buffers):  # big: sealed memfds
+            table, kept = [], []
+            for i, b in enumerate(buffers):
+                if memoryview(b).nbytes >= SHARE_FROM and len(fds) < MAX_FDS:
+                    fds.append(sealed_copy(memoryview(b)))
+                    table.append([i, memoryview(b).nbytes])
+                    kept.append(b"")
+                else:
+                    kept.append(b)
+            header, buffers = {**header, "fds": table}, kept
         parts = frame_parts(header, buffers)
         size = sum(memoryview(b).nbytes for b in parts)
         with self.lock:
-            if size < 65536:  # one syscall for the common small frame
+            if fds:
+                try:
+                    self.sock.sendmsg([LENGTH.pack(size)], rights(fds))
+                    for part in parts:
+                        self.sock.sendall(part)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+            elif size < 65536:  # one syscall for the common small frame
                 self.sock.sendall(LENGTH.pack(size) + b"".join(parts))
             else:  # no copy of a large result
                 self.sock.sendall(LENGTH.pack(size))
@@ -71,13 +98,29 @@ class Channel:
                     self.sock.sendall(part)
 
     def recv(self) -> tuple[dict, list[memoryview]] | None:
-        head = self._exactly(LENGTH.size)
+        head, fds = self._prefix()
         if head is None:
             return None
         body = self._exactly(LENGTH.unpack(head)[0])
         if body is None:
             return None
-        return decode_frame(body, max_header=2**31)
+        header, buffers = decode_frame(body, max_header=2**31)
+        if header.get("fds") or fds:  # big buffers came as descriptors to map, not as bytes
+            buffers = map_received(buffers, header.get("fds") or [], fds)
+        return header, buffers
+
+    def _prefix(self) -> tuple[bytes | None, list[int]]:
+        """The frame's length prefix, and the descriptors sent along with its first byte."""
+        data, ancdata, _, _ = self.sock.recvmsg(LENGTH.size, socket.CMSG_SPACE(4 * MAX_FDS))
+        fds = received_fds(ancdata)
+        if not data:
+            return None, fds
+        if len(data) < LENGTH.size:
+            rest = self._exactly(LENGTH.size - len(data))
+            if rest is None:
+                return None, fds
+            data += bytes(rest)
+        return data, fds
 
     def _exactly(self, n: int) -> bytearray | None:
         buf = scratch(n)

@@ -102,6 +102,43 @@ def frame_flood():
     return 5
 
 
+def _send_with_fd(fd: int, size: int) -> None:
+    """A ``done`` frame whose one big buffer is the descriptor ``fd`` (as workers send them)."""
+    import os
+    import socket
+    import struct
+    import time
+
+    from gateway.protocol import encode_frame
+    from provider.shared_memory import rights
+
+    sock = socket.socket(fileno=os.dup(channel_fd()))
+    frame = encode_frame({"t": "done", "key": "?", "dropped": 0, "fds": [[1, size]]},
+                         [b"stream", b""])
+    sock.sendmsg([struct.pack("!Q", len(frame))], rights([fd]))
+    sock.sendall(frame)
+    time.sleep(30)
+
+
+def unsealed_result():
+    import os
+
+    fd = os.memfd_create("evil")  # writable and shrinkable after the provider maps it
+    os.ftruncate(fd, 4 * 2**20)
+    _send_with_fd(fd, 4 * 2**20)
+
+
+def lying_result_size():
+    import fcntl
+    import os
+
+    fd = os.memfd_create("evil", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 2**20)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                | fcntl.F_SEAL_WRITE)
+    _send_with_fd(fd, 64 * 2**20)  # it says 64 MiB: reading past 1 MiB would fault
+
+
 def close_channel():
     import os
 
@@ -184,7 +221,10 @@ def test_200000_quick_prints_arrive_in_order_never_repeated(network) -> None:
     (malformed_frame, r"malformed message"),
     (forged_answer, r"answered for another task"),
     (close_channel, r"closed its channel|channel to the provider closed"),
-], ids=["junk", "lying-prefix", "malformed-frame", "forged-answer", "closed"])
+    (unsealed_result, r"not sealed against writes and shrinking"),
+    (lying_result_size, r"where 67108864 were announced"),
+], ids=["junk", "lying-prefix", "malformed-frame", "forged-answer", "closed", "unsealed-fd",
+        "lying-fd-size"])
 def test_a_broken_channel_fails_that_task_alone(network, task, error) -> None:
     _, prov, client = network
     fut = client.submit(task, retries=0)

@@ -1,0 +1,155 @@
+"""Big buffers handed to a task process without copying them through its socket.
+
+A blob the provider receives is assembled in a :class:`SharedMap`: memory backed by a
+``memfd``. When a task needs it, the provider passes the file descriptor over the worker's
+socket (``SCM_RIGHTS``) instead of the bytes, and the worker maps it copy-on-write: the task may
+write to its array, the provider's copy is never touched. 100 MiB reach the task in
+microseconds instead of two kernel copies and hundreds of socket round trips.
+
+Where ``memfd_create`` is missing, buffers are plain anonymous mappings and travel as bytes.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import mmap
+import os
+import socket
+import stat
+import weakref
+
+#: Buffers at least this large are handed over as descriptors.
+SHARE_FROM = 1024 * 1024
+#: Descriptors one frame may carry (a task's blobs and scattered values).
+MAX_FDS = 64
+
+
+class SharedMap(mmap.mmap):
+    """A memfd-backed mapping that knows its descriptor (closed when the mapping is freed)."""
+
+    fd: int = -1
+
+
+class Builder:
+    """A buffer filled piece by piece, in order: a memfd written with ``pwrite`` (the kernel
+    allocates its pages as it copies, ~40% cheaper than faulting in a fresh mapping), mapped
+    once it is whole; a ``bytearray`` when small or where there is no memfd."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.fd = -1
+        self.buf: bytearray | None = None
+        if size >= SHARE_FROM and hasattr(os, "memfd_create"):
+            self.fd = os.memfd_create("decompute-blob", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, size)
+        else:
+            self.buf = bytearray(size)
+
+    def write(self, offset: int, data: memoryview) -> None:
+        if self.buf is not None:
+            self.buf[offset:offset + data.nbytes] = data
+            return
+        while data.nbytes:
+            n = os.pwrite(self.fd, data, offset)
+            offset, data = offset + n, data[n:]
+
+    def finish(self) -> bytearray | SharedMap:
+        """The whole buffer (the builder hands its descriptor over to it)."""
+        if self.buf is not None:
+            return self.buf
+        buf = SharedMap(self.fd, self.size)
+        buf.fd, self.fd = self.fd, -1
+        weakref.finalize(buf, os.close, buf.fd)
+        return buf
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.buf = None
+
+
+def split_shared(parts: list) -> tuple[list, list[list[int]], list[int]]:
+    """``parts`` with each large shared buffer replaced by an empty one: ``(parts, [[index,
+    size], ...], fds)`` for the frame's ``fds`` field and the ``SCM_RIGHTS`` message."""
+    out, table, fds = [], [], []
+    for i, part in enumerate(parts):
+        if isinstance(part, SharedMap) and len(part) >= SHARE_FROM and len(fds) < MAX_FDS:
+            table.append([i, len(part)])
+            fds.append(part.fd)
+            out.append(b"")
+        else:
+            out.append(part)
+    return out, table, fds
+
+
+def rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
+    """The ancillary data that passes ``fds`` with a ``sendmsg``."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+def received_fds(ancdata: list) -> list[int]:
+    """Descriptors in a ``recvmsg``'s ancillary data."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += array.array("i", data[: len(data) - len(data) % 4])
+    return fds
+
+
+def map_received(buffers: list, table: list, fds: list[int]) -> list:
+    """Worker side: put each received descriptor's mapping (copy-on-write) in its place."""
+    if len(table) != len(fds):
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"frame names {len(table)} shared buffers but {len(fds)} arrived")
+    out = list(buffers)
+    for (index, size), fd in zip(table, fds, strict=True):
+        try:
+            out[index] = memoryview(mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
+                                              prot=mmap.PROT_READ | mmap.PROT_WRITE))
+        finally:
+            os.close(fd)
+    return out
+
+
+#: What a result's descriptor must be sealed against: nobody can change or shrink what the
+#: provider maps (a shrink under a mapping would fault the provider with SIGBUS).
+REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+def sealed_copy(buffer: memoryview) -> int:
+    """Worker side: a memfd holding ``buffer``, sealed read-only for good; its descriptor."""
+    fd = os.memfd_create("decompute-result", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view, offset = memoryview(buffer).cast("B"), 0
+        while offset < view.nbytes:
+            offset += os.pwrite(fd, view[offset:], offset)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def map_sealed(fd: int, size: int) -> SharedMap:
+    """Provider side: map a task's result descriptor, if it is what it must be (a sealed memory
+    file of the size announced); raises ValueError otherwise. Takes ownership of ``fd``."""
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+            raise ValueError(f"a descriptor of {info.st_size} bytes where {size} were announced "
+                             f"(or not a memory file)")
+        if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & REQUIRED_SEALS != REQUIRED_SEALS:
+            raise ValueError("a descriptor that is not sealed against writes and shrinking")
+        buf = SharedMap(fd, size, prot=mmap.PROT_READ)
+    except OSError as exc:
+        os.close(fd)
+        raise ValueError(f"a descriptor that cannot be mapped ({exc})") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    buf.fd = fd
+    weakref.finalize(buf, os.close, fd)
+    return buf
