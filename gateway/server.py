@@ -316,6 +316,19 @@ class GatewayServer:
         self.hub.counters.connections[msg.role] += 1
         return msg
 
+    def _track(self, peer: tuple[str, str], out: FrameWriter) -> str:
+        """Count a new connection's traffic and know its writer (for back-pressure); returns
+        its label in ``/health``'s ``traffic``."""
+        label = f"{'client' if peer[0] == 'c' else 'provider'}:{peer[1]}"
+        self.writers[peer] = out
+        out.on_sent = self._count(label, 1)
+        return label
+
+    async def _relay(self, peer: tuple[str, str], msg: p.Chunk, buffers: list) -> None:
+        """A blob chunk: forwarded at once; the sender is read again once it has drained."""
+        self._react("chunk", self.hub.chunk, peer, msg, buffers)
+        await self._drain()
+
     async def _drain(self) -> None:
         """Wait until every writer a chunk just went to holds at most ``BLOB_WINDOW``: the
         source is not read meanwhile, so a slow receiver slows its sender, not our memory."""
@@ -405,14 +418,11 @@ class GatewayServer:
         hs.welcome()
         session = self.hub.attach_client(account, hello.session, out.send, prepaid)
         peer = ("c", session.id)
-        self.writers[peer] = out
-        out.on_sent = self._count(f"client:{session.id}", 1)
+        label = self._track(peer, out)
         try:
-            async for msg, buffers in self._messages(ws, CLIENT_TYPES, out,
-                                                     f"client:{session.id}"):
+            async for msg, buffers in self._messages(ws, CLIENT_TYPES, out, label):
                 if isinstance(msg, p.Chunk):
-                    self._react("chunk", self.hub.chunk, peer, msg, buffers)
-                    await self._drain()
+                    await self._relay(peer, msg, buffers)
                 elif isinstance(msg, p.Submit):
                     for part, bufs in submit_slices(msg, buffers):
                         self._react("submit", self.hub.submit, session, part, bufs,
@@ -458,14 +468,11 @@ class GatewayServer:
         hs.welcome()
         self.hub.join_provider(conn)
         peer = ("p", conn.id)
-        self.writers[peer] = out
-        out.on_sent = self._count(f"provider:{conn.id}", 1)
+        label = self._track(peer, out)
         try:
-            async for msg, buffers in self._messages(ws, PROVIDER_TYPES, out,
-                                                     f"provider:{conn.id}"):
+            async for msg, buffers in self._messages(ws, PROVIDER_TYPES, out, label):
                 if isinstance(msg, p.Chunk):
-                    self._react("chunk", self.hub.chunk, peer, msg, buffers)
-                    await self._drain()
+                    await self._relay(peer, msg, buffers)
                 elif isinstance(msg, p.Results):
                     served = conn.served
                     self._react("results", self.hub.results, conn, msg, buffers,

@@ -10,39 +10,20 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import nbformat
-import pytest
 from browser import ARTIFACTS, browser_or_skip, jupyter_lab, open_notebook, run_cell
 from kernel_fixtures import ROOT, Network
-from nbclient import NotebookClient
+from notebook_run import execute, network_fixture, text_of
 
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 SHOTS = ARTIFACTS / "quickstart"
 
 
-@pytest.fixture(scope="module")
-def net(tmp_path_factory: pytest.TempPathFactory):
-    network = Network(tmp_path_factory.mktemp("quickstart-net"), providers=2).start()
-    yield network
-    network.stop()
+net = network_fixture("quickstart")
 
-
-def text_of(cell: dict) -> str:
-    parts = []
-    for out in cell.get("outputs", []):
-        if out["output_type"] == "stream":
-            parts.append(out["text"])
-        elif "data" in out:
-            parts.append(out["data"].get("text/plain", ""))
-    return "\n".join(parts)
 
 
 def test_quickstart_executes_end_to_end(net: Network, tmp_path: Path) -> None:
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(nb, timeout=60, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}})
-    client.execute(env=net.kernel_env(tmp_path / "home"))  # raises on the first failing cell
-    nbformat.write(nb, tmp_path / "quickstart.executed.ipynb")
+    nb = execute("quickstart", net, tmp_path)  # raises on the first failing cell
     cells = {c["source"].splitlines()[0]: c for c in nb.cells if c["cell_type"] == "code"}
     assert "p0" in text_of(cells["%decompute providers"])
     assert "(49, " in text_of(cells["def square(x):"])

@@ -12,26 +12,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import nbformat
-import pytest
 from cheaters import StepRunner
-from kernel_fixtures import ROOT, Network
+from kernel_fixtures import Network
 from money_audit import books_settle
-from nbclient import NotebookClient
+from notebook_run import all_text, execute, network_fixture
 
 from gateway.receipt_log import ReceiptLog, decode_entry
 
-NOTEBOOK = ROOT / "notebooks" / "training.ipynb"
+net = network_fixture("training")
 
-
-def text_of(cell: dict) -> str:
-    parts = []
-    for out in cell.get("outputs", []):
-        if out["output_type"] == "stream":
-            parts.append(out["text"])
-        elif "data" in out:
-            parts.append(out["data"].get("text/plain", ""))
-    return "\n".join(parts)
 
 
 def leaves(db: Path) -> list[dict]:
@@ -39,27 +28,15 @@ def leaves(db: Path) -> list[dict]:
         return [decode_entry(e) for e in rl.entries(0, rl.size())]
 
 
-@pytest.fixture(scope="module")
-def net(tmp_path_factory: pytest.TempPathFactory):
-    network = Network(tmp_path_factory.mktemp("training-net"), providers=2).start()
-    yield network
-    network.stop()
-
 
 def test_training_notebook_catches_the_lazy_provider(net: Network, tmp_path: Path) -> None:
     with StepRunner(net.url, tmp_path / "lazy", name="lazy", skip=7,
                     prices={"cpu": 1.0}) as lazy:
         net.wait_providers(3)
-        nb = nbformat.read(NOTEBOOK, as_version=4)
-        client = NotebookClient(nb, timeout=120, kernel_name="python3",
-                                resources={"metadata": {"path": str(tmp_path)}})
         started = time.perf_counter()
-        try:
-            client.execute(env=net.kernel_env(tmp_path / "home"))  # raises on a failing cell
-        finally:
-            nbformat.write(nb, tmp_path / "training.executed.ipynb")
+        nb = execute("training", net, tmp_path, timeout=120)
         took = time.perf_counter() - started
-        text = "\n".join(text_of(c) for c in nb.cells if c["cell_type"] == "code")
+        text = all_text(nb)
         assert f"caught: ['{lazy.id}']" in text, text
         assert "final test accuracy: 0.9" in text, text
         assert "each a verified leaf of the receipt log" in text
