@@ -276,6 +276,23 @@ def dumps_result(value: Any) -> list:
     return [data, *(b.raw() for b in buffers)]
 
 
+def _own_copy(part: memoryview) -> Any:
+    """A scattered value's buffer, copied once into this process's own, aligned memory: every
+    later task here reads it, and the part sits at an unaligned offset of the shared blob
+    (numpy takes a slow path over unaligned float64) in small-paged shared memory."""
+    view = memoryview(part).cast("B")
+    if view.nbytes < (64 << 10):
+        return view
+    try:
+        import numpy
+
+        buf = numpy.empty(view.nbytes, dtype=numpy.uint8)  # aligned, huge pages where allowed
+    except ImportError:
+        buf = bytearray(view.nbytes)
+    memoryview(buf).cast("B")[:] = view
+    return buf
+
+
 class Worker:
     """The run loop: receive a task, run it, answer with its result or its error."""
 
@@ -355,6 +372,7 @@ class Worker:
         for blob_id, n in entries:
             if n:
                 _, parts = decode_frame(tail[pos])
+                parts = [parts[0], *(_own_copy(b) for b in parts[1:])]
                 self.scattered[blob_id] = cloudpickle.loads(parts[0], buffers=parts[1:])
                 pos += n
             scattered.note_use(self.scattered, blob_id)
