@@ -35,9 +35,9 @@ from gateway.schema import (
 )
 
 #: Bytes per chunk a sender cuts a blob into (one websocket message each).
-CHUNK_BYTES = 1024 * 1024
+CHUNK_BYTES = 4 * 1024 * 1024
 #: Largest chunk accepted: bounds what one message can make a receiver buffer.
-MAX_CHUNK = 4 * CHUNK_BYTES
+MAX_CHUNK = 2 * CHUNK_BYTES
 #: Largest blob: a receiver allocates at most this much for one transfer.
 MAX_BLOB = 64 * 1024**3
 #: Blobs one task may reference.

@@ -55,7 +55,7 @@ PROVIDER_TYPES = frozenset({"results", "events", "heartbeat", "query", "data", "
                             "packages", "chunk", "abort", "evicted"})
 #: Bytes of blob chunks that may wait for one destination's socket: past it the gateway stops
 #: reading the source (cut-through with back-pressure; bounds memory per transfer).
-BLOB_WINDOW = 8 * 1024 * 1024
+BLOB_WINDOW = 16 * 1024 * 1024
 POLICY = 1008  # close code: policy violation (auth, schema, unknown type)
 #: Seconds a refused peer has to complete the closing handshake before its socket is dropped.
 CLOSE_TIMEOUT = 2.0

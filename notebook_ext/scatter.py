@@ -32,7 +32,7 @@ from gateway.blob_messages import BLOB_MIN, CHUNK_BYTES, is_content_id, splice
 log = logging.getLogger(__name__)
 
 #: Bytes of our chunks that may wait in the writer before we send more.
-WINDOW = 8 * 1024 * 1024
+WINDOW = 16 * 1024 * 1024
 _MARK = "decompute-scattered:"
 _FIND = re.compile(rb"decompute-scattered:(s[0-9a-f]{64})")
 #: Payload buffers searched for scattered references (pickle streams; big data is not).

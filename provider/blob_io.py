@@ -24,7 +24,7 @@ from provider.store import ResultStore, StoreFull
 log = logging.getLogger(__name__)
 
 #: Bytes of our chunks that may wait in the writer before we send more.
-WINDOW = 8 * 1024 * 1024
+WINDOW = 16 * 1024 * 1024
 
 
 @dataclass
