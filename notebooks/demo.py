@@ -7,6 +7,8 @@ executes ``notebooks/quickstart.ipynb`` in a real kernel with nbclient (saved be
 ``make demo NOTEBOOK=render`` (``demo.py render``) runs ``notebooks/render.ipynb`` the same way,
 with a third provider that returns noise for every tile it gets (the test suite's cheating
 provider, :mod:`tests.cheating_provider`), so the spot checks have someone to catch.
+``NOTEBOOK=training`` runs with three providers (a refereed dispute needs a third account),
+``NOTEBOOK=zkml`` with the two (it needs ``decompute[zk]``, in the dev extra).
 """
 
 from __future__ import annotations
@@ -70,8 +72,10 @@ def cheater(url: str, home: str) -> contextlib.AbstractContextManager:
 def main(name: str = "quickstart") -> None:
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
-    print("decompute demo: a gateway with 2 sandboxed local providers (0.5 tokens/cpu-s) ...")
-    with tempfile.TemporaryDirectory() as home, LocalNetwork(2, extra_args=PRICE) as net, \
+    providers = 3 if name == "training" else 2  # refereed runs need a third account
+    print(f"decompute demo: a gateway with {providers} sandboxed local providers "
+          f"(0.5 tokens/cpu-s) ...")
+    with tempfile.TemporaryDirectory() as home, LocalNetwork(providers, extra_args=PRICE) as net, \
             (cheater(net.url, home) if name == "render" else contextlib.nullcontext()):
         print(f"  up at {net.url} in {time.perf_counter() - t0:.1f} s; running {name}.ipynb")
         nb = nbformat.read(HERE / f"{name}.ipynb", as_version=4)
