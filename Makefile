@@ -27,7 +27,7 @@ chromium:
 	  echo "chromium could not be installed: the browser test will be skipped"
 
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest -q tests -m "not soak and not bulk"
+	$(BIN)/python -m pytest -q --durations=20 tests -m "not soak and not bulk"
 
 # The acceptance runs at full scale (100,000-task map and Dask graph, a gateway away for 90 s):
 # minutes each, so outside `make test`; `make bench` and CI run them too.
