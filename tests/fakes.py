@@ -90,7 +90,7 @@ class FakeProvider:
             self._thread.join(timeout)
 
     def __enter__(self) -> FakeProvider:
-        return self.start()
+        return self if self._thread is not None else self.start()  # one connection, not two
 
     def __exit__(self, *exc: object) -> None:
         self.close()

@@ -308,7 +308,7 @@ def test_a_malformed_query_gets_an_error_reply_and_the_connection_lives(
     """Found by the fuzzer: a ``resume`` query whose ``keys`` is a float once closed the client's
     connection with an internal error. Now it is answered with an error, and the same
     connection keeps being served."""
-    with FakeClient(plain_gateway.url, tmp_path / "hostile").start() as hostile:
+    with FakeClient(plain_gateway.url, tmp_path / "hostile") as hostile:
         for i, keys in enumerate([float("nan"), 7, "abc", {"a": 1}]):
             hostile.send(p.Query(id=i, what="resume", args={"keys": keys}))
             reply = hostile.other.get(timeout=20)

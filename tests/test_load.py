@@ -53,6 +53,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
+@pytest.mark.soak  # ~45 s of 5,000 single submits on 2 cores: in `make soak` (CI runs it)
 @pytest.mark.timeout(300)
 def test_20_clients_x_250_tasks_over_4_providers(load_gateway: Gateway, tmp_path: Path) -> None:
     gw = load_gateway
