@@ -178,15 +178,34 @@ def sweep_group(pgid: int, grace: float) -> list[str]:
     return members
 
 
+#: Before each system, wait (at most SETTLE_MAX_S) for the machine to be this idle: the last
+#: system's processes wind down, so the next one does not run on a busy machine.
+SETTLE_BUSY_PERCENT = 25.0
+SETTLE_MAX_S = 60.0
+
+
+def settle() -> float:
+    """Seconds waited until CPU use over one second fell below ``SETTLE_BUSY_PERCENT``."""
+    import psutil
+
+    start = time.perf_counter()
+    while time.perf_counter() - start < SETTLE_MAX_S:
+        if psutil.cpu_percent(interval=1.0) < SETTLE_BUSY_PERCENT:
+            break
+    return time.perf_counter() - start
+
+
 def run_system(name: str, quick: bool, workdir: Path) -> dict[str, Any]:
     script, full_timeout, quick_timeout = SYSTEMS[name]
     timeout = quick_timeout if quick else full_timeout
+    waited = settle()
     out = workdir / f"{name}.json"
     cmd = [sys.executable, str(HERE / script), "--out", str(out)]
     if quick:
         cmd.append("--quick")
     load = os.getloadavg()[0]
-    log(f"{name}: {' '.join(cmd[1:])} (timeout {timeout:.0f}s, load average {load:.2f})")
+    log(f"{name}: {' '.join(cmd[1:])} (timeout {timeout:.0f}s, load average {load:.2f}, "
+        f"after {waited:.0f} s waiting for an idle machine)")
     start = time.perf_counter()
     problem = None
     # Own session: on timeout the whole group (clusters, gateways, ...) can be stopped, and the
