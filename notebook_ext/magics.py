@@ -264,6 +264,12 @@ def get_client() -> Client:
     return _magics.get_client()
 
 
+def get_panel() -> Panel | None:
+    """The panel ``%decompute panel`` opened in this kernel (None before), e.g. to read
+    ``get_panel().state()``: what it shows, as plain data."""
+    return None if _magics is None else _magics.panel
+
+
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext notebook_ext``: register ``%decompute`` and ``%%decompute``."""
     global _magics

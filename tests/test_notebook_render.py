@@ -7,6 +7,7 @@ cheater's rank; here we check it named the cheater and saved the PNG.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def test_render_notebook_catches_the_noisy_provider(net: Network, tmp_path: Path
         nb = execute("render", net, tmp_path)
         took = time.monotonic() - t0
     text = all_text(nb)
+    assert re.search(r"the panel shows [1-9]\d* tasks", text), "the panel showed no task"
     assert cheater.lies, "the cheater lied about no tile: the test proves nothing"
     assert "caught: ['cheater']" in text, text
     assert "matches a local render" in text

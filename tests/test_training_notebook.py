@@ -9,6 +9,7 @@ pay it nothing. The notebook's kernel gets ``DECOMPUTE_GATEWAY`` and its own ``D
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def test_training_notebook_catches_the_lazy_provider(net: Network, tmp_path: Pat
         nb = execute("training", net, tmp_path, timeout=120)
         took = time.perf_counter() - started
         text = all_text(nb)
+        assert re.search(r"the panel shows [1-9]\d* tasks", text), "the panel showed no task"
         assert f"caught: ['{lazy.id}']" in text, text
         assert "final test accuracy: 0.9" in text, text
         assert "each a verified leaf of the receipt log" in text

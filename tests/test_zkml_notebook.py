@@ -8,6 +8,7 @@ this test checks that it ran them, and that mallory was not paid.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ def test_zkml_notebook_proves_verifies_and_refuses_the_cheater(net: Network,
             assert led.balance(mallory.account) == mallory_before
             led.check()  # conservation
     text = all_text(nb)
+    assert re.search(r"the panel shows [1-9]\d* tasks", text), "the panel showed no task"
     print("\n" + text)
     assert "test accuracy" in text and "'verified': True" in text
     assert "refused: provider mallory" in text and "refused by the gateway" in text
