@@ -113,16 +113,27 @@ class Blobs:
         if info is not None:
             info.holders.discard(provider_id)
 
-    def release_scattered(self, session_id: str, account: str, blob_id: str,
-                          needed: bool) -> None:
-        """A session drops its scattered future; unless a task still ``needed`` it, holders
-        free it and the gateway forgets it."""
+    def release_scattered(self, session_id: str, account: str, blob_id: str) -> None:
+        """A session drops its scattered future; once none holds one, holders free it and the
+        gateway forgets it (a task that still names it gets it from its client again)."""
         info = self.blobs.get((account, blob_id))
         if info is None:
             return
         info.scattered.discard(session_id)
-        if not info.scattered and not needed:
+        if not info.scattered:
             self.forget(info)
+
+    def let_go(self, account: str, blob_ids: list[str], provider_id: str) -> None:
+        """``provider_id`` may free these blobs (a result's, delivered): it is told so, and
+        the gateway forgets each one nobody holds a scattered future for."""
+        self.send(("p", provider_id), p.encode(p.Drop(
+            blobs=[store_key(account, bid) for bid in blob_ids])))
+        for bid in blob_ids:
+            info = self.blobs.get((account, bid))
+            if info is not None:
+                info.holders.discard(provider_id)
+                if not info.scattered and not info.holders:
+                    del self.blobs[(account, bid)]
 
     def forget(self, info: BlobInfo) -> None:
         """Holders free the blob; transfers of it stop."""

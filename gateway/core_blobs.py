@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from gateway import protocol as p
-from gateway.blob_messages import is_content_id, store_key
+from gateway.blob_messages import is_content_id
 from gateway.blobs import BlobInfo, Blobs, Ended, Peer
 from gateway.outcomes import Failing
 from gateway.registry import ProviderConn
@@ -150,10 +150,11 @@ class BlobRules:
                                  ("result", task_id))
 
     def _pull_parked_of(self, session_id: str) -> None:
-        for task_id, _ in [(t, p_) for t, p_ in self.parked.items()
-                           if self.tasks.get(t) is not None
-                           and self.tasks.get(t).session == session_id]:
-            self._pull_result(task_id)
+        """A session is back: its parked results stream to it now."""
+        for task_id in list(self.parked):
+            task = self.tasks.get(task_id)
+            if task is not None and task.session == session_id:
+                self._pull_result(task_id)
 
     def _result_blob_arrived(self, task_id: str, blob: str) -> None:
         parked = self.parked.get(task_id)
@@ -172,14 +173,7 @@ class BlobRules:
             self.results(conn, p.Results(results=[parked.result]), parked.buffers)
         finally:
             self.unparked.discard(task_id)
-        conn.send(p.encode(p.Drop(blobs=[store_key(task.account, r[1])
-                                         for r in parked.result.refs])))
-        for _, bid, _ in parked.result.refs:
-            info = self.blobs.get(task.account, bid)
-            if info is not None:
-                info.holders.discard(conn.id)
-                if not info.scattered and not info.holders:
-                    self.blobs.blobs.pop((info.account, info.id), None)
+        self.blobs.let_go(task.account, [r[1] for r in parked.result.refs], conn.id)
 
     # ------------------------------------------------------------------ messages
 
@@ -231,7 +225,7 @@ class BlobRules:
     def drop(self, session: ClientSession, msg: p.Drop) -> None:
         """The client holds no future for these scattered blobs any more."""
         for bid in msg.blobs:
-            self.blobs.release_scattered(session.id, session.account, bid, needed=False)
+            self.blobs.release_scattered(session.id, session.account, bid)
 
     def _stored(self, session_id: str, info: BlobInfo, error: str | None) -> None:
         self._send_peer(("c", session_id), p.encode(p.Stored(

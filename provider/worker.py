@@ -370,16 +370,16 @@ class Worker:
         scattered.TABLE.clear()
         pos = 0
         for blob_id, n in entries:
+            new = scattered.note_use(self.scattered, blob_id)  # the provider's mirror rule
             if n:
                 _, parts = decode_frame(tail[pos])
                 parts = [parts[0], *(_own_copy(b) for b in parts[1:])]
                 self.scattered[blob_id] = cloudpickle.loads(parts[0], buffers=parts[1:])
                 pos += n
-            scattered.note_use(self.scattered, blob_id)
-            scattered.TABLE[blob_id] = self.scattered[blob_id]
-        for stale in [k for k in self.scattered if k not in
-                      dict.fromkeys(list(self.scattered)[-scattered.CACHE_SIZE:])]:
-            del self.scattered[stale]
+            if new and not n:  # never sent here: left missing, resolve() says so
+                del self.scattered[blob_id]
+            else:
+                scattered.TABLE[blob_id] = self.scattered[blob_id]
         return rest
 
     @staticmethod
