@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from gateway import protocol as p
 from gateway.blob_messages import BLOB_MIN, CHUNK_BYTES, MAX_BLOB, splice, store_key
 from provider.shared_memory import Builder
+from provider.spares import Spares
 from provider.store import ResultStore, StoreFull
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,9 @@ class BlobIO:
     """The provider's side of blob transfers (one connection at a time)."""
 
     def __init__(self, store: ResultStore, send: Callable[[p.Frame], None],
-                 drained: Callable[[int], Awaitable[None]]) -> None:
+                 drained: Callable[[int], Awaitable[None]], spares: Spares | None = None) -> None:
         self.store = store
+        self.spares = spares
         self.send = send
         self.drained = drained
         self.incoming: dict[int, Assembly] = {}
@@ -88,12 +90,14 @@ class BlobIO:
         if msg.offset != 0 or msg.size > MAX_BLOB or not msg.owner:
             self._refuse(msg.x, "a transfer must start at offset 0 and name its owner")
             return None
+        data = Builder(msg.size, self.spares, msg.owner)  # a spare taken stops counting as one
         try:
             self.store.make_room(msg.size, reserve=True)
         except StoreFull as exc:
+            data.discard()
             self._refuse(msg.x, str(exc))
             return None
-        a = self.incoming[msg.x] = Assembly(key, msg.size, Builder(msg.size))
+        a = self.incoming[msg.x] = Assembly(key, msg.size, data)
         return a
 
     def _refuse(self, x: int, why: str) -> None:

@@ -54,6 +54,7 @@ from provider.reporting import STATUS_EVERY as STATUS_EVERY
 from provider.reporting import tokens_at as tokens_at
 from provider.salvage import salvage_assign
 from provider.sandbox import Limits, describe, probe_isolation
+from provider.spares import Spares
 from provider.store import ResultStore, StoreFull
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ ACCEPTED = frozenset({"assign", "cancel", "error", "reply", "fetch", "data", "re
                       "chunk", "abort", "drop"})
 #: The store's default bound: this fraction of the memory the provider offers.
 STORE_FRACTION = 0.25
+#: Spare memory files (``provider.spares``) hold at most the store's bound divided by this.
+SPARE_SHARE = 4
 #: A task still running after this long is reported as running (quicker ones just finish).
 RUNNING_EVENT_DELAY = 0.01
 #: Function blobs kept (FIFO). The gateway remembers a quarter as many as sent to us.
@@ -163,9 +166,10 @@ class Provider(Reporting):
         self._outputs: dict[str, TaskOutput] = {}
         self._output_due: set[str] = set()
         self._load_prev: dict[str, tuple[float, float]] = {}
-        self.store = ResultStore(store_memory or int(self.memory * STORE_FRACTION),
-                                 on_evict=self._evicted)
-        self.blob_io = BlobIO(self.store, self._send, self._drained)
+        store_bytes = store_memory or int(self.memory * STORE_FRACTION)
+        self.spares = Spares(store_bytes // SPARE_SHARE)
+        self.store = ResultStore(store_bytes, on_evict=self._evicted, spares=self.spares)
+        self.blob_io = BlobIO(self.store, self._send, self._drained, self.spares)
         self._cancelled: set[str] = set()
         self._handing_back = False
         self._pool: WorkerPool | DaskBackend | None = None

@@ -156,6 +156,7 @@ class Reporting:
         was_busy = False
         for beat in itertools.count():
             await asyncio.sleep(HEARTBEAT_SECONDS)
+            self.spares.shed_to(self.spares.limit)  # spares unused for a while are given up
             busy = bool(self._running)
             assert self._writer is not None
             if busy or was_busy or beat % IDLE_HEARTBEAT_EVERY == 0:
@@ -210,8 +211,9 @@ class Reporting:
             meter = getattr(worker, "meter", None)
             if worker.task_key in seen and meter is not None:
                 memory += meter.rss  # the whole tree's, sampled by held_usage() just before
+        stored = self.store.nbytes + self.spares.nbytes  # spares count against the bound
         return {"cpu": round(min(cpu, float(self.cpus)), 3), "memory_bytes": float(memory),
-                "running": float(len(seen)), "store_bytes": float(self.store.nbytes),
+                "running": float(len(seen)), "store_bytes": float(stored),
                 "store_limit": float(self.store.limit or 0)}
 
     def _save_stats(self) -> None:

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import array
 import fcntl
+import gc
 import mmap
 import os
 import socket
 import stat
 import weakref
+
+from provider.spares import Spare, Spares
 
 #: Buffers at least this large are handed over as descriptors.
 SHARE_FROM = 1024 * 1024
@@ -33,22 +36,33 @@ class SharedMap(mmap.mmap):
 
 class Builder:
     """A buffer filled piece by piece, in order: a memfd written with ``pwrite`` (the kernel
-    allocates its pages as it copies, ~40% cheaper than faulting in a fresh mapping), mapped
-    once it is whole; a ``bytearray`` when small or where there is no memfd."""
+    allocates its pages as it copies, ~40% cheaper than faulting in a fresh mapping), or a spare
+    memfd of the same account written through its kept mapping (no page to allocate), mapped
+    once it is whole; a ``bytearray`` when small or where there is no memfd. With ``spares``,
+    the memfd goes back to them once nothing here maps it any more."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, spares: Spares | None = None, owner: str = "") -> None:
         self.size = size
         self.fd = -1
         self.buf: bytearray | None = None
+        self.spares, self.owner = spares, owner
+        self.spare: Spare | None = None
         if size >= SHARE_FROM and hasattr(os, "memfd_create"):
-            self.fd = os.memfd_create("decompute-blob", os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, size)
+            self.spare = spares.take(owner, size) if spares is not None else None
+            if self.spare is not None:
+                self.fd = self.spare.fd
+            else:
+                self.fd = os.memfd_create("decompute-blob", os.MFD_CLOEXEC)
+                os.ftruncate(self.fd, size)
         else:
             self.buf = bytearray(size)
 
     def write(self, offset: int, data: memoryview) -> None:
         if self.buf is not None:
             self.buf[offset:offset + data.nbytes] = data
+            return
+        if self.spare is not None:
+            self.spare.write(offset, data)
             return
         while data.nbytes:
             n = os.pwrite(self.fd, data, offset)
@@ -60,14 +74,24 @@ class Builder:
             return self.buf
         buf = SharedMap(self.fd, self.size)
         buf.fd, self.fd = self.fd, -1
-        weakref.finalize(buf, os.close, buf.fd)
+        if self.spares is not None:
+            weakref.finalize(buf, self.spares.give, self._as_spare(buf.fd))
+        else:
+            weakref.finalize(buf, os.close, buf.fd)
+        self.spare = None
         return buf
 
     def discard(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            if self.spares is not None:
+                self.spares.give(self._as_spare(self.fd))
+            else:
+                os.close(self.fd)
             self.fd = -1
-        self.buf = None
+        self.spare = self.buf = None
+
+    def _as_spare(self, fd: int) -> Spare:
+        return self.spare or Spare(self.owner, fd, self.size)
 
 
 def split_shared(parts: list) -> tuple[list, list[list[int]], list[int]]:
@@ -98,8 +122,9 @@ def received_fds(ancdata: list) -> list[int]:
     return fds
 
 
-def map_received(buffers: list, table: list, fds: list[int]) -> list:
-    """Worker side: put each received descriptor's mapping (copy-on-write) in its place."""
+def map_received(buffers: list, table: list, fds: list[int], maps: list) -> list:
+    """Worker side: put each received descriptor's mapping (copy-on-write) in its place; the
+    mappings are added to ``maps`` (for :func:`let_go`)."""
     if len(table) != len(fds):
         for fd in fds:
             os.close(fd)
@@ -107,11 +132,42 @@ def map_received(buffers: list, table: list, fds: list[int]) -> list:
     out = list(buffers)
     for (index, size), fd in zip(table, fds, strict=True):
         try:
-            out[index] = memoryview(mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
-                                              prot=mmap.PROT_READ | mmap.PROT_WRITE))
+            mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
+        maps.append(mapped)
+        out[index] = memoryview(mapped)
     return out
+
+
+def let_go(maps: list) -> int:
+    """Worker side, after a task and before its answer: unmap what it was handed. A mapping
+    the task kept a reference to (a global, a result that is a view of its argument) cannot be
+    unmapped: each of its pages is written once instead, which makes it this process's private
+    copy. Either way, once the provider hears the answer it may reuse the memory file for the
+    account's next blob (``provider.spares``) without this process seeing a byte of it change.
+    Returns the bytes made private."""
+    kept = _unmapped(maps)
+    if kept:
+        gc.collect()  # a reference cycle may be all that holds them
+        kept = _unmapped(kept)
+    maps.clear()
+    for mapped in kept:
+        for offset in range(0, len(mapped), mmap.PAGESIZE):
+            mapped[offset] = mapped[offset]
+    return sum(len(m) for m in kept)
+
+
+def _unmapped(maps: list) -> list:
+    """Close each mapping; return those still exported (referenced from somewhere)."""
+    kept = []
+    for mapped in maps:
+        try:
+            mapped.close()
+        except BufferError:
+            kept.append(mapped)
+    return kept
 
 
 #: What a result's descriptor must be sealed against: nobody can change or shrink what the

@@ -13,6 +13,8 @@ import asyncio
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 
+from provider.spares import Spares
+
 
 class StoreFull(Exception):
     """No room: what is pinned here already fills the bound."""
@@ -23,8 +25,11 @@ class ResultStore:
     their way and pins for keys a task needs."""
 
     def __init__(self, limit: int | None = None,
-                 on_evict: Callable[[list[str]], None] | None = None) -> None:
+                 on_evict: Callable[[list[str]], None] | None = None,
+                 spares: Spares | None = None) -> None:
         self.limit = limit
+        #: Spare memory files of let-go blobs: they count against ``limit``, given up first.
+        self.spares = spares
         self.on_evict = on_evict
         self._data: OrderedDict[str, list] = OrderedDict()
         self._sizes: dict[str, int] = {}
@@ -43,6 +48,7 @@ class ResultStore:
             if size > self.limit:
                 raise StoreFull(f"{size:,} bytes is more than this provider's store holds "
                                 f"({self.limit:,} bytes, --store-memory)")
+            self._shed_spares(size)
             evicted = []
             for key in list(self._data):
                 if self.nbytes + self.reserved + size <= self.limit:
@@ -50,14 +56,20 @@ class ResultStore:
                 if not self._pins[key]:
                     self._drop(key)
                     evicted.append(key)
-            if evicted and self.on_evict is not None:
-                self.on_evict(evicted)
+            if evicted:
+                self._shed_spares(size)  # the evicted blobs' files just became spares
+                if self.on_evict is not None:
+                    self.on_evict(evicted)
             if self.nbytes + self.reserved + size > self.limit:
                 raise StoreFull(
                     f"this provider's store is full: {self.nbytes + self.reserved:,} of "
                     f"{self.limit:,} bytes are needed by tasks it holds")
         if reserve:
             self.reserved += size
+
+    def _shed_spares(self, size: int) -> None:
+        if self.spares is not None and self.limit is not None:
+            self.spares.shed_to(self.limit - self.nbytes - self.reserved - size)
 
     def unreserve(self, size: int) -> None:
         self.reserved = max(0, self.reserved - size)

@@ -36,6 +36,7 @@ from gateway.protocol import decode_frame, frame_parts, scratch
 from provider.shared_memory import (
     MAX_FDS,
     SHARE_FROM,
+    let_go,
     map_received,
     received_fds,
     rights,
@@ -66,6 +67,8 @@ class Channel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.lock = threading.Lock()
+        #: Mappings of the descriptors received for the task in hand (see ``let_go``).
+        self.mapped: list = []
 
     def send(self, header: dict, buffers: list | tuple = ()) -> None:
         fds: list[int] = []
@@ -106,7 +109,7 @@ class Channel:
             return None
         header, buffers = decode_frame(body, max_header=2**31)
         if header.get("fds") or fds:  # big buffers came as descriptors to map, not as bytes
-            buffers = map_received(buffers, header.get("fds") or [], fds)
+            buffers = map_received(buffers, header.get("fds") or [], fds, self.mapped)
         return header, buffers
 
     def _prefix(self) -> tuple[bytes | None, list[int]]:
@@ -282,7 +285,7 @@ def _own_copy(part: memoryview) -> Any:
     (numpy takes a slow path over unaligned float64) in small-paged shared memory."""
     view = memoryview(part).cast("B")
     if view.nbytes < (64 << 10):
-        return view
+        return bytearray(view)  # a copy all the same: the blob's mapping is let go after the task
     try:
         import numpy
 
@@ -308,10 +311,14 @@ class Worker:
             frame = self.channel.recv()
             if frame is None or frame[0].get("t") == "exit":
                 return
-            header, buffers = frame
-            self.run(header, buffers)
+            reply = self.run(*frame)
+            del frame  # the task's buffers: nothing here holds them any more
+            let_go(self.channel.mapped)  # before answering: see provider.spares
+            self.channel.send(*reply)
 
-    def run(self, header: dict, buffers: list[memoryview]) -> None:
+    def run(self, header: dict, buffers: list[memoryview]) -> tuple[dict, list]:
+        """Run one task; the answer to send (the caller sends it once the task's buffers are
+        let go)."""
         import cloudpickle
 
         key = header["key"]
@@ -331,8 +338,7 @@ class Worker:
                 del buffers
                 result = self._run_chunk(fn, header["parts"], rest, limit)
                 dropped = self._end_output(out, err)
-                self.channel.send({"t": "done", "key": key, "dropped": dropped}, result)
-                return
+                return {"t": "done", "key": key, "dropped": dropped}, result
             if header.get("scat"):
                 rest = self._load_scattered(header["scat"], rest)
             nb = header.get("nb", len(rest))
@@ -349,10 +355,10 @@ class Worker:
             if isinstance(exc, MemoryError):  # numpy's subclass too: the user sees MemoryError
                 error.update(type="MemoryError", module="builtins",
                              message=memory_message(limit, error["message"]))
-            self.channel.send({"t": "fail", "key": key, "error": error, "dropped": dropped})
+            return {"t": "fail", "key": key, "error": error, "dropped": dropped}, []
         else:
             dropped = self._end_output(out, err)
-            self.channel.send({"t": "done", "key": key, "dropped": dropped}, result)
+            return {"t": "done", "key": key, "dropped": dropped}, result
         finally:
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
             apply_memory_limit(None)

@@ -1,0 +1,161 @@
+"""Spare memory files: a blob's memfd, let go, is reused for the same account's next blob.
+
+The attack: a task keeps a reference to its argument (a global), so its process still maps the
+memory file the provider will write the next blob into. The same account's next blob must not
+change what it kept (the worker made that mapping private before answering), and a task that
+defeats that step must still never see another account's bytes (a spare serves one account).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import start_gateway
+
+from gateway.blob_messages import BLOB_MIN
+from notebook_ext import Client
+from provider.shared_memory import Builder
+from provider.spares import Spares
+from provider.store import ResultStore
+
+MiB = 1024 * 1024
+SIZE = 2 * BLOB_MIN  # an argument this big travels as a blob, into a memory file
+
+
+# --------------------------------------------------------------------------- in one process
+
+def built(spares: Spares, owner: str, size: int = 4 * MiB, fill: int = 1):
+    """A finished blob of ``owner`` holding ``fill`` bytes, and its descriptor's inode."""
+    b = Builder(size, spares, owner)
+    b.write(0, memoryview(bytes([fill]) * size))
+    buf = b.finish()
+    return buf, os.fstat(buf.fd).st_ino
+
+
+def test_a_spare_serves_only_the_account_whose_blob_it_held() -> None:
+    spares = Spares(limit=64 * MiB)
+    buf, inode = built(spares, "alice")
+    del buf  # let go: the memory file becomes alice's spare
+    assert spares.nbytes == 4 * MiB
+
+    bob, bob_inode = built(spares, "bob", fill=2)
+    assert bob_inode != inode and spares.nbytes == 4 * MiB  # bob gets a file of his own
+
+    again, again_inode = built(spares, "alice", fill=3)
+    assert again_inode == inode and spares.nbytes == 0 and spares.reused == 1
+    assert bytes(again[:4]) == b"\x03" * 4 and bytes(again[-4:]) == b"\x03" * 4
+    assert bytes(bob[:4]) == b"\x02" * 4
+    del again, bob
+    spares.close()
+    assert spares.nbytes == 0
+
+
+def test_a_spare_is_fitted_to_the_next_blob_and_never_far_bigger() -> None:
+    spares = Spares(limit=64 * MiB)
+    buf, inode = built(spares, "alice", size=8 * MiB)
+    del buf
+    small, small_inode = built(spares, "alice", size=2 * MiB)  # 8 MiB for 2: not taken
+    assert small_inode != inode
+    five, five_inode = built(spares, "alice", size=5 * MiB)
+    assert five_inode == inode and len(five) == 5 * MiB
+    assert os.fstat(five.fd).st_size == 5 * MiB  # the pages past it are freed
+    del small, five
+    spares.close()
+
+
+def test_spares_stay_within_their_limit_and_their_time() -> None:
+    spares = Spares(limit=10 * MiB, ttl=60)
+    bufs = [built(spares, f"account-{i}")[0] for i in range(4)]
+    del bufs
+    assert spares.nbytes == 8 * MiB  # the oldest of four 4 MiB files was closed
+    spares.ttl = -1.0  # every spare is now past its time
+    spares.shed_to(spares.limit)
+    assert spares.nbytes == 0
+
+
+def test_the_store_gives_up_spares_before_its_entries() -> None:
+    spares = Spares(limit=8 * MiB)
+    store = ResultStore(limit=12 * MiB, spares=spares)
+    store.put("alice/kept", [b"x" * (4 * MiB)])
+    bufs = [built(spares, "bob")[0] for _ in range(2)]
+    del bufs
+    assert spares.nbytes == 8 * MiB
+    store.make_room(6 * MiB)
+    assert "alice/kept" in store  # nothing evicted: the spares made the room
+    assert store.nbytes + spares.nbytes + 6 * MiB <= store.limit
+
+
+# --------------------------------------------------------------------------- real processes
+
+def blob_inodes() -> set[int]:
+    """The inodes of the blob memory files this task process maps."""
+    with open("/proc/self/maps") as maps:
+        return {int(line.split()[4]) for line in maps if "decompute-blob" in line}
+
+
+def keep(a):
+    """Keep the argument in a global: its process then still maps the blob's memory file."""
+    import builtins
+
+    builtins.kept_by_test = a
+    return blob_inodes()
+
+
+def keep_defeating_let_go(a):
+    """The same, after disabling the worker's step that unmaps or privatizes what a task kept."""
+    import provider.worker
+
+    provider.worker.let_go = lambda maps: 0
+    return keep(a)
+
+
+def kept_sum() -> float:
+    import builtins
+
+    return float(builtins.kept_by_test.sum())
+
+
+def sum_and_inodes(a):
+    return float(a.sum()), blob_inodes()
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, Client]]:
+    """One provider (every task lands on it), two accounts."""
+    tmp = tmp_path_factory.mktemp("spares")
+    gw = start_gateway(tmp, local_providers=1)
+    try:
+        with Client(gw.url, home=tmp / "alice", stream_output=False) as alice, \
+                Client(gw.url, home=tmp / "bob", stream_output=False) as bob:
+            yield alice, bob
+    finally:
+        gw.stop()
+
+
+def test_a_kept_argument_does_not_change_when_its_memory_is_reused(network) -> None:
+    alice, _ = network
+    first = np.full(SIZE // 8, 1.0)
+    (inode,) = alice.submit(keep, first).result(timeout=60)
+
+    second = np.full(SIZE // 8, 2.0)
+    total, inodes = alice.submit(sum_and_inodes, second).result(timeout=60)
+    assert total == second.sum()
+    assert inodes == {inode}  # the second blob went into the first one's memory file
+
+    assert alice.submit(kept_sum).result(timeout=60) == first.sum()  # still the first's bytes
+
+
+def test_a_task_that_defeats_let_go_never_sees_another_accounts_blob(network) -> None:
+    alice, bob = network
+    mine = np.full(SIZE // 8, 3.0)
+    (inode,) = alice.submit(keep_defeating_let_go, mine).result(timeout=60)
+
+    theirs = np.full(SIZE // 8, 4.0)
+    total, inodes = bob.submit(sum_and_inodes, theirs).result(timeout=60)
+    assert total == theirs.sum() and inode not in inodes  # bob's blob: a file of his own
+
+    assert alice.submit(kept_sum).result(timeout=60) == mine.sum()
