@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,26 +135,25 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, 
         gw.stop()
 
 
+def kept_then_sent(keeper: Client, keep_fn, sender: Client) -> tuple[int, set[int]]:
+    """``keeper`` keeps an array with ``keep_fn``, then ``sender`` sends one of the same size;
+    checks that each task saw its own bytes and the kept array is unchanged. Returns the kept
+    blob's inode and the inodes the second task's process maps."""
+    kept, sent = np.full(SIZE // 8, 1.0), np.full(SIZE // 8, 2.0)
+    (inode,) = keeper.submit(keep_fn, kept).result(timeout=60)
+    total, inodes = sender.submit(sum_and_inodes, sent).result(timeout=60)
+    assert total == sent.sum()
+    assert keeper.submit(kept_sum).result(timeout=60) == kept.sum()  # still its own bytes
+    return inode, inodes
+
+
 def test_a_kept_argument_does_not_change_when_its_memory_is_reused(network) -> None:
     alice, _ = network
-    first = np.full(SIZE // 8, 1.0)
-    (inode,) = alice.submit(keep, first).result(timeout=60)
-
-    second = np.full(SIZE // 8, 2.0)
-    total, inodes = alice.submit(sum_and_inodes, second).result(timeout=60)
-    assert total == second.sum()
+    inode, inodes = kept_then_sent(alice, keep, alice)
     assert inodes == {inode}  # the second blob went into the first one's memory file
-
-    assert alice.submit(kept_sum).result(timeout=60) == first.sum()  # still the first's bytes
 
 
 def test_a_task_that_defeats_let_go_never_sees_another_accounts_blob(network) -> None:
     alice, bob = network
-    mine = np.full(SIZE // 8, 3.0)
-    (inode,) = alice.submit(keep_defeating_let_go, mine).result(timeout=60)
-
-    theirs = np.full(SIZE // 8, 4.0)
-    total, inodes = bob.submit(sum_and_inodes, theirs).result(timeout=60)
-    assert total == theirs.sum() and inode not in inodes  # bob's blob: a file of his own
-
-    assert alice.submit(kept_sum).result(timeout=60) == mine.sum()
+    inode, inodes = kept_then_sent(alice, keep_defeating_let_go, bob)
+    assert inode not in inodes  # bob's blob went into a memory file of his own
