@@ -221,6 +221,7 @@ class Provider(Reporting):
         finally:
             self._save_stats()
             await self._pool.close()
+            self.spares.close()
 
     async def _session(self) -> None:
         """One connection: handshake, then read assignments until it closes or we stop."""
@@ -472,18 +473,20 @@ class Provider(Reporting):
                 f"it keeps serving, retry the task", 2000), p.ErrorCode.INTERNAL.value, usage))
             slot.reported = True
         finally:
-            for key in pinned:
-                self.store.unpin(key)
             if slot.env is not None and self.environments is not None:
                 self.environments.release(slot.env)
             self._cancelled.discard(a.key)
             self._running.pop(a.key, None)
             self._outputs.pop(a.key, None)
             self._output_due.discard(a.key)
-            if slot.worker is not None:
-                self.served += slot.reported  # a task handed back was not served
-                if not (self._handing_back and slot.broken):  # stopping: no replacement
-                    await asyncio.shield(self._pool.release(slot.worker, broken=slot.broken))
+            try:
+                if slot.worker is not None:
+                    self.served += slot.reported  # a task handed back was not served
+                    if not (self._handing_back and slot.broken):  # stopping: no replacement
+                        await asyncio.shield(self._pool.release(slot.worker, broken=slot.broken))
+            finally:  # after the release killed what the task left running: see spares
+                for key in pinned:
+                    self.store.unpin(key)
 
     async def _run(self, a: p.Assignment, payload: list[memoryview], slot: _Slot) -> Outcome:
         assert self._pool is not None

@@ -71,6 +71,12 @@ class Channel:
         self.mapped: list = []
 
     def send(self, header: dict, buffers: list | tuple = ()) -> None:
+        self.transmit(*self.prepare(header, buffers))
+
+    def prepare(self, header: dict, buffers: list | tuple = (), own: bool = False
+                ) -> tuple[list, list[int]]:
+        """A frame's parts and descriptors: big buffers copied into sealed memfds. With
+        ``own``, the others are copied too, so the frame holds no view of a task's memory."""
         fds: list[int] = []
         if any(memoryview(b).nbytes >= SHARE_FROM for b in buffers):  # big: sealed memfds
             table, kept = [], []
@@ -82,7 +88,11 @@ class Channel:
                 else:
                     kept.append(b)
             header, buffers = {**header, "fds": table}, kept
-        parts = frame_parts(header, buffers)
+        if own:
+            buffers = [b if isinstance(b, bytes) else bytes(b) for b in buffers]
+        return frame_parts(header, buffers), fds
+
+    def transmit(self, parts: list, fds: list[int]) -> None:
         size = sum(memoryview(b).nbytes for b in parts)
         with self.lock:
             if fds:
@@ -311,10 +321,10 @@ class Worker:
             frame = self.channel.recv()
             if frame is None or frame[0].get("t") == "exit":
                 return
-            reply = self.run(*frame)
-            del frame  # the task's buffers: nothing here holds them any more
+            reply = self.channel.prepare(*self.run(*frame), own=True)
+            del frame  # nothing here holds the task's buffers any more
             let_go(self.channel.mapped)  # before answering: see provider.spares
-            self.channel.send(*reply)
+            self.channel.transmit(*reply)
 
     def run(self, header: dict, buffers: list[memoryview]) -> tuple[dict, list]:
         """Run one task; the answer to send (the caller sends it once the task's buffers are

@@ -8,6 +8,7 @@ defeats that step must still never see another account's bytes (a spare serves o
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Iterator
 
@@ -53,16 +54,37 @@ def test_a_spare_serves_only_the_account_whose_blob_it_held() -> None:
     assert spares.nbytes == 0
 
 
-def test_a_spare_is_fitted_to_the_next_blob_and_never_far_bigger() -> None:
+def test_a_spare_serves_only_a_blob_of_its_size() -> None:
     spares = Spares(limit=64 * MiB)
     buf, inode = built(spares, "alice", size=8 * MiB)
     del buf
-    small, small_inode = built(spares, "alice", size=2 * MiB)  # 8 MiB for 2: not taken
-    assert small_inode != inode
-    five, five_inode = built(spares, "alice", size=5 * MiB)
-    assert five_inode == inode and len(five) == 5 * MiB
-    assert os.fstat(five.fd).st_size == 5 * MiB  # the pages past it are freed
-    del small, five
+    small, small_inode = built(spares, "alice", size=4 * MiB)
+    assert small_inode != inode and spares.nbytes == 8 * MiB
+    same, same_inode = built(spares, "alice", size=8 * MiB)
+    assert same_inode == inode and len(same) == 8 * MiB
+    del small, same
+    spares.close()
+
+
+def test_a_blob_file_cannot_be_shrunk_or_written_but_by_its_builder() -> None:
+    """What keeps a task that kept the descriptor from killing the provider (SIGBUS on a
+    shrunk file under its mappings) or changing the stored bytes."""
+    spares = Spares(limit=64 * MiB)
+    buf, _ = built(spares, "alice", fill=7)
+    fd = buf.fd
+    reopened = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+    try:
+        for attempt in (lambda: os.ftruncate(fd, 0), lambda: os.pwrite(fd, b"x", 0),
+                        lambda: os.pwrite(reopened, b"x", 0), lambda: mmap.mmap(fd, 4096)):
+            with pytest.raises(PermissionError):
+                attempt()
+    finally:
+        os.close(reopened)
+    assert bytes(buf[:4]) == b"\x07" * 4
+    del buf
+    again, _ = built(spares, "alice", fill=8)  # the provider itself still writes a spare
+    assert bytes(again[:4]) == b"\x08" * 4 and spares.reused == 1
+    del again
     spares.close()
 
 
@@ -70,7 +92,9 @@ def test_spares_stay_within_their_limit_and_their_time() -> None:
     spares = Spares(limit=10 * MiB, ttl=60)
     bufs = [built(spares, f"account-{i}")[0] for i in range(4)]
     del bufs
-    assert spares.nbytes == 8 * MiB  # the oldest of four 4 MiB files was closed
+    assert spares.nbytes == 16 * MiB  # given back from finalizers: trimmed at the next shed
+    spares.shed_to(spares.limit)  # (the store's make_room and every heartbeat shed)
+    assert spares.nbytes == 8 * MiB  # the oldest two of four 4 MiB files were closed
     spares.ttl = -1.0  # every spare is now past its time
     spares.shed_to(spares.limit)
     assert spares.nbytes == 0
@@ -104,11 +128,18 @@ def keep(a):
     return blob_inodes()
 
 
+def worker_module():
+    """The running worker's own module (``python -m provider.worker``: ``__main__``)."""
+    import sys
+
+    module = sys.modules["__main__"]
+    assert hasattr(module, "let_go") and hasattr(module, "map_received"), module
+    return module
+
+
 def keep_defeating_let_go(a):
     """The same, after disabling the worker's step that unmaps or privatizes what a task kept."""
-    import provider.worker
-
-    provider.worker.let_go = lambda maps: 0
+    worker_module().let_go = lambda maps: 0
     return keep(a)
 
 
@@ -157,3 +188,48 @@ def test_a_task_that_defeats_let_go_never_sees_another_accounts_blob(network) ->
     alice, bob = network
     inode, inodes = kept_then_sent(alice, keep_defeating_let_go, bob)
     assert inode not in inodes  # bob's blob went into a memory file of his own
+
+
+def keep_descriptors() -> None:
+    """From now on, keep a duplicate of every descriptor this worker is handed (a task can
+    change the worker's own code: it runs in it)."""
+    import builtins
+    import os
+
+    module = worker_module()
+    original = module.map_received
+
+    def keeping(buffers, table, fds, maps):
+        builtins.kept_fds = [os.dup(fd) for fd in fds]
+        return original(buffers, table, fds, maps)
+
+    module.map_received = keeping
+
+
+def tamper(a) -> dict[str, str]:
+    """Try to shrink, overwrite and reopen-and-overwrite the blob file this task was handed."""
+    import builtins
+    import os
+
+    (fd,) = builtins.kept_fds
+    outcomes = {}
+    for name, attempt in (
+            ("shrink", lambda: os.ftruncate(fd, 0)),
+            ("write", lambda: os.pwrite(fd, b"\0" * 4096, 0)),
+            ("reopen and write", lambda: os.pwrite(os.open(f"/proc/self/fd/{fd}", os.O_RDWR),
+                                                   b"\0", 0))):
+        try:
+            attempt()
+            outcomes[name] = "done"
+        except OSError as exc:
+            outcomes[name] = type(exc).__name__
+    return outcomes
+
+
+def test_a_task_holding_its_blob_file_can_neither_shrink_nor_change_it(network) -> None:
+    alice, _ = network
+    alice.submit(keep_descriptors).result(timeout=60)
+    outcomes = alice.submit(tamper, np.full(SIZE // 8, 5.0)).result(timeout=60)
+    assert outcomes == dict.fromkeys(("shrink", "write", "reopen and write"), "PermissionError")
+    after = np.full(SIZE // 8, 6.0)  # into the same file, by the provider, which is still up
+    assert alice.submit(sum_and_inodes, after).result(timeout=60)[0] == after.sum()
