@@ -40,6 +40,17 @@ F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 BLOB_SEALS = fcntl.F_SEAL_SHRINK | F_SEAL_FUTURE_WRITE
 
 
+def seal(fd: int) -> bool:
+    """Seal a filled blob file with ``BLOB_SEALS``; False where the kernel lacks
+    ``F_SEAL_FUTURE_WRITE`` (before Linux 5.1): then it is sealed against shrinking alone."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, BLOB_SEALS)
+        return True
+    except OSError:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        return False
+
+
 class Builder:
     """A buffer filled piece by piece, in order: a memfd written with ``pwrite`` (the kernel
     allocates its pages as it copies, ~40% cheaper than faulting in a fresh mapping), or a spare
@@ -81,8 +92,9 @@ class Builder:
         spare = self.spare
         if spare is None and self.spares is not None:  # its writer must exist before the seal
             spare = Spare(self.owner, self.fd, self.size, mmap.mmap(self.fd, self.size))
-        if self.spare is None:
-            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, BLOB_SEALS)
+        if self.spare is None and not seal(self.fd) and spare is not None:
+            spare.writer.close()  # an old kernel: a file others could write is not reused
+            spare = None
         buf = SharedMap(self.fd, self.size, prot=mmap.PROT_READ)
         buf.fd, self.fd, self.spare = self.fd, -1, None
         if spare is not None and self.spares is not None:
