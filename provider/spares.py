@@ -81,9 +81,9 @@ class Spares:
         self._given.append(spare)
 
     def take(self, owner: str, size: int) -> Spare | None:
-        """A spare of ``owner`` of exactly ``size`` bytes (newest first), or None."""
+        """A spare of ``owner`` of exactly ``size`` bytes (the oldest: spares cycle), or None."""
         self._collect()
-        for spare in reversed(self._spares):
+        for spare in self._spares:
             if spare.owner == owner and spare.size == size:
                 self._spares.remove(spare)
                 self.reused += 1
