@@ -65,8 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="output kept per task, e.g. 1MiB (default); the rest is dropped and "
                     "the drop marked in the task's output")
     ap.add_argument("--store-memory", type=size_arg, metavar="SIZE",
-                    help="bound of the store for scattered data and kept results (default: "
-                         "a quarter of --memory); the least recently used is evicted first")
+                    help="bound of the store for scattered data, kept results and spare "
+                         "memory files for the next blob (default: a quarter of --memory); "
+                         "spares go first, then the least recently used entry")
     ap.add_argument("--status", action="store_true",
                     help="print this machine's account: balance, lifetime earnings and tasks "
                     "served, then exit")
