@@ -7,6 +7,7 @@ import asyncio
 import inspect
 import logging
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -28,6 +29,8 @@ from provider.environments import (
 from provider.outbox import OUTPUT_LIMIT
 from provider.provider import DEFAULT_URL, Provider
 from provider.sandbox import HIDE_ENV
+
+log = logging.getLogger(__name__)
 
 #: Seconds --status waits for the gateway before it says it cannot reach it.
 STATUS_TIMEOUT = 10.0
@@ -208,12 +211,27 @@ def environment_kwargs(args: argparse.Namespace) -> dict[str, object]:
     return {"environments": envs}
 
 
+def raise_open_files_limit() -> None:
+    """Take the hard limit on open files as ours: every blob held costs three descriptors (its
+    memory file and the two mappings Python keeps a duplicate for), and a common soft limit is
+    1,024. Task processes get their own limit in the sandbox."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            log.warning("could not raise the open-files limit from %d to %d", soft, hard)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.status:
         sys.exit(print_status(args.url))
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    raise_open_files_limit()
     if args.hide:  # the sandbox hides these in every task's mount namespace
         os.environ[HIDE_ENV] = os.pathsep.join([*map(os.path.abspath, args.hide),
                                                 os.environ.get(HIDE_ENV, "")])

@@ -76,12 +76,17 @@ class BlobIO:
         if msg.offset != a.got or end > a.size:
             self._refuse(msg.x, "a chunk out of order or past the blob's end")
             return
-        a.data.write(msg.offset, data)
-        a.got = end
-        if a.got == a.size:
+        try:
+            a.data.write(msg.offset, data)
+            a.got = end
+            buf = a.data.finish() if a.got == a.size else None
+        except OSError as exc:  # out of memory, descriptors or maps: this transfer alone fails
+            self._refuse(msg.x, f"this provider could not hold the blob ({exc})")
+            return
+        if buf is not None:
             del self.incoming[msg.x]
             try:
-                self.store.put(a.key, [a.data.finish()], copy=False, reserved=a.size)
+                self.store.put(a.key, [buf], copy=False, reserved=a.size)
             except StoreFull as exc:
                 self.send(p.encode(p.Abort(x=msg.x, reason=str(exc))))
 

@@ -156,7 +156,7 @@ class Reporting:
         was_busy = False
         for beat in itertools.count():
             await asyncio.sleep(HEARTBEAT_SECONDS)
-            self.spares.shed_to(self.spares.limit)  # spares unused for a while are given up
+            self.store.shed_spares()  # spares unused for a while, or past the room, are given up
             busy = bool(self._running)
             assert self._writer is not None
             if busy or was_busy or beat % IDLE_HEARTBEAT_EVERY == 0:

@@ -70,6 +70,7 @@ class Spares:
         self._given: deque[Spare] = deque()
         self._spares: list[Spare] = []  # oldest first; the event loop's alone
         self.reused = 0  # blobs written into a spare
+        self.closed = False  # after close(), what is given back is closed at once
 
     @property
     def nbytes(self) -> int:
@@ -77,6 +78,9 @@ class Spares:
 
     def give(self, spare: Spare) -> None:
         """Keep ``spare`` for its account's next blob of its size."""
+        if self.closed:
+            spare.close()
+            return
         spare.since = time.monotonic()
         self._given.append(spare)
 
@@ -106,6 +110,7 @@ class Spares:
             spare.close()
 
     def close(self) -> None:
+        self.closed = True
         self.shed_to(0)
 
     def _collect(self) -> None:

@@ -48,7 +48,7 @@ class ResultStore:
             if size > self.limit:
                 raise StoreFull(f"{size:,} bytes is more than this provider's store holds "
                                 f"({self.limit:,} bytes, --store-memory)")
-            self._shed_spares(size)
+            self.shed_spares(size)
             evicted = []
             for key in list(self._data):
                 if self.nbytes + self.reserved + size <= self.limit:
@@ -57,7 +57,7 @@ class ResultStore:
                     self._drop(key)
                     evicted.append(key)
             if evicted:
-                self._shed_spares(size)  # the evicted blobs' files just became spares
+                self.shed_spares(size)  # the evicted blobs' files just became spares
                 if self.on_evict is not None:
                     self.on_evict(evicted)
             if self.nbytes + self.reserved + size > self.limit:
@@ -67,9 +67,12 @@ class ResultStore:
         if reserve:
             self.reserved += size
 
-    def _shed_spares(self, size: int) -> None:
-        if self.spares is not None and self.limit is not None:
-            self.spares.shed_to(self.limit - self.nbytes - self.reserved - size)
+    def shed_spares(self, size: int = 0) -> None:
+        """Keep spares to the room left with ``size`` more bytes (and within their own limit)."""
+        if self.spares is not None:
+            room = self.spares.limit if self.limit is None else (
+                self.limit - self.nbytes - self.reserved - size)
+            self.spares.shed_to(room)
 
     def unreserve(self, size: int) -> None:
         self.reserved = max(0, self.reserved - size)

@@ -321,7 +321,7 @@ class Worker:
             frame = self.channel.recv()
             if frame is None or frame[0].get("t") == "exit":
                 return
-            reply = self.channel.prepare(*self.run(*frame), own=True)
+            reply = self.channel.prepare(*self.run(*frame), own=bool(self.channel.mapped))
             del frame  # nothing here holds the task's buffers any more
             let_go(self.channel.mapped)  # before answering: see provider.spares
             self.channel.transmit(*reply)

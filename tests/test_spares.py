@@ -8,9 +8,10 @@ defeats that step must still never see another account's bytes (a spare serves o
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -98,6 +99,19 @@ def test_spares_stay_within_their_limit_and_their_time() -> None:
     spares.ttl = -1.0  # every spare is now past its time
     spares.shed_to(spares.limit)
     assert spares.nbytes == 0
+    last, inode = built(spares, "alice")
+    spares.close()  # the provider stops: a blob let go afterwards is closed at once
+    del last
+    assert spares.nbytes == 0 and inode not in open_inodes()
+
+
+def open_inodes() -> set[int]:
+    """The inodes of this process's open descriptors."""
+    inodes = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone already
+            inodes.add(os.stat(f"/proc/self/fd/{name}").st_ino)
+    return inodes
 
 
 def test_the_store_gives_up_spares_before_its_entries() -> None:
@@ -108,7 +122,7 @@ def test_the_store_gives_up_spares_before_its_entries() -> None:
     del bufs
     assert spares.nbytes == 8 * MiB
     store.make_room(6 * MiB)
-    assert "alice/kept" in store  # nothing evicted: the spares made the room
+    assert "alice/kept" in store and spares.nbytes == 0  # the spares made the room
     assert store.nbytes + spares.nbytes + 6 * MiB <= store.limit
 
 
@@ -160,16 +174,21 @@ def sum_and_inode(a) -> tuple[float, int]:
 
 
 @pytest.fixture(scope="module")
-def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, Client]]:
-    """One provider (every task lands on it), two accounts."""
+def account(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Client]]:
+    """One provider (every task lands on it); ``account(name)`` is a client of that account.
+    Each test uses accounts of its own: what one test's tasks did to their worker (they patch
+    it) never reaches another's."""
     tmp = tmp_path_factory.mktemp("spares")
     gw = start_gateway(tmp, local_providers=1)
-    try:
-        with Client(gw.url, home=tmp / "alice", stream_output=False) as alice, \
-                Client(gw.url, home=tmp / "bob", stream_output=False) as bob:
-            yield alice, bob
-    finally:
-        gw.stop()
+    with contextlib.ExitStack() as clients:
+        def account(name: str) -> Client:
+            return clients.enter_context(Client(gw.url, home=tmp / name, stream_output=False))
+
+        try:
+            yield account
+        finally:
+            clients.close()
+            gw.stop()
 
 
 def kept_then_sent(keeper: Client, keep_fn, sender: Client) -> tuple[int, list[int]]:
@@ -190,15 +209,14 @@ def kept_then_sent(keeper: Client, keep_fn, sender: Client) -> tuple[int, list[i
     return inode, sent_inodes
 
 
-def test_a_kept_argument_does_not_change_when_its_memory_is_reused(network) -> None:
-    alice, _ = network
+def test_a_kept_argument_does_not_change_when_its_memory_is_reused(account) -> None:
+    alice = account("alice")
     inode, sent_inodes = kept_then_sent(alice, keep, alice)
     assert inode in sent_inodes  # a later blob went into the kept one's memory file
 
 
-def test_a_task_that_defeats_let_go_never_sees_another_accounts_blob(network) -> None:
-    alice, bob = network
-    inode, sent_inodes = kept_then_sent(alice, keep_defeating_let_go, bob)
+def test_a_task_that_defeats_let_go_never_sees_another_accounts_blob(account) -> None:
+    inode, sent_inodes = kept_then_sent(account("carol"), keep_defeating_let_go, account("bob"))
     assert inode not in sent_inodes  # bob's blobs went into memory files of his own
 
 
@@ -238,10 +256,11 @@ def tamper(a) -> dict[str, str]:
     return outcomes
 
 
-def test_a_task_holding_its_blob_file_can_neither_shrink_nor_change_it(network) -> None:
-    alice, _ = network
-    alice.submit(keep_descriptors).result(timeout=60)
-    outcomes = alice.submit(tamper, np.full(SIZE // 8, 5.0)).result(timeout=60)
+def test_a_task_holding_its_blob_file_can_neither_shrink_nor_change_it(account) -> None:
+    dave = account("dave")
+    dave.submit(keep_descriptors).result(timeout=60)
+    outcomes = dave.submit(tamper, np.full(SIZE // 8, 5.0)).result(timeout=60)
     assert outcomes == dict.fromkeys(("shrink", "write", "reopen and write"), "PermissionError")
-    after = np.full(SIZE // 8, 6.0)  # into the same file, by the provider, which is still up
-    assert alice.submit(sum_and_inode, after).result(timeout=60)[0] == after.sum()
+    for value in (6.0, 7.0):  # into that file again, by the provider, which is still up
+        after = np.full(SIZE // 8, value)
+        assert dave.submit(sum_and_inode, after).result(timeout=60)[0] == after.sum()
