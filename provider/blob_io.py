@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from gateway import protocol as p
 from gateway.blob_messages import BLOB_MIN, CHUNK_BYTES, MAX_BLOB, splice, store_key
 from provider.shared_memory import Builder
-from provider.spares import Spares
 from provider.store import ResultStore, StoreFull
 
 log = logging.getLogger(__name__)
@@ -40,9 +39,8 @@ class BlobIO:
     """The provider's side of blob transfers (one connection at a time)."""
 
     def __init__(self, store: ResultStore, send: Callable[[p.Frame], None],
-                 drained: Callable[[int], Awaitable[None]], spares: Spares | None = None) -> None:
+                 drained: Callable[[int], Awaitable[None]]) -> None:
         self.store = store
-        self.spares = spares
         self.send = send
         self.drained = drained
         self.incoming: dict[int, Assembly] = {}
@@ -95,7 +93,7 @@ class BlobIO:
         if msg.offset != 0 or msg.size > MAX_BLOB or not msg.owner:
             self._refuse(msg.x, "a transfer must start at offset 0 and name its owner")
             return None
-        data = Builder(msg.size, self.spares, msg.owner)  # a spare taken stops counting as one
+        data = Builder(msg.size, self.store.spares, msg.owner)  # a spare taken stops counting
         try:
             self.store.make_room(msg.size, reserve=True)
         except StoreFull as exc:

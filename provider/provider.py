@@ -167,9 +167,9 @@ class Provider(Reporting):
         self._output_due: set[str] = set()
         self._load_prev: dict[str, tuple[float, float]] = {}
         store_bytes = store_memory or int(self.memory * STORE_FRACTION)
-        self.spares = Spares(store_bytes // SPARE_SHARE)
-        self.store = ResultStore(store_bytes, on_evict=self._evicted, spares=self.spares)
-        self.blob_io = BlobIO(self.store, self._send, self._drained, self.spares)
+        self.store = ResultStore(store_bytes, on_evict=self._evicted,
+                                 spares=Spares(store_bytes // SPARE_SHARE))
+        self.blob_io = BlobIO(self.store, self._send, self._drained)
         self._cancelled: set[str] = set()
         self._handing_back = False
         self._pool: WorkerPool | DaskBackend | None = None
@@ -221,7 +221,7 @@ class Provider(Reporting):
         finally:
             self._save_stats()
             await self._pool.close()
-            self.spares.close()
+            self.store.close()
 
     async def _session(self) -> None:
         """One connection: handshake, then read assignments until it closes or we stop."""

@@ -211,9 +211,8 @@ class Reporting:
             meter = getattr(worker, "meter", None)
             if worker.task_key in seen and meter is not None:
                 memory += meter.rss  # the whole tree's, sampled by held_usage() just before
-        stored = self.store.nbytes + self.spares.nbytes  # spares count against the bound
         return {"cpu": round(min(cpu, float(self.cpus)), 3), "memory_bytes": float(memory),
-                "running": float(len(seen)), "store_bytes": float(stored),
+                "running": float(len(seen)), "store_bytes": float(self.store.held),
                 "store_limit": float(self.store.limit or 0)}
 
     def _save_stats(self) -> None:

@@ -89,12 +89,7 @@ class Builder:
         """The whole buffer (the builder hands its descriptor over to it), sealed."""
         if self.buf is not None:
             return self.buf
-        spare = self.spare
-        if spare is None and self.spares is not None:  # its writer must exist before the seal
-            spare = Spare(self.owner, self.fd, self.size, mmap.mmap(self.fd, self.size))
-        if self.spare is None and not seal(self.fd) and spare is not None:
-            spare.writer.close()  # an old kernel: a file others could write is not reused
-            spare = None
+        spare = self.spare or self._sealed()  # a spare taken was sealed when first filled
         buf = SharedMap(self.fd, self.size, prot=mmap.PROT_READ)
         buf.fd, self.fd, self.spare = self.fd, -1, None
         if spare is not None and self.spares is not None:
@@ -102,6 +97,16 @@ class Builder:
         else:
             weakref.finalize(buf, os.close, buf.fd)
         return buf
+
+    def _sealed(self) -> Spare | None:
+        """Seal the fresh file; the spare it may become (its writer must exist before the
+        seal), or None: no spares here, or an old kernel (a file others could write)."""
+        writer = mmap.mmap(self.fd, self.size) if self.spares is not None else None
+        if seal(self.fd) and writer is not None:
+            return Spare(self.owner, self.fd, self.size, writer)
+        if writer is not None:
+            writer.close()
+        return None
 
     def discard(self) -> None:
         if self.spare is not None and self.spares is not None:
@@ -166,13 +171,12 @@ def _written_for_good(fd: int) -> bool:
         return False
 
 
-def let_go(maps: list) -> int:
+def let_go(maps: list) -> None:
     """Worker side, after a task and before its answer: unmap what it was handed. A mapping
     the task kept a reference to (a global, a result that is a view of its argument) cannot be
     unmapped: each of its pages is written once instead, which makes it this process's private
     copy. Either way, once the provider hears the answer it may reuse the memory file for the
-    account's next blob (``provider.spares``) without this process seeing a byte of it change.
-    Returns the bytes made private."""
+    account's next blob (``provider.spares``) without this process seeing a byte of it change."""
     kept = _unmapped(maps)
     if kept:
         gc.collect()  # a reference cycle may be all that holds them
@@ -181,7 +185,6 @@ def let_go(maps: list) -> int:
     for mapped in kept:
         for offset in range(0, len(mapped), mmap.PAGESIZE):
             mapped[offset] = mapped[offset]
-    return sum(len(m) for m in kept)
 
 
 def _unmapped(maps: list) -> list:

@@ -67,6 +67,16 @@ class ResultStore:
         if reserve:
             self.reserved += size
 
+    @property
+    def held(self) -> int:
+        """Bytes held against ``limit``: entries and spares."""
+        return self.nbytes + (self.spares.nbytes if self.spares is not None else 0)
+
+    def close(self) -> None:
+        """The provider stops: spares go now, and any given back later is closed at once."""
+        if self.spares is not None:
+            self.spares.close()
+
     def shed_spares(self, size: int = 0) -> None:
         """Keep spares to the room left with ``size`` more bytes (and within their own limit)."""
         if self.spares is not None:
